@@ -1,0 +1,97 @@
+"""Checkpoints: atomic save, load with clear errors, latest and pruning."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import re
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from onebox.errors import OneboxError
+
+CHECKPOINT_FORMAT = "onebox-checkpoint-1"
+_NAME = re.compile(r"^ckpt_(\d+)\.pt$")
+
+
+def checkpoint_path(out_dir: str | Path, step: int) -> Path:
+    """Path of the checkpoint taken after `step` optimizer steps."""
+    return Path(out_dir) / f"ckpt_{step:07d}.pt"
+
+
+def list_checkpoints(out_dir: str | Path) -> list[Path]:
+    """Complete checkpoints in a run folder, oldest first (temp files of interrupted saves are ignored)."""
+    folder = Path(out_dir)
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _NAME.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(out_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint of a run folder, or None."""
+    found = list_checkpoints(out_dir)
+    return found[-1] if found else None
+
+
+def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
+    """Write payload atomically: to a temp file in the same folder, fsync, then rename over path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with tmp.open("wb") as handle:
+            torch.save({"format": CHECKPOINT_FORMAT, **payload}, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    try:  # make the rename itself durable
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+    return path
+
+
+def prune_checkpoints(out_dir: str | Path, keep_last: int) -> None:
+    """Delete all but the newest keep_last checkpoints."""
+    for old in list_checkpoints(out_dir)[:-keep_last]:
+        old.unlink(missing_ok=True)
+
+
+def resolve_checkpoint(path_or_dir: str | Path) -> Path:
+    """A checkpoint file, or the latest one in a run folder."""
+    path = Path(path_or_dir)
+    if path.is_dir():
+        latest = latest_checkpoint(path)
+        if latest is None:
+            raise OneboxError(f"run folder {path} holds no checkpoint (ckpt_*.pt): train first, or give a checkpoint file.")
+        return latest
+    if not path.is_file():
+        raise OneboxError(f"checkpoint {path} does not exist: give a ckpt_*.pt file or a run folder.")
+    return path
+
+
+def load_checkpoint(path_or_dir: str | Path) -> dict[str, Any]:
+    """Load a checkpoint onto the CPU, turning unreadable or foreign files into OneboxError."""
+    path = resolve_checkpoint(path_or_dir)
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, OSError) as err:
+        raise OneboxError(
+            f"checkpoint {path} is corrupt or truncated ({type(err).__name__}): use an earlier checkpoint of the run "
+            f"(they are kept as ckpt_*.pt) or train again."
+        ) from None
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise OneboxError(f"{path} is not a onebox checkpoint: give a ckpt_*.pt written by `onebox train`.")
+    payload["path"] = str(path)
+    return payload

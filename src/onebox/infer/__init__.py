@@ -1,0 +1,1 @@
+"""Inference: sampling and the KV-cache decode engine."""

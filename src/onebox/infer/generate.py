@@ -1,0 +1,131 @@
+"""Autoregressive generation with a static KV cache (one prefill, then one token per step)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer
+
+from onebox.checkpoint import load_checkpoint
+from onebox.config import model_config_from_dict
+from onebox.device import synchronize
+from onebox.errors import OneboxError
+from onebox.export import model_from_hf, model_from_state
+from onebox.infer.sampling import sample_next
+from onebox.model import Transformer
+from onebox.tokenizer import eos_id, tokenizer_from_json
+
+
+@dataclass
+class Generation:
+    """Sampled continuations and where the time went."""
+
+    prompt_ids: list[int]
+    samples: list[list[int]]  # new tokens of each sample, without the prompt (and without EOS)
+    finish_reasons: list[str]  # "stop" (EOS) or "length"
+    prefill_seconds: float
+    decode_seconds: float
+
+    @property
+    def decode_tokens_per_second(self) -> float | None:
+        """New tokens per second over the decode phase, all samples together."""
+        steps = sum(len(s) for s in self.samples)
+        return steps / self.decode_seconds if self.decode_seconds > 0 and steps else None
+
+
+def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[Transformer, Tokenizer | None]:
+    """A model for inference from a Hugging Face folder, a checkpoint file or a run folder."""
+    path = Path(path)
+    if path.is_dir() and (path / "config.json").is_file() and any(path.glob("*.safetensors")):
+        model, tokenizer_json = model_from_hf(path, device)
+    else:
+        payload = load_checkpoint(path)
+        model = model_from_state(model_config_from_dict(payload["model_config"]), payload["model"], device)
+        tokenizer_json = payload.get("tokenizer_json")
+    model.eval()
+    return model, tokenizer_from_json(tokenizer_json) if tokenizer_json else None
+
+
+def encode_prompt(tokenizer: Tokenizer | None, text: str | None, ids: list[int] | None) -> list[int]:
+    """Prompt token ids: given ids as they are, or text encoded after the EOS that starts every document."""
+    if ids is not None:
+        return list(ids)
+    if tokenizer is None:
+        raise OneboxError("this model has no tokenizer.json: give the prompt as token ids (--prompt-ids 1,2,3).")
+    start = eos_id(tokenizer)
+    return ([start] if start is not None else []) + tokenizer.encode(text or "", add_special_tokens=False).ids
+
+
+@torch.no_grad()
+def generate(
+    model: Transformer,
+    prompt_ids: list[int],
+    max_new_tokens: int,
+    temperature: float = 0.8,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    samples: int = 1,
+    stop_id: int | None = None,
+    use_cache: bool = True,
+) -> Generation:
+    """Sample `samples` continuations of one prompt; with use_cache they share a single prefill."""
+    config = model.config
+    if not prompt_ids:
+        raise OneboxError("the prompt is empty: give some text or token ids.")
+    if max(prompt_ids) >= config.vocab_size or min(prompt_ids) < 0:
+        raise OneboxError(f"prompt token ids must lie in [0, {config.vocab_size}).")
+    if len(prompt_ids) >= config.seq_len:
+        raise OneboxError(f"the prompt has {len(prompt_ids)} tokens; the model's context is {config.seq_len}: shorten it.")
+    if max_new_tokens < 1 or samples < 1:
+        raise OneboxError("max_new_tokens and samples must be at least 1.")
+    max_new_tokens = min(max_new_tokens, config.seq_len - len(prompt_ids))
+    device = model.embed_tokens.weight.device
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed if seed is not None else torch.seed())
+    prompt = torch.tensor([prompt_ids], device=device)
+
+    started = time.perf_counter()
+    if use_cache:
+        caches = model.new_kv_caches(1, len(prompt_ids) + max_new_tokens)
+        logits = model(prompt, torch.arange(len(prompt_ids), device=device), caches)[:, -1]
+        for cache in caches:
+            cache.expand_batch(samples)
+        logits = logits.expand(samples, -1)
+    else:
+        logits = model(prompt)[:, -1].expand(samples, -1)
+    synchronize(device)
+    prefill = time.perf_counter() - started
+
+    started = time.perf_counter()
+    out = torch.empty(samples, 0, dtype=torch.long, device=device)
+    done = torch.zeros(samples, dtype=torch.bool, device=device)
+    for step in range(max_new_tokens):
+        token = sample_next(logits, temperature, top_k, top_p, generator)
+        out = torch.cat([out, token[:, None]], dim=1)
+        if stop_id is not None:
+            done |= token == stop_id
+            if bool(done.all()):
+                break
+        if step == max_new_tokens - 1:
+            break
+        if use_cache:
+            position = torch.tensor([len(prompt_ids) + step], device=device)
+            logits = model(token[:, None], position, caches)[:, -1]
+        else:
+            logits = model(torch.cat([prompt.expand(samples, -1), out], dim=1))[:, -1]
+    synchronize(device)
+    decode = time.perf_counter() - started
+
+    samples_out, reasons = [], []
+    for row in out.tolist():
+        if stop_id is not None and stop_id in row:
+            samples_out.append(row[: row.index(stop_id)])
+            reasons.append("stop")
+        else:
+            samples_out.append(row)
+            reasons.append("length")
+    return Generation(prompt_ids, samples_out, reasons, prefill, decode)

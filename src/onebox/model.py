@@ -1,0 +1,205 @@
+"""The decoder-only LLaMA-style Transformer as plain nn.Modules, and its static KV cache.
+
+Module and parameter names follow Hugging Face's LlamaForCausalLM (embed_tokens, layers.N.self_attn.
+q_proj, ..., mlp.gate_proj, input_layernorm, norm, lm_head), and rotary embeddings use its
+rotate-half convention, so export is a renaming with no permutation. The model knows nothing of
+training: compile, activation checkpointing and fused losses are applied from outside.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from onebox.config import ModelConfig
+
+
+def rope_tables(seq_len: int, head_dim: int, base: float, device: torch.device | None = None) -> tuple[Tensor, Tensor]:
+    """cos and sin tables of shape (seq_len, head_dim), fp32, Hugging Face Llama layout."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim))
+    positions = torch.arange(seq_len, dtype=torch.int64, device=device).float()
+    angles = torch.outer(positions, inv_freq)
+    angles = torch.cat((angles, angles), dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate (B, H, T, head_dim) by the angles of its positions (cos, sin: (T, head_dim))."""
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    first, second = x.chunk(2, dim=-1)
+    rotated = torch.cat((-second, first), dim=-1)
+    return x * cos + rotated * sin
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm with a learned scale, computed in fp32."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
+        return self.weight * normed.to(x.dtype)
+
+
+class KVCache(nn.Module):
+    """Static key/value buffers for one layer: (batch, kv_heads, max_seq, head_dim)."""
+
+    def __init__(self, batch: int, kv_heads: int, max_seq: int, head_dim: int, dtype: torch.dtype, device: torch.device | str) -> None:
+        super().__init__()
+        shape = (batch, kv_heads, max_seq, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, input_pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write k, v (B, kv_heads, T, head_dim) at positions input_pos (T,); return the whole cache."""
+        self.k.index_copy_(2, input_pos, k.to(self.k.dtype))
+        self.v.index_copy_(2, input_pos, v.to(self.v.dtype))
+        return self.k, self.v
+
+    def expand_batch(self, batch: int) -> None:
+        """Repeat a batch-1 cache (after one shared prefill) for `batch` sequences."""
+        self.k = self.k.expand(batch, -1, -1, -1).contiguous()
+        self.v = self.v.expand(batch, -1, -1, -1).contiguous()
+
+
+class Attention(nn.Module):
+    """Causal multi-head attention with grouped-query key/value heads, through SDPA."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = config.heads, config.kv_heads, config.head_dim
+        self.q_proj = nn.Linear(config.dim, config.dim, bias=False)
+        self.k_proj = nn.Linear(config.dim, config.kv_dim, bias=False)
+        self.v_proj = nn.Linear(config.dim, config.kv_dim, bias=False)
+        self.o_proj = nn.Linear(config.dim, config.dim, bias=False)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None = None, input_pos: Tensor | None = None) -> Tensor:
+        batch, seq, dim = x.shape
+        q = self.q_proj(x).view(batch, seq, self.heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(batch, seq, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(batch, seq, self.kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        gqa = self.kv_heads != self.heads
+        if cache is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        else:
+            k, v = cache.update(input_pos, k, v)
+            # Query at position p sees cached keys at positions <= p; later slots are masked.
+            mask = torch.arange(k.shape[2], device=x.device)[None, :] <= input_pos[:, None]
+            out = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, enable_gqa=gqa)
+        return self.o_proj(out.transpose(1, 2).reshape(batch, seq, dim))
+
+
+class FeedForward(nn.Module):
+    """Gated FFN: down(act(gate(x)) * up(x)) with act = SiLU (SwiGLU) or ReLU^2."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.activation = config.activation
+        self.gate_proj = nn.Linear(config.dim, config.hidden, bias=False)
+        self.up_proj = nn.Linear(config.dim, config.hidden, bias=False)
+        self.down_proj = nn.Linear(config.hidden, config.dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate = self.gate_proj(x)
+        gate = F.silu(gate) if self.activation == "swiglu" else F.relu(gate).square()
+        return self.down_proj(gate * self.up_proj(x))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then h + mlp(norm(h))."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.dim, config.norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.dim, config.norm_eps)
+        self.mlp = FeedForward(config)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None = None, input_pos: Tensor | None = None) -> Tensor:
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, input_pos)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class Transformer(nn.Module):
+    """Decoder-only language model: token ids (B, T) -> logits (B, T, vocab)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.dim)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.layers))
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.lm_head = None if config.tie_embeddings else nn.Linear(config.dim, config.vocab_size, bias=False)
+        cos, sin = rope_tables(config.seq_len, config.head_dim, config.rope_base)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.init_weights()
+
+    @property
+    def output_weight(self) -> Tensor:
+        """The (vocab, dim) output projection: the embedding matrix when tied."""
+        return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Normal(0, init_std) weights; output projections of each block scaled by 1/sqrt(2L)."""
+        std = self.config.init_std
+        residual_std = std / math.sqrt(2 * self.config.layers)
+        for name, param in self.named_parameters():
+            if name.endswith("layernorm.weight") or name == "norm.weight":
+                param.fill_(1.0)
+            elif name.endswith(("o_proj.weight", "down_proj.weight")):
+                param.normal_(0.0, residual_std)
+            else:
+                param.normal_(0.0, std)
+        self.reset_rope()
+
+    @torch.no_grad()
+    def reset_rope(self) -> None:
+        """Recompute the rotary tables in place (needed after to_empty, e.g. from the meta device)."""
+        if self.rope_cos.device.type != "meta":
+            cos, sin = rope_tables(self.config.seq_len, self.config.head_dim, self.config.rope_base, self.rope_cos.device)
+            self.rope_cos.copy_(cos)
+            self.rope_sin.copy_(sin)
+
+    def hidden_states(self, idx: Tensor, input_pos: Tensor | None = None, caches: list[KVCache] | None = None) -> Tensor:
+        """Final normed hidden states (B, T, dim). With caches, input_pos (T,) gives the positions."""
+        if caches is None:
+            seq = idx.shape[1]
+            cos, sin = self.rope_cos[:seq], self.rope_sin[:seq]
+        else:
+            cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]
+        x = self.embed_tokens(idx)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, None if caches is None else caches[i], input_pos)
+        return self.norm(x)
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        """Project hidden states to vocabulary logits, soft-capped when the config asks."""
+        out = F.linear(hidden, self.output_weight)
+        cap = self.config.logit_softcap
+        return cap * torch.tanh(out / cap) if cap > 0 else out
+
+    def forward(self, idx: Tensor, input_pos: Tensor | None = None, caches: list[KVCache] | None = None) -> Tensor:
+        return self.logits(self.hidden_states(idx, input_pos, caches))
+
+    def new_kv_caches(self, batch: int, max_seq: int | None = None, dtype: torch.dtype | None = None) -> list[KVCache]:
+        """One static KV cache per layer on the model's device."""
+        weight = self.embed_tokens.weight
+        return [
+            KVCache(batch, self.config.kv_heads, max_seq or self.config.seq_len, self.config.head_dim, dtype or weight.dtype, weight.device)
+            for _ in self.layers
+        ]
+
+
+def cross_entropy_loss(logits: Tensor, targets: Tensor) -> Tensor:
+    """Mean token cross-entropy in fp32 (the reference loss)."""
+    return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1))

@@ -1,0 +1,296 @@
+"""The training loop: data, model, optimizer, schedule, evaluation, checkpoints, progress and metrics."""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+
+from onebox import __version__
+from onebox.checkpoint import checkpoint_path, latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
+from onebox.config import ModelConfig, TrainConfig, apply_overrides, config_dict, model_config_from_dict, train_config_from_dict
+from onebox.data import BatchLoader, DatasetInfo, dataset_info, prepare_default_corpus, read_shard
+from onebox.device import autocast, autocast_dtype, format_bytes, peak_flops, peak_memory_bytes, pick_device, reset_peak_memory, synchronize
+from onebox.display import ProgressDisplay
+from onebox.errors import OneboxError
+from onebox.export import load_hf, model_from_state
+from onebox.memory import out_of_memory_message
+from onebox.model import Transformer, cross_entropy_loss
+from onebox.optim import OptimizerSet, build_optimizer, lr_factor
+from onebox.transforms import apply_activation_checkpointing, apply_compile, should_compile
+
+
+class NonFiniteLoss(OneboxError):
+    """Training produced a NaN or infinite loss."""
+
+
+class Interrupted(OneboxError):
+    """The user pressed Ctrl-C; a checkpoint was written."""
+
+
+@dataclass
+class TrainResult:
+    """What a finished (or interrupted) run reached."""
+
+    out_dir: Path
+    step: int
+    train_loss: float | None
+    val_loss: float | None
+    val_bpb: float | None
+    checkpoint: Path | None
+    tokens_per_second: float | None
+
+
+def resume_configs(resume: str, train_overrides: dict[str, Any]) -> tuple[ModelConfig, TrainConfig, Path]:
+    """The configs saved in a checkpoint (a file or a run folder's latest), with train overrides applied."""
+    payload = load_checkpoint(resume)
+    model = model_config_from_dict(payload["model_config"])
+    train = apply_overrides(train_config_from_dict(payload["train_config"]), train_overrides).validate()
+    return model, train, Path(payload["path"])
+
+
+def _rng_state(device: torch.device) -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+@contextmanager
+def _memory_errors(model: ModelConfig, config: TrainConfig, mixed: bool, device: torch.device) -> Iterator[None]:
+    """Turn out-of-memory failures into OneboxError carrying the estimate and the remedies."""
+    try:
+        yield
+    except torch.cuda.OutOfMemoryError:
+        raise OneboxError(out_of_memory_message(model, config.batch_size, mixed, config.optimizer, config.activation_checkpointing, "GPU")) from None
+    except RuntimeError as err:
+        if "can't allocate memory" not in str(err) and "out of memory" not in str(err).lower():
+            raise
+        raise OneboxError(out_of_memory_message(model, config.batch_size, mixed, config.optimizer, config.activation_checkpointing, device.type)) from None
+
+
+@contextmanager
+def _stop_on_sigint() -> Iterator[dict[str, bool]]:
+    """First Ctrl-C asks the loop to stop after the current step; a second one interrupts at once."""
+    flag = {"stop": False}
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        if flag["stop"]:
+            raise KeyboardInterrupt
+        flag["stop"] = True
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _resolve_data(config: TrainConfig, say: Any) -> DatasetInfo:
+    folder = config.data or str(prepare_default_corpus(progress=say))
+    return dataset_info(folder)
+
+
+def _check_vocab(info: DatasetInfo, model: ModelConfig) -> None:
+    vocab = info.vocab_size
+    if vocab is None:  # a foreign folder without meta.json: look at the tokens themselves
+        vocab = int(read_shard(info.train_shards[0]).max()) + 1
+    if vocab > model.vocab_size:
+        raise OneboxError(
+            f"the data's tokenizer has {vocab} entries but the model's vocabulary has {model.vocab_size}: "
+            f"set --vocab-size {math.ceil(vocab / 64) * 64} (or more), or prepare the data with a smaller tokenizer."
+        )
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, loader: BatchLoader, batches: int, device: torch.device, dtype: torch.dtype | None) -> float:
+    """Mean validation loss over the first `batches` batches of the (unshuffled) validation data."""
+    was_training = model.training
+    model.eval()
+    total = torch.zeros((), device=device)
+    loader.epoch, loader.cursor = 0, 0
+    count = min(batches, loader.windows // (loader.batch * loader.world))
+    for _ in range(count):
+        x, y = loader.next_batch()
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with autocast(device, dtype):
+            total += cross_entropy_loss(model(x), y)
+    model.train(was_training)
+    return (total / count).item()
+
+
+def train(model_config: ModelConfig, config: TrainConfig, resume: str | None = None, console: Console | None = None, show_progress: bool = True) -> TrainResult:
+    """Train (or resume) a model; returns what it reached. Raises OneboxError on bad input."""
+    console = console or Console()
+
+    def say(message: str) -> None:
+        console.print(message, highlight=False)
+
+    model_config.validate()
+    config.validate()
+    device = pick_device(config.device)
+    dtype = autocast_dtype(device, config.precision)
+    info = _resolve_data(config, say)
+    payload = load_checkpoint(resume) if resume else None
+    init_state = None
+    if config.init_from and payload is None:
+        hf_config, init_state, _ = load_hf(config.init_from)
+        model_config = apply_overrides(hf_config, {"seq_len": min(model_config.seq_len, hf_config.seq_len)})
+    _check_vocab(info, model_config)
+    out_dir = Path(config.out_dir or f"runs/{model_config.name}")
+    if payload is None and latest_checkpoint(out_dir) is not None:
+        raise OneboxError(
+            f"{out_dir} already holds the checkpoints of a run: continue it with `onebox train --resume {out_dir}`, "
+            f"or start a new run with another --out-dir (or delete that folder)."
+        )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if payload is None:
+        (out_dir / "metrics.jsonl").unlink(missing_ok=True)
+    tokenizer_json = info.tokenizer_path.read_text() if info.tokenizer_path else None
+
+    torch.manual_seed(config.seed)
+    if payload is not None:
+        model = model_from_state(model_config, payload["model"], device)
+    elif init_state is not None:
+        model = model_from_state(model_config, init_state, device)
+    else:
+        with torch.device(device):
+            model = Transformer(model_config)
+    raw_model = model
+    optimizer = build_optimizer(model, config)
+    loader = BatchLoader(info.train_shards, config.batch_size, model_config.seq_len, seed=config.seed)
+    val_loader = BatchLoader(info.val_shards, config.batch_size, model_config.seq_len, shuffle=False) if info.val_shards else None
+    start_step, tokens_seen = 0, 0
+    if payload is not None:
+        optimizer.load_state_dict(payload["optimizer"])
+        loader.load_state_dict(payload["data"])
+        _set_rng_state(payload["rng"], device)
+        start_step, tokens_seen = payload["step"], payload.get("tokens_seen", 0)
+        say(f"resuming from {payload['path']} at step {start_step}")
+    if config.activation_checkpointing:
+        apply_activation_checkpointing(model)
+    if should_compile(config.compile, device):
+        apply_compile(model)
+
+    resolved = {"model": config_dict(model_config), "train": {**config_dict(config), "out_dir": str(out_dir), "data": str(info.path)}}
+    (out_dir / "config.json").write_text(json.dumps(resolved, indent=2))
+    tokens_per_step = config.batch_size * config.grad_accum * model_config.seq_len
+    peak = peak_flops(device)
+    say(f"onebox {__version__} | {model_config.name}: {model_config.shape()} | {model_config.num_params() / 1e6:.2f}M params | device {device} | "
+        f"precision {'bf16 autocast' if dtype else 'fp32'} | {tokens_per_step} tokens/step | peak {'n/a' if peak is None else f'{peak / 1e12:.0f} TFLOP/s'}")
+    say(f"config: {json.dumps(resolved['train'])}")
+
+    def save(step: int, last_loss: float | None) -> Path:
+        path = save_checkpoint(
+            checkpoint_path(out_dir, step),
+            {
+                "onebox_version": __version__,
+                "step": step,
+                "tokens_seen": tokens_seen,
+                "model": raw_model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "data": loader.state_dict(),
+                "rng": _rng_state(device),
+                "model_config": config_dict(model_config),
+                "train_config": config_dict(config),
+                "tokenizer_json": tokenizer_json,
+                "train_loss": last_loss,
+            },
+        )
+        prune_checkpoints(out_dir, config.keep_last)
+        return path
+
+    metrics_file = (out_dir / "metrics.jsonl").open("a")
+
+    def record(entry: dict[str, Any]) -> None:
+        metrics_file.write(json.dumps(entry) + "\n")
+        metrics_file.flush()
+
+    bytes_per_token = info.val_bytes_per_token
+    display = ProgressDisplay(config.max_steps, start_step, console, enabled=show_progress)
+    model.train()
+    reset_peak_memory(device)
+    window_loss = torch.zeros((), device=device)
+    window_steps, window_start = 0, time.perf_counter()
+    last_loss: float | None = None
+    val_loss = val_bpb = None
+    speed = None
+    step = start_step
+    last_checkpoint = latest_checkpoint(out_dir)
+
+    def check_finite(loss: float, at_step: int) -> None:
+        if not math.isfinite(loss):
+            where = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint was written yet"
+            raise NonFiniteLoss(
+                f"the loss became {loss} by step {at_step}; {where}. Lower --lr, raise --warmup-steps or "
+                f"--grad-clip, and resume from that checkpoint with --resume."
+            )
+
+    try:
+        with _stop_on_sigint() as stop, _memory_errors(model_config, config, dtype is not None, device):
+            while step < config.max_steps:
+                optimizer.set_lr_factor(lr_factor(step, config))
+                for _ in range(config.grad_accum):
+                    x, y = loader.next_batch()
+                    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                    with autocast(device, dtype):
+                        loss = cross_entropy_loss(model(x), y) / config.grad_accum
+                    loss.backward()
+                    window_loss += loss.detach()
+                if config.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+                optimizer.step()
+                optimizer.zero_grad()
+                step += 1
+                tokens_seen += tokens_per_step
+                window_steps += 1
+                final = step == config.max_steps
+                if step % config.log_every == 0 or final or stop["stop"]:
+                    synchronize(device)
+                    elapsed = time.perf_counter() - window_start
+                    last_loss = (window_loss / window_steps).item()
+                    check_finite(last_loss, step)
+                    speed = window_steps * tokens_per_step / elapsed
+                    mfu = speed * model_config.flops_per_token() / peak if peak else None
+                    memory = peak_memory_bytes(device)
+                    lr = optimizer.param_groups[0]["lr"]
+                    record({"step": step, "loss": last_loss, "lr": lr, "tokens_per_second": speed, "mfu": mfu, "peak_memory_bytes": memory, "tokens_seen": tokens_seen})
+                    display.update(step, f"loss {last_loss:.4f} | lr {lr:.2e} | {speed:,.0f} tok/s | MFU {'n/a' if mfu is None else f'{mfu:.1%}'} | mem {format_bytes(memory)}")
+                    window_loss.zero_()
+                    window_steps, window_start = 0, time.perf_counter()
+                paused = time.perf_counter()  # evaluation and checkpoints do not count against tokens/s
+                if val_loader is not None and ((config.eval_every and step % config.eval_every == 0) or final):
+                    val_loss = evaluate(model, val_loader, config.eval_batches, device, dtype)
+                    val_bpb = val_loss / math.log(2) / bytes_per_token if bytes_per_token else None
+                    record({"step": step, "val_loss": val_loss, "val_bpb": val_bpb})
+                    display.message(f"step {step}: val loss {val_loss:.4f} | val bits/byte {'n/a' if val_bpb is None else f'{val_bpb:.3f}'}")
+                if (config.ckpt_every and step % config.ckpt_every == 0) or final or stop["stop"]:
+                    if window_steps:  # never save weights that came from a non-finite loss
+                        check_finite((window_loss / window_steps).item(), step)
+                    last_checkpoint = save(step, last_loss)
+                window_start += time.perf_counter() - paused
+                if stop["stop"] and not final:
+                    raise Interrupted(f"interrupted at step {step}; checkpoint saved to {last_checkpoint}. Continue with: onebox train --resume {out_dir}")
+    finally:
+        display.close()
+        metrics_file.close()
+    return TrainResult(out_dir, step, last_loss, val_loss, val_bpb, last_checkpoint, speed)

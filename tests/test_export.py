@@ -1,0 +1,119 @@
+"""Hugging Face export and import: logits equal transformers' Llama, and --init-from works."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import micro_model, micro_train
+from onebox.data import BatchLoader, dataset_info
+from onebox.errors import OneboxError
+from onebox.export import export_hf, load_hf, model_from_hf
+from onebox.model import Transformer
+from onebox.train import train
+
+transformers = pytest.importorskip("transformers")
+
+
+def _hf_logits(folder, idx):
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(idx).logits
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [dict(), dict(kv_heads=1, activation="relu2"), dict(tie_embeddings=False, kv_heads=4)],
+    ids=["gqa-swiglu-tied", "mqa-relu2", "mha-untied"],
+)
+def test_exported_logits_equal_transformers(tmp_path, corpus_dir, changes):
+    torch.manual_seed(0)
+    config = micro_model(**changes)
+    model = Transformer(config).eval()
+    tokenizer_json = (corpus_dir / "tokenizer.json").read_text()
+    export_hf(model.state_dict(), config, tokenizer_json, tmp_path / "hf")
+    idx = torch.randint(0, config.vocab_size, (2, 48))
+    with torch.no_grad():
+        ours = model(idx)
+    theirs = _hf_logits(tmp_path / "hf", idx)
+    assert (ours - theirs).abs().max().item() <= 1e-4
+    names = {p.name for p in (tmp_path / "hf").iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json"} <= names
+
+
+def test_exported_tokenizer_loads_in_transformers(tmp_path, corpus_dir):
+    config = micro_model()
+    export_hf(Transformer(config).state_dict(), config, (corpus_dir / "tokenizer.json").read_text(), tmp_path / "hf")
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    text = "To be, or not to be"
+    assert tok.decode(tok(text)["input_ids"]) == text
+    assert tok.eos_token == "<|endoftext|>"
+
+
+def test_softcap_is_refused_on_export(tmp_path):
+    config = micro_model(logit_softcap=30.0)
+    with pytest.raises(OneboxError, match="soft-cap"):
+        export_hf(Transformer(config).state_dict(), config, None, tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
+
+
+def test_import_round_trip(tmp_path):
+    torch.manual_seed(1)
+    config = micro_model(tie_embeddings=False)
+    model = Transformer(config).eval()
+    export_hf(model.state_dict(), config, None, tmp_path / "hf", dtype="float32")
+    back, tokenizer = model_from_hf(tmp_path / "hf")
+    idx = torch.randint(0, 512, (1, 30))
+    with torch.no_grad():
+        assert torch.equal(model(idx), back(idx))
+    assert tokenizer is None
+
+
+def test_init_from_a_folder_written_by_transformers(tmp_path, corpus_dir):
+    hf_config = transformers.LlamaConfig(
+        vocab_size=512, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True, rms_norm_eps=1e-5,
+    )
+    torch.manual_seed(2)
+    reference = transformers.LlamaForCausalLM(hf_config).eval()
+    reference.save_pretrained(tmp_path / "theirs")
+    config, state, _ = load_hf(tmp_path / "theirs")
+    assert (config.dim, config.kv_heads, config.tie_embeddings) == (64, 2, True)
+    ours, _ = model_from_hf(tmp_path / "theirs")
+    idx = torch.randint(0, 512, (2, 40))
+    with torch.no_grad():
+        assert (ours(idx) - reference(idx).logits).abs().max().item() <= 1e-4
+
+
+def test_train_init_from_starts_at_the_imported_weights(tmp_path, corpus_dir):
+    hf_config = transformers.LlamaConfig(
+        vocab_size=512, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True, rms_norm_eps=1e-5,
+    )
+    torch.manual_seed(3)
+    reference = transformers.LlamaForCausalLM(hf_config).eval()
+    with torch.no_grad():
+        reference.model.embed_tokens.weight.mul_(40)  # far from uniform, so a fresh init could not match
+    reference.save_pretrained(tmp_path / "theirs")
+    run = micro_train(tmp_path / "run", corpus_dir, init_from=str(tmp_path / "theirs"), max_steps=2, eval_every=0)
+    train(micro_model(), run, show_progress=False)
+    first = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])["loss"]
+    x, y = BatchLoader(dataset_info(corpus_dir).train_shards, 4, 64, seed=run.seed).next_batch()
+    with torch.no_grad():
+        expected = torch.nn.functional.cross_entropy(reference(x).logits.view(-1, 512), y.reshape(-1)).item()
+    assert expected > 7.0 and abs(first - expected) < 1e-4
+
+
+def test_import_refuses_what_onebox_cannot_run(tmp_path):
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "mistral"}))
+    with pytest.raises(OneboxError, match="only Llama models"):
+        load_hf(folder)
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama", "rope_scaling": {"rope_type": "llama3", "factor": 8.0}}))
+    with pytest.raises(OneboxError, match="RoPE scaling"):
+        load_hf(folder)
+    with pytest.raises(OneboxError, match="not a folder"):
+        load_hf(tmp_path / "missing")
