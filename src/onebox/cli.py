@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from dataclasses import fields
 from typing import Any
@@ -124,6 +125,183 @@ def cmd_presets(args: argparse.Namespace) -> int:
     return 0
 
 
+def _write_result(doc: dict[str, Any], out: str | None, label: str) -> None:
+    from onebox.bench.schema import default_result_path, validate_document, write_document
+
+    path = write_document(doc, out or default_result_path(doc, label))
+    console.print(f"result written to {path}", highlight=False)
+    problems = validate_document(json.loads(path.read_text()))
+    if problems:
+        errors.print("[yellow]this result would be rejected by `onebox results add`:[/yellow] " + "; ".join(problems), highlight=False)
+
+
+def _bench_settings(args: argparse.Namespace, batch: int):
+    from onebox.bench.training import BenchSettings
+
+    return BenchSettings(batch=batch, steps=args.steps, timed_steps=args.timed_steps, precision=args.precision, compile=args.compile, lr=args.lr).validate()
+
+
+def _say(message: str) -> None:
+    console.print(message, highlight=False)
+
+
+def cmd_bench_validate(args: argparse.Namespace) -> int:
+    from onebox.bench.validate import run_validate
+    from onebox.config import apply_overrides, preset
+    from onebox.device import pick_device
+
+    config = apply_overrides(preset(args.preset), _overrides(args, "model")).validate()
+    doc = run_validate(config, pick_device(args.device), _bench_settings(args, args.batch), args.baseline, _say)
+    _write_result(doc, args.out, config.name)
+    return 0 if doc["entries"][0]["result"]["status"] == "ok" else 1
+
+
+def cmd_bench_sweep(args: argparse.Namespace) -> int:
+    from onebox.bench.validate import run_sweep
+    from onebox.device import pick_device
+
+    scales = [s.strip() for s in args.scales.split(",") if s.strip()]
+    doc = run_sweep(scales, pick_device(args.device), _bench_settings(args, args.batch or 1), args.baseline, _say, batch=args.batch)
+    _write_result(doc, args.out, "-".join(scales))
+    return 0
+
+
+def cmd_bench_forward(args: argparse.Namespace) -> int:
+    from onebox.bench.forward import run_forward
+    from onebox.device import pick_device
+
+    ladder = [s.strip() for s in args.ladder.split(",")] if args.ladder else None
+    doc = run_forward(ladder, pick_device(args.device), args.precision, _say, batch=args.batch, passes=args.passes)
+    _write_result(doc, args.out, "ladder")
+    return 0
+
+
+def cmd_bench_dims(args: argparse.Namespace) -> int:
+    from onebox.bench.dims import run_dims
+    from onebox.device import pick_device
+
+    try:
+        start, stop, step = (int(v) for v in args.dims.split(":"))
+        dims = list(range(start, stop + 1, step))
+    except ValueError:
+        raise OneboxError(f"--dims expects START:STOP:STEP (e.g. 1024:8192:256), got {args.dims!r}.") from None
+    if not dims or any(d % 128 for d in dims):
+        raise OneboxError("--dims must give at least one width, each a multiple of 128 (head size 128).")
+    doc = run_dims(dims, pick_device(args.device), args.precision, _say, batch=args.batch, seq=args.seq, repeats=args.repeats, iters=args.iters)
+    _write_result(doc, args.out, f"{dims[0]}-{dims[-1]}")
+    return 0
+
+
+def cmd_results_add(args: argparse.Namespace) -> int:
+    from onebox.bench.store import ResultStore
+
+    store = ResultStore(args.db)
+    failed = 0
+    for path in args.files:
+        try:
+            added = store.add_file(path)
+            console.print(f"{'added' if added else 'already stored'}: {path}", highlight=False)
+        except OneboxError as err:
+            errors.print(f"[bold red]rejected:[/bold red] {err}", highlight=False)
+            failed += 1
+    store.close()
+    return 1 if failed else 0
+
+
+def cmd_results_list(args: argparse.Namespace) -> int:
+    from onebox.bench.store import ResultStore
+    from onebox.device import format_bytes
+
+    store = ResultStore(args.db)
+    table = Table("device", "config", "params", "tok/s", "MFU", "peak memory", "tok/J")
+    for device, name, params, tps, mfu, memory, tpj in store.leaderboard():
+        table.add_row(device, name, f"{params / 1e6:,.0f}M", f"{tps:,.0f}", "n/a" if mfu is None else f"{mfu:.1%}", format_bytes(memory),
+                      "n/a" if tpj is None else f"{tpj:,.0f}")
+    console.print(table)
+    store.close()
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from onebox.bench.report import build_report
+    from onebox.bench.schema import check_document, read_document
+    from onebox.bench.store import ResultStore
+
+    if args.files:
+        docs = [read_document(path) for path in args.files]
+        for path, doc in zip(args.files, docs):
+            check_document(doc, path)
+    else:
+        store = ResultStore(args.db)
+        docs = store.documents()
+        store.close()
+    if not docs:
+        raise OneboxError("no result documents to report: give JSON files or add some with `onebox results add`.")
+    md, page = build_report(docs, args.out)
+    console.print(f"wrote {md} and {page}", highlight=False)
+    return 0
+
+
+def _add_bench_parsers(sub: Any) -> None:
+    bench = sub.add_parser("bench", help="measure this machine: validate, sweep, forward, dims").add_subparsers(dest="bench", required=True)
+
+    def common(p: argparse.ArgumentParser, training: bool) -> None:
+        p.add_argument("--device", default="auto")
+        p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
+        p.add_argument("--out", help="result JSON path (default results/<benchmark>-<label>-<device>-<time>.json)")
+        if training:
+            p.add_argument("--steps", type=int, default=10, help="untimed training steps on the fixed batch (default 10)")
+            p.add_argument("--timed-steps", type=int, default=10, help="timed steps after them (default 10)")
+            p.add_argument("--compile", default="auto", choices=["auto", "on", "off"])
+            p.add_argument("--lr", type=float, default=3e-4)
+            p.add_argument("--baseline", choices=["hf", "hf-compile"], help="also run transformers' Llama in the same process")
+
+    p = bench.add_parser("validate", help="time training steps of one preset on fixed synthetic tokens")
+    p.add_argument("--preset", required=True)
+    p.add_argument("--batch", type=int, default=8)
+    common(p, training=True)
+    for item in fields(ModelConfig):  # shape overrides, e.g. --seq-len 1024
+        p.add_argument(f"--{item.name.replace('_', '-')}", dest=f"model.{item.name}", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_bench_validate)
+
+    p = bench.add_parser("sweep", help="the 25-configuration width/depth sweep (five variants per scale)")
+    p.add_argument("--scales", default="600m,1b,1.5b,3b,5b")
+    p.add_argument("--batch", type=int, help="micro-batch for every scale (default: 32, 16, 12, 8, 4 by scale)")
+    common(p, training=True)
+    p.set_defaults(func=cmd_bench_sweep)
+
+    p = bench.add_parser("forward", help="forward-only ladder up to the first size that does not fit")
+    p.add_argument("--ladder", help="comma-separated presets (default 5b,7b,10b,13b,15b,20b,25b,30b)")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--passes", type=int, default=3)
+    common(p, training=False)
+    p.set_defaults(func=cmd_bench_forward)
+
+    p = bench.add_parser("dims", help="time per FLOP of one layer across widths, and the cliffs")
+    p.add_argument("--dims", default="1024:8192:256", help="START:STOP:STEP (default 1024:8192:256)")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--seq", type=int, default=512)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--iters", type=int, default=5)
+    common(p, training=False)
+    p.set_defaults(func=cmd_bench_dims)
+
+    results = sub.add_parser("results", help="the local leaderboard").add_subparsers(dest="results", required=True)
+    p = results.add_parser("add", help="validate result documents and store them")
+    p.add_argument("files", nargs="+")
+    p.add_argument("--db", default="results/leaderboard.sqlite")
+    p.set_defaults(func=cmd_results_add)
+    p = results.add_parser("list", help="best stored run per device and configuration")
+    p.add_argument("--db", default="results/leaderboard.sqlite")
+    p.set_defaults(func=cmd_results_list)
+
+    p = sub.add_parser("report", help="Markdown + self-contained HTML report with plots")
+    p.add_argument("files", nargs="*", help="result documents (default: everything in --db)")
+    p.add_argument("--db", default="results/leaderboard.sqlite")
+    p.add_argument("--out", default="results/report")
+    p.set_defaults(func=cmd_report)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     parser = argparse.ArgumentParser(prog="onebox", description="Train, benchmark and serve LLaMA-style models on one machine.")
@@ -168,6 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("presets", help="list the model presets")
     p.set_defaults(func=cmd_presets)
+    _add_bench_parsers(sub)
     return parser
 
 

@@ -195,3 +195,50 @@ def format_bytes(count: float | None) -> str:
     if count >= 1e9:
         return f"{count / 1e9:.1f} GB"
     return f"{count / 1e6:.0f} MB"
+
+
+def _nvml_facts(device: torch.device) -> dict[str, Any]:
+    """Driver version and power limit from NVML, None where NVML is missing."""
+    facts: dict[str, Any] = {"driver": None, "power_limit_watts": None}
+    if device.type != "cuda":
+        return facts
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+        driver = pynvml.nvmlSystemGetDriverVersion()
+        facts["driver"] = driver.decode() if isinstance(driver, bytes) else driver
+        facts["power_limit_watts"] = pynvml.nvmlDeviceGetEnforcedPowerLimit(handle) / 1000.0
+    except Exception:  # NVML absent or refused: the facts stay None (shown as n/a)
+        pass
+    return facts
+
+
+def hardware_facts(device: torch.device) -> dict[str, Any]:
+    """What a result document records about the machine it was measured on."""
+    facts: dict[str, Any] = {
+        "device_type": device.type,
+        "accelerator": device_name(device) if device.type != "cpu" else None,
+        "accelerator_memory_bytes": None,
+        "accelerator_count": torch.cuda.device_count() if device.type == "cuda" else 0,
+        "cuda_version": torch.version.cuda,
+        "torch_version": torch.__version__,
+        "cpu": cpu_model(),
+        "cpu_cores": os.cpu_count(),
+        "host_memory_bytes": host_memory_bytes(),
+        "os": platform.platform(),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "peak_bf16_flops": peak_flops(device),
+    }
+    if device.type == "cuda":
+        facts["accelerator_memory_bytes"] = torch.cuda.get_device_properties(device).total_memory
+    facts.update(_nvml_facts(device))
+    return facts
+
+
+def device_label(device: torch.device) -> str:
+    """Short name of the compute device for tables and file names ('NVIDIA H100 80GB HBM3', 'cpu')."""
+    return device_name(device) if device.type != "cpu" else f"CPU {cpu_model()}"
