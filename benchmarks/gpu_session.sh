@@ -10,14 +10,15 @@ if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
 fi
 export PYTHONPATH=$PWD/src:/tmp/site
-ob() { python3 -m onebox.cli "$@"; }
+mkdir -p /tmp/bin && printf '#!/bin/sh\nexec python3 -m onebox.cli "$@"\n' > /tmp/bin/ob && chmod +x /tmp/bin/ob
+export PATH=/tmp/bin:$PATH
 nvidia-smi --query-gpu=name,memory.total,driver_version,power.limit --format=csv,noheader
 python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__, 'triton', triton.__version__)"
 steps=${*:-tests train validate forward dims}
 for step in $steps; do
   echo "=== $step ($(date -u +%T))"
   case $step in
-    tests) timeout 300 python3 -m pytest -q tests/ 2>&1 | tee "$OUT/pytest.log" | tail -6 ;;
+    tests) timeout 300 python3 -m pytest -q ${TESTS:-tests/} 2>&1 | tee "$OUT/pytest.log" | tail -6 ;;
     train) timeout 240 ob train --config configs/tiny-shakespeare.toml --out-dir /tmp/runs/tiny --max-steps 3000 --batch-size 32 \
              --log-every 500 --eval-every 1000 --ckpt-every 3000 2>&1 | tee "$OUT/train.log" | grep -v "^config" | tail -12 ;;
     validate) timeout 300 ob bench validate --preset 600m-A --batch 32 --baseline hf-compile --out "$OUT/validate-600m-A.json" ;;

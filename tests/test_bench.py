@@ -198,7 +198,7 @@ def test_report_from_synthetic_documents(tmp_path, validate_doc):
 def test_bench_cli_end_to_end(tmp_path, capsys):
     out = tmp_path / "v.json"
     code = main(["bench", "validate", "--preset", "tiny", "--batch", "2", "--steps", "3", "--timed-steps", "2", "--lr", "3e-3",
-                 "--seq-len", "32", "--layers", "1", "--out", str(out)])
+                 "--seq-len", "32", "--layers", "1", "--device", "cpu", "--out", str(out)])
     assert code == 0
     printed = capsys.readouterr().out
     assert "tiny — 256d/768h/1L/seq32" in printed and "ms/step (fwd=" in printed and "MFU n/a" in printed
