@@ -8,7 +8,7 @@ CPU_INDEX := https://download.pytorch.org/whl/cpu
 # Without a GPU, pin the CPU build of torch; use PyTorch's CPU index only when it can be reached.
 ifeq ($(HAS_GPU),1)
 PIP_TORCH :=
-RUN_FLAGS ?= --max-steps 3000 --batch-size 32
+RUN_FLAGS ?= --max-steps 1000 --batch-size 32
 else
 PIP_TORCH = -c constraints-cpu.txt $(shell $(PYTHON) -c "import urllib.request as u; u.urlopen('$(CPU_INDEX)/torch/', timeout=3); print('--extra-index-url $(CPU_INDEX)')" 2>/dev/null)
 RUN_FLAGS ?=

@@ -19,8 +19,8 @@ for step in $steps; do
   echo "=== $step ($(date -u +%T))"
   case $step in
     tests) timeout 300 python3 -m pytest -q ${TESTS:-tests/} 2>&1 | tee "$OUT/pytest.log" | tail -6 ;;
-    train) timeout 240 ob train --config configs/tiny-shakespeare.toml --out-dir /tmp/runs/tiny --max-steps 3000 --batch-size 32 \
-             --log-every 500 --eval-every 1000 --ckpt-every 3000 2>&1 | tee "$OUT/train.log" | grep -v "^config" | tail -12 ;;
+    train) timeout 240 ob train --config configs/tiny-shakespeare.toml --out-dir /tmp/runs/tiny --max-steps 1000 --batch-size 32 \
+             --log-every 250 --eval-every 250 --ckpt-every 1000 2>&1 | tee "$OUT/train.log" | grep -v "^config" | tail -12 ;;
     validate) timeout 300 ob bench validate --preset 600m-A --batch 32 --baseline hf-compile --out "$OUT/validate-600m-A.json" ;;
     forward) timeout 300 ob bench forward --out "$OUT/forward.json" ;;
     dims) timeout 300 ob bench dims --out "$OUT/dims.json" 2>&1 | grep -v "^dim " ;;

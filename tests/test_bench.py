@@ -217,3 +217,11 @@ def test_bench_cli_bad_input(capsys):
 
 def test_preset_overrides_in_validate_keep_the_name():
     assert apply_overrides(preset("tiny"), {"layers": "1"}).name == "tiny"
+
+
+def test_forward_probe_model_allocates_only_its_dtype_and_keeps_fp32_rope():
+    from onebox.bench.forward import build_random_model
+
+    model = build_random_model(small(), CPU, torch.bfloat16)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert model.rope_cos.dtype == torch.float32 and model.rope_cos.abs().max() > 0

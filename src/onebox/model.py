@@ -165,10 +165,8 @@ class Transformer(nn.Module):
     @torch.no_grad()
     def reset_rope(self) -> None:
         """Recompute the rotary tables in place (needed after to_empty, e.g. from the meta device)."""
-        if self.rope_cos.device.type != "meta":
-            cos, sin = rope_tables(self.config.seq_len, self.config.head_dim, self.config.rope_base, self.rope_cos.device)
-            self.rope_cos.copy_(cos)
-            self.rope_sin.copy_(sin)
+        if self.rope_cos.device.type != "meta":  # always fp32, even in a model cast to bf16
+            self.rope_cos, self.rope_sin = rope_tables(self.config.seq_len, self.config.head_dim, self.config.rope_base, self.rope_cos.device)
 
     def hidden_states(self, idx: Tensor, input_pos: Tensor | None = None, caches: list[KVCache] | None = None) -> Tensor:
         """Final normed hidden states (B, T, dim). With caches, input_pos (T,) gives the positions."""

@@ -27,9 +27,8 @@ def forward_dtype(device: torch.device, precision: str) -> torch.dtype:
 def build_random_model(config: Any, device: torch.device, dtype: torch.dtype) -> Transformer:
     """A randomly initialised model built straight on the device in `dtype` (no host copy)."""
     with torch.device("meta"):
-        model = Transformer(config)
+        model = Transformer(config).to(dtype)  # cast on meta: only the target dtype is ever allocated
     model.to_empty(device=device)
-    model.to(dtype)
     model.init_weights()
     return model.eval()
 
