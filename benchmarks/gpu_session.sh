@@ -24,7 +24,7 @@ for step in $steps; do
     validate) timeout 300 ob bench validate --preset 600m-A --batch 32 --baseline hf-compile --out "$OUT/validate-600m-A.json" ;;
     forward) timeout 300 ob bench forward --out "$OUT/forward.json" ;;
     dims) timeout 300 ob bench dims --out "$OUT/dims.json" 2>&1 | grep -v "^dim " ;;
-    sweep:*) scales=${step#sweep:}; timeout 590 ob bench sweep --scales "$scales" --out "$OUT/sweep-${scales//,/-}.json" ;;
+    sweep:*) scales=${step#sweep:}; timeout ${SWEEP_TIMEOUT:-480} ob bench sweep --scales "$scales" --out "$OUT/sweep-${scales//,/-}.json" ;;
   esac
 done
 echo "=== end ($(date -u +%T))"
