@@ -112,6 +112,9 @@ def measure_training(kind: str, config: ModelConfig, device: torch.device, setti
     """Build the contender ('onebox', 'hf' or 'hf-compile') and time it; out-of-memory gives status 'oom'."""
     settings.validate()
     dtype = autocast_dtype(device, settings.precision)
+    # A sweep compiles many shapes in one process: without a reset, dynamo stops compiling after
+    # its recompile limit (8) and later configurations silently run eagerly.
+    torch._dynamo.reset()
     _release()
     reset_peak_memory(device)
     try:
