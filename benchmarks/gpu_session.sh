@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on the GPU machine (device tool): GPU tests, the main job, and the bench smoke runs.
 # Usage there: ONEBOX_GIT_COMMIT=<sha> bash benchmarks/gpu_session.sh [steps...]
-# Steps: tests train validate forward dims sweep:<scales> (default: tests train validate forward dims).
+# Steps: tests train validate validate:<preset>:<batch> forward dims sweep:<scales> (default: tests train validate forward dims).
 set -u
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 ONEBOX_CACHE=/tmp/obcache
 OUT=${OUT:-/tmp/out}
@@ -24,6 +24,8 @@ for step in $steps; do
     validate) timeout 300 ob bench validate --preset 600m-A --batch 32 --baseline hf-compile --out "$OUT/validate-600m-A.json" ;;
     forward) timeout 300 ob bench forward --out "$OUT/forward.json" ;;
     dims) timeout 300 ob bench dims --out "$OUT/dims.json" 2>&1 | grep -v "^dim " ;;
+    validate:*) spec=${step#validate:}; timeout 200 ob bench validate --preset "${spec%%:*}" --batch "${spec##*:}" --baseline hf-compile \
+             --out "$OUT/validate-${spec%%:*}.json" 2>&1 | grep -v "^W1\|UserWarning\|warnings.warn" ;;
     sweep:*) scales=${step#sweep:}; timeout ${SWEEP_TIMEOUT:-480} ob bench sweep --scales "$scales" --out "$OUT/sweep-${scales//,/-}.json" ;;
   esac
 done
