@@ -17,7 +17,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from tokenizers import Tokenizer
 
 from onebox.errors import OneboxError
 from onebox.tokenizer import EOS_TOKEN, iter_shakespeare, load_tokenizer, shakespeare_play_files, train_bpe

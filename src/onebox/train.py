@@ -26,7 +26,7 @@ from onebox.errors import OneboxError
 from onebox.export import load_hf, model_from_state
 from onebox.memory import out_of_memory_message
 from onebox.model import Transformer, cross_entropy_loss
-from onebox.optim import OptimizerSet, build_optimizer, lr_factor
+from onebox.optim import build_optimizer, lr_factor
 from onebox.transforms import apply_activation_checkpointing, apply_compile, should_compile
 
 

@@ -39,7 +39,7 @@ def time_layer(config: ModelConfig, device: torch.device, precision: str, batch:
     dtype = autocast_dtype(device, precision)
     clock = PhaseClock(device)
     marks = []
-    for i in range(warmup + iters):
+    for _ in range(warmup + iters):
         start = clock.mark()
         with autocast(device, dtype):
             out = block(x, cos, sin)

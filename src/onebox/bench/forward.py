@@ -46,7 +46,7 @@ def probe(config: Any, device: torch.device, dtype: torch.dtype, batch: int, pas
         clock = PhaseClock(device)
         times = []
         with torch.inference_mode():
-            for i in range(warmup + passes):
+            for _ in range(warmup + passes):
                 start = clock.mark()
                 model(tokens)
                 end = clock.mark()

@@ -193,5 +193,4 @@ def _measure(kind: str, config: ModelConfig, device: torch.device, settings: Ben
         "first_step_seconds": first_step_seconds,
         "compiled": contender.compiled,
     }
-    del contender, losses, x, y
     return result
