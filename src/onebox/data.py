@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from onebox.errors import OneboxError
+from onebox.files import read_json, write_text_atomic
 from onebox.tokenizer import EOS_TOKEN, iter_shakespeare, load_tokenizer, shakespeare_play_files, train_bpe
 
 MAGIC = 20240520
@@ -101,13 +102,8 @@ def dataset_info(data_dir: str | Path) -> DatasetInfo:
     """Inspect a data folder: shards, and meta.json / tokenizer.json where present."""
     data_dir = Path(data_dir)
     train, val = find_shards(data_dir)
-    meta: dict[str, Any] = {}
     meta_path = data_dir / "meta.json"
-    if meta_path.is_file():
-        try:
-            meta = json.loads(meta_path.read_text())
-        except json.JSONDecodeError:
-            raise OneboxError(f"{meta_path} is corrupt: prepare the data folder again.") from None
+    meta: dict[str, Any] = read_json(meta_path, "data description") if meta_path.is_file() else {}
     tok = data_dir / "tokenizer.json"
     bytes_per_token = None
     if meta.get("val_tokens") and meta.get("val_bytes"):
@@ -339,9 +335,7 @@ def _prepare_documents(
         "sources": sources,
         "seconds": round(time.perf_counter() - started, 2),
     }
-    tmp = out_dir / "meta.json.tmp"
-    tmp.write_text(json.dumps(meta, indent=2))
-    os.replace(tmp, out_dir / "meta.json")
+    write_text_atomic(out_dir / "meta.json", json.dumps(meta, indent=2))
     return meta
 
 

@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 from onebox import __version__
 from onebox.config import ModelConfig
 from onebox.errors import OneboxError
+from onebox.files import read_json
 from onebox.model import Transformer
 from onebox.tokenizer import eos_id, hf_tokenizer_files, tokenizer_from_json
 
@@ -102,13 +103,7 @@ def export_hf(model_state: dict[str, torch.Tensor], config: ModelConfig, tokeniz
 # --- import -----------------------------------------------------------------------------------
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise OneboxError(f"{path} is missing: give a Hugging Face Llama folder (config.json + model.safetensors).") from None
-    except json.JSONDecodeError as err:
-        raise OneboxError(f"{path} is not valid JSON ({err}).") from None
+_FOLDER_HINT = "give a Hugging Face Llama folder (config.json + model.safetensors)"
 
 
 def config_from_hf(hf: dict[str, Any], name: str = "hf") -> ModelConfig:
@@ -147,7 +142,7 @@ def config_from_hf(hf: dict[str, Any], name: str = "hf") -> ModelConfig:
 
 def _load_safetensors(folder: Path) -> dict[str, torch.Tensor]:
     index = folder / "model.safetensors.index.json"
-    files = sorted(set(_read_json(index)["weight_map"].values())) if index.is_file() else ["model.safetensors"]
+    files = sorted(set(read_json(index, "weight index", _FOLDER_HINT)["weight_map"].values())) if index.is_file() else ["model.safetensors"]
     tensors: dict[str, torch.Tensor] = {}
     for name in files:
         path = folder / name
@@ -165,7 +160,7 @@ def load_hf(folder: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor], s
     folder = Path(folder)
     if not folder.is_dir():
         raise OneboxError(f"{folder} is not a folder: give a Hugging Face Llama folder written by `onebox export` or transformers.")
-    config = config_from_hf(_read_json(folder / "config.json"), name=folder.name)
+    config = config_from_hf(read_json(folder / "config.json", "model config", _FOLDER_HINT), name=folder.name)
     tensors = _load_safetensors(folder)
     state = {}
     for name, tensor in tensors.items():

@@ -21,6 +21,7 @@ import torch
 from onebox import __version__
 from onebox.device import hardware_facts
 from onebox.errors import OneboxError
+from onebox.files import read_json, write_text_atomic
 
 SCHEMA_VERSION = 1
 BENCHMARKS = ("validate", "sweep", "forward", "dims")
@@ -179,13 +180,7 @@ def check_document(doc: Any, name: str = "document") -> None:
 def write_document(doc: dict[str, Any], path: str | Path) -> Path:
     """Seal and write a document as indented JSON (atomically). Failed runs are written too;
     `onebox results add` is where documents are validated."""
-    sealed = seal(doc)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(sealed, indent=1, allow_nan=True))
-    os.replace(tmp, path)
-    return path
+    return write_text_atomic(path, json.dumps(seal(doc), indent=1, allow_nan=True))
 
 
 def default_result_path(doc: dict[str, Any], label: str, folder: str | Path = "results") -> Path:
@@ -201,10 +196,4 @@ def default_result_path(doc: dict[str, Any], label: str, folder: str | Path = "r
 
 def read_document(path: str | Path) -> dict[str, Any]:
     """Load a result document (not yet validated)."""
-    path = Path(path)
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise OneboxError(f"result file {path} does not exist.") from None
-    except json.JSONDecodeError as err:
-        raise OneboxError(f"result file {path} is not valid JSON ({err}).") from None
+    return read_json(path, "result file")
