@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from dataclasses import fields
 from typing import Any
@@ -126,11 +125,11 @@ def cmd_presets(args: argparse.Namespace) -> int:
 
 
 def _write_result(doc: dict[str, Any], out: str | None, label: str) -> None:
-    from onebox.bench.schema import default_result_path, validate_document, write_document
+    from onebox.bench.schema import default_result_path, seal, validate_document, write_document
 
     path = write_document(doc, out or default_result_path(doc, label))
     console.print(f"result written to {path}", highlight=False)
-    problems = validate_document(json.loads(path.read_text()))
+    problems = validate_document(seal(doc))  # the same sealing write_document applied
     if problems:
         errors.print("[yellow]this result would be rejected by `onebox results add`:[/yellow] " + "; ".join(problems), highlight=False)
 

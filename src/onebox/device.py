@@ -159,11 +159,6 @@ class EnergyMeter:
         except Exception:  # no NVML library, no permission or no energy counter: report n/a
             self._handle = None
 
-    @property
-    def available(self) -> bool:
-        """Whether energy can be measured on this device."""
-        return self._handle is not None
-
     def _read_mj(self) -> int | None:
         if self._handle is None:
             return None
@@ -238,7 +233,3 @@ def hardware_facts(device: torch.device) -> dict[str, Any]:
     facts.update(_nvml_facts(device))
     return facts
 
-
-def device_label(device: torch.device) -> str:
-    """Short name of the compute device for tables and file names ('NVIDIA H100 80GB HBM3', 'cpu')."""
-    return device_name(device) if device.type != "cpu" else f"CPU {cpu_model()}"
