@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # One call on the GPU machine (device tool): GPU tests, the main job, and the bench smoke runs.
 # Usage there: ONEBOX_GIT_COMMIT=<sha> bash benchmarks/gpu_session.sh [steps...]
-# Steps: tests train validate validate:<preset>:<batch> forward dims sweep:<scales> (default: tests train validate forward dims).
+# Steps: tests train validate validate:<preset>:<batch>[:<precision>] forward dims sweep:<scales> losscmp
+# (default: tests train validate forward dims). losscmp trains 600m-A for 300 steps on the default corpus
+# three ways (eager bf16 reference, compiled bf16, compiled fp8) and prints the losses side by side.
 set -u
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 ONEBOX_CACHE=/tmp/obcache
 OUT=${OUT:-/tmp/out}
@@ -24,8 +26,15 @@ for step in $steps; do
     validate) timeout 300 ob bench validate --preset 600m-A --batch 32 --baseline hf-compile --out "$OUT/validate-600m-A.json" ;;
     forward) timeout 300 ob bench forward --out "$OUT/forward.json" ;;
     dims) timeout 300 ob bench dims --out "$OUT/dims.json" 2>&1 | grep -v "^dim " ;;
-    validate:*) spec=${step#validate:}; timeout 200 ob bench validate --preset "${spec%%:*}" --batch "${spec##*:}" --baseline hf-compile \
-             --out "$OUT/validate-${spec%%:*}.json" 2>&1 | grep -v "^W1\|UserWarning\|warnings.warn" ;;
+    validate:*) IFS=: read -r preset batch precision <<< "${step#validate:}"; precision=${precision:-auto}
+             timeout 240 ob bench validate --preset "$preset" --batch "$batch" --precision "$precision" --baseline hf-compile \
+             --out "$OUT/validate-$preset-$precision.json" 2>&1 | grep -v "^W1\|UserWarning\|warnings.warn\|Failed to load\|_warn_once\|Configuration class" ;;
+    losscmp) for run in bf16:off bf16:auto fp8:auto; do
+               timeout 200 ob train --preset 600m-A --batch-size 32 --max-steps 300 --lr 6e-4 --warmup-steps 30 --eval-every 300 \
+                 --log-every 50 --ckpt-every 0 --keep-last 1 --quiet --precision "${run%%:*}" --compile "${run##*:}" \
+                 --out-dir "/tmp/runs/cmp-${run/:/-}" > "$OUT/losscmp-${run/:/-}.log" 2>&1; tail -4 "$OUT/losscmp-${run/:/-}.log"
+             done
+             python3 benchmarks/loss_compare.py /tmp/runs/cmp-bf16-off /tmp/runs/cmp-bf16-auto /tmp/runs/cmp-fp8-auto | tee "$OUT/losscmp.txt" ;;
     sweep:*) scales=${step#sweep:}; timeout ${SWEEP_TIMEOUT:-480} ob bench sweep --scales "$scales" --out "$OUT/sweep-${scales//,/-}.json" ;;
   esac
 done

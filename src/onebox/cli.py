@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from onebox import __version__
-from onebox.config import PRESETS, ModelConfig, TrainConfig
+from onebox.config import COMPILE_SETTINGS, PRECISIONS, PRESETS, ModelConfig, TrainConfig
 from onebox.errors import OneboxError
 
 console = Console(soft_wrap=True)
@@ -246,12 +246,13 @@ def _add_bench_parsers(sub: Any) -> None:
 
     def common(p: argparse.ArgumentParser, training: bool) -> None:
         p.add_argument("--device", default="auto")
-        p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
+        p.add_argument("--precision", default="auto", choices=PRECISIONS if training else ["auto", "bf16", "fp32"],
+                       help="fp8: the blocks' products in float8 through torchao (training benchmarks; the baseline stays bf16)")
         p.add_argument("--out", help="result JSON path (default results/<benchmark>-<label>-<device>-<time>.json)")
         if training:
             p.add_argument("--steps", type=int, default=10, help="untimed training steps on the fixed batch (default 10)")
             p.add_argument("--timed-steps", type=int, default=10, help="timed steps after them (default 10)")
-            p.add_argument("--compile", default="auto", choices=["auto", "on", "off"])
+            p.add_argument("--compile", default="auto", choices=COMPILE_SETTINGS)
             p.add_argument("--lr", type=float, default=3e-4)
             p.add_argument("--baseline", choices=["hf", "hf-compile"], help="also run transformers' Llama in the same process")
 

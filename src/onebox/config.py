@@ -16,6 +16,8 @@ else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
 
 ACTIVATIONS = ("swiglu", "relu2")
+COMPILE_SETTINGS = ("auto", "on", "off", "block", "model")
+PRECISIONS = ("auto", "bf16", "fp8", "fp32")
 
 
 @dataclass
@@ -205,8 +207,8 @@ class TrainConfig:
     grad_clip: float = 1.0  # global-norm clip; 0 = off
     seed: int = 1337
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
-    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 elsewhere) | bf16 | fp32
-    compile: str = "auto"  # auto (on for CUDA) | on | off
+    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 elsewhere) | bf16 | fp8 (torchao float8 block products) | fp32
+    compile: str = "auto"  # auto (on for CUDA) | on | off | block | model (see transforms.training_loss)
     activation_checkpointing: bool = False
     eval_every: int = 200
     eval_batches: int = 20
@@ -228,10 +230,10 @@ class TrainConfig:
             raise OneboxError(f"min_lr_ratio must lie in [0, 1], got {self.min_lr_ratio}.")
         if self.optimizer not in ("adamw", "muon"):
             raise OneboxError(f"optimizer must be adamw or muon, got {self.optimizer!r}.")
-        if self.precision not in ("auto", "bf16", "fp32"):
-            raise OneboxError(f"precision must be auto, bf16 or fp32, got {self.precision!r}.")
-        if self.compile not in ("auto", "on", "off"):
-            raise OneboxError(f"compile must be auto, on or off, got {self.compile!r}.")
+        if self.precision not in PRECISIONS:
+            raise OneboxError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}.")
+        if self.compile not in COMPILE_SETTINGS:
+            raise OneboxError(f"compile must be one of {', '.join(COMPILE_SETTINGS)}, got {self.compile!r}.")
         return self
 
 

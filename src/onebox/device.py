@@ -54,10 +54,13 @@ def pick_device(requested: str = "auto") -> torch.device:
 
 
 def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | None:
-    """The autocast dtype for matmuls (None = plain fp32): bf16 on CUDA by default, fp32 elsewhere."""
+    """The autocast dtype for matmuls (None = plain fp32): bf16 on CUDA by default, fp32 elsewhere.
+
+    fp8 runs what is not an FP8 product under bf16 autocast.
+    """
     if precision == "fp32":
         return None
-    if precision == "bf16":
+    if precision in ("bf16", "fp8"):
         return torch.bfloat16
     return torch.bfloat16 if device.type == "cuda" else None
 

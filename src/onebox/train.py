@@ -27,7 +27,10 @@ from onebox.export import load_hf, model_from_state
 from onebox.memory import out_of_memory_message
 from onebox.model import Transformer, cross_entropy_loss
 from onebox.optim import build_optimizer, lr_factor
-from onebox.transforms import apply_activation_checkpointing, apply_compile, should_compile
+from onebox.transforms import prepare_training
+
+
+PRECISION_NAMES = {"auto": "bf16 autocast", "bf16": "bf16 autocast", "fp8": "fp8 block products + bf16 autocast", "fp32": "fp32"}
 
 
 class NonFiniteLoss(OneboxError):
@@ -186,17 +189,14 @@ def train(model_config: ModelConfig, config: TrainConfig, resume: str | None = N
         _set_rng_state(payload["rng"], device)
         start_step, tokens_seen = payload["step"], payload.get("tokens_seen", 0)
         say(f"resuming from {payload['path']} at step {start_step}")
-    if config.activation_checkpointing:
-        apply_activation_checkpointing(model)
-    if should_compile(config.compile, device):
-        apply_compile(model)
+    loss_fn = prepare_training(model, device, config.precision, config.compile, config.activation_checkpointing)
 
     resolved = {"model": config_dict(model_config), "train": {**config_dict(config), "out_dir": str(out_dir), "data": str(info.path)}}
     (out_dir / "config.json").write_text(json.dumps(resolved, indent=2))
     tokens_per_step = config.batch_size * config.grad_accum * model_config.seq_len
     peak = peak_flops(device)
     say(f"onebox {__version__} | {model_config.name}: {model_config.shape()} | {model_config.num_params() / 1e6:.2f}M params | device {device} | "
-        f"precision {'bf16 autocast' if dtype else 'fp32'} | {tokens_per_step} tokens/step | peak {'n/a' if peak is None else f'{peak / 1e12:.0f} TFLOP/s'}")
+        f"precision {PRECISION_NAMES[config.precision] if dtype else 'fp32'} | {tokens_per_step} tokens/step | peak {'n/a' if peak is None else f'{peak / 1e12:.0f} TFLOP/s'}")
     say(f"config: {json.dumps(resolved['train'])}")
 
     def save(step: int, last_loss: float | None) -> Path:
@@ -253,7 +253,7 @@ def train(model_config: ModelConfig, config: TrainConfig, resume: str | None = N
                     x, y = loader.next_batch()
                     x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                     with autocast(device, dtype):
-                        loss = cross_entropy_loss(model(x), y) / config.grad_accum
+                        loss = loss_fn(x, y) / config.grad_accum
                     loss.backward()
                     window_loss += loss.detach()
                 if config.grad_clip > 0:

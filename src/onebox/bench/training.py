@@ -24,7 +24,7 @@ from onebox.errors import OneboxError
 from onebox.memory import estimate_training_memory
 from onebox.model import Transformer, cross_entropy_loss
 from onebox.optim import build_optimizer
-from onebox.transforms import apply_compile, should_compile
+from onebox.transforms import compile_scope, prepare_training
 
 BASELINES = ("hf", "hf-compile")
 
@@ -62,11 +62,9 @@ def build_onebox(config: ModelConfig, device: torch.device, settings: BenchSetti
     """onebox's training path: the model, its transforms and its optimizer, as `onebox train` builds them."""
     with torch.device(device):
         model = Transformer(config)
-    compiled = should_compile(settings.compile, device)
-    if compiled:
-        apply_compile(model)
+    loss = prepare_training(model, device, settings.precision, settings.compile)
     optimizer = build_optimizer(model, TrainConfig(lr=settings.lr, device=str(device)))
-    return Contender(list(model.parameters()), lambda x, y: cross_entropy_loss(model(x), y), optimizer, compiled)
+    return Contender(list(model.parameters()), loss, optimizer, compile_scope(settings.compile, device) is not None)
 
 
 def build_hf(config: ModelConfig, device: torch.device, settings: BenchSettings, compile_model: bool) -> Contender:
@@ -108,8 +106,11 @@ def _oom_result(config: ModelConfig, settings: BenchSettings, mixed: bool) -> di
             "estimate": asdict(estimate)}
 
 
-def measure_training(kind: str, config: ModelConfig, device: torch.device, settings: BenchSettings) -> dict[str, Any]:
-    """Build the contender ('onebox', 'hf' or 'hf-compile') and time it; out-of-memory gives status 'oom'."""
+Builder = Callable[[ModelConfig, torch.device, BenchSettings], Contender]
+
+
+def measure_training(kind: str, config: ModelConfig, device: torch.device, settings: BenchSettings, build: Builder | None = None) -> dict[str, Any]:
+    """Build the contender ('onebox', 'hf', 'hf-compile', or `build` for a probe) and time it; out-of-memory gives status 'oom'."""
     settings.validate()
     dtype = autocast_dtype(device, settings.precision)
     # A sweep compiles many shapes in one process: without a reset, dynamo stops compiling after
@@ -118,16 +119,18 @@ def measure_training(kind: str, config: ModelConfig, device: torch.device, setti
     _release()
     reset_peak_memory(device)
     try:
-        return _measure(kind, config, device, settings, dtype)
+        return _measure(kind, config, device, settings, dtype, build)
     except torch.cuda.OutOfMemoryError:
         pass  # leave the except block first so the traceback's tensors can be freed
     _release()
     return _oom_result(config, settings, dtype is not None)
 
 
-def _measure(kind: str, config: ModelConfig, device: torch.device, settings: BenchSettings, dtype: torch.dtype | None) -> dict[str, Any]:
+def _measure(kind: str, config: ModelConfig, device: torch.device, settings: BenchSettings, dtype: torch.dtype | None, build: Builder | None) -> dict[str, Any]:
     torch.manual_seed(settings.seed)
-    if kind == "onebox":
+    if build is not None:
+        contender = build(config, device, settings)
+    elif kind == "onebox":
         contender = build_onebox(config, device, settings)
     elif kind in BASELINES:
         contender = build_hf(config, device, settings, compile_model=kind == "hf-compile")

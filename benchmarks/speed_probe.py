@@ -1,0 +1,153 @@
+"""Speed probe for the training step (issue 4): time variants side by side and profile where the step goes.
+
+Run on the GPU machine (PYTHONPATH=src):
+  python benchmarks/speed_probe.py --preset 600m-A --batch 32 --variants block,block+fp8,hf-compile \
+      --profile block --out $OUT
+A variant is a compile scope (eager, block, model) joined with options: fp8 (torchao float8, per-tensor
+scales), fp8row (per-row scales), ckpt (activation checkpointing); @B sets its batch. Prints one table row per variant, and
+for each profiled variant the GPU time per step by kernel kind with the top kernels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from onebox.bench.training import BenchSettings, Contender, build_hf, measure_training, synthetic_batch
+from onebox.config import PRESETS, ModelConfig, TrainConfig
+from onebox.device import autocast, autocast_dtype
+from onebox.model import Transformer
+from onebox.optim import build_optimizer
+from onebox.transforms import apply_float8, prepare_training
+
+KINDS = [  # (kind, pattern on the kernel name), first match wins
+    ("attention", r"flash|fmha|attention"),
+    ("optimizer", r"multi_tensor|adam|foreach"),
+    ("gemm", r"gemm|nvjet|cutlass|xmma|sm90_|wgmma|splitk"),
+    ("triton", r"triton"),
+    ("copy/cast", r"copy|cast|memcpy|memset|fill"),
+    ("reduce", r"reduce|norm"),
+]
+
+
+def builder(variant: str):
+    parts = variant.split("+")
+    scope = {"eager": "off", "block": "block", "model": "model"}[parts[0]]
+
+    def build(config: ModelConfig, device: torch.device, settings: BenchSettings) -> Contender:
+        with torch.device(device):
+            model = Transformer(config)
+        if "fp8row" in parts:
+            apply_float8(model, device, recipe="rowwise")
+        elif "fp8" in parts:
+            apply_float8(model, device)
+        loss = prepare_training(model, device, "bf16", scope, "ckpt" in parts)
+        optimizer = build_optimizer(model, TrainConfig(lr=settings.lr, device=str(device)))
+        return Contender(list(model.parameters()), loss, optimizer, scope != "off")
+
+    return build
+
+
+def contender(variant: str, config: ModelConfig, device: torch.device, settings: BenchSettings) -> Contender:
+    if variant.startswith("hf"):
+        return build_hf(config, device, settings, compile_model=variant == "hf-compile")
+    return builder(variant)(config, device, settings)
+
+
+def kind_of(name: str) -> str:
+    for kind, pattern in KINDS:
+        if re.search(pattern, name, re.IGNORECASE):
+            return kind
+    return "other"
+
+
+def profile(variant: str, config: ModelConfig, device: torch.device, settings: BenchSettings, out: Path, steps: int = 3) -> str:
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    c = contender(variant, config, device, settings)
+    x, y = synthetic_batch(config, settings.batch, device, 0)
+    dtype = autocast_dtype(device, "auto")
+
+    def step() -> None:
+        with autocast(device, dtype):
+            loss = c.loss(x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(c.parameters, 1.0)
+        c.optimizer.step()
+        c.optimizer.zero_grad()
+
+    for _ in range(4):
+        step()
+    torch.cuda.synchronize()
+    trace = out / f"trace-{config.name}-{variant.replace('+', '_')}.json"
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA, torch.profiler.ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    prof.export_chrome_trace(str(trace))
+    events = [e for e in json.loads(trace.read_text())["traceEvents"] if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
+    trace.unlink()  # large; the summary below is what is kept
+    by_kind: dict[str, float] = defaultdict(float)
+    by_name: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+    for e in events:
+        by_kind[kind_of(e["name"])] += e["dur"] / 1000 / steps
+        by_name[e["name"]][0] += e["dur"] / 1000 / steps
+        by_name[e["name"]][1] += 1 / steps
+    span = (max(e["ts"] + e["dur"] for e in events) - min(e["ts"] for e in events)) / 1000 / steps
+    busy = sum(by_kind.values())
+    lines = [f"profile {config.name} {variant} batch {settings.batch}: {span:.1f} ms/step span, {busy:.1f} ms kernels ({busy / span:.0%} busy)"]
+    lines += [f"  {kind:10s} {ms:7.2f} ms  {ms / busy:5.1%}" for kind, ms in sorted(by_kind.items(), key=lambda kv: -kv[1])]
+    lines.append("  top kernels (ms/step, launches/step):")
+    for name, (ms, n) in sorted(by_name.items(), key=lambda kv: -kv[1][0])[:25]:
+        lines.append(f"    {ms:7.2f} {n:5.0f}  {kind_of(name):9s} {name[:110]}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--preset", default="600m-A")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--variants", default="block,block+fp8,hf-compile")
+    parser.add_argument("--profile", default="", help="comma-separated variants to profile")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--timed-steps", type=int, default=10)
+    parser.add_argument("--out", default="/tmp/out")
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = torch.device("cuda")
+    config = PRESETS[args.preset]
+    rows = []
+    for variant in [v for v in args.variants.split(",") if v]:
+        name, _, batch = variant.partition("@")
+        settings = BenchSettings(batch=int(batch or args.batch), steps=args.steps, timed_steps=args.timed_steps)
+        kind = name if name.startswith("hf") else "onebox"
+        try:
+            result = measure_training(kind, config, device, settings, None if kind != "onebox" else builder(name))
+        except Exception as err:  # a probe reports a failing variant and goes on with the rest
+            print(f"{config.name} {variant}: failed: {type(err).__name__}: {err}", flush=True)
+            continue
+        rows.append((variant, settings.batch, result))
+        print(f"{config.name} {variant}: {json.dumps({k: v for k, v in result.items() if k not in ('loss_trace', 'estimate')})}", flush=True)
+    for variant in [v for v in args.profile.split(",") if v]:
+        name, _, batch = variant.partition("@")
+        text = profile(name, config, device, BenchSettings(batch=int(batch or args.batch)), out)
+        print(text, flush=True)
+        (out / f"profile-{config.name}-{variant.replace('+', '_').replace('@', '_b')}.txt").write_text(text)
+    print(f"\n{'variant':28s} {'batch':>5s} {'ms/step':>8s} {'fwd':>6s} {'bwd':>6s} {'opt':>5s} {'tok/s':>9s} {'MFU':>6s} {'GB':>5s} {'tok/J':>6s} {'1st s':>6s} loss_end")
+    for variant, batch, r in rows:
+        if r["status"] != "ok":
+            print(f"{variant:28s} {batch:5d} {r['status']}")
+            continue
+        tpj = r["tokens_per_joule"] or float("nan")
+        print(f"{variant:28s} {batch:5d} {r['ms_per_step']:8.1f} {r['forward_ms']:6.1f} {r['backward_ms']:6.1f} {r['optimizer_ms']:5.1f} "
+              f"{r['tokens_per_second']:9,.0f} {r['mfu']:6.1%} {r['peak_memory_bytes'] / 1e9:5.1f} {tpj:6.1f} {r['first_step_seconds']:6.1f} {r['loss_end']:.4f}")
+
+
+if __name__ == "__main__":
+    main()
