@@ -35,6 +35,14 @@ def _variant(name: str) -> str:
     return name.rsplit("-", 1)[1] if "-" in name and name.rsplit("-", 1)[1] in "ABCDE" else name
 
 
+def _precision(doc: dict[str, Any], device: str) -> str:
+    """The precision a training document ran at, with auto resolved as the code does (bf16 on CUDA, fp32 elsewhere)."""
+    precision = doc.get("settings", {}).get("precision", "auto")
+    if precision != "auto":
+        return precision
+    return "bf16" if doc["hardware"].get("accelerator") and not device.startswith("Apple") else "fp32"
+
+
 def training_rows(docs: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per training entry of validate and sweep documents."""
     rows = []
@@ -45,7 +53,7 @@ def training_rows(docs: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
             r, c = entry["result"], entry["config"]
             baseline = entry.get("baseline") or {}
             rows.append({
-                "device": device_of(doc), "name": c["name"], "shape": f"{c['dim']}d/{c['hidden']}h/{c['layers']}L/seq{c['seq']}", "params": c["params"],
+                "device": device_of(doc), "precision": _precision(doc, device_of(doc)), "commit": (doc.get("git_commit") or "")[:7], "name": c["name"], "shape": f"{c['dim']}d/{c['hidden']}h/{c['layers']}L/seq{c['seq']}", "params": c["params"],
                 "batch": entry["batch"], "status": r["status"], "ms": r.get("ms_per_step"), "tokens_per_second": r.get("tokens_per_second"),
                 "mfu": r.get("mfu"), "memory": r.get("peak_memory_bytes") or r.get("estimated_bytes"), "watts": r.get("avg_power_watts"),
                 "tokens_per_joule": r.get("tokens_per_joule"), "baseline": baseline.get("kind"),
@@ -110,8 +118,8 @@ def build_report(docs: list[dict[str, Any]], out_dir: str | Path) -> tuple[Path,
 
     train = training_rows(docs)
     if train:
-        section("Training", ["device", "config", "shape", "params", "batch", "ms/step", "tok/s", "MFU", "peak memory", "W", "tok/J", "vs baseline"],
-                [[r["device"], r["name"], r["shape"], _fmt(r["params"], "params"), str(r["batch"]),
+        section("Training", ["device", "precision", "commit", "config", "shape", "params", "batch", "ms/step", "tok/s", "MFU", "peak memory", "W", "tok/J", "vs baseline"],
+                [[r["device"], r["precision"], r["commit"], r["name"], r["shape"], _fmt(r["params"], "params"), str(r["batch"]),
                   _fmt(r["ms"], "ms") if r["status"] == "ok" else r["status"], _fmt(r["tokens_per_second"], "int"), _fmt(r["mfu"], "pct"),
                   _fmt(r["memory"], "gb") + (" (est.)" if r["status"] == "oom" else ""), _fmt(r["watts"], "int"), _fmt(r["tokens_per_joule"], "int"),
                   f"{_fmt(r['ratio'], 'x')} {r['baseline']}" if r["baseline"] else ""] for r in train])
@@ -120,7 +128,7 @@ def build_report(docs: list[dict[str, Any]], out_dir: str | Path) -> tuple[Path,
             series: dict[str, list[tuple[float, float]]] = defaultdict(list)
             for r in train:
                 if r["status"] == "ok" and r[key] is not None:
-                    series[f"{r['device']} {_variant(r['name'])}"].append((r["params"], r[key]))
+                    series[f"{r['device']} {r['precision']} {_variant(r['name'])}"].append((r["params"], r[key]))
             figure(file, _plot(series, "parameters", label, f"{label} against parameters"))
     for doc in docs:
         if doc["benchmark"] == "sweep" and doc.get("summary"):
