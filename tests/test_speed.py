@@ -9,8 +9,10 @@ import pytest
 import torch
 
 from conftest import micro_model, micro_train
+from onebox.config import TrainConfig
 from onebox.errors import OneboxError
 from onebox.model import Transformer
+from onebox.optim import build_optimizer
 from onebox.train import train
 from onebox.transforms import apply_float8, training_loss
 
@@ -101,3 +103,29 @@ def test_fp8_emulated_tracks_bf16(batch):
 def test_fp8_is_refused_where_there_are_no_fp8_units():
     with pytest.raises(OneboxError, match=r"compute capability 8\.9.*--precision bf16"):
         apply_float8(Transformer(micro_model()), torch.device("cpu"))
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+@pytest.mark.parametrize("max_norm", [0.05, 1e3])  # clipping active, and a bound the gradients never reach
+def test_clip_folded_into_the_optimizer_step_equals_clip_then_step(batch, optimizer, max_norm):
+    if optimizer == "muon" and not hasattr(torch.optim, "Muon"):
+        pytest.skip("torch.optim.Muon needs torch >= 2.9")
+    config, x, y = batch
+    torch.manual_seed(0)
+    models = [Transformer(config) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    optimizers = [build_optimizer(model, TrainConfig(optimizer=optimizer, lr=1e-2, device="cpu")) for model in models]
+    assert all(opt.defaults["fused"] for opt in optimizers[1].optimizers if isinstance(opt, torch.optim.AdamW))  # the grad_scale path runs
+    # One step for Muon: its Newton-Schulz iteration runs in bf16 and turns the last-bit differences
+    # of multiplying vs dividing by the clip factor into ~1e-4 after a second step; AdamW stays at 1e-7.
+    for _ in range(3 if optimizer == "adamw" else 1):
+        for model in models:
+            training_loss(model, None)(x, y).backward()
+        torch.nn.utils.clip_grad_norm_(models[0].parameters(), max_norm)
+        optimizers[0].step()
+        optimizers[1].step(max_grad_norm=max_norm)
+        for opt in optimizers:
+            opt.zero_grad()
+    for (name, a), b in zip(models[0].named_parameters(), models[1].parameters()):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), name  # fp32: multiply vs divide by the same factor
+    assert not torch.equal(models[0].layers[0].mlp.up_proj.weight, Transformer(config).layers[0].mlp.up_proj.weight)

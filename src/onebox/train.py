@@ -256,9 +256,7 @@ def train(model_config: ModelConfig, config: TrainConfig, resume: str | None = N
                         loss = loss_fn(x, y) / config.grad_accum
                     loss.backward()
                     window_loss += loss.detach()
-                if config.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-                optimizer.step()
+                optimizer.step(config.grad_clip)
                 optimizer.zero_grad()
                 step += 1
                 tokens_seen += tokens_per_step
