@@ -105,16 +105,20 @@ def test_fp8_is_refused_where_there_are_no_fp8_units():
         apply_float8(Transformer(micro_model()), torch.device("cpu"))
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("optimizer", ["adamw", "muon"])
 @pytest.mark.parametrize("max_norm", [0.05, 1e3])  # clipping active, and a bound the gradients never reach
-def test_clip_folded_into_the_optimizer_step_equals_clip_then_step(batch, optimizer, max_norm):
+def test_clip_folded_into_the_optimizer_step_equals_clip_then_step(batch, optimizer, max_norm, device):
     if optimizer == "muon" and not hasattr(torch.optim, "Muon"):
         pytest.skip("torch.optim.Muon needs torch >= 2.9")
     config, x, y = batch
+    x, y = x.to(device), y.to(device)
     torch.manual_seed(0)
-    models = [Transformer(config) for _ in range(2)]
+    with torch.device(device):
+        models = [Transformer(config) for _ in range(2)]
     models[1].load_state_dict(models[0].state_dict())
-    optimizers = [build_optimizer(model, TrainConfig(optimizer=optimizer, lr=1e-2, device="cpu")) for model in models]
+    initial = models[0].layers[0].mlp.up_proj.weight.detach().clone()
+    optimizers = [build_optimizer(model, TrainConfig(optimizer=optimizer, lr=1e-2, device=device)) for model in models]
     assert all(opt.defaults["fused"] for opt in optimizers[1].optimizers if isinstance(opt, torch.optim.AdamW))  # the grad_scale path runs
     # One step for Muon: its Newton-Schulz iteration runs in bf16 and turns the last-bit differences
     # of multiplying vs dividing by the clip factor into ~1e-4 after a second step; AdamW stays at 1e-7.
@@ -128,4 +132,4 @@ def test_clip_folded_into_the_optimizer_step_equals_clip_then_step(batch, optimi
             opt.zero_grad()
     for (name, a), b in zip(models[0].named_parameters(), models[1].parameters()):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), name  # fp32: multiply vs divide by the same factor
-    assert not torch.equal(models[0].layers[0].mlp.up_proj.weight, Transformer(config).layers[0].mlp.up_proj.weight)
+    assert not torch.equal(models[0].layers[0].mlp.up_proj.weight, initial)  # the steps did move the weights
