@@ -57,3 +57,19 @@ def test_loss_backward_runs_under_bf16_autocast():
         loss = cross_entropy_loss(model(idx), idx)
     loss.backward()
     assert torch.isfinite(loss) and all(p.grad is not None for p in model.parameters())
+
+
+@pytest.mark.parametrize("memory", ["bf16-checkpointed", "offload"])
+def test_low_memory_strategies_on_cuda_track_the_standard_one(tmp_path, corpus_dir, memory):
+    import json
+
+    common = dict(max_steps=40, eval_every=0, ckpt_every=0, log_every=10, device="cuda", compile="on")
+    train(micro_model(), micro_train(tmp_path / "std", corpus_dir, memory="standard", **common), show_progress=False)
+    train(micro_model(), micro_train(tmp_path / "low", corpus_dir, memory=memory, **common), show_progress=False)
+
+    def losses(d):
+        return {e["step"]: e["loss"] for e in map(json.loads, (d / "metrics.jsonl").read_text().splitlines()) if "loss" in e}
+
+    std, low = losses(tmp_path / "std"), losses(tmp_path / "low")
+    assert std[40] < std[10] - 0.5
+    assert all(abs(low[s] - std[s]) / std[s] < 0.03 for s in std), (std, low)

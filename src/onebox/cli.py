@@ -302,6 +302,40 @@ def _add_bench_parsers(sub: Any) -> None:
     p.set_defaults(func=cmd_report)
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from onebox.config import apply_overrides, preset
+    from onebox.device import pick_device
+    from onebox.plan import GPU_HEADROOM, HOST_HEADROOM, MachineMemory, fits, machine_memory, plan
+
+    config = preset(args.preset)
+    if args.seq_len:
+        config = apply_overrides(config, {"seq_len": args.seq_len})
+    machine = machine_memory(pick_device(args.device))
+    if args.gpu_memory is not None or args.host_memory is not None:
+        gpu = machine.gpu if args.gpu_memory is None else int(args.gpu_memory * 1e9)
+        host = machine.host if args.host_memory is None else int(args.host_memory * 1e9)
+        machine = MachineMemory(gpu, host, f"{'no GPU' if gpu is None else f'{gpu / 1e9:.0f} GB GPU'}, {host / 1e9:.0f} GB host (as given)")
+    on_gpu = machine.gpu is not None  # bf16 autocast and compiled blocks there, fp32 eager on the CPU
+    chosen, predictions = plan(config, args.batch, machine, compiled=on_gpu, optimizer=args.optimizer, grad_accum=args.grad_accum, mixed=on_gpu)
+    gb = 1e9
+    table = Table(title=f"{config.name}: {config.num_params() / 1e9:.2f}B params, batch {args.batch} x seq {config.seq_len} on {machine.label}")
+    for column in ("strategy", "GPU GB" if on_gpu else "RAM GB", "weights", "optim", "activ", "grads", "host GB", "fits"):
+        table.add_column(column, justify="left" if column == "strategy" else "right")
+    for p in predictions:
+        table.add_row(p.strategy.name, f"{p.gpu / gb:.1f}", f"{p.weights / gb:.1f}", f"{p.optimizer / gb:.1f}", f"{p.activations / gb:.1f}",
+                      f"{p.gradients / gb:.1f}", f"{p.host / gb:.1f}", "yes" if fits(p, machine) else "no")
+    console.print(table)
+    for p in predictions:
+        console.print(f"  {p.strategy.name}: {p.strategy.summary}", highlight=False)
+    limits = f"usable: {GPU_HEADROOM:.0%} of GPU memory, {HOST_HEADROOM:.0%} of host RAM"
+    if chosen is None:
+        console.print(f"nothing fits ({limits}): lower --batch or --seq-len, or choose a smaller preset.", highlight=False)
+        return 1
+    console.print(f"planned: [bold]{chosen.name}[/bold], the fastest strategy that fits ({limits}); `onebox train` uses it "
+                  f"with --memory auto, or name one with --memory.", highlight=False)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     parser = argparse.ArgumentParser(prog="onebox", description="Train, benchmark and serve LLaMA-style models on one machine.")
@@ -343,6 +377,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, default=1, help="continuations sharing one prefill")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("plan", help="predicted GPU and host memory of each training memory strategy, and the one training would use")
+    p.add_argument("--preset", required=True)
+    p.add_argument("--batch", type=int, default=1, help="sequences per micro-batch (default 1)")
+    p.add_argument("--seq-len", type=int, help="override the preset's sequence length")
+    p.add_argument("--optimizer", default="adamw", choices=["adamw", "muon"])
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--gpu-memory", type=float, metavar="GB", help="plan for a GPU of this many GB instead of this machine's")
+    p.add_argument("--host-memory", type=float, metavar="GB", help="plan for this much host RAM instead of this machine's")
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("presets", help="list the model presets")
     p.set_defaults(func=cmd_presets)

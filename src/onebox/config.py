@@ -210,6 +210,7 @@ class TrainConfig:
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 elsewhere) | bf16 | fp8 (torchao float8 block products) | fp32
     compile: str = "auto"  # auto (on for CUDA) | on | off | block | model (see transforms.training_loss)
     activation_checkpointing: bool = False
+    memory: str = "auto"  # auto (the planner's choice, see `onebox plan`) | standard | checkpointed | bf16 | bf16-checkpointed | offload
     eval_every: int = 200
     eval_batches: int = 20
     ckpt_every: int = 500

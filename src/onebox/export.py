@@ -189,11 +189,12 @@ def model_from_hf(folder: str | Path, device: torch.device | str = "cpu") -> tup
     return model_from_state(config, state, device), tokenizer
 
 
-def model_from_state(config: ModelConfig, state: dict[str, torch.Tensor], device: torch.device | str = "cpu") -> Transformer:
-    """Build a Transformer on `device` straight from a state dict (no random init, no double memory)."""
+def model_from_state(config: ModelConfig, state: dict[str, torch.Tensor], device: torch.device | str = "cpu",
+                     dtype: torch.dtype = torch.float32) -> Transformer:
+    """Build a Transformer on `device` in `dtype` straight from a state dict (no random init, no double memory)."""
     with torch.device("meta"):
         model = Transformer(config)
-    model.to_empty(device=device)
+    model.to(dtype).to_empty(device=device)
     model.load_state_dict(state, strict=True)
     model.reset_rope()
     return model

@@ -198,6 +198,19 @@ class Transformer(nn.Module):
         ]
 
 
+def build_model(config: ModelConfig, device: torch.device | str, dtype: torch.dtype = torch.float32) -> Transformer:
+    """A freshly initialised model on `device` in `dtype`, allocated once in that dtype (built on the
+    meta device first), so a 20B model in bf16 never needs its fp32 size. Rotary tables stay fp32."""
+    if dtype == torch.float32:
+        with torch.device(device):
+            return Transformer(config)
+    with torch.device("meta"):
+        model = Transformer(config)
+    model.to(dtype).to_empty(device=device)
+    model.init_weights()
+    return model
+
+
 def cross_entropy_loss(logits: Tensor, targets: Tensor) -> Tensor:
     """Mean token cross-entropy in fp32 (the reference loss)."""
     return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1))

@@ -81,17 +81,24 @@ class OptimizerSet:
             opt.load_state_dict(state)
 
 
+def param_groups(model: nn.Module, config: TrainConfig) -> list[dict[str, Any]]:
+    """AdamW's groups: hidden matrices with weight decay, embeddings at lr x embed_lr_mult, vectors (no decay)."""
+    hidden, embedding, vectors = _split_parameters(model)
+    groups = [_group(hidden, config.lr, config.weight_decay, "matrix"), _group(embedding, config.lr * config.embed_lr_mult, 0.0, "embedding"),
+              _group(vectors, config.lr, 0.0, "vector")]
+    return [g for g in groups if g["params"]]
+
+
 def build_optimizer(model: nn.Module, config: TrainConfig) -> OptimizerSet:
     """AdamW (decay on hidden matrices only) or Muon on hidden matrices with AdamW on the rest."""
-    hidden, embedding, vectors = _split_parameters(model)
+    hidden, _, _ = _split_parameters(model)
     fusable = {p.device.type for p in model.parameters()} <= {"cuda", "cpu"}  # fused AdamW kernels exist for both
     adamw_kwargs = {"betas": (config.beta1, config.beta2), "eps": config.eps}
     if fusable:
         adamw_kwargs["fused"] = True
-    rest = [_group(embedding, config.lr * config.embed_lr_mult, 0.0, "embedding"), _group(vectors, config.lr, 0.0, "vector")]
-    rest = [g for g in rest if g["params"]]
     if config.optimizer == "adamw":
-        return OptimizerSet([torch.optim.AdamW([_group(hidden, config.lr, config.weight_decay, "matrix"), *rest], **adamw_kwargs)])
+        return OptimizerSet([torch.optim.AdamW(param_groups(model, config), **adamw_kwargs)])
+    rest = [g for g in param_groups(model, config) if g["kind"] != "matrix"]
     muon_class = getattr(torch.optim, "Muon", None)
     if muon_class is None:
         raise OneboxError(f"Muon needs torch >= 2.9 (torch.optim.Muon); this is torch {torch.__version__}. Use --optimizer adamw or upgrade torch.")

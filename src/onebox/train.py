@@ -25,9 +25,11 @@ from onebox.display import ProgressDisplay
 from onebox.errors import OneboxError
 from onebox.export import load_hf, model_from_state
 from onebox.memory import out_of_memory_message
-from onebox.model import Transformer, cross_entropy_loss
+from onebox.lowmem import LowMemAdamW
+from onebox.model import build_model, cross_entropy_loss
+from onebox.plan import resolve_strategy
 from onebox.optim import build_optimizer, lr_factor
-from onebox.transforms import prepare_training
+from onebox.transforms import compile_scope, prepare_training
 
 
 PRECISION_NAMES = {"auto": "bf16 autocast", "bf16": "bf16 autocast", "fp8": "fp8 block products + bf16 autocast", "fp32": "fp32"}
@@ -170,16 +172,19 @@ def train(model_config: ModelConfig, config: TrainConfig, resume: str | None = N
         (out_dir / "metrics.jsonl").unlink(missing_ok=True)
     tokenizer_json = info.tokenizer_path.read_text() if info.tokenizer_path else None
 
+    compiled = compile_scope(config.compile, device) is not None
+    chosen = resolve_strategy(config.memory, model_config, config.batch_size, device, config.optimizer, config.grad_accum, compiled, dtype is not None)
+    weight_dtype = torch.bfloat16 if chosen.bf16_weights else torch.float32
     torch.manual_seed(config.seed)
-    if payload is not None:
-        model = model_from_state(model_config, payload["model"], device)
-    elif init_state is not None:
-        model = model_from_state(model_config, init_state, device)
+    if payload is not None or init_state is not None:
+        model = model_from_state(model_config, payload["model"] if payload is not None else init_state, device, weight_dtype)
     else:
-        with torch.device(device):
-            model = Transformer(model_config)
+        model = build_model(model_config, device, weight_dtype)
     raw_model = model
-    optimizer = build_optimizer(model, config)
+    if chosen.bf16_weights:
+        optimizer: Any = LowMemAdamW(model, config, torch.bfloat16, chosen.state_on_host, chosen.in_backward)
+    else:
+        optimizer = build_optimizer(model, config)
     loader = BatchLoader(info.train_shards, config.batch_size, model_config.seq_len, seed=config.seed)
     val_loader = BatchLoader(info.val_shards, config.batch_size, model_config.seq_len, shuffle=False) if info.val_shards else None
     start_step, tokens_seen = 0, 0
@@ -189,14 +194,14 @@ def train(model_config: ModelConfig, config: TrainConfig, resume: str | None = N
         _set_rng_state(payload["rng"], device)
         start_step, tokens_seen = payload["step"], payload.get("tokens_seen", 0)
         say(f"resuming from {payload['path']} at step {start_step}")
-    loss_fn = prepare_training(model, device, config.precision, config.compile, config.activation_checkpointing)
+    loss_fn = prepare_training(model, device, config.precision, config.compile, config.activation_checkpointing or chosen.checkpointing)
 
     resolved = {"model": config_dict(model_config), "train": {**config_dict(config), "out_dir": str(out_dir), "data": str(info.path)}}
     (out_dir / "config.json").write_text(json.dumps(resolved, indent=2))
     tokens_per_step = config.batch_size * config.grad_accum * model_config.seq_len
     peak = peak_flops(device)
     say(f"onebox {__version__} | {model_config.name}: {model_config.shape()} | {model_config.num_params() / 1e6:.2f}M params | device {device} | "
-        f"precision {PRECISION_NAMES[config.precision] if dtype else 'fp32'} | {tokens_per_step} tokens/step | peak {'n/a' if peak is None else f'{peak / 1e12:.0f} TFLOP/s'}")
+        f"precision {PRECISION_NAMES[config.precision] if dtype else 'fp32'} | memory {chosen.name}{' (planned)' if config.memory == 'auto' else ''} | {tokens_per_step} tokens/step | peak {'n/a' if peak is None else f'{peak / 1e12:.0f} TFLOP/s'}")
     say(f"config: {json.dumps(resolved['train'])}")
 
     def save(step: int, last_loss: float | None) -> Path:

@@ -1,0 +1,146 @@
+"""A low-memory AdamW for training past the memory wall.
+
+Three savings, each optional, composing with activation checkpointing and compile:
+- bf16 weights without an fp32 master copy: the update is computed in fp32 and written back with
+  stochastic rounding, so updates smaller than half a bf16 step are kept on average instead of lost;
+- bf16 moments (4 bytes per parameter instead of 8), also stochastically rounded;
+- moments in pinned host memory, copied to the GPU for each parameter's update and back;
+and the update of every block parameter runs inside backward, from a hook that fires as soon as
+its gradient is complete, so that gradient is freed at once and no full gradient buffer exists.
+
+Gradient clipping inside backward cannot know this step's global norm before the first update,
+so it uses the previous step's norm (the first step is not clipped); with updates at step() it is
+exact, as in torch.nn.utils.clip_grad_norm_. The arithmetic follows torch.optim.AdamW (decoupled
+weight decay, bias correction); with fp32 weights and moments it matches it (tested).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from onebox.config import TrainConfig
+from onebox.errors import OneboxError
+from onebox.optim import param_groups
+
+
+def stochastic_round_bf16(x: Tensor) -> Tensor:
+    """Round fp32 `x` to bf16 up or down at random, with the probability of each proportional to
+    its distance, so the expected value is x (round-to-nearest would lose every update below half
+    a bf16 step). Adds uniform noise below the 16 bits bf16 drops, then truncates them."""
+    bits = x.view(torch.int32)
+    noise = torch.randint_like(bits, 0, 1 << 16)
+    return ((bits + noise) & -65536).view(torch.float32).to(torch.bfloat16)
+
+
+def _store(target: Tensor, value: Tensor) -> None:
+    """Write fp32 `value` into `target` (any dtype, any device), stochastically rounded to bf16."""
+    if target.dtype == torch.bfloat16:
+        value = stochastic_round_bf16(value)
+    target.copy_(value, non_blocking=True)
+
+
+class LowMemAdamW:
+    """AdamW over a model's parameters with the OptimizerSet interface (step, zero_grad, lr factor, state)."""
+
+    def __init__(self, model: nn.Module, config: TrainConfig, state_dtype: torch.dtype = torch.bfloat16, offload_state: bool = False,
+                 in_backward: bool = True) -> None:
+        if in_backward and config.grad_accum > 1:
+            raise OneboxError("the update inside backward needs --grad-accum 1 (each backward would update the weights); "
+                              "raise --batch-size instead, or pick a memory strategy that steps after backward.")
+        self.betas, self.eps = (config.beta1, config.beta2), config.eps
+        self.max_grad_norm = config.grad_clip
+        self.param_groups = param_groups(model, config)
+        self.steps = 0
+        self.in_backward = in_backward
+        self.offload = offload_state
+        self.state: dict[Tensor, dict[str, Tensor]] = {}
+        for group in self.param_groups:
+            for p in group["params"]:
+                self.state[p] = {key: self._new_state(p, state_dtype) for key in ("exp_avg", "exp_avg_sq")}
+        device = next(model.parameters()).device
+        self._square_sum = torch.zeros((), device=device)  # this step's squared gradient norm, accumulated
+        self._clip = torch.ones((), device=device)  # the clip factor the hooks apply (from the previous step)
+        self._group_of = {p: group for group in self.param_groups for p in group["params"]}
+        names = {p: name for name, p in model.named_parameters()}
+        # Block parameters are updated in backward; the embedding (used twice when tied: its gradient
+        # is complete only at the very end), the final norm and the output layer at step().
+        self._hooked = {p for p in self._group_of if in_backward and names[p].startswith("layers.")}
+        self._handles = [p.register_post_accumulate_grad_hook(self._hook) for p in self._hooked]
+
+    def _new_state(self, p: Tensor, dtype: torch.dtype) -> Tensor:
+        if self.offload and p.device.type == "cuda":
+            return torch.zeros(p.shape, dtype=dtype, device="cpu", pin_memory=True)
+        return torch.zeros(p.shape, dtype=dtype, device=p.device)
+
+    def _hook(self, p: Tensor) -> None:
+        self._square_sum += p.grad.float().square().sum()
+        self._update(p, self.steps + 1, self._clip)
+        p.grad = None
+
+    @torch.no_grad()
+    def _update(self, p: Tensor, step: int, clip: Tensor) -> None:
+        group, state = self._group_of[p], self.state[p]
+        lr, decay = group["lr"], group["weight_decay"]
+        beta1, beta2 = self.betas
+        grad = p.grad.float() * clip
+        m = state["exp_avg"].to(p.device, non_blocking=True).float()
+        v = state["exp_avg_sq"].to(p.device, non_blocking=True).float()
+        m.lerp_(grad, 1 - beta1)
+        v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        denom = (v.sqrt() / (1 - beta2**step) ** 0.5).add_(self.eps)
+        weights = p.float()
+        weights.mul_(1 - lr * decay).addcdiv_(m, denom, value=-lr / (1 - beta1**step))
+        _store(state["exp_avg"], m)
+        _store(state["exp_avg_sq"], v)
+        _store(p, weights)
+
+    def _unhooked(self) -> list[Tensor]:
+        return [p for p in self._group_of if p not in self._hooked and p.grad is not None]
+
+    @torch.no_grad()
+    def step(self, max_grad_norm: float | None = None) -> None:
+        """Update what backward did not, and set the clip factor of the next step's hooks."""
+        if max_grad_norm is not None:
+            self.max_grad_norm = max_grad_norm
+        rest = self._unhooked()
+        for p in rest:
+            self._square_sum += p.grad.float().square().sum()
+        clip = self._clip_factor()
+        if not self._hooked:  # everything steps now: clip with this step's exact norm
+            self._clip = clip
+        for p in rest:
+            self._update(p, self.steps + 1, self._clip)
+        self._clip = clip
+        self._square_sum.zero_()
+        self.steps += 1
+
+    def _clip_factor(self) -> Tensor:
+        if self.max_grad_norm <= 0:
+            return torch.ones_like(self._square_sum)
+        return torch.clamp(self.max_grad_norm / (self._square_sum.sqrt() + 1e-6), max=1.0)
+
+    def zero_grad(self) -> None:
+        for p in self._group_of:
+            p.grad = None
+
+    def set_lr_factor(self, factor: float) -> None:
+        for group in self.param_groups:
+            group["lr"] = group["base_lr"] * factor
+
+    def state_dict(self) -> dict[str, Any]:
+        """Moments by parameter index (in group order), step count and the pending clip factor."""
+        order = [p for group in self.param_groups for p in group["params"]]
+        return {"steps": self.steps, "clip": self._clip.cpu(), "state": [{k: v.cpu() for k, v in self.state[p].items()} for p in order]}
+
+    def load_state_dict(self, payload: dict[str, Any]) -> None:
+        order = [p for group in self.param_groups for p in group["params"]]
+        if not isinstance(payload, dict) or len(payload.get("state", [])) != len(order):
+            raise OneboxError("the checkpoint's optimizer state does not match this run's: resume with the same --memory strategy.")
+        for p, saved in zip(order, payload["state"]):
+            for key, value in saved.items():
+                self.state[p][key].copy_(value)
+        self.steps = payload["steps"]
+        self._clip.copy_(payload["clip"])

@@ -1,0 +1,141 @@
+"""Memory strategies for training, their predicted GPU and host memory, and the planner that picks one.
+
+A strategy is a combination of the transforms in `transforms.py` and `lowmem.py`, listed fastest
+first (the order the planner tries them in); `onebox plan` prints every prediction for a preset on
+this machine (or on a machine described by --gpu-memory / --host-memory), and training picks the
+first strategy that fits unless told which one to use.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from onebox.config import ModelConfig
+from onebox.errors import OneboxError
+from onebox.memory import activation_bytes_per_token, estimate_training_memory
+
+GPU_HEADROOM = 0.92  # of the card's memory: the allocator's fragmentation and the CUDA context (5b-A peaked at 94% of an H100)
+HOST_HEADROOM = 0.8  # of host RAM: pinned pages, the process itself, the data loader
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """How training holds its memory."""
+
+    name: str
+    bf16_weights: bool  # bf16 weights updated with stochastic rounding, no fp32 master copy
+    state_on_host: bool  # optimizer moments in pinned host memory (bf16 moments whenever weights are bf16)
+    in_backward: bool  # update each block parameter in backward as its gradient completes
+    checkpointing: bool  # recompute each block's activations in backward
+    summary: str
+
+
+STRATEGIES = (
+    Strategy("standard", False, False, False, False, "fp32 master weights, bf16 autocast, fused AdamW, all activations kept"),
+    Strategy("checkpointed", False, False, False, True, "standard + activation checkpointing"),
+    Strategy("bf16", True, False, True, False, "bf16 weights (stochastic rounding) and moments, update in backward"),
+    Strategy("bf16-checkpointed", True, False, True, True, "bf16 + activation checkpointing"),
+    Strategy("offload", True, True, True, True, "bf16 + moments in pinned host memory streamed through the GPU + checkpointing"),
+)
+STRATEGY_NAMES = tuple(s.name for s in STRATEGIES)
+
+
+def strategy(name: str) -> Strategy:
+    """The strategy of that name, or a clear error."""
+    for candidate in STRATEGIES:
+        if candidate.name == name:
+            return candidate
+    raise OneboxError(f"unknown memory strategy {name!r}: use auto or one of {', '.join(STRATEGY_NAMES)} (see `onebox plan`).")
+
+
+@dataclass
+class Prediction:
+    """Predicted peak bytes of one training step under a strategy."""
+
+    strategy: Strategy
+    gpu: int  # on the accelerator (or in RAM when training on the CPU)
+    host: int  # pinned host memory the strategy adds
+    weights: int
+    optimizer: int
+    activations: int
+    gradients: int
+
+
+def predict(config: ModelConfig, batch: int, chosen: Strategy, compiled: bool = True, mixed: bool = True) -> Prediction:
+    """Predicted peak memory of one training step with AdamW under `chosen` (mixed: bf16 autocast, as on a GPU)."""
+    if not chosen.bf16_weights:
+        e = estimate_training_memory(config, batch, mixed, "adamw", chosen.checkpointing, compiled)
+        return Prediction(chosen, e.total, 0, e.weights + e.low_precision_weights, e.optimizer, e.activations, e.gradients)
+    params = config.num_params()
+    layer, loss = activation_bytes_per_token(config, True, compiled)  # bf16 weights: bf16 activations wherever the model runs
+    per_token = (4 * config.dim * config.layers + layer + loss) if chosen.checkpointing else config.layers * layer + loss
+    activations = batch * config.seq_len * per_token
+    moments = 4 * params  # two bf16 moments
+    largest = max(config.dim * config.hidden, config.dim * config.dim, config.vocab_size * config.dim)
+    # Gradients alive at once: the embedding and output layer (stepped after backward) and one block
+    # parameter in its hook, plus that update's fp32 temporaries (gradient, two moments, weights, denominator).
+    outside = config.vocab_size * config.dim * (1 if config.tie_embeddings else 2) + config.dim
+    gradients = 2 * outside + 2 * largest + 20 * largest
+    on_gpu = 0 if chosen.state_on_host else moments
+    return Prediction(chosen, 2 * params + on_gpu + activations + gradients, moments if chosen.state_on_host else 0, 2 * params, moments, activations, gradients)
+
+
+@dataclass
+class MachineMemory:
+    """What a plan is made against: bytes of accelerator memory and of host RAM."""
+
+    gpu: int | None  # None: training on the CPU, where host RAM is the only memory
+    host: int
+    label: str
+
+
+def machine_memory(device: torch.device) -> MachineMemory:
+    """The memory of this machine for training on `device`."""
+    host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        return MachineMemory(props.total_memory, host, f"{props.name}, {props.total_memory / 1e9:.0f} GB")
+    return MachineMemory(None, host, f"{device.type}, {host / 1e9:.0f} GB RAM")
+
+
+def fits(p: Prediction, machine: MachineMemory) -> bool:
+    """Whether a prediction fits the machine with headroom."""
+    if machine.gpu is None:  # on the CPU the moments "on the host" are in the same RAM
+        return p.gpu + p.host <= HOST_HEADROOM * machine.host
+    return p.gpu <= GPU_HEADROOM * machine.gpu and p.host <= HOST_HEADROOM * machine.host
+
+
+def candidates(machine: MachineMemory, optimizer: str = "adamw", grad_accum: int = 1) -> list[Strategy]:
+    """The strategies a run can use: bf16 ones step with onebox's AdamW inside backward (no Muon, no
+    gradient accumulation); host offload needs an accelerator to offload from."""
+    allowed = [s for s in STRATEGIES if machine.gpu is not None or not s.state_on_host]
+    if optimizer != "adamw" or grad_accum > 1:
+        allowed = [s for s in allowed if not s.bf16_weights]
+    return allowed
+
+
+def plan(config: ModelConfig, batch: int, machine: MachineMemory, compiled: bool = True, optimizer: str = "adamw",
+         grad_accum: int = 1, mixed: bool = True) -> tuple[Strategy | None, list[Prediction]]:
+    """Every usable strategy's prediction, and the first (fastest) one that fits, or None."""
+    predictions = [predict(config, batch, s, compiled, mixed) for s in candidates(machine, optimizer, grad_accum)]
+    chosen = next((p.strategy for p in predictions if fits(p, machine)), None)
+    return chosen, predictions
+
+
+def resolve_strategy(setting: str, config: ModelConfig, batch: int, device: torch.device, optimizer: str = "adamw", grad_accum: int = 1,
+                     compiled: bool = True, mixed: bool = True) -> Strategy:
+    """The strategy a run uses: the named one, or (auto) the planner's choice on this machine."""
+    machine = machine_memory(device)
+    if setting == "auto":
+        chosen, predictions = plan(config, batch, machine, compiled, optimizer, grad_accum, mixed)
+        return chosen or predictions[-1].strategy  # nothing fits by the estimate: try the leanest rather than refuse
+    chosen = strategy(setting)
+    if chosen not in candidates(machine, optimizer, grad_accum):
+        raise OneboxError(
+            f"the {chosen.name} memory strategy cannot run here: bf16 strategies step with onebox's own AdamW inside backward "
+            f"(use --optimizer adamw and --grad-accum 1), and offload needs a GPU. Run `onebox plan` to see the usable ones."
+        )
+    return chosen
