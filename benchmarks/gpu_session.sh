@@ -3,7 +3,8 @@
 # Usage there: ONEBOX_GIT_COMMIT=<sha> bash benchmarks/gpu_session.sh [steps...]
 # Steps: tests train validate validate:<preset>:<batch>[:<precision>] forward dims sweep:<scales> losscmp
 # (default: tests train validate forward dims). losscmp trains 600m-A for 300 steps on the default corpus
-# three ways (eager bf16 reference, compiled bf16, compiled fp8) and prints the losses side by side.
+# three ways (eager bf16 reference, compiled bf16, compiled fp8) and prints the losses side by side;
+# memcmp does the same for the memory strategies (standard = reference, bf16, offload); ceiling climbs the ladder.
 set -u
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 ONEBOX_CACHE=/tmp/obcache
 OUT=${OUT:-/tmp/out}
@@ -29,6 +30,13 @@ for step in $steps; do
     validate:*) IFS=: read -r preset batch precision <<< "${step#validate:}"; precision=${precision:-auto}
              timeout 240 ob bench validate --preset "$preset" --batch "$batch" --precision "$precision" --baseline hf-compile \
              --out "$OUT/validate-$preset-$precision.json" 2>&1 | grep -v "^W1\|UserWarning\|warnings.warn\|Failed to load\|_warn_once\|Configuration class" ;;
+    ceiling) timeout ${CEILING_TIMEOUT:-540} ob bench ceiling --out "$OUT/ceiling.json" ;;
+    memcmp) for memory in standard bf16 offload; do
+               timeout 200 ob train --preset 600m-A --batch-size 32 --max-steps 300 --lr 6e-4 --warmup-steps 30 --eval-every 300 \
+                 --log-every 50 --ckpt-every 0 --keep-last 1 --quiet --memory "$memory" --out-dir "/tmp/runs/mem-$memory" > "$OUT/memcmp-$memory.log" 2>&1
+               tail -3 "$OUT/memcmp-$memory.log"
+             done
+             python3 benchmarks/loss_compare.py /tmp/runs/mem-standard /tmp/runs/mem-bf16 /tmp/runs/mem-offload --tolerance 0.02 | tee "$OUT/memcmp.txt" ;;
     losscmp) for run in bf16:off bf16:auto fp8:auto; do
                timeout 200 ob train --preset 600m-A --batch-size 32 --max-steps 300 --lr 6e-4 --warmup-steps 30 --eval-every 300 \
                  --log-every 50 --ckpt-every 0 --keep-last 1 --quiet --precision "${run%%:*}" --compile "${run##*:}" \

@@ -148,3 +148,44 @@ def test_plan_command_prints_every_strategy_and_the_choice(capsys):
     assert main(["plan", "--preset", "30b", "--gpu-memory", "80", "--host-memory", "128"]) == 1
     assert "nothing fits" in capsys.readouterr().out
     assert math.isfinite(predict(preset("tiny"), 1, STRATEGIES[0]).gpu)
+
+
+def test_ceiling_climbs_until_a_rung_does_not_fit(tmp_path, capsys):
+    from onebox.bench.ceiling import run_ceiling
+    from onebox.bench.schema import seal, validate_document
+
+    doc = run_ceiling(["tiny", "30b", "tiny"], torch.device("cpu"), print, batch=2, steps=4)
+    statuses = [e["result"]["status"] for e in doc["entries"]]
+    assert statuses == ["ok", "does not fit"]  # the climb stops at the first rung that does not fit
+    first = doc["entries"][0]
+    assert first["strategy"] == "standard" and first["result"]["loss_end"] < first["result"]["loss_start"]
+    assert first["result"]["host_peak_bytes"] > 0 and first["predicted"]["gpu_bytes"] > 0
+    assert validate_document(seal(doc)) == []
+    assert "does not fit" in capsys.readouterr().out
+    from onebox.bench.report import build_report
+
+    md, _ = build_report([seal(doc)], tmp_path / "report")
+    assert "## Training ceiling" in md.read_text() and "| 30b |" in md.read_text()
+
+
+def test_ceiling_records_out_of_memory_and_stops(monkeypatch):
+    import onebox.bench.ceiling as ceiling
+    from onebox.bench.schema import seal, validate_document
+
+    def no_memory(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(ceiling, "build_model", no_memory)
+    doc = ceiling.run_ceiling(["tiny", "tiny"], torch.device("cpu"), lambda message: None, steps=2, memory="bf16")
+    assert [e["result"]["status"] for e in doc["entries"]] == ["oom"] and doc["entries"][0]["strategy"] == "bf16"
+    assert validate_document(seal(doc)) == []
+
+
+def test_bench_ceiling_command_writes_a_valid_document(tmp_path):
+    from onebox.bench.schema import read_document, validate_document
+
+    out = tmp_path / "ceiling.json"
+    assert main(["bench", "ceiling", "--ladder", "tiny", "--steps", "3", "--memory", "bf16-checkpointed", "--out", str(out)]) == 0
+    doc = read_document(out)
+    assert doc["benchmark"] == "ceiling" and doc["entries"][0]["strategy"] == "bf16-checkpointed" and validate_document(doc) == []
+    assert main(["bench", "ceiling", "--ladder", "tiny", "--steps", "1"]) == 1

@@ -175,6 +175,18 @@ def cmd_bench_forward(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_ceiling(args: argparse.Namespace) -> int:
+    from onebox.bench.ceiling import run_ceiling
+    from onebox.device import pick_device
+
+    if args.steps < 2 or args.batch < 1:
+        raise OneboxError("bench ceiling needs --steps >= 2 (the loss must be seen to fall) and --batch >= 1.")
+    ladder = [s.strip() for s in args.ladder.split(",")] if args.ladder else None
+    doc = run_ceiling(ladder, pick_device(args.device), _say, batch=args.batch, steps=args.steps, memory=args.memory, lr=args.lr)
+    _write_result(doc, args.out, "ladder")
+    return 0
+
+
 def cmd_bench_dims(args: argparse.Namespace) -> int:
     from onebox.bench.dims import run_dims
     from onebox.device import pick_device
@@ -276,6 +288,16 @@ def _add_bench_parsers(sub: Any) -> None:
     p.add_argument("--passes", type=int, default=3)
     common(p, training=False)
     p.set_defaults(func=cmd_bench_forward)
+
+    p = bench.add_parser("ceiling", help="the largest model this machine trains: rung by rung, each with its planned memory strategy")
+    p.add_argument("--ladder", help="comma-separated presets (default 5b,7b,10b,13b,15b,20b,25b,30b)")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--steps", type=int, default=10, help="training steps per rung on one fixed batch (default 10)")
+    p.add_argument("--memory", default="auto", help="memory strategy for every rung (default: planned per rung; see onebox plan)")
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", help="result JSON path (default results/ceiling-ladder-<device>-<time>.json)")
+    p.set_defaults(func=cmd_bench_ceiling)
 
     p = bench.add_parser("dims", help="time per FLOP of one layer across widths, and the cliffs")
     p.add_argument("--dims", default="1024:8192:256", help="START:STOP:STEP (default 1024:8192:256)")

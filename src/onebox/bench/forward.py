@@ -12,7 +12,7 @@ from onebox.bench.schema import config_record, new_document
 from onebox.bench.timing import PhaseClock, median
 from onebox.config import LADDER, preset
 from onebox.device import format_bytes, memory_kind, peak_memory_bytes, reset_peak_memory
-from onebox.model import Transformer
+from onebox.model import Transformer, build_model
 
 Say = Callable[[str], None]
 
@@ -25,12 +25,8 @@ def forward_dtype(device: torch.device, precision: str) -> torch.dtype:
 
 
 def build_random_model(config: Any, device: torch.device, dtype: torch.dtype) -> Transformer:
-    """A randomly initialised model built straight on the device in `dtype` (no host copy)."""
-    with torch.device("meta"):
-        model = Transformer(config).to(dtype)  # cast on meta: only the target dtype is ever allocated
-    model.to_empty(device=device)
-    model.init_weights()
-    return model.eval()
+    """A randomly initialised model built straight on the device in `dtype` (no host copy), in eval mode."""
+    return build_model(config, device, dtype).eval()
 
 
 def probe(config: Any, device: torch.device, dtype: torch.dtype, batch: int, passes: int, warmup: int) -> dict[str, Any]:

@@ -149,6 +149,14 @@ def build_report(docs: list[dict[str, Any]], out_dir: str | Path) -> tuple[Path,
             if e["result"]["status"] == "ok":
                 series[device_of(d)].append((e["config"]["params"], e["result"]["ms_per_pass"]))
         figure("forward_ladder", _plot(series, "parameters", "ms per forward pass", "forward ladder"))
+    ceiling = [(doc, e) for doc in docs if doc["benchmark"] == "ceiling" for e in doc["entries"]]
+    if ceiling:
+        section("Training ceiling", ["device", "rung", "params", "strategy", "status", "ms/step", "tok/s", "peak memory", "host peak",
+                                     "predicted device", "predicted host"],
+                [[device_of(d), e["config"]["name"], _fmt(e["config"]["params"], "params"), e["strategy"], e["result"]["status"],
+                  _fmt(e["result"].get("ms_per_step"), "ms"), _fmt(e["result"].get("tokens_per_second"), "int"),
+                  _fmt(e["result"].get("peak_memory_bytes"), "gb"), _fmt(e["result"].get("host_peak_bytes"), "gb"),
+                  _fmt(e["predicted"]["gpu_bytes"], "gb"), _fmt(e["predicted"]["host_bytes"], "gb")] for d, e in ceiling])
     dims = [d for d in docs if d["benchmark"] == "dims"]
     if dims:
         section("Dimension scan", ["device", "dim", "hidden", "ms", "TFLOP/s", "ns/GFLOP", "spread"],

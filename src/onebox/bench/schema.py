@@ -24,7 +24,7 @@ from onebox.errors import OneboxError
 from onebox.files import read_json, write_text_atomic
 
 SCHEMA_VERSION = 1
-BENCHMARKS = ("validate", "sweep", "forward", "dims")
+BENCHMARKS = ("validate", "sweep", "forward", "dims", "ceiling")
 TRAINING_BENCHMARKS = ("validate", "sweep")
 TOP_FIELDS = ("schema_version", "onebox_version", "git_commit", "benchmark", "created_utc", "submitter", "hardware", "settings", "entries", "fingerprint")
 HARDWARE_FIELDS = ("accelerator", "accelerator_memory_bytes", "driver", "cuda_version", "torch_version", "power_limit_watts", "cpu", "cpu_cores", "host_memory_bytes", "os")
@@ -131,6 +131,25 @@ def _training_problems(where: str, entry: dict[str, Any], batch: Any) -> list[st
     return problems
 
 
+def _ceiling_problems(where: str, entry: dict[str, Any]) -> list[str]:
+    result = entry.get("result") or {}
+    status = result.get("status")
+    if status in ("oom", "does not fit"):
+        return []
+    if status not in ("ok", "failed"):
+        return [f"{where}: unknown status {status!r}"]
+    trace = result.get("loss_trace") or []
+    if not trace or not all(_finite(x) for x in trace):
+        return [f"{where}: non-finite or missing losses"]
+    problems = [] if status == "failed" or trace[-1] < trace[0] else [f"{where}: the loss did not fall ({trace[0]:.4f} -> {trace[-1]:.4f})"]
+    ms, tps, batch, seq = result.get("ms_per_step"), result.get("tokens_per_second"), entry.get("batch"), (entry.get("config") or {}).get("seq")
+    if not all(_finite(v) and v > 0 for v in (ms, tps, batch, seq)):
+        return problems + [f"{where}: ms_per_step, tokens_per_second, batch and seq must be positive numbers"]
+    if abs(tps - batch * seq * 1000.0 / ms) / tps > TOKENS_TOLERANCE:
+        problems.append(f"{where}: tokens/s {tps:.1f} is inconsistent with batch x seq x 1000 / ms (over 5% apart)")
+    return problems
+
+
 def validate_document(doc: Any) -> list[str]:
     """Every reason to reject a document (empty when it is acceptable)."""
     if not isinstance(doc, dict):
@@ -153,7 +172,7 @@ def validate_document(doc: Any) -> list[str]:
         return problems + ["the document has no entries"]
     for i, entry in enumerate(entries):
         where = f"entry {i} ({(entry.get('config') or {}).get('name', entry.get('dim', '?'))})"
-        if doc["benchmark"] in ("validate", "sweep", "forward"):
+        if doc["benchmark"] in ("validate", "sweep", "forward", "ceiling"):
             config_missing = [k for k in CONFIG_FIELDS if k not in (entry.get("config") or {})]
             if config_missing:
                 problems.append(f"{where}: config lacks {config_missing}")
@@ -164,6 +183,8 @@ def validate_document(doc: Any) -> list[str]:
             result = entry.get("result") or {}
             if result.get("status") == "ok" and not (_finite(result.get("ms_per_pass")) and result["ms_per_pass"] > 0):
                 problems.append(f"{where}: a completed forward rung needs a positive ms_per_pass")
+        elif doc["benchmark"] == "ceiling":
+            problems += _ceiling_problems(where, entry)
         elif doc["benchmark"] == "dims":
             if not (_finite(entry.get("ms")) and entry["ms"] > 0 and _finite(entry.get("flops")) and entry["flops"] > 0):
                 problems.append(f"{where}: a dimension point needs positive ms and flops")

@@ -1,0 +1,122 @@
+"""`onebox bench ceiling`: the largest model this machine trains, rung by rung up the ladder.
+
+Each rung plans its memory strategy (or uses the one given), builds the model straight in its
+weight dtype, trains `steps` steps on one fixed batch of synthetic tokens (the loss must fall) and
+records ms/step, tokens/s, measured peak GPU memory, the process's peak host memory and the
+planner's predictions beside them. The climb stops at the first rung that does not fit.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import resource
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from onebox.bench.schema import config_record, new_document
+from onebox.bench.training import synthetic_batch
+from onebox.config import LADDER, TrainConfig, preset
+from onebox.device import autocast, autocast_dtype, format_bytes, memory_kind, peak_memory_bytes, reset_peak_memory, synchronize
+from onebox.lowmem import LowMemAdamW
+from onebox.model import build_model
+from onebox.optim import build_optimizer
+from onebox.plan import Strategy, fits, machine_memory, plan, predict, resolve_strategy
+from onebox.transforms import compile_scope, prepare_training
+
+Say = Callable[[str], None]
+
+
+def host_peak_bytes() -> int:
+    """The process's peak resident memory so far (Linux reports KiB); it includes pinned pages."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _release() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def climb(config: Any, chosen: Strategy, device: torch.device, batch: int, steps: int, lr: float) -> dict[str, Any]:
+    """Train one rung for `steps` steps; status 'ok', 'failed' (the loss did not fall) or 'oom'."""
+    torch._dynamo.reset()
+    _release()
+    reset_peak_memory(device)
+    dtype = autocast_dtype(device, "auto")
+    train_config = TrainConfig(lr=lr, device=str(device), warmup_steps=0)
+    try:
+        model = build_model(config, device, torch.bfloat16 if chosen.bf16_weights else torch.float32)
+        optimizer: Any = (LowMemAdamW(model, train_config, torch.bfloat16, chosen.state_on_host, chosen.in_backward)
+                          if chosen.bf16_weights else build_optimizer(model, train_config))
+        loss_fn = prepare_training(model, device, "auto", "auto", chosen.checkpointing)
+        x, y = synthetic_batch(config, batch, device, seed=0)
+        losses, times = [], []
+        for _ in range(steps):
+            start = time.perf_counter()
+            with autocast(device, dtype):
+                loss = loss_fn(x, y)
+            loss.backward()
+            optimizer.step(1.0)
+            optimizer.zero_grad()
+            losses.append(loss.item())  # syncs: every step is timed whole
+            synchronize(device)
+            times.append((time.perf_counter() - start) * 1000.0)
+        peak = peak_memory_bytes(device)
+        del model, optimizer, loss_fn, x, y, loss
+    except torch.cuda.OutOfMemoryError:
+        return {"status": "oom"}
+    except RuntimeError as err:  # pinned host memory that cannot be had
+        if "out of memory" not in str(err).lower() and "can't allocate" not in str(err):
+            raise
+        return {"status": "oom", "error": str(err).splitlines()[0]}
+    finally:
+        _release()
+    timed = times[2:] if len(times) > 3 else times  # the first steps compile
+    ms = statistics.median(timed)
+    fell = all(math.isfinite(v) for v in losses) and losses[-1] < losses[0]
+    return {"status": "ok" if fell else "failed", "ms_per_step": ms, "step_ms": times, "tokens_per_second": batch * config.seq_len * 1000.0 / ms,
+            "peak_memory_bytes": peak, "memory_kind": memory_kind(device), "host_peak_bytes": host_peak_bytes(), "loss_trace": losses,
+            "loss_start": losses[0], "loss_end": losses[-1]}
+
+
+def run_ceiling(names: list[str] | None, device: torch.device, say: Say, batch: int = 1, steps: int = 10, memory: str = "auto",
+                lr: float = 3e-4) -> dict[str, Any]:
+    """The `ceiling` document: one entry per rung climbed, the last being the first that did not fit."""
+    names = names or list(LADDER)
+    configs = [preset(n) for n in names]  # unknown names fail before anything runs
+    machine = machine_memory(device)
+    compiled = compile_scope("auto", device) is not None
+    mixed = autocast_dtype(device, "auto") is not None
+    doc = new_document("ceiling", device, {"batch": batch, "steps": steps, "memory": memory, "lr": lr, "ladder": names,
+                                           "tokens": "fixed synthetic batch"})
+    for config in configs:
+        if memory == "auto":
+            chosen, _ = plan(config, batch, machine, compiled, mixed=mixed)
+        else:
+            chosen = resolve_strategy(memory, config, batch, device, compiled=compiled, mixed=mixed)
+        if chosen is None:  # no strategy fits by the planner's arithmetic: the leanest one's numbers say why
+            leanest = plan(config, batch, machine, compiled, mixed=mixed)[1][-1]
+            doc["entries"].append({"config": config_record(config), "batch": batch, "strategy": leanest.strategy.name,
+                                   "predicted": {"gpu_bytes": leanest.gpu, "host_bytes": leanest.host},
+                                   "result": {"status": "does not fit"}})
+            say(f"{config.name:<5} {config.num_params() / 1e9:5.1f}B  does not fit: the leanest strategy ({leanest.strategy.name}) needs "
+                f"{format_bytes(leanest.gpu)} on the device and {format_bytes(leanest.host)} of host memory")
+            break
+        predicted = predict(config, batch, chosen, compiled, mixed)
+        say(f"{config.name:<5} {config.num_params() / 1e9:5.1f}B  {chosen.name}: predicted {format_bytes(predicted.gpu)} device, "
+            f"{format_bytes(predicted.host)} host{'' if fits(predicted, machine) else ' (over the planner limit)'}; training {steps} steps ...")
+        result = climb(config, chosen, device, batch, steps, lr)
+        doc["entries"].append({"config": config_record(config), "batch": batch, "strategy": chosen.name,
+                               "predicted": {"gpu_bytes": predicted.gpu, "host_bytes": predicted.host}, "result": result})
+        if result["status"] == "oom":
+            say(f"{config.name:<5} out of memory: the training ceiling is the rung below")
+            break
+        say(f"{config.name:<5} {result['status']}: {result['ms_per_step']:,.0f} ms/step | {result['tokens_per_second']:,.0f} tok/s | "
+            f"device peak {format_bytes(result['peak_memory_bytes'])} | host peak {format_bytes(result['host_peak_bytes'])} | "
+            f"loss {result['loss_start']:.3f} -> {result['loss_end']:.3f}")
+    return doc
