@@ -225,3 +225,33 @@ def test_forward_probe_model_allocates_only_its_dtype_and_keeps_fp32_rope():
     model = build_random_model(small(), CPU, torch.bfloat16)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     assert model.rope_cos.dtype == torch.float32 and model.rope_cos.abs().max() > 0
+
+
+def test_streamed_forward_gives_the_resident_logits_pass_after_pass():
+    from onebox.infer.stream import build_streamed
+    from onebox.model import Transformer
+
+    config = small(layers=5)
+    for resident in (0, 2, 5):  # all streamed, mixed, nothing streamed
+        streamed = build_streamed(config, CPU, torch.float32, resident)
+        reference = Transformer(config).eval()
+        reference.load_state_dict(streamed.model.state_dict())
+        assert len(streamed.streamed) == 5 - resident
+        for seed in (1, 2):  # fresh tokens each pass; the two buffers are refilled every pass
+            idx = torch.randint(0, config.vocab_size, (2, config.seq_len), generator=torch.Generator().manual_seed(seed))
+            with torch.no_grad():
+                expected = reference(idx)
+            assert torch.equal(streamed(idx), expected)
+
+
+def test_forward_ladder_streams_the_rungs_past_the_budget():
+    tiny_bytes = preset("tiny").num_params() * 4
+    doc = seal(run_forward(["tiny", "48m"], CPU, "fp32", SAY, passes=1, budget=tiny_bytes + 2**20))
+    first, second = (e["result"] for e in doc["entries"])
+    assert first["status"] == "ok" and not first["streamed"]
+    assert second["status"] == "ok" and second["streamed"] and second["streamed_blocks"] > 0
+    from onebox.model import Block
+
+    block_bytes = sum(p.numel() for p in Block(preset("48m")).parameters()) * 4
+    assert second["streamed_bytes"] == second["streamed_blocks"] * block_bytes
+    assert validate_document(doc) == []

@@ -147,6 +147,10 @@ def test_plan_command_prints_every_strategy_and_the_choice(capsys):
     assert all(s.name in out for s in STRATEGIES) and "planned: offload" in out
     assert main(["plan", "--preset", "30b", "--gpu-memory", "80", "--host-memory", "128"]) == 1
     assert "nothing fits" in capsys.readouterr().out
+    assert main(["plan", "--ladder", "--gpu-memory", "80", "--host-memory", "128"]) == 0
+    out = capsys.readouterr().out
+    assert "predicted training ceiling: 25b" in out and "does not fit" in out  # 30b's bf16 moments exceed 80% of 128 GB
+    assert main(["plan"]) == 1
     assert math.isfinite(predict(preset("tiny"), 1, STRATEGIES[0]).gpu)
 
 
@@ -175,7 +179,7 @@ def test_ceiling_records_out_of_memory_and_stops(monkeypatch):
     def no_memory(*args, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory")
 
-    monkeypatch.setattr(ceiling, "build_model", no_memory)
+    monkeypatch.setattr(ceiling, "build_for_training", no_memory)
     doc = ceiling.run_ceiling(["tiny", "tiny"], torch.device("cpu"), lambda message: None, steps=2, memory="bf16")
     assert [e["result"]["status"] for e in doc["entries"]] == ["oom"] and doc["entries"][0]["strategy"] == "bf16"
     assert validate_document(seal(doc)) == []
@@ -189,3 +193,15 @@ def test_bench_ceiling_command_writes_a_valid_document(tmp_path):
     doc = read_document(out)
     assert doc["benchmark"] == "ceiling" and doc["entries"][0]["strategy"] == "bf16-checkpointed" and validate_document(doc) == []
     assert main(["bench", "ceiling", "--ladder", "tiny", "--steps", "1"]) == 1
+
+
+def test_bench_validate_runs_the_named_memory_strategy(tmp_path):
+    from onebox.bench.schema import read_document, validate_document
+
+    out = tmp_path / "v.json"
+    assert main(["bench", "validate", "--preset", "tiny", "--batch", "2", "--steps", "4", "--timed-steps", "2", "--memory", "bf16",
+                 "--out", str(out)]) == 0
+    doc = read_document(out)
+    result = doc["entries"][0]["result"]
+    assert result["memory_strategy"] == "bf16" and doc["settings"]["memory"] == "bf16" and validate_document(doc) == []
+    assert main(["bench", "validate", "--preset", "tiny", "--memory", "huge"]) == 1

@@ -137,7 +137,8 @@ def _write_result(doc: dict[str, Any], out: str | None, label: str) -> None:
 def _bench_settings(args: argparse.Namespace, batch: int):
     from onebox.bench.training import BenchSettings
 
-    return BenchSettings(batch=batch, steps=args.steps, timed_steps=args.timed_steps, precision=args.precision, compile=args.compile, lr=args.lr).validate()
+    return BenchSettings(batch=batch, steps=args.steps, timed_steps=args.timed_steps, precision=args.precision, compile=args.compile, lr=args.lr,
+                         memory=args.memory).validate()
 
 
 def _say(message: str) -> None:
@@ -265,6 +266,7 @@ def _add_bench_parsers(sub: Any) -> None:
             p.add_argument("--steps", type=int, default=10, help="untimed training steps on the fixed batch (default 10)")
             p.add_argument("--timed-steps", type=int, default=10, help="timed steps after them (default 10)")
             p.add_argument("--compile", default="auto", choices=COMPILE_SETTINGS)
+            p.add_argument("--memory", default="auto", help="memory strategy (default: the planner's choice, as in training; see onebox plan)")
             p.add_argument("--lr", type=float, default=3e-4)
             p.add_argument("--baseline", choices=["hf", "hf-compile"], help="also run transformers' Llama in the same process")
 
@@ -282,8 +284,8 @@ def _add_bench_parsers(sub: Any) -> None:
     common(p, training=True)
     p.set_defaults(func=cmd_bench_sweep)
 
-    p = bench.add_parser("forward", help="forward-only ladder up to the first size that does not fit")
-    p.add_argument("--ladder", help="comma-separated presets (default 5b,7b,10b,13b,15b,20b,25b,30b)")
+    p = bench.add_parser("forward", help="forward-only ladder; rungs past GPU memory stream blocks from host memory")
+    p.add_argument("--ladder", help="comma-separated presets (default 5b,7b,10b,13b,15b,20b,25b,30b,40b,50b)")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--passes", type=int, default=3)
     common(p, training=False)
@@ -324,20 +326,43 @@ def _add_bench_parsers(sub: Any) -> None:
     p.set_defaults(func=cmd_report)
 
 
+def _plan_ladder(machine: Any, batch: int, on_gpu: bool) -> int:
+    from onebox.config import LADDER, preset
+    from onebox.plan import plan
+
+    table = Table(title=f"training ceiling by the planner, batch {batch}, on {machine.label}")
+    for column in ("rung", "params", "strategy", "GPU GB" if on_gpu else "RAM GB", "host GB"):
+        table.add_column(column, justify="left" if column in ("rung", "strategy") else "right")
+    ceiling = None
+    for name in LADDER:
+        config = preset(name)
+        chosen, predictions = plan(config, batch, machine, compiled=on_gpu, mixed=on_gpu)
+        shown = next((p for p in predictions if p.strategy == chosen), predictions[-1])
+        table.add_row(name, f"{config.num_params() / 1e9:.1f}B", chosen.name if chosen else "does not fit", f"{shown.gpu / 1e9:.1f}", f"{shown.host / 1e9:.1f}")
+        ceiling = name if chosen else ceiling
+    console.print(table)
+    console.print(f"predicted training ceiling: {ceiling or 'below the ladder (5b)'} (an estimate: `onebox bench ceiling` measures it)", highlight=False)
+    return 0
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     from onebox.config import apply_overrides, preset
     from onebox.device import pick_device
     from onebox.plan import GPU_HEADROOM, HOST_HEADROOM, MachineMemory, fits, machine_memory, plan
 
-    config = preset(args.preset)
-    if args.seq_len:
-        config = apply_overrides(config, {"seq_len": args.seq_len})
     machine = machine_memory(pick_device(args.device))
     if args.gpu_memory is not None or args.host_memory is not None:
         gpu = machine.gpu if args.gpu_memory is None else int(args.gpu_memory * 1e9)
         host = machine.host if args.host_memory is None else int(args.host_memory * 1e9)
         machine = MachineMemory(gpu, host, f"{'no GPU' if gpu is None else f'{gpu / 1e9:.0f} GB GPU'}, {host / 1e9:.0f} GB host (as given)")
     on_gpu = machine.gpu is not None  # bf16 autocast and compiled blocks there, fp32 eager on the CPU
+    if args.ladder:
+        return _plan_ladder(machine, args.batch, on_gpu)
+    if not args.preset:
+        raise OneboxError("onebox plan needs --preset NAME (one model) or --ladder (the training ceiling of this machine).")
+    config = preset(args.preset)
+    if args.seq_len:
+        config = apply_overrides(config, {"seq_len": args.seq_len})
     chosen, predictions = plan(config, args.batch, machine, compiled=on_gpu, optimizer=args.optimizer, grad_accum=args.grad_accum, mixed=on_gpu)
     gb = 1e9
     table = Table(title=f"{config.name}: {config.num_params() / 1e9:.2f}B params, batch {args.batch} x seq {config.seq_len} on {machine.label}")
@@ -401,7 +426,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("plan", help="predicted GPU and host memory of each training memory strategy, and the one training would use")
-    p.add_argument("--preset", required=True)
+    p.add_argument("--preset", help="the model to plan for")
+    p.add_argument("--ladder", action="store_true", help="plan every rung of the ladder (5b..30b): the predicted training ceiling")
     p.add_argument("--batch", type=int, default=1, help="sequences per micro-batch (default 1)")
     p.add_argument("--seq-len", type=int, help="override the preset's sequence length")
     p.add_argument("--optimizer", default="adamw", choices=["adamw", "muon"])

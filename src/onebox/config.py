@@ -142,8 +142,11 @@ _LADDER = {
     "20b": (5120, 13824, 64),
     "25b": (5120, 13824, 80),
     "30b": (6144, 16384, 64),
+    "40b": (8192, 22016, 50),
+    "50b": (8192, 22016, 62),
 }
-LADDER = tuple(_LADDER)
+LADDER = tuple(_LADDER)[:8]  # 5b .. 30b: Rustane's ladder, the training ceiling's rungs
+FORWARD_LADDER = tuple(_LADDER)  # and on to 50b for forward passes streamed past GPU memory
 
 
 def _build_presets() -> dict[str, ModelConfig]:
@@ -332,6 +335,7 @@ __all__ = [
     "TrainConfig",
     "PRESETS",
     "LADDER",
+    "FORWARD_LADDER",
     "SWEEP_SCALES",
     "SWEEP_VARIANTS",
     "preset",

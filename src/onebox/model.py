@@ -151,16 +151,20 @@ class Transformer(nn.Module):
     @torch.no_grad()
     def init_weights(self) -> None:
         """Normal(0, init_std) weights; output projections of each block scaled by 1/sqrt(2L)."""
-        std = self.config.init_std
-        residual_std = std / math.sqrt(2 * self.config.layers)
         for name, param in self.named_parameters():
-            if name.endswith("layernorm.weight") or name == "norm.weight":
-                param.fill_(1.0)
-            elif name.endswith(("o_proj.weight", "down_proj.weight")):
-                param.normal_(0.0, residual_std)
-            else:
-                param.normal_(0.0, std)
+            self.init_parameter(name, param)
         self.reset_rope()
+
+    @torch.no_grad()
+    def init_parameter(self, name: str, param: Tensor) -> None:
+        """Initialise one parameter (by its name in this model) in place; see init_weights."""
+        std = self.config.init_std
+        if name.endswith("layernorm.weight") or name == "norm.weight":
+            param.fill_(1.0)
+        elif name.endswith(("o_proj.weight", "down_proj.weight")):
+            param.normal_(0.0, std / math.sqrt(2 * self.config.layers))
+        else:
+            param.normal_(0.0, std)
 
     @torch.no_grad()
     def reset_rope(self) -> None:

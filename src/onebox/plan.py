@@ -10,12 +10,17 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from onebox.config import ModelConfig
+from onebox.config import ModelConfig, TrainConfig
 from onebox.errors import OneboxError
+from onebox.export import model_from_state
+from onebox.lowmem import LowMemAdamW
 from onebox.memory import activation_bytes_per_token, estimate_training_memory
+from onebox.model import Transformer, build_model
+from onebox.optim import build_optimizer
 
 GPU_HEADROOM = 0.92  # of the card's memory: the allocator's fragmentation and the CUDA context (5b-A peaked at 94% of an H100)
 HOST_HEADROOM = 0.8  # of host RAM: pinned pages, the process itself, the data loader
@@ -139,3 +144,16 @@ def resolve_strategy(setting: str, config: ModelConfig, batch: int, device: torc
             f"(use --optimizer adamw and --grad-accum 1), and offload needs a GPU. Run `onebox plan` to see the usable ones."
         )
     return chosen
+
+
+def build_for_training(config: ModelConfig, train: TrainConfig, chosen: Strategy, device: torch.device,
+                       state: dict[str, torch.Tensor] | None = None) -> tuple[Transformer, Any]:
+    """The model (fresh, or from `state`) in the strategy's weight dtype on `device`, and its optimizer.
+
+    Activation checkpointing and compile are applied by transforms.prepare_training afterwards.
+    """
+    dtype = torch.bfloat16 if chosen.bf16_weights else torch.float32
+    model = build_model(config, device, dtype) if state is None else model_from_state(config, state, device, dtype)
+    if chosen.bf16_weights:
+        return model, LowMemAdamW(model, train, torch.bfloat16, chosen.state_on_host, chosen.in_backward)
+    return model, build_optimizer(model, train)

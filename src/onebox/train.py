@@ -23,12 +23,11 @@ from onebox.data import BatchLoader, DatasetInfo, dataset_info, prepare_default_
 from onebox.device import autocast, autocast_dtype, format_bytes, peak_flops, peak_memory_bytes, pick_device, reset_peak_memory, synchronize
 from onebox.display import ProgressDisplay
 from onebox.errors import OneboxError
-from onebox.export import load_hf, model_from_state
+from onebox.export import load_hf
 from onebox.memory import out_of_memory_message
-from onebox.lowmem import LowMemAdamW
-from onebox.model import build_model, cross_entropy_loss
-from onebox.plan import resolve_strategy
-from onebox.optim import build_optimizer, lr_factor
+from onebox.model import cross_entropy_loss
+from onebox.plan import build_for_training, resolve_strategy
+from onebox.optim import lr_factor
 from onebox.transforms import compile_scope, prepare_training
 
 
@@ -174,17 +173,10 @@ def train(model_config: ModelConfig, config: TrainConfig, resume: str | None = N
 
     compiled = compile_scope(config.compile, device) is not None
     chosen = resolve_strategy(config.memory, model_config, config.batch_size, device, config.optimizer, config.grad_accum, compiled, dtype is not None)
-    weight_dtype = torch.bfloat16 if chosen.bf16_weights else torch.float32
     torch.manual_seed(config.seed)
-    if payload is not None or init_state is not None:
-        model = model_from_state(model_config, payload["model"] if payload is not None else init_state, device, weight_dtype)
-    else:
-        model = build_model(model_config, device, weight_dtype)
+    state = payload["model"] if payload is not None else init_state
+    model, optimizer = build_for_training(model_config, config, chosen, device, state)
     raw_model = model
-    if chosen.bf16_weights:
-        optimizer: Any = LowMemAdamW(model, config, torch.bfloat16, chosen.state_on_host, chosen.in_backward)
-    else:
-        optimizer = build_optimizer(model, config)
     loader = BatchLoader(info.train_shards, config.batch_size, model_config.seq_len, seed=config.seed)
     val_loader = BatchLoader(info.val_shards, config.batch_size, model_config.seq_len, shuffle=False) if info.val_shards else None
     start_step, tokens_seen = 0, 0

@@ -22,10 +22,7 @@ from onebox.bench.schema import config_record, new_document
 from onebox.bench.training import synthetic_batch
 from onebox.config import LADDER, TrainConfig, preset
 from onebox.device import autocast, autocast_dtype, format_bytes, memory_kind, peak_memory_bytes, reset_peak_memory, synchronize
-from onebox.lowmem import LowMemAdamW
-from onebox.model import build_model
-from onebox.optim import build_optimizer
-from onebox.plan import Strategy, fits, machine_memory, plan, predict, resolve_strategy
+from onebox.plan import Strategy, build_for_training, fits, machine_memory, plan, predict, resolve_strategy
 from onebox.transforms import compile_scope, prepare_training
 
 Say = Callable[[str], None]
@@ -50,9 +47,7 @@ def climb(config: Any, chosen: Strategy, device: torch.device, batch: int, steps
     dtype = autocast_dtype(device, "auto")
     train_config = TrainConfig(lr=lr, device=str(device), warmup_steps=0)
     try:
-        model = build_model(config, device, torch.bfloat16 if chosen.bf16_weights else torch.float32)
-        optimizer: Any = (LowMemAdamW(model, train_config, torch.bfloat16, chosen.state_on_host, chosen.in_backward)
-                          if chosen.bf16_weights else build_optimizer(model, train_config))
+        model, optimizer = build_for_training(config, train_config, chosen, device)
         loss_fn = prepare_training(model, device, "auto", "auto", chosen.checkpointing)
         x, y = synthetic_batch(config, batch, device, seed=0)
         losses, times = [], []

@@ -22,8 +22,8 @@ from onebox.config import ModelConfig, TrainConfig
 from onebox.device import EnergyMeter, autocast, autocast_dtype, memory_kind, peak_flops, peak_memory_bytes, reset_peak_memory, synchronize
 from onebox.errors import OneboxError
 from onebox.memory import estimate_training_memory
-from onebox.model import Transformer, cross_entropy_loss
-from onebox.optim import build_optimizer
+from onebox.model import cross_entropy_loss
+from onebox.plan import build_for_training, resolve_strategy
 from onebox.transforms import compile_scope, prepare_training
 
 BASELINES = ("hf", "hf-compile")
@@ -40,6 +40,7 @@ class BenchSettings:
     compile: str = "auto"
     lr: float = 3e-4
     seed: int = 0
+    memory: str = "auto"  # the memory strategy (see onebox plan); auto = the planner's choice, as in training
 
     def validate(self) -> BenchSettings:
         """Refuse settings that cannot give a measurement."""
@@ -55,20 +56,22 @@ class Contender:
     loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     update: Callable[[], None]  # clip the gradients to norm 1, step, zero them
     compiled: bool
+    strategy: str = "standard"  # the memory strategy; with updates in backward, "backward" includes the blocks' updates
 
 
 def build_onebox(config: ModelConfig, device: torch.device, settings: BenchSettings) -> Contender:
     """onebox's training path: the model, its transforms and its optimizer, as `onebox train` builds them."""
-    with torch.device(device):
-        model = Transformer(config)
-    loss = prepare_training(model, device, settings.precision, settings.compile)
-    optimizer = build_optimizer(model, TrainConfig(lr=settings.lr, device=str(device)))
+    compiled = compile_scope(settings.compile, device) is not None
+    mixed = autocast_dtype(device, settings.precision) is not None
+    chosen = resolve_strategy(settings.memory, config, settings.batch, device, compiled=compiled, mixed=mixed)
+    model, optimizer = build_for_training(config, TrainConfig(lr=settings.lr, device=str(device)), chosen, device)
+    loss = prepare_training(model, device, settings.precision, settings.compile, chosen.checkpointing)
 
     def update() -> None:
         optimizer.step(max_grad_norm=1.0)
         optimizer.zero_grad()
 
-    return Contender(loss, update, compile_scope(settings.compile, device) is not None)
+    return Contender(loss, update, compiled, chosen.name)
 
 
 def build_hf(config: ModelConfig, device: torch.device, settings: BenchSettings, compile_model: bool) -> Contender:
@@ -207,5 +210,6 @@ def _measure(kind: str, config: ModelConfig, device: torch.device, settings: Ben
         "loss_trace": trace,
         "first_step_seconds": first_step_seconds,
         "compiled": contender.compiled,
+        "memory_strategy": contender.strategy,
     }
     return result

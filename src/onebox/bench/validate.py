@@ -28,6 +28,8 @@ def result_line(label: str, result: dict[str, Any]) -> str:
     if result["status"] == "oom":
         return f"  {label:<11} out of memory (estimated need {format_bytes(result['estimated_bytes'])})"
     status = "" if result["status"] == "ok" else "  FAILED: the loss did not fall"
+    if result.get("memory_strategy", "standard") != "standard":
+        status += f" | memory {result['memory_strategy']}"
     return (
         f"  {label:<11} {result['ms_per_step']:,.1f}ms/step (fwd={result['forward_ms']:,.1f} bwd={result['backward_ms']:,.1f} "
         f"opt={result['optimizer_ms']:,.1f}) = {result['tokens_per_second']:,.0f} tok/s | MFU {_n(result['mfu'], '.1%')} | "
@@ -65,7 +67,8 @@ def run_entry(config: ModelConfig, device: torch.device, settings: BenchSettings
 
 def _settings_record(settings: BenchSettings, baseline: str | None) -> dict[str, Any]:
     return {"batch": settings.batch, "steps": settings.steps, "timed_steps": settings.timed_steps, "precision": settings.precision,
-            "compile": settings.compile, "lr": settings.lr, "seed": settings.seed, "baseline": baseline, "tokens": "fixed synthetic batch"}
+            "compile": settings.compile, "lr": settings.lr, "seed": settings.seed, "memory": settings.memory, "baseline": baseline,
+            "tokens": "fixed synthetic batch"}
 
 
 def run_validate(config: ModelConfig, device: torch.device, settings: BenchSettings, baseline: str | None, say: Say) -> dict[str, Any]:
