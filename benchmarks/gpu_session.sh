@@ -25,7 +25,7 @@ for step in $steps; do
     train) timeout 240 ob train --config configs/tiny-shakespeare.toml --out-dir /tmp/runs/tiny --max-steps 1000 --batch-size 32 \
              --log-every 250 --eval-every 250 --ckpt-every 1000 2>&1 | tee "$OUT/train.log" | grep -v "^config" | tail -12 ;;
     validate) timeout 300 ob bench validate --preset 600m-A --batch 32 --baseline hf-compile --out "$OUT/validate-600m-A.json" ;;
-    forward) timeout 300 ob bench forward --out "$OUT/forward.json" ;;
+    forward) timeout ${FORWARD_TIMEOUT:-480} ob bench forward --out "$OUT/forward.json" ;;
     dims) timeout 300 ob bench dims --out "$OUT/dims.json" 2>&1 | grep -v "^dim " ;;
     validate:*) IFS=: read -r preset batch precision <<< "${step#validate:}"; precision=${precision:-auto}
              timeout 240 ob bench validate --preset "$preset" --batch "$batch" --precision "$precision" --baseline hf-compile \

@@ -133,6 +133,8 @@ class LowMemAdamW:
     def state_dict(self) -> dict[str, Any]:
         """Moments by parameter index (in group order), step count and the pending clip factor."""
         order = [p for group in self.param_groups for p in group["params"]]
+        if self._square_sum.is_cuda:  # moments in pinned host memory may still be arriving from the GPU
+            torch.cuda.synchronize(self._square_sum.device)
         return {"steps": self.steps, "clip": self._clip.cpu(), "state": [{k: v.cpu() for k, v in self.state[p].items()} for p in order]}
 
     def load_state_dict(self, payload: dict[str, Any]) -> None:
