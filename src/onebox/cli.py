@@ -99,6 +99,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from onebox.tokenizer import eos_id
 
     model, tokenizer = load_model(args.model, pick_device(args.device))
+    if args.jsonl:
+        return _generate_jsonl(args, model, tokenizer)
     ids = [int(t) for t in args.prompt_ids.split(",")] if args.prompt_ids else None
     prompt = encode_prompt(tokenizer, args.prompt, ids)
     result = generate(
@@ -113,6 +115,27 @@ def cmd_generate(args: argparse.Namespace) -> int:
     speed = result.decode_tokens_per_second
     errors.print(f"prefill {result.prefill_seconds * 1000:.0f} ms ({len(prompt)} tokens) | decode {result.decode_seconds * 1000:.0f} ms "
                  f"({'n/a' if speed is None else f'{speed:,.0f}'} tok/s)", highlight=False)
+    return 0
+
+
+def _generate_jsonl(args: argparse.Namespace, model: Any, tokenizer: Any) -> int:
+    from onebox.infer.engine import Engine
+    from onebox.serve import Server, run_jsonl
+
+    engine = Engine(model, max_batch=8).start()
+    try:
+        failed = run_jsonl(Server(engine, tokenizer, "onebox", max_n=8), sys.stdin, lambda text: print(text, flush=True))
+    finally:
+        engine.stop()
+    return 1 if failed else 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from onebox.serve import run_server
+    except ImportError:
+        raise OneboxError("onebox serve needs FastAPI and uvicorn, which onebox declares: reinstall onebox (pip install -e .) or pip install fastapi uvicorn.") from None
+    run_server(args.model, args.host, args.port, args.model_name, args.device, args.max_batch, args.max_n)
     return 0
 
 
@@ -423,7 +446,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int)
     p.add_argument("--samples", type=int, default=1, help="continuations sharing one prefill")
     p.add_argument("--device", default="auto")
+    p.add_argument("--jsonl", action="store_true", help="read one JSON request per stdin line, write one JSON response per line")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (completions, chat, streaming)")
+    p.add_argument("model", help="checkpoint file, run folder or Hugging Face folder")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--model-name", help="the model id clients send (default: the folder's name)")
+    p.add_argument("--max-batch", type=int, default=8, help="requests decoded together (default 8)")
+    p.add_argument("--max-n", type=int, default=8, help="largest n a request may ask for (default 8)")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("plan", help="predicted GPU and host memory of each training memory strategy, and the one training would use")
     p.add_argument("--preset", help="the model to plan for")

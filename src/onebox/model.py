@@ -27,8 +27,11 @@ def rope_tables(seq_len: int, head_dim: int, base: float, device: torch.device |
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate (B, H, T, head_dim) by the angles of its positions (cos, sin: (T, head_dim))."""
+    """Rotate (B, H, T, head_dim) by the angles of its positions (cos, sin: (T, head_dim), or (B, T, head_dim)
+    when each row has its own positions)."""
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    if cos.dim() == 3:
+        cos, sin = cos[:, None], sin[:, None]
     first, second = x.chunk(2, dim=-1)
     rotated = torch.cat((-second, first), dim=-1)
     return x * cos + rotated * sin
@@ -57,10 +60,22 @@ class KVCache(nn.Module):
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
     def update(self, input_pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Write k, v (B, kv_heads, T, head_dim) at positions input_pos (T,); return the whole cache."""
-        self.k.index_copy_(2, input_pos, k.to(self.k.dtype))
-        self.v.index_copy_(2, input_pos, v.to(self.v.dtype))
+        """Write k, v (B, kv_heads, T, head_dim) at positions input_pos ((T,), or (B, T) per row); return the whole cache."""
+        if input_pos.dim() == 1:
+            self.k.index_copy_(2, input_pos, k.to(self.k.dtype))
+            self.v.index_copy_(2, input_pos, v.to(self.v.dtype))
+        else:
+            rows = torch.arange(k.shape[0], device=k.device)[:, None]
+            self.k[rows, :, input_pos] = k.transpose(1, 2).to(self.k.dtype)
+            self.v[rows, :, input_pos] = v.transpose(1, 2).to(self.v.dtype)
         return self.k, self.v
+
+    def rows(self, start: int, stop: int) -> KVCache:
+        """A cache over rows start:stop of this one, sharing its memory (a slot of a batched cache)."""
+        view = KVCache.__new__(KVCache)
+        nn.Module.__init__(view)
+        view.k, view.v = self.k[start:stop], self.v[start:stop]
+        return view
 
     def expand_batch(self, batch: int) -> None:
         """Repeat a batch-1 cache (after one shared prefill) for `batch` sequences."""
@@ -91,7 +106,9 @@ class Attention(nn.Module):
         else:
             k, v = cache.update(input_pos, k, v)
             # Query at position p sees cached keys at positions <= p; later slots are masked.
-            mask = torch.arange(k.shape[2], device=x.device)[None, :] <= input_pos[:, None]
+            mask = torch.arange(k.shape[2], device=x.device) <= input_pos[..., None]  # (T, S), or (B, T, S) per row
+            if mask.dim() == 3:
+                mask = mask[:, None]
             out = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, enable_gqa=gqa)
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq, dim))
 

@@ -1,0 +1,240 @@
+"""The decode engine and the OpenAI-compatible server, driven by the official openai client on localhost."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import io
+import json
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+import torch
+
+from conftest import micro_model
+from onebox.infer.engine import Engine, Request
+from onebox.infer.generate import generate
+from onebox.model import Transformer
+from onebox.serve import Server, create_app, run_jsonl
+from onebox.tokenizer import tokenizer_from_json
+
+openai = pytest.importorskip("openai")
+uvicorn = pytest.importorskip("uvicorn")
+
+CONTEXT = 96
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return Transformer(micro_model(seq_len=CONTEXT)).eval()
+
+
+@pytest.fixture(scope="module")
+def tokenizer(corpus_dir):
+    return tokenizer_from_json((corpus_dir / "tokenizer.json").read_text())
+
+
+def _prompts(count: int, seed: int = 1) -> list[list[int]]:
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 512, (int(n),), generator=generator).tolist() for n in torch.randint(2, 20, (count,), generator=generator)]
+
+
+def test_batched_decode_gives_the_one_at_a_time_greedy_tokens(model):
+    prompts = _prompts(7)
+    expected = [generate(model, p, 25, temperature=0).samples[0] for p in prompts]
+    engine = Engine(model, max_batch=3, prefix_entries=0).start()
+    try:
+        requests = [engine.submit(Request(p, 25, temperature=0)) for p in prompts]  # more requests than slots: they queue and join
+        got = [list(r.tokens(timeout=60)) for r in requests]
+    finally:
+        engine.stop()
+    assert got == expected
+    assert engine.most_active == 3 and all(r.finish_reason == "length" for r in requests)
+    assert engine.decode_steps < sum(len(t) for t in got)  # decoded together, not one after another
+
+
+def test_prefix_cache_hits_give_the_same_tokens_as_misses(model):
+    shared = _prompts(1, seed=5)[0] * 2
+    engine = Engine(model, max_batch=2).start()
+    try:
+        first = engine.submit(Request(shared + [7, 8], 20, temperature=0))
+        first_tokens = list(first.tokens(timeout=60))
+        second = engine.submit(Request(shared + [9], 20, temperature=0))
+        second_tokens = list(second.tokens(timeout=60))
+    finally:
+        engine.stop()
+    assert first.cached_tokens == 0 and second.cached_tokens == len(shared)
+    assert second_tokens == generate(model, shared + [9], 20, temperature=0).samples[0]
+    assert first_tokens == generate(model, shared + [7, 8], 20, temperature=0).samples[0]
+
+
+def test_a_cancelled_request_frees_its_slot(model):
+    engine = Engine(model, max_batch=1).start()
+    try:
+        long = engine.submit(Request([1, 2, 3], CONTEXT - 3, temperature=0))
+        next(long.tokens(timeout=60))
+        long.cancel()
+        waiting = engine.submit(Request([4, 5], 5, temperature=0))
+        assert len(list(waiting.tokens(timeout=60))) == 5  # it got the only slot
+        list(long.tokens(timeout=60))
+    finally:
+        engine.stop()
+    assert long.finish_reason == "cancelled"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(model, tokenizer):
+    engine = Engine(model, max_batch=4).start()
+    port = _free_port()
+    config = uvicorn.Config(create_app(Server(engine, tokenizer, "micro", max_n=4)), host="127.0.0.1", port=port, log_level="warning")
+    http = uvicorn.Server(config)
+    thread = threading.Thread(target=http.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not http.started and time.time() < deadline:
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}", engine
+    http.should_exit = True
+    thread.join(timeout=10)
+    engine.stop()
+
+
+@pytest.fixture
+def client(server):
+    return openai.OpenAI(base_url=f"{server[0]}/v1", api_key="none", max_retries=0)
+
+
+def test_health_and_models(server, client):
+    assert httpx.get(f"{server[0]}/healthz").json()["status"] == "ok"
+    assert [m.id for m in client.models.list().data] == ["micro"]
+
+
+def test_completion_text_and_token_ids(client, model, tokenizer):
+    done = client.completions.create(model="micro", prompt="To be, or not", max_tokens=12, temperature=0, n=2)
+    assert len(done.choices) == 2 and done.choices[0].text == done.choices[1].text  # greedy: the same
+    assert done.choices[0].finish_reason in ("stop", "length")
+    assert done.usage.prompt_tokens > 1 and done.usage.total_tokens == done.usage.prompt_tokens + done.usage.completion_tokens
+    ids = client.completions.create(model="micro", prompt=[5, 6, 7], max_tokens=8, temperature=0)
+    assert ids.choices[0].finish_reason == "length" and ids.usage.completion_tokens == 8
+    expected = generate(model, [5, 6, 7], 8, temperature=0).samples[0]
+    assert ids.usage.prompt_tokens == 3 and ids.choices[0].text == tokenizer.decode(expected)  # the server's greedy = generate's
+
+
+def test_seeded_sampling_repeats(client):
+    a = client.completions.create(model="micro", prompt="Hamlet", max_tokens=10, temperature=1.0, top_p=0.9, seed=3)
+    b = client.completions.create(model="micro", prompt="Hamlet", max_tokens=10, temperature=1.0, top_p=0.9, seed=3)
+    assert a.choices[0].text == b.choices[0].text
+
+
+def test_streaming_completion_matches_the_whole_one(client):
+    whole = client.completions.create(model="micro", prompt="Lear", max_tokens=15, temperature=0)
+    parts, reasons = [], []
+    for chunk in client.completions.create(model="micro", prompt="Lear", max_tokens=15, temperature=0, stream=True):
+        for choice in chunk.choices:
+            parts.append(choice.text)
+            reasons.append(choice.finish_reason)
+    assert "".join(parts) == whole.choices[0].text and reasons[-1] == whole.choices[0].finish_reason
+
+
+def test_chat_whole_and_streamed(client):
+    messages = [{"role": "system", "content": "Speak verse."}, {"role": "user", "content": "Who is there?"}]
+    whole = client.chat.completions.create(model="micro", messages=messages, max_tokens=12, temperature=0)
+    assert whole.choices[0].message.role == "assistant" and whole.object == "chat.completion"
+    text = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+        model="micro", messages=messages, max_tokens=12, temperature=0, stream=True) if c.choices)
+    assert text == whole.choices[0].message.content
+
+
+def test_stop_sequences_cut_the_text(client):
+    free = client.completions.create(model="micro", prompt=[1, 2, 3], max_tokens=30, temperature=0).choices[0].text
+    stop = free[5:8]
+    assert stop and stop in free
+    cut = client.completions.create(model="micro", prompt=[1, 2, 3], max_tokens=30, temperature=0, stop=[stop])
+    assert cut.choices[0].text == free[: free.index(stop)] and cut.choices[0].finish_reason == "stop"
+
+
+def test_prefix_cache_reported_in_usage(client):
+    prompt = [11, 12, 13, 14, 15, 16, 17, 18]
+    client.completions.create(model="micro", prompt=prompt, max_tokens=2, temperature=0)
+    again = client.completions.create(model="micro", prompt=prompt + [19], max_tokens=2, temperature=0)
+    assert again.usage.prompt_tokens_details.cached_tokens == len(prompt)
+
+
+@pytest.mark.parametrize("kwargs,status,fragment", [
+    (dict(model="nope", prompt="x"), 404, "does not exist"),
+    (dict(model="micro", prompt=""), 400, "empty"),
+    (dict(model="micro", prompt="x", max_tokens=0), 400, "max_tokens"),
+    (dict(model="micro", prompt=[1, 2], max_tokens=CONTEXT), 400, "context"),
+    (dict(model="micro", prompt=list(range(CONTEXT + 5))), 400, "context"),
+    (dict(model="micro", prompt="x", n=99), 400, "n must be"),
+    (dict(model="micro", prompt="x", temperature=-1), 400, "temperature"),
+    (dict(model="micro", prompt=[1, 10**6]), 400, "token ids"),
+])
+def test_bad_requests_get_openai_errors(client, kwargs, status, fragment):
+    with pytest.raises(openai.APIStatusError) as caught:
+        client.completions.create(**kwargs)
+    assert caught.value.status_code == status and fragment in caught.value.message
+
+
+def test_malformed_bodies_get_400_and_the_server_lives(server):
+    url = server[0]
+    bad_json = httpx.post(f"{url}/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
+    assert bad_json.status_code == 400 and bad_json.json()["error"]["code"] == "invalid_json"
+    wrong_type = httpx.post(f"{url}/v1/completions", json={"model": "micro", "prompt": "x", "max_tokens": "many"})
+    assert wrong_type.status_code == 400 and "max_tokens" in wrong_type.json()["error"]["message"]
+    no_messages = httpx.post(f"{url}/v1/chat/completions", json={"model": "micro", "messages": []})
+    assert no_messages.status_code == 400
+    bad_role = httpx.post(f"{url}/v1/chat/completions", json={"model": "micro", "messages": [{"role": "robot", "content": "hi"}]})
+    assert bad_role.status_code == 400 and "role" in bad_role.json()["error"]["message"]
+    assert httpx.get(f"{url}/healthz").status_code == 200
+
+
+def test_a_client_that_leaves_mid_stream_frees_its_slot(server):
+    url, engine = server
+    with httpx.stream("POST", f"{url}/v1/completions", json={"model": "micro", "prompt": [1, 2], "max_tokens": CONTEXT - 3,
+                                                            "temperature": 0, "stream": True}) as response:
+        for line in response.iter_lines():
+            if line.startswith("data: {"):
+                break  # one chunk, then hang up
+    deadline = time.time() + 20
+    while any(engine.slots) and time.time() < deadline:
+        time.sleep(0.05)
+    assert not any(engine.slots)
+
+
+def test_concurrent_streaming_clients(server):
+    url, engine = server
+
+    def one(i: int) -> str:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
+        return "".join(c.choices[0].text for c in client.completions.create(
+            model="micro", prompt=[i + 1, i + 2], max_tokens=20, temperature=0, stream=True) if c.choices)
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        texts = list(pool.map(one, range(8)))
+    assert len(texts) == 8 and all(isinstance(t, str) for t in texts)
+    assert engine.most_active >= 2  # they were decoded together
+
+
+def test_generate_jsonl(model, tokenizer):
+    engine = Engine(model, max_batch=2).start()
+    out = io.StringIO()
+    lines = [json.dumps({"id": "a", "prompt": [1, 2, 3], "max_tokens": 5, "temperature": 0}), "{oops", json.dumps({"prompt": "Kent", "n": 2,
+                                                                                                                    "max_tokens": 3})]
+    try:
+        failed = run_jsonl(Server(engine, tokenizer, "micro"), lines, lambda text: out.write(text + "\n"))
+    finally:
+        engine.stop()
+    responses = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert failed == 1 and len(responses) == 3
+    assert responses[0]["id"] == "a" and responses[0]["usage"]["completion_tokens"] == 5
+    assert "error" in responses[1] and len(responses[2]["choices"]) == 2
