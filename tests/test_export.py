@@ -6,8 +6,8 @@ import json
 
 import pytest
 import torch
-
 from conftest import micro_model, micro_train
+
 from onebox.data import BatchLoader, dataset_info
 from onebox.errors import OneboxError
 from onebox.export import export_hf, load_hf, model_from_hf

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import micro_model
+
 from onebox.errors import OneboxError
 from onebox.infer.generate import encode_prompt, generate
 from onebox.infer.sampling import sample_next

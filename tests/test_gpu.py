@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import micro_model, micro_train
+
 from onebox.infer.generate import generate
 from onebox.model import Transformer, cross_entropy_loss
 from onebox.train import train

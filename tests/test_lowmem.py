@@ -8,8 +8,8 @@ import math
 
 import pytest
 import torch
-
 from conftest import micro_model, micro_train
+
 from onebox.cli import main
 from onebox.config import TrainConfig, preset
 from onebox.errors import OneboxError

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import micro_model
+
 from onebox.config import PRESETS, ModelConfig, preset
 from onebox.errors import OneboxError
 from onebox.model import Transformer, apply_rope, rope_tables

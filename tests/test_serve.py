@@ -12,8 +12,8 @@ import time
 import httpx
 import pytest
 import torch
-
 from conftest import micro_model
+
 from onebox.infer.engine import Engine, Request
 from onebox.infer.generate import generate
 from onebox.model import Transformer
@@ -238,3 +238,19 @@ def test_generate_jsonl(model, tokenizer):
     assert failed == 1 and len(responses) == 3
     assert responses[0]["id"] == "a" and responses[0]["usage"]["completion_tokens"] == 5
     assert "error" in responses[1] and len(responses[2]["choices"]) == 2
+
+
+def test_bench_decode_writes_a_valid_document_with_the_baseline(tmp_path):
+    pytest.importorskip("transformers")
+    from onebox.bench.schema import read_document, validate_document
+    from onebox.cli import main
+
+    out = tmp_path / "decode.json"
+    assert main(["bench", "decode", "--preset", "tiny", "--batches", "1,2", "--prompt-len", "16", "--new-tokens", "8", "--baseline", "hf",
+                 "--out", str(out)]) == 0
+    doc = read_document(out)
+    assert validate_document(doc) == [] and [e["batch"] for e in doc["entries"]] == [1, 2]
+    result = doc["entries"][1]["result"]
+    assert result["decode_tokens_per_second"] > 0 and result["baseline"]["decode_tokens_per_second"] > 0
+    assert result["bound_fraction"] is None  # no memory bandwidth measured on a CPU: n/a, not a guess
+    assert main(["bench", "decode"]) == 1 and main(["bench", "decode", "--preset", "tiny", "--new-tokens", "9999"]) == 1

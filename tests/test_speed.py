@@ -7,8 +7,8 @@ import math
 
 import pytest
 import torch
-
 from conftest import micro_model, micro_train
+
 from onebox.config import TrainConfig
 from onebox.errors import OneboxError
 from onebox.model import Transformer

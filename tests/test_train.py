@@ -7,9 +7,9 @@ import math
 
 import pytest
 import torch
+from conftest import micro_model, micro_train
 
 import onebox.transforms as transforms_module
-from conftest import micro_model, micro_train
 from onebox.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from onebox.config import apply_overrides
 from onebox.errors import OneboxError

@@ -211,6 +211,33 @@ def cmd_bench_ceiling(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_decode(args: argparse.Namespace) -> int:
+    import torch
+
+    from onebox.bench.decode import run_decode
+    from onebox.config import preset
+    from onebox.device import pick_device
+    from onebox.infer.generate import load_model
+    from onebox.model import build_model
+
+    if bool(args.preset) == bool(args.model):
+        raise OneboxError("bench decode needs exactly one of --preset NAME (random weights) or --model PATH (a checkpoint, run or HF folder).")
+    try:
+        batches = [int(b) for b in args.batches.split(",")]
+    except ValueError:
+        raise OneboxError(f"--batches expects comma-separated integers, got {args.batches!r}.") from None
+    device = pick_device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if args.preset:
+        model = build_model(preset(args.preset), device, dtype).eval()
+    else:
+        model = load_model(args.model, device)[0].to(dtype)
+        model.reset_rope()
+    doc = run_decode(model, device, _say, batches, args.prompt_len, args.new_tokens, baseline=args.baseline == "hf")
+    _write_result(doc, args.out, model.config.name)
+    return 0
+
+
 def cmd_bench_dims(args: argparse.Namespace) -> int:
     from onebox.bench.dims import run_dims
     from onebox.device import pick_device
@@ -323,6 +350,17 @@ def _add_bench_parsers(sub: Any) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--out", help="result JSON path (default results/ceiling-ladder-<device>-<time>.json)")
     p.set_defaults(func=cmd_bench_ceiling)
+
+    p = bench.add_parser("decode", help="prefill and decode tokens/s against the memory-bandwidth bound, beside transformers")
+    p.add_argument("--preset", help="random weights of this preset")
+    p.add_argument("--model", help="a checkpoint, run folder or Hugging Face folder")
+    p.add_argument("--batches", default="1,8", help="batch sizes (default 1,8)")
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--baseline", choices=["hf"], help="also time transformers' generate() on the same weights")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", help="result JSON path")
+    p.set_defaults(func=cmd_bench_decode)
 
     p = bench.add_parser("dims", help="time per FLOP of one layer across widths, and the cliffs")
     p.add_argument("--dims", default="1024:8192:256", help="START:STOP:STEP (default 1024:8192:256)")

@@ -236,3 +236,12 @@ def hardware_facts(device: torch.device) -> dict[str, Any]:
     facts.update(_nvml_facts(device))
     return facts
 
+
+
+def quiet_optional_imports() -> None:
+    """Silence the start-up warnings of optional libraries that transformers and float8 training import
+    (torchao's missing optional kernels, torch's note on an enum torchao registers): noise for the user."""
+    import logging
+
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)

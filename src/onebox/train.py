@@ -26,10 +26,9 @@ from onebox.errors import OneboxError
 from onebox.export import load_hf
 from onebox.memory import out_of_memory_message
 from onebox.model import cross_entropy_loss
-from onebox.plan import build_for_training, resolve_strategy
 from onebox.optim import lr_factor
+from onebox.plan import build_for_training, resolve_strategy
 from onebox.transforms import compile_scope, prepare_training
-
 
 PRECISION_NAMES = {"auto": "bf16 autocast", "bf16": "bf16 autocast", "fp8": "fp8 block products + bf16 autocast", "fp32": "fp32"}
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -11,6 +10,7 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from onebox.device import quiet_optional_imports
 from onebox.errors import OneboxError
 from onebox.model import Transformer, cross_entropy_loss
 
@@ -55,10 +55,7 @@ def apply_float8(model: Transformer, device: torch.device, recipe: str = "tensor
             f"--precision fp8 needs an NVIDIA GPU with FP8 tensor cores (compute capability 8.9+: Ada, Hopper or newer); "
             f"this run is on {device}. Use --precision bf16 (or auto)."
         )
-    # torchao warns about each optional compiled kernel library it cannot load (float8 training needs
-    # none of them), and torch about an enum torchao registers: noise for the user, so keep it quiet.
-    for name in ("torchao", "torch.utils._pytree"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+    quiet_optional_imports()  # float8 training needs none of torchao's optional compiled kernels
     try:
         from torchao.float8 import Float8LinearConfig, convert_to_float8_training
     except ImportError:

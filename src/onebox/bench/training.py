@@ -19,7 +19,7 @@ import torch
 
 from onebox.bench.timing import PhaseClock
 from onebox.config import ModelConfig, TrainConfig
-from onebox.device import EnergyMeter, autocast, autocast_dtype, memory_kind, peak_flops, peak_memory_bytes, reset_peak_memory, synchronize
+from onebox.device import EnergyMeter, autocast, autocast_dtype, memory_kind, peak_flops, peak_memory_bytes, quiet_optional_imports, reset_peak_memory, synchronize
 from onebox.errors import OneboxError
 from onebox.memory import estimate_training_memory
 from onebox.model import cross_entropy_loss
@@ -76,6 +76,7 @@ def build_onebox(config: ModelConfig, device: torch.device, settings: BenchSetti
 
 def build_hf(config: ModelConfig, device: torch.device, settings: BenchSettings, compile_model: bool) -> Contender:
     """transformers' LlamaForCausalLM of the same shape with torch's fused AdamW (the baseline)."""
+    quiet_optional_imports()
     try:
         import transformers
     except ImportError:

@@ -1,0 +1,148 @@
+"""`onebox bench decode`: prefill and decode speed against the memory-bandwidth bound, beside transformers.
+
+A decode step at batch B reads every weight once, so B x (measured HBM bandwidth / weight bytes)
+tokens/s is the bound (the KV cache's reads are left out: the bound is generous). The device's
+bandwidth is measured in the same run with a large device-to-device copy (bytes read + written).
+Decode runs through the serving engine (static KV cache, CUDA graphs on CUDA), greedy, with every
+row kept busy for the whole run; transformers' generate() runs the same weights (bf16, SDPA,
+greedy, the same prompts) in the same process, its time including its prefill.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from onebox.bench.schema import config_record, new_document
+from onebox.device import quiet_optional_imports, synchronize
+from onebox.errors import OneboxError
+from onebox.infer.engine import Engine, Request
+from onebox.model import Transformer
+
+Say = Callable[[str], None]
+
+
+def memory_bandwidth(device: torch.device, nbytes: int = 2**30, repeats: int = 5) -> float | None:
+    """Bytes/s of a large device-to-device copy, counting bytes read plus written (None off CUDA)."""
+    if device.type != "cuda":
+        return None
+    source = torch.randint(0, 255, (nbytes,), dtype=torch.uint8, device=device)
+    target = torch.empty_like(source)
+    target.copy_(source)
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        target.copy_(source)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1000.0)
+    return 2 * nbytes / sorted(times)[len(times) // 2]
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def _prompts(config: Any, batch: int, length: int, seed: int) -> list[list[int]]:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, config.vocab_size, (batch, length), generator=generator).tolist()
+
+
+@torch.inference_mode()
+def time_prefill(model: Transformer, prompt_len: int, device: torch.device, repeats: int = 3) -> float:
+    """Prompt tokens/s of one prefill (best of a few, after a warm-up)."""
+    ids = torch.tensor(_prompts(model.config, 1, prompt_len, 0), device=device)
+    best = float("inf")
+    for _ in range(repeats + 1):
+        caches = model.new_kv_caches(1)
+        synchronize(device)
+        start = time.perf_counter()
+        model(ids, torch.arange(prompt_len, device=device), caches)
+        synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return prompt_len / best
+
+
+def time_decode(engine: Engine, batch: int, prompt_len: int, new_tokens: int) -> float:
+    """Decode tokens/s with `batch` requests decoding together (greedy, no stop token), after a warm-up round."""
+    config = engine.config
+    for round_ in range(2):  # the first round compiles and captures the graphs
+        requests = [engine.submit(Request(p, new_tokens if round_ else 4, temperature=0)) for p in _prompts(config, batch, prompt_len, round_)]
+        engine.step()  # admits (prefills) every request and decodes their first step
+        synchronize(engine.device)
+        start, steps_before = time.perf_counter(), engine.decode_steps
+        while any(engine.slots):
+            engine.step()
+        synchronize(engine.device)
+        elapsed = time.perf_counter() - start
+        steps = engine.decode_steps - steps_before
+        for request in requests:
+            assert request.finish_reason == "length"
+    return batch * steps / elapsed
+
+
+def hf_generate_speed(model: Transformer, batch: int, prompt_len: int, new_tokens: int) -> float:
+    """transformers' generate() tokens/s (greedy, fixed length, bf16, SDPA) on the same weights."""
+    quiet_optional_imports()
+    try:
+        import transformers
+    except ImportError:
+        raise OneboxError("--baseline needs the transformers package: pip install transformers (or onebox[dev]).") from None
+    from onebox.export import hf_config, hf_state_dict
+
+    device = model.embed_tokens.weight.device
+    dtype = model.embed_tokens.weight.dtype
+    hf = transformers.LlamaConfig(**hf_config(model.config, str(dtype).replace("torch.", ""), None))
+    hf._attn_implementation = "sdpa"
+    with torch.device(device):
+        baseline = transformers.LlamaForCausalLM(hf).to(dtype).eval()
+    missing, unexpected = baseline.load_state_dict(hf_state_dict(model.state_dict(), model.config, dtype), strict=False)
+    if unexpected or any(name != "lm_head.weight" for name in missing):  # lm_head is tied to the embedding
+        raise OneboxError(f"the transformers model did not take onebox's weights (missing {missing}, unexpected {unexpected}).")
+    baseline.tie_weights()
+    ids = torch.tensor(_prompts(model.config, batch, prompt_len, 7), device=device)
+    kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    with torch.inference_mode():
+        baseline.generate(ids, **{**kwargs, "max_new_tokens": 4, "min_new_tokens": 4})
+        synchronize(device)
+        start = time.perf_counter()
+        out = baseline.generate(ids, **kwargs)
+        synchronize(device)
+    elapsed = time.perf_counter() - start
+    del baseline
+    return batch * (out.shape[1] - prompt_len) / elapsed
+
+
+def run_decode(model: Transformer, device: torch.device, say: Say, batches: list[int], prompt_len: int = 128, new_tokens: int = 128,
+               baseline: bool = False) -> dict[str, Any]:
+    """The `decode` document: one entry per batch size."""
+    config = model.config
+    if prompt_len + new_tokens > config.seq_len:
+        raise OneboxError(f"prompt {prompt_len} + new tokens {new_tokens} exceed the model's context of {config.seq_len}: lower --prompt-len or --new-tokens.")
+    bandwidth = memory_bandwidth(device)
+    nbytes = weight_bytes(model)
+    doc = new_document("decode", device, {"prompt_len": prompt_len, "new_tokens": new_tokens, "batches": batches,
+                                          "dtype": str(model.embed_tokens.weight.dtype).replace("torch.", ""), "baseline": "hf" if baseline else None,
+                                          "memory_bytes_per_second": bandwidth, "weight_bytes": nbytes})
+    prefill = time_prefill(model, prompt_len, device)
+    say(f"{config.name}: {nbytes / 1e9:.2f} GB of weights | prefill {prefill:,.0f} tok/s ({prompt_len} tokens) | "
+        f"memory bandwidth {'n/a' if bandwidth is None else f'{bandwidth / 1e12:.2f} TB/s'}")
+    for batch in batches:
+        engine = Engine(model, max_batch=batch, prefix_entries=0)
+        decode = time_decode(engine, batch, prompt_len, new_tokens)
+        bound = batch * bandwidth / nbytes if bandwidth else None
+        result = {"status": "ok", "prefill_tokens_per_second": prefill, "decode_tokens_per_second": decode, "bound_tokens_per_second": bound,
+                  "bound_fraction": decode / bound if bound else None}
+        line = f"  batch {batch}: decode {decode:,.0f} tok/s" + (f" = {result['bound_fraction']:.1%} of the bound ({bound:,.0f} tok/s)" if bound else "")
+        if baseline:
+            hf = hf_generate_speed(model, batch, prompt_len, new_tokens)
+            result["baseline"] = {"kind": "hf", "decode_tokens_per_second": hf, "ratio": decode / hf}
+            line += f" | transformers generate() {hf:,.0f} tok/s: {decode / hf:.1f}x"
+        doc["entries"].append({"config": config_record(config), "batch": batch, "result": result})
+        say(line)
+        del engine
+    return doc
