@@ -254,3 +254,15 @@ def test_bench_decode_writes_a_valid_document_with_the_baseline(tmp_path):
     assert result["decode_tokens_per_second"] > 0 and result["baseline"]["decode_tokens_per_second"] > 0
     assert result["bound_fraction"] is None  # no memory bandwidth measured on a CPU: n/a, not a guess
     assert main(["bench", "decode"]) == 1 and main(["bench", "decode", "--preset", "tiny", "--new-tokens", "9999"]) == 1
+
+
+def test_bench_serve_drives_concurrent_clients(tmp_path):
+    from onebox.bench.schema import read_document, validate_document
+    from onebox.cli import main
+
+    out = tmp_path / "serve.json"
+    assert main(["bench", "serve", "--preset", "tiny", "--clients", "1,3", "--max-tokens", "8", "--prompt-len", "8", "--out", str(out)]) == 0
+    doc = read_document(out)
+    assert validate_document(doc) == [] and [e["result"]["tokens"] for e in doc["entries"]] == [8, 24]  # every token of every client arrived
+    assert doc["entries"][1]["result"]["ttft_p95_ms"] >= doc["entries"][1]["result"]["ttft_p50_ms"]
+    assert main(["bench", "serve", "--preset", "tiny", "--clients", "0"]) == 1

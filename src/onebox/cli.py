@@ -211,29 +211,52 @@ def cmd_bench_ceiling(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_bench_decode(args: argparse.Namespace) -> int:
+def _inference_model(args: argparse.Namespace, what: str) -> Any:
+    """The model a decode or serve benchmark runs: a preset's random weights or a saved model, bf16 on CUDA."""
     import torch
 
-    from onebox.bench.decode import run_decode
     from onebox.config import preset
     from onebox.device import pick_device
     from onebox.infer.generate import load_model
     from onebox.model import build_model
 
     if bool(args.preset) == bool(args.model):
-        raise OneboxError("bench decode needs exactly one of --preset NAME (random weights) or --model PATH (a checkpoint, run or HF folder).")
-    try:
-        batches = [int(b) for b in args.batches.split(",")]
-    except ValueError:
-        raise OneboxError(f"--batches expects comma-separated integers, got {args.batches!r}.") from None
+        raise OneboxError(f"bench {what} needs exactly one of --preset NAME (random weights) or --model PATH (a checkpoint, run or HF folder).")
     device = pick_device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if args.preset:
-        model = build_model(preset(args.preset), device, dtype).eval()
-    else:
-        model = load_model(args.model, device)[0].to(dtype)
-        model.reset_rope()
-    doc = run_decode(model, device, _say, batches, args.prompt_len, args.new_tokens, baseline=args.baseline == "hf")
+        return build_model(preset(args.preset), device, dtype).eval()
+    model = load_model(args.model, device)[0].to(dtype)
+    model.reset_rope()
+    return model
+
+
+def _int_list(text: str, flag: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise OneboxError(f"{flag} expects comma-separated integers, got {text!r}.") from None
+    if not values or min(values) < 1:
+        raise OneboxError(f"{flag} values must be at least 1.")
+    return values
+
+
+def cmd_bench_serve(args: argparse.Namespace) -> int:
+    from onebox.bench.serve import run_serve_bench
+
+    clients = _int_list(args.clients, "--clients")
+    model = _inference_model(args, "serve")
+    doc = run_serve_bench(model, _say, clients, args.max_tokens, args.prompt_len)
+    _write_result(doc, args.out, model.config.name)
+    return 0
+
+
+def cmd_bench_decode(args: argparse.Namespace) -> int:
+    from onebox.bench.decode import run_decode
+
+    batches = _int_list(args.batches, "--batches")
+    model = _inference_model(args, "decode")
+    doc = run_decode(model, model.embed_tokens.weight.device, _say, batches, args.prompt_len, args.new_tokens, baseline=args.baseline == "hf")
     _write_result(doc, args.out, model.config.name)
     return 0
 
@@ -361,6 +384,16 @@ def _add_bench_parsers(sub: Any) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--out", help="result JSON path")
     p.set_defaults(func=cmd_bench_decode)
+
+    p = bench.add_parser("serve", help="concurrent streaming clients against a live server: latency percentiles and aggregate tokens/s")
+    p.add_argument("--preset", help="random weights of this preset")
+    p.add_argument("--model", help="a checkpoint, run folder or Hugging Face folder")
+    p.add_argument("--clients", default="1,8,32", help="client counts (default 1,8,32)")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--prompt-len", type=int, default=32)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", help="result JSON path")
+    p.set_defaults(func=cmd_bench_serve)
 
     p = bench.add_parser("dims", help="time per FLOP of one layer across widths, and the cliffs")
     p.add_argument("--dims", default="1024:8192:256", help="START:STOP:STEP (default 1024:8192:256)")

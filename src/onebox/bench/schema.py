@@ -24,7 +24,7 @@ from onebox.errors import OneboxError
 from onebox.files import read_json, write_text_atomic
 
 SCHEMA_VERSION = 1
-BENCHMARKS = ("validate", "sweep", "forward", "dims", "ceiling", "decode")
+BENCHMARKS = ("validate", "sweep", "forward", "dims", "ceiling", "decode", "serve")
 TRAINING_BENCHMARKS = ("validate", "sweep")
 TOP_FIELDS = ("schema_version", "onebox_version", "git_commit", "benchmark", "created_utc", "submitter", "hardware", "settings", "entries", "fingerprint")
 HARDWARE_FIELDS = ("accelerator", "accelerator_memory_bytes", "driver", "cuda_version", "torch_version", "power_limit_watts", "cpu", "cpu_cores", "host_memory_bytes", "os")
@@ -172,7 +172,7 @@ def validate_document(doc: Any) -> list[str]:
         return problems + ["the document has no entries"]
     for i, entry in enumerate(entries):
         where = f"entry {i} ({(entry.get('config') or {}).get('name', entry.get('dim', '?'))})"
-        if doc["benchmark"] in ("validate", "sweep", "forward", "ceiling", "decode"):
+        if doc["benchmark"] in ("validate", "sweep", "forward", "ceiling", "decode", "serve"):
             config_missing = [k for k in CONFIG_FIELDS if k not in (entry.get("config") or {})]
             if config_missing:
                 problems.append(f"{where}: config lacks {config_missing}")
@@ -185,6 +185,13 @@ def validate_document(doc: Any) -> list[str]:
                 problems.append(f"{where}: a completed forward rung needs a positive ms_per_pass")
         elif doc["benchmark"] == "ceiling":
             problems += _ceiling_problems(where, entry)
+        elif doc["benchmark"] == "serve":
+            result = entry.get("result") or {}
+            keys = ("tokens_per_second", "ttft_p50_ms", "ttft_p95_ms", "latency_p50_ms", "latency_p95_ms")
+            if not all(_finite(result.get(k)) and result[k] > 0 for k in keys):
+                problems.append(f"{where}: a serve entry needs positive tokens/s and latencies")
+            elif result["ttft_p95_ms"] < result["ttft_p50_ms"] or result["latency_p95_ms"] < result["latency_p50_ms"]:
+                problems.append(f"{where}: a 95th percentile below its median")
         elif doc["benchmark"] == "decode":
             result = entry.get("result") or {}
             if not all(_finite(result.get(k)) and result[k] > 0 for k in ("prefill_tokens_per_second", "decode_tokens_per_second")):
