@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from dataclasses import fields
 from typing import Any
@@ -11,7 +12,13 @@ from rich.console import Console
 from rich.table import Table
 
 from onebox import __version__
-from onebox.config import COMPILE_SETTINGS, PRECISIONS, PRESETS, ModelConfig, TrainConfig
+from onebox.config import (
+    COMPILE_SETTINGS,
+    PRECISIONS,
+    PRESETS,
+    ModelConfig,
+    TrainConfig,
+)
 from onebox.errors import OneboxError
 
 console = Console(soft_wrap=True)
@@ -62,6 +69,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     from onebox.config import resolve_configs
     from onebox.train import resume_configs, train
 
+    if args.gpus is not None and "WORLD_SIZE" not in os.environ:
+        from onebox.launch import launch
+
+        return launch(args.gpus, args.argv)
     model_overrides, train_overrides = _overrides(args, "model"), _overrides(args, "train")
     resume = None
     if args.resume is not None:
@@ -78,7 +89,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     result = train(model_cfg, train_cfg, resume=resume, console=console, show_progress=not args.quiet)
     bpb = "n/a" if result.val_bpb is None else f"{result.val_bpb:.3f}"
     val = "n/a" if result.val_loss is None else f"{result.val_loss:.4f}"
-    console.print(f"done: step {result.step} | train loss {result.train_loss:.4f} | val loss {val} | val bits/byte {bpb} | checkpoint {result.checkpoint}", highlight=False)
+    if os.environ.get("RANK", "0") == "0":  # one summary for a multi-process job
+        console.print(f"done: step {result.step} | train loss {result.train_loss:.4f} | val loss {val} | val bits/byte {bpb} | checkpoint {result.checkpoint}",
+                      highlight=False)
     return 0
 
 
@@ -148,7 +161,12 @@ def cmd_presets(args: argparse.Namespace) -> int:
 
 
 def _write_result(doc: dict[str, Any], out: str | None, label: str) -> None:
-    from onebox.bench.schema import default_result_path, seal, validate_document, write_document
+    from onebox.bench.schema import (
+        default_result_path,
+        seal,
+        validate_document,
+        write_document,
+    )
 
     path = write_document(doc, out or default_result_path(doc, label))
     console.print(f"result written to {path}", highlight=False)
@@ -442,7 +460,14 @@ def _plan_ladder(machine: Any, batch: int, on_gpu: bool) -> int:
 def cmd_plan(args: argparse.Namespace) -> int:
     from onebox.config import apply_overrides, preset
     from onebox.device import pick_device
-    from onebox.plan import GPU_HEADROOM, HOST_HEADROOM, MachineMemory, fits, machine_memory, plan
+    from onebox.plan import (
+        GPU_HEADROOM,
+        HOST_HEADROOM,
+        MachineMemory,
+        fits,
+        machine_memory,
+        plan,
+    )
 
     machine = machine_memory(pick_device(args.device))
     if args.gpu_memory is not None or args.host_memory is not None:
@@ -497,6 +522,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="TOML job file with preset, [model] and [train] tables")
     p.add_argument("--resume", nargs="?", const="", default=None, metavar="CKPT_OR_RUN_DIR", help="continue a run exactly (default: the run's latest checkpoint)")
     p.add_argument("--quiet", action="store_true", help="no progress display")
+    p.add_argument("--gpus", type=int, help="launch this many processes with torchrun (one per GPU; gloo processes with --device cpu)")
     _add_config_fields(p)
     p.set_defaults(func=cmd_train)
 
@@ -550,7 +576,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run one subcommand; problems end as one short message and a non-zero exit."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     import torch
 
     from onebox.train import Interrupted
@@ -561,7 +589,8 @@ def main(argv: list[str] | None = None) -> int:
         errors.print(f"[yellow]{err}[/yellow]", highlight=False)
         return 130
     except OneboxError as err:
-        errors.print(f"[bold red]error:[/bold red] {err}", highlight=False)
+        rank = f" (rank {os.environ['RANK']} of {os.environ['WORLD_SIZE']})" if "WORLD_SIZE" in os.environ and os.environ["WORLD_SIZE"] != "1" else ""
+        errors.print(f"[bold red]error{rank}:[/bold red] {err}", highlight=False)
         return 1
     except torch.cuda.OutOfMemoryError:
         errors.print("[bold red]error:[/bold red] out of GPU memory. Use a smaller --batch-size (with --grad-accum to keep the "

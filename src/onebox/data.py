@@ -20,7 +20,13 @@ import torch
 
 from onebox.errors import OneboxError
 from onebox.files import read_json, write_text_atomic
-from onebox.tokenizer import EOS_TOKEN, iter_shakespeare, load_tokenizer, shakespeare_play_files, train_bpe
+from onebox.tokenizer import (
+    EOS_TOKEN,
+    iter_shakespeare,
+    load_tokenizer,
+    shakespeare_play_files,
+    train_bpe,
+)
 
 MAGIC = 20240520
 HEADER_INTS = 256

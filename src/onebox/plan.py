@@ -146,6 +146,16 @@ def resolve_strategy(setting: str, config: ModelConfig, batch: int, device: torc
     return chosen
 
 
+def sharded_strategy(setting: str) -> Strategy:
+    """The strategy of a multi-process (FSDP2) run: sharding already divides weights, gradients and
+    optimizer state by the number of processes; the bf16 strategies update unsharded parameters
+    inside backward and do not compose with FSDP2 here."""
+    if setting in ("auto", "standard", "checkpointed"):
+        return strategy("checkpointed" if setting == "checkpointed" else "standard")
+    raise OneboxError(f"--memory {setting} does not compose with multi-process (FSDP2) training in this version: use --memory standard "
+                      f"or checkpointed (sharding already divides the memory by the number of processes).")
+
+
 def build_for_training(config: ModelConfig, train: TrainConfig, chosen: Strategy, device: torch.device,
                        state: dict[str, torch.Tensor] | None = None) -> tuple[Transformer, Any]:
     """The model (fresh, or from `state`) in the strategy's weight dtype on `device`, and its optimizer.

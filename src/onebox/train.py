@@ -17,17 +17,56 @@ import torch
 from rich.console import Console
 
 from onebox import __version__
-from onebox.checkpoint import checkpoint_path, latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
-from onebox.config import ModelConfig, TrainConfig, apply_overrides, config_dict, model_config_from_dict, train_config_from_dict
-from onebox.data import BatchLoader, DatasetInfo, dataset_info, prepare_default_corpus, read_shard
-from onebox.device import autocast, autocast_dtype, format_bytes, peak_flops, peak_memory_bytes, pick_device, reset_peak_memory, synchronize
+from onebox.checkpoint import (
+    checkpoint_path,
+    latest_checkpoint,
+    load_checkpoint,
+    prune_checkpoints,
+    save_checkpoint,
+)
+from onebox.config import (
+    ModelConfig,
+    TrainConfig,
+    apply_overrides,
+    config_dict,
+    model_config_from_dict,
+    train_config_from_dict,
+)
+from onebox.data import (
+    BatchLoader,
+    DatasetInfo,
+    dataset_info,
+    prepare_default_corpus,
+    read_shard,
+)
+from onebox.device import (
+    autocast,
+    autocast_dtype,
+    format_bytes,
+    peak_flops,
+    peak_memory_bytes,
+    pick_device,
+    reset_peak_memory,
+    synchronize,
+)
 from onebox.display import ProgressDisplay
+from onebox.distributed import (
+    DistInfo,
+    any_rank,
+    barrier,
+    full_state,
+    init_distributed,
+    load_full_state,
+    mean_over_ranks,
+    shard_model,
+    shutdown,
+)
 from onebox.errors import OneboxError
 from onebox.export import load_hf
 from onebox.memory import out_of_memory_message
-from onebox.model import cross_entropy_loss
-from onebox.optim import lr_factor
-from onebox.plan import build_for_training, resolve_strategy
+from onebox.model import build_model, cross_entropy_loss
+from onebox.optim import build_optimizer, lr_factor
+from onebox.plan import build_for_training, resolve_strategy, sharded_strategy
 from onebox.transforms import compile_scope, prepare_training
 
 PRECISION_NAMES = {"auto": "bf16 autocast", "bf16": "bf16 autocast", "fp8": "fp8 block products + bf16 autocast", "fp32": "fp32"}
@@ -60,6 +99,25 @@ def resume_configs(resume: str, train_overrides: dict[str, Any]) -> tuple[ModelC
     model = model_config_from_dict(payload["model_config"])
     train = apply_overrides(train_config_from_dict(payload["train_config"]), train_overrides).validate()
     return model, train, Path(payload["path"])
+
+
+def _rebatch(config: TrainConfig, saved_world: int, world: int, say: Any) -> TrainConfig:
+    """Keep the sequences per optimizer step when a run resumes on another number of processes."""
+    sequences = config.batch_size * saved_world
+    if sequences % world:
+        raise OneboxError(f"the run was saved with {sequences} sequences per step over {saved_world} processes; {world} processes cannot split "
+                          f"them evenly: resume on a number of processes that divides {sequences}.")
+    say(f"the run was saved on {saved_world} process(es), resuming on {world}: {sequences // world} sequences per process keep {sequences} per step")
+    return apply_overrides(config, {"batch_size": sequences // world})
+
+
+def _load_optimizer(model: torch.nn.Module, optimizer: Any, states: Any) -> None:
+    """Restore optimizer state saved by a single process (by index) or gathered from shards (by parameter name)."""
+    groups = states[0].get("param_groups", []) if isinstance(states, list) and states and isinstance(states[0], dict) else []
+    if groups and groups[0].get("params") and isinstance(groups[0]["params"][0], str):
+        load_full_state(model, optimizer.optimizers, None, states)
+    else:
+        optimizer.load_state_dict(states)
 
 
 def _rng_state(device: torch.device) -> dict[str, Any]:
@@ -125,8 +183,8 @@ def _check_vocab(info: DatasetInfo, model: ModelConfig) -> None:
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, loader: BatchLoader, batches: int, device: torch.device, dtype: torch.dtype | None) -> float:
-    """Mean validation loss over the first `batches` batches of the (unshuffled) validation data."""
+def evaluate(model: torch.nn.Module, loader: BatchLoader, batches: int, device: torch.device, dtype: torch.dtype | None, ranks: DistInfo | None = None) -> float:
+    """Mean validation loss over the first `batches` batches of the (unshuffled) validation data (over all ranks' slices)."""
     was_training = model.training
     model.eval()
     total = torch.zeros((), device=device)
@@ -138,19 +196,29 @@ def evaluate(model: torch.nn.Module, loader: BatchLoader, batches: int, device: 
         with autocast(device, dtype):
             total += cross_entropy_loss(model(x), y)
     model.train(was_training)
-    return (total / count).item()
+    return mean_over_ranks(total / count, ranks or DistInfo()).item()
 
 
 def train(model_config: ModelConfig, config: TrainConfig, resume: str | None = None, console: Console | None = None, show_progress: bool = True) -> TrainResult:
     """Train (or resume) a model; returns what it reached. Raises OneboxError on bad input."""
     console = console or Console()
-
-    def say(message: str) -> None:
-        console.print(message, highlight=False)
-
     model_config.validate()
     config.validate()
-    device = pick_device(config.device)
+    ranks, device_setting = init_distributed(config.device)
+    show_progress = show_progress and ranks.main
+
+    def say(message: str) -> None:
+        if ranks.main:  # one voice for the whole job
+            console.print(message, highlight=False)
+
+    try:
+        return _train(model_config, config, resume, console, show_progress, ranks, pick_device(device_setting), say)
+    finally:
+        shutdown(ranks)
+
+
+def _train(model_config: ModelConfig, config: TrainConfig, resume: str | None, console: Console, show_progress: bool, ranks: DistInfo,
+           device: torch.device, say: Any) -> TrainResult:
     dtype = autocast_dtype(device, config.precision)
     info = _resolve_data(config, say)
     payload = load_checkpoint(resume) if resume else None
@@ -165,45 +233,76 @@ def train(model_config: ModelConfig, config: TrainConfig, resume: str | None = N
             f"{out_dir} already holds the checkpoints of a run: continue it with `onebox train --resume {out_dir}`, "
             f"or start a new run with another --out-dir (or delete that folder)."
         )
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if payload is None:
-        (out_dir / "metrics.jsonl").unlink(missing_ok=True)
+    if ranks.main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if payload is None:
+            (out_dir / "metrics.jsonl").unlink(missing_ok=True)
+    if payload is not None and payload.get("world", 1) != ranks.world:
+        config = _rebatch(config, payload.get("world", 1), ranks.world, say)
     tokenizer_json = info.tokenizer_path.read_text() if info.tokenizer_path else None
 
     compiled = compile_scope(config.compile, device) is not None
-    chosen = resolve_strategy(config.memory, model_config, config.batch_size, device, config.optimizer, config.grad_accum, compiled, dtype is not None)
-    torch.manual_seed(config.seed)
+    if ranks.active:
+        chosen = sharded_strategy(config.memory)
+    else:
+        chosen = resolve_strategy(config.memory, model_config, config.batch_size, device, config.optimizer, config.grad_accum, compiled, dtype is not None)
+    checkpointing = config.activation_checkpointing or chosen.checkpointing
+    torch.manual_seed(config.seed)  # the same on every rank: every rank starts from the same weights
     state = payload["model"] if payload is not None else init_state
-    model, optimizer = build_for_training(model_config, config, chosen, device, state)
+    optimizer_states = payload["optimizer"] if payload is not None else []
+    if ranks.active:  # transforms first, then FSDP2 (torchtitan's order), then the optimizer over the shards
+        model = build_model(model_config, device)
+        loss_fn = prepare_training(model, device, config.precision, config.compile, checkpointing)
+        shard_model(model, dtype is not None)
+        optimizer = build_optimizer(model, config)
+        if state is not None:
+            load_full_state(model, optimizer.optimizers, state, optimizer_states)
+    else:
+        model, optimizer = build_for_training(model_config, config, chosen, device, state)
+        if payload is not None:
+            _load_optimizer(model, optimizer, optimizer_states)
+        loss_fn = prepare_training(model, device, config.precision, config.compile, checkpointing)
     raw_model = model
-    loader = BatchLoader(info.train_shards, config.batch_size, model_config.seq_len, seed=config.seed)
-    val_loader = BatchLoader(info.val_shards, config.batch_size, model_config.seq_len, shuffle=False) if info.val_shards else None
+    loader = BatchLoader(info.train_shards, config.batch_size, model_config.seq_len, seed=config.seed, rank=ranks.rank, world=ranks.world)
+    val_loader = (BatchLoader(info.val_shards, config.batch_size, model_config.seq_len, shuffle=False, rank=ranks.rank, world=ranks.world)
+                  if info.val_shards else None)
     start_step, tokens_seen = 0, 0
     if payload is not None:
-        optimizer.load_state_dict(payload["optimizer"])
         loader.load_state_dict(payload["data"])
         _set_rng_state(payload["rng"], device)
         start_step, tokens_seen = payload["step"], payload.get("tokens_seen", 0)
         say(f"resuming from {payload['path']} at step {start_step}")
-    loss_fn = prepare_training(model, device, config.precision, config.compile, config.activation_checkpointing or chosen.checkpointing)
 
     resolved = {"model": config_dict(model_config), "train": {**config_dict(config), "out_dir": str(out_dir), "data": str(info.path)}}
-    (out_dir / "config.json").write_text(json.dumps(resolved, indent=2))
-    tokens_per_step = config.batch_size * config.grad_accum * model_config.seq_len
+    if ranks.main:
+        (out_dir / "config.json").write_text(json.dumps(resolved, indent=2))
+    tokens_per_step = config.batch_size * config.grad_accum * model_config.seq_len * ranks.world
     peak = peak_flops(device)
     say(f"onebox {__version__} | {model_config.name}: {model_config.shape()} | {model_config.num_params() / 1e6:.2f}M params | device {device} | "
         f"precision {PRECISION_NAMES[config.precision] if dtype else 'fp32'} | memory {chosen.name}{' (planned)' if config.memory == 'auto' else ''} | {tokens_per_step} tokens/step | peak {'n/a' if peak is None else f'{peak / 1e12:.0f} TFLOP/s'}")
     say(f"config: {json.dumps(resolved['train'])}")
+    if ranks.active:
+        say(f"{ranks.world} processes (FSDP2): {config.batch_size} sequences per process x {config.grad_accum} accumulation x {ranks.world} = "
+            f"{config.batch_size * config.grad_accum * ranks.world} sequences per optimizer step; the lr schedule counts optimizer steps")
 
     def save(step: int, last_loss: float | None) -> Path:
+        if ranks.active:  # every rank gives its shards; rank 0 writes the whole
+            model_state, optimizer_state = full_state(raw_model, optimizer.optimizers)
+        else:
+            model_state, optimizer_state = raw_model.state_dict(), optimizer.state_dict()
+        path = checkpoint_path(out_dir, step)
+        if not ranks.main:
+            barrier(ranks)
+            return path
         path = save_checkpoint(
-            checkpoint_path(out_dir, step),
+            path,
             {
                 "onebox_version": __version__,
+                "world": ranks.world,
                 "step": step,
                 "tokens_seen": tokens_seen,
-                "model": raw_model.state_dict(),
-                "optimizer": optimizer.state_dict(),
+                "model": model_state,
+                "optimizer": optimizer_state,
                 "data": loader.state_dict(),
                 "rng": _rng_state(device),
                 "model_config": config_dict(model_config),
@@ -213,13 +312,15 @@ def train(model_config: ModelConfig, config: TrainConfig, resume: str | None = N
             },
         )
         prune_checkpoints(out_dir, config.keep_last)
+        barrier(ranks)
         return path
 
-    metrics_file = (out_dir / "metrics.jsonl").open("a")
+    metrics_file = (out_dir / "metrics.jsonl").open("a") if ranks.main else None
 
     def record(entry: dict[str, Any]) -> None:
-        metrics_file.write(json.dumps(entry) + "\n")
-        metrics_file.flush()
+        if metrics_file is not None:
+            metrics_file.write(json.dumps(entry) + "\n")
+            metrics_file.flush()
 
     bytes_per_token = info.val_bytes_per_token
     display = ProgressDisplay(config.max_steps, start_step, console, enabled=show_progress)
@@ -256,12 +357,14 @@ def train(model_config: ModelConfig, config: TrainConfig, resume: str | None = N
                 optimizer.zero_grad()
                 step += 1
                 tokens_seen += tokens_per_step
+                if ranks.active:  # Ctrl-C reaches the ranks at different moments: stop together
+                    stop["stop"] = any_rank(stop["stop"], ranks)
                 window_steps += 1
                 final = step == config.max_steps
                 if step % config.log_every == 0 or final or stop["stop"]:
                     synchronize(device)
                     elapsed = time.perf_counter() - window_start
-                    last_loss = (window_loss / window_steps).item()
+                    last_loss = mean_over_ranks(window_loss / window_steps, ranks).item()
                     check_finite(last_loss, step)
                     speed = window_steps * tokens_per_step / elapsed
                     mfu = speed * model_config.flops_per_token() / peak if peak else None
@@ -273,18 +376,19 @@ def train(model_config: ModelConfig, config: TrainConfig, resume: str | None = N
                     window_steps, window_start = 0, time.perf_counter()
                 paused = time.perf_counter()  # evaluation and checkpoints do not count against tokens/s
                 if val_loader is not None and ((config.eval_every and step % config.eval_every == 0) or final):
-                    val_loss = evaluate(model, val_loader, config.eval_batches, device, dtype)
+                    val_loss = evaluate(model, val_loader, config.eval_batches, device, dtype, ranks)
                     val_bpb = val_loss / math.log(2) / bytes_per_token if bytes_per_token else None
                     record({"step": step, "val_loss": val_loss, "val_bpb": val_bpb})
                     display.message(f"step {step}: val loss {val_loss:.4f} | val bits/byte {'n/a' if val_bpb is None else f'{val_bpb:.3f}'}")
                 if (config.ckpt_every and step % config.ckpt_every == 0) or final or stop["stop"]:
                     if window_steps:  # never save weights that came from a non-finite loss
-                        check_finite((window_loss / window_steps).item(), step)
+                        check_finite(mean_over_ranks(window_loss / window_steps, ranks).item(), step)
                     last_checkpoint = save(step, last_loss)
                 window_start += time.perf_counter() - paused
                 if stop["stop"] and not final:
                     raise Interrupted(f"interrupted at step {step}; checkpoint saved to {last_checkpoint}. Continue with: onebox train --resume {out_dir}")
     finally:
         display.close()
-        metrics_file.close()
+        if metrics_file is not None:
+            metrics_file.close()
     return TrainResult(out_dir, step, last_loss, val_loss, val_bpb, last_checkpoint, speed)

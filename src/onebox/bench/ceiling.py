@@ -21,8 +21,24 @@ import torch
 from onebox.bench.schema import config_record, new_document
 from onebox.bench.training import synthetic_batch
 from onebox.config import LADDER, TrainConfig, preset
-from onebox.device import autocast, autocast_dtype, format_bytes, memory_kind, peak_memory_bytes, reset_peak_memory, synchronize
-from onebox.plan import Strategy, build_for_training, fits, machine_memory, plan, predict, resolve_strategy
+from onebox.device import (
+    autocast,
+    autocast_dtype,
+    format_bytes,
+    memory_kind,
+    peak_memory_bytes,
+    reset_peak_memory,
+    synchronize,
+)
+from onebox.plan import (
+    Strategy,
+    build_for_training,
+    fits,
+    machine_memory,
+    plan,
+    predict,
+    resolve_strategy,
+)
 from onebox.transforms import compile_scope, prepare_training
 
 Say = Callable[[str], None]

@@ -11,7 +11,12 @@ import torch
 from onebox.bench.schema import config_record, new_document
 from onebox.bench.timing import PhaseClock, median
 from onebox.config import FORWARD_LADDER, preset
-from onebox.device import format_bytes, memory_kind, peak_memory_bytes, reset_peak_memory
+from onebox.device import (
+    format_bytes,
+    memory_kind,
+    peak_memory_bytes,
+    reset_peak_memory,
+)
 from onebox.infer.stream import build_streamed
 from onebox.model import Transformer, build_model
 

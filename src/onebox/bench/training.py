@@ -19,7 +19,17 @@ import torch
 
 from onebox.bench.timing import PhaseClock
 from onebox.config import ModelConfig, TrainConfig
-from onebox.device import EnergyMeter, autocast, autocast_dtype, memory_kind, peak_flops, peak_memory_bytes, quiet_optional_imports, reset_peak_memory, synchronize
+from onebox.device import (
+    EnergyMeter,
+    autocast,
+    autocast_dtype,
+    memory_kind,
+    peak_flops,
+    peak_memory_bytes,
+    quiet_optional_imports,
+    reset_peak_memory,
+    synchronize,
+)
 from onebox.errors import OneboxError
 from onebox.memory import estimate_training_memory
 from onebox.model import cross_entropy_loss

@@ -1,0 +1,119 @@
+"""Training on several processes with PyTorch's own engine: torchrun launches, torch.distributed
+communicates (NCCL on GPUs, gloo on CPUs), FSDP2 (`fully_shard`) shards parameters, gradients and
+optimizer state. Single-process runs never touch torch.distributed.
+
+Checkpoints stay the ordinary onebox file: the full (unsharded) model and optimizer state, gathered
+through torch.distributed.checkpoint's state-dict API and written by rank 0, so a run saved on N
+processes resumes on any number (1 included), exports, and inspects like any other run.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from onebox.errors import OneboxError
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """This process's place in the job."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        """Whether this process logs and writes files."""
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1
+
+
+def init_distributed(device_setting: str) -> tuple[DistInfo, str]:
+    """Join the process group when launched by torchrun (WORLD_SIZE > 1); return the info and the device to use."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistInfo(), device_setting
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = device_setting != "cpu" and torch.cuda.is_available()
+    if use_cuda:
+        if local_rank >= torch.cuda.device_count():
+            raise OneboxError(f"local rank {local_rank} has no GPU: this machine has {torch.cuda.device_count()}. Launch at most that many processes.")
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo", device_id=torch.device("cuda", local_rank) if use_cuda else None)
+    return DistInfo(rank, world, local_rank), f"cuda:{local_rank}" if use_cuda else "cpu"
+
+
+def shard_model(model: torch.nn.Module, mixed: bool) -> None:
+    """FSDP2 over each block and then the whole model; bf16 compute with fp32 gradient reduction when mixed."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed else MixedPrecisionPolicy()
+    for block in model.layers:
+        fully_shard(block, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
+
+
+def mean_over_ranks(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """The mean of a scalar over all processes (itself when alone)."""
+    if not info.active:
+        return value
+    value = value.detach().clone()
+    dist.all_reduce(value, op=dist.ReduceOp.SUM)
+    return value / info.world
+
+
+def any_rank(flag: bool, info: DistInfo) -> bool:
+    """True on every rank when it is true on any (a collective: every rank must call it)."""
+    if not info.active:
+        return flag
+    value = torch.tensor([1.0 if flag else 0.0], device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def full_state(model: torch.nn.Module, optimizers: list[torch.optim.Optimizer]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Unsharded model and optimizer state dicts on the CPU (every rank takes part; rank 0 writes them)."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(model, options=options), [get_optimizer_state_dict(model, opt, options=options) for opt in optimizers]
+
+
+def load_full_state(model: torch.nn.Module, optimizers: list[torch.optim.Optimizer], model_state: dict[str, Any] | None,
+                    optimizer_states: list[dict[str, Any]]) -> None:
+    """Load unsharded state (by parameter name) into a model, sharded or not, and its optimizers."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=True)
+    if model_state is not None:
+        set_model_state_dict(model, model_state, options=options)
+    for opt, state in zip(optimizers, optimizer_states):
+        set_optimizer_state_dict(model, opt, state, options=options)
+
+
+def barrier(info: DistInfo) -> None:
+    if info.active:
+        dist.barrier()
+
+
+def shutdown(info: DistInfo) -> None:
+    if info.active and dist.is_initialized():
+        dist.destroy_process_group()

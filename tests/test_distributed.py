@@ -1,0 +1,68 @@
+"""Several processes through torchrun + FSDP2 with the gloo backend on the CPU: the same losses as one
+process with the same global batch, a run saved on 2 processes resumed on 1, and the launcher."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from onebox.cli import main
+from onebox.errors import OneboxError
+from onebox.launch import failure_summary, launch, torchrun_command
+from onebox.plan import sharded_strategy
+
+MICRO = ["--vocab-size", "512", "--dim", "64", "--hidden", "160", "--layers", "2", "--heads", "4", "--kv-heads", "2", "--seq-len", "64"]
+
+
+def _losses(run) -> dict[int, float]:
+    return {e["step"]: e["loss"] for e in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in e}
+
+
+def _train(out, corpus_dir, *extra: str) -> int:
+    return main(["train", *MICRO, "--data", str(corpus_dir), "--device", "cpu", "--max-steps", "8", "--lr", "3e-3", "--warmup-steps", "2",
+                 "--eval-every", "0", "--ckpt-every", "4", "--log-every", "1", "--quiet", "--out-dir", str(out), *extra])
+
+
+def test_two_processes_match_one_and_a_two_process_run_resumes_on_one(tmp_path, corpus_dir):
+    assert _train(tmp_path / "one", corpus_dir, "--batch-size", "8") == 0
+    assert _train(tmp_path / "two", corpus_dir, "--batch-size", "4", "--gpus", "2") == 0  # 2 gloo processes x 4 = the same 8
+    one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
+    assert sorted(two) == list(range(1, 9))
+    assert all(abs(one[s] - two[s]) / one[s] < 1e-4 for s in one), (one, two)  # fp32; only the reduction order differs
+    assert main(["train", "--resume", str(tmp_path / "two" / "ckpt_0000004.pt"), "--out-dir", str(tmp_path / "resumed"), "--quiet"]) == 0
+    resumed = _losses(tmp_path / "resumed")
+    assert sorted(resumed) == [5, 6, 7, 8] and all(abs(resumed[s] - two[s]) / two[s] < 1e-4 for s in resumed), (resumed, two)
+    assert main(["export", str(tmp_path / "two"), str(tmp_path / "hf")]) == 0  # a sharded run's checkpoint exports like any other
+
+
+def test_torchrun_command_drops_the_gpus_flag():
+    command = torchrun_command(2, ["train", "--gpus", "2", "--preset", "tiny", "--gpus=3"])
+    assert command[1:3] == ["-m", "torch.distributed.run"] and "--nproc-per-node=2" in command
+    assert command[-3:] == ["train", "--preset", "tiny"]
+    with pytest.raises(OneboxError, match="at least 1"):
+        torchrun_command(0, ["train"])
+
+
+def test_launch_refuses_more_gpus_than_the_machine_has():
+    import torch
+
+    with pytest.raises(OneboxError, match="more GPUs than this machine has"):
+        launch(torch.cuda.device_count() + 1, ["train", "--preset", "tiny"])
+
+
+def test_a_failing_rank_is_named(tmp_path):
+    script = tmp_path / "fail.py"
+    script.write_text("import os, sys, time\nif os.environ['RANK'] == '1':\n    sys.exit(3)\ntime.sleep(60)\n")
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0  # torchrun stopped the sleeping rank 0 too
+    assert failure_summary(done.stderr, done.returncode) == "rank 1 failed first (exit code 3)"
+
+
+def test_memory_strategies_that_do_not_compose_with_sharding_are_refused():
+    assert sharded_strategy("auto").name == "standard" and sharded_strategy("checkpointed").checkpointing
+    with pytest.raises(OneboxError, match="does not compose with multi-process"):
+        sharded_strategy("offload")
