@@ -66,3 +66,19 @@ def test_memory_strategies_that_do_not_compose_with_sharding_are_refused():
     assert sharded_strategy("auto").name == "standard" and sharded_strategy("checkpointed").checkpointing
     with pytest.raises(OneboxError, match="does not compose with multi-process"):
         sharded_strategy("offload")
+
+
+def test_bench_validate_measures_the_scaling_over_processes(tmp_path):
+    from onebox.bench.schema import read_document, validate_document
+
+    out = tmp_path / "v.json"
+    assert main(["bench", "validate", "--preset", "tiny", "--batch", "2", "--steps", "3", "--timed-steps", "2", "--gpus", "2",
+                 "--device", "cpu", "--out", str(out)]) == 0
+    doc = read_document(out)
+    assert validate_document(doc) == []
+    entry = doc["entries"][0]
+    scaling, result = entry["scaling"], entry["scaling"]["result"]
+    assert scaling["processes"] == 2 and result["processes"] == 2 and result["status"] == "ok"
+    seq = entry["config"]["seq"]
+    assert abs(result["tokens_per_second"] - 2 * 2 * seq * 1000 / result["ms_per_step"]) / result["tokens_per_second"] < 0.01  # both ranks' tokens
+    assert scaling["efficiency"] == pytest.approx(result["tokens_per_second"] / 2 / entry["result"]["tokens_per_second"])

@@ -192,7 +192,15 @@ def cmd_bench_validate(args: argparse.Namespace) -> int:
     from onebox.device import pick_device
 
     config = apply_overrides(preset(args.preset), _overrides(args, "model")).validate()
+    if os.environ.get("WORLD_SIZE", "1") != "1" and "ONEBOX_SCALING_OUT" in os.environ:  # a process of --gpus N
+        from onebox.bench.validate import run_scaling_worker
+
+        return run_scaling_worker(config, args.device, _bench_settings(args, args.batch), os.environ["ONEBOX_SCALING_OUT"])
     doc = run_validate(config, pick_device(args.device), _bench_settings(args, args.batch), args.baseline, _say)
+    if args.gpus is not None and args.gpus > 1:
+        from onebox.bench.validate import add_scaling
+
+        add_scaling(doc, args.gpus, args.argv, _say)
     _write_result(doc, args.out, config.name)
     return 0 if doc["entries"][0]["result"]["status"] == "ok" else 1
 
@@ -364,6 +372,7 @@ def _add_bench_parsers(sub: Any) -> None:
     p = bench.add_parser("validate", help="time training steps of one preset on fixed synthetic tokens")
     p.add_argument("--preset", required=True)
     p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--gpus", type=int, help="also measure on this many processes (torchrun + FSDP2, --batch each) and the scaling against one")
     common(p, training=True)
     for item in fields(ModelConfig):  # shape overrides, e.g. --seq-len 1024
         p.add_argument(f"--{item.name.replace('_', '-')}", dest=f"model.{item.name}", default=argparse.SUPPRESS, help=argparse.SUPPRESS)

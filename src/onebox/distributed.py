@@ -72,6 +72,16 @@ def mean_over_ranks(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return value / info.world
 
 
+def sum_over_ranks(value: float | None, info: DistInfo) -> float | None:
+    """The sum of a per-rank reading over all ranks; None when any rank has none (a collective)."""
+    if not info.active:
+        return value
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    both = torch.tensor([0.0 if value is None else value, 1.0 if value is None else 0.0], device=device, dtype=torch.float64)
+    dist.all_reduce(both, op=dist.ReduceOp.SUM)
+    return None if both[1].item() > 0 else both[0].item()
+
+
 def any_rank(flag: bool, info: DistInfo) -> bool:
     """True on every rank when it is true on any (a collective: every rank must call it)."""
     if not info.active:

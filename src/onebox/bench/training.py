@@ -30,10 +30,12 @@ from onebox.device import (
     reset_peak_memory,
     synchronize,
 )
+from onebox.distributed import DistInfo, shard_model, sum_over_ranks
 from onebox.errors import OneboxError
 from onebox.memory import estimate_training_memory
-from onebox.model import cross_entropy_loss
-from onebox.plan import build_for_training, resolve_strategy
+from onebox.model import build_model, cross_entropy_loss
+from onebox.optim import build_optimizer
+from onebox.plan import build_for_training, resolve_strategy, sharded_strategy
 from onebox.transforms import compile_scope, prepare_training
 
 BASELINES = ("hf", "hf-compile")
@@ -133,7 +135,23 @@ def _oom_result(config: ModelConfig, settings: BenchSettings, mixed: bool) -> di
 Builder = Callable[[ModelConfig, torch.device, BenchSettings], Contender]
 
 
-def measure_training(kind: str, config: ModelConfig, device: torch.device, settings: BenchSettings, build: Builder | None = None) -> dict[str, Any]:
+def build_sharded(config: ModelConfig, device: torch.device, settings: BenchSettings) -> Contender:
+    """onebox's multi-process path, as `onebox train` under torchrun builds it: transforms, FSDP2, optimizer."""
+    chosen = sharded_strategy(settings.memory)
+    model = build_model(config, device)
+    loss = prepare_training(model, device, settings.precision, settings.compile, chosen.checkpointing)
+    shard_model(model, autocast_dtype(device, settings.precision) is not None)
+    optimizer = build_optimizer(model, TrainConfig(lr=settings.lr, device=str(device)))
+
+    def update() -> None:
+        optimizer.step(max_grad_norm=1.0)
+        optimizer.zero_grad()
+
+    return Contender(loss, update, compile_scope(settings.compile, device) is not None, chosen.name)
+
+
+def measure_training(kind: str, config: ModelConfig, device: torch.device, settings: BenchSettings, build: Builder | None = None,
+                     ranks: DistInfo | None = None) -> dict[str, Any]:
     """Build the contender ('onebox', 'hf', 'hf-compile', or `build` for a probe) and time it; out-of-memory gives status 'oom'."""
     settings.validate()
     dtype = autocast_dtype(device, settings.precision)
@@ -143,14 +161,15 @@ def measure_training(kind: str, config: ModelConfig, device: torch.device, setti
     _release()
     reset_peak_memory(device)
     try:
-        return _measure(kind, config, device, settings, dtype, build)
+        return _measure(kind, config, device, settings, dtype, build if ranks is None or not ranks.active else build_sharded, ranks or DistInfo())
     except torch.cuda.OutOfMemoryError:
         pass  # leave the except block first so the traceback's tensors can be freed
     _release()
     return _oom_result(config, settings, dtype is not None)
 
 
-def _measure(kind: str, config: ModelConfig, device: torch.device, settings: BenchSettings, dtype: torch.dtype | None, build: Builder | None) -> dict[str, Any]:
+def _measure(kind: str, config: ModelConfig, device: torch.device, settings: BenchSettings, dtype: torch.dtype | None, build: Builder | None,
+             ranks: DistInfo) -> dict[str, Any]:
     torch.manual_seed(settings.seed)
     if build is not None:
         contender = build(config, device, settings)
@@ -160,7 +179,7 @@ def _measure(kind: str, config: ModelConfig, device: torch.device, settings: Ben
         contender = build_hf(config, device, settings, compile_model=kind == "hf-compile")
     else:
         raise OneboxError(f"unknown contender {kind!r}: use onebox, {' or '.join(BASELINES)}.")
-    x, y = synthetic_batch(config, settings.batch, device, settings.seed)
+    x, y = synthetic_batch(config, settings.batch, device, settings.seed + ranks.rank)  # each rank its own rows
     clock = PhaseClock(device)
     losses: list[torch.Tensor] = []
 
@@ -189,14 +208,14 @@ def _measure(kind: str, config: ModelConfig, device: torch.device, settings: Ben
     marks = [step() for _ in range(settings.timed_steps)]
     clock.finish()
     window = time.perf_counter() - window_start
-    joules = meter.joules()
+    joules = sum_over_ranks(meter.joules(), ranks)  # every GPU's energy
     trace = [float(loss) for loss in losses]
     # The median step (the lower one of an even count) and its own phases: the phases then add up
     # to the total exactly, however noisy the host (separate medians per phase need not).
     steps = sorted(([clock.ms(m[i], m[i + 1]) for i in range(3)] for m in marks), key=sum)
     phases = steps[(len(steps) - 1) // 2]
     total = sum(phases)
-    tokens = settings.batch * config.seq_len
+    tokens = settings.batch * config.seq_len * ranks.world
     tokens_per_second = tokens * 1000.0 / total
     peak = peak_flops(device)
     fell = all(math.isfinite(v) for v in trace) and trace[-1] < trace[0]
@@ -208,7 +227,7 @@ def _measure(kind: str, config: ModelConfig, device: torch.device, settings: Ben
         "optimizer_ms": phases[2],
         "tokens_per_second": tokens_per_second,
         "flops_per_token": config.flops_per_token(),
-        "mfu": tokens_per_second * config.flops_per_token() / peak if peak else None,
+        "mfu": tokens_per_second * config.flops_per_token() / (peak * ranks.world) if peak else None,
         "peak_flops": peak,
         "peak_memory_bytes": peak_memory_bytes(device),
         "memory_kind": memory_kind(device),
@@ -222,5 +241,6 @@ def _measure(kind: str, config: ModelConfig, device: torch.device, settings: Ben
         "first_step_seconds": first_step_seconds,
         "compiled": contender.compiled,
         "memory_strategy": contender.strategy,
+        "processes": ranks.world,
     }
     return result

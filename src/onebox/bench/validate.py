@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import os
+import tempfile
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -63,6 +67,47 @@ def run_entry(config: ModelConfig, device: torch.device, settings: BenchSettings
         if ratios["tokens_per_second"] is not None:
             say(f"  onebox / {baseline}: tokens/s {ratios['tokens_per_second']:.2f}x, peak memory {ratios['peak_memory']:.2f}x")
     return entry
+
+
+def run_scaling_worker(config: ModelConfig, device_setting: str, settings: BenchSettings, out: str) -> int:
+    """One process of `bench validate --gpus N` under torchrun: the sharded measurement; rank 0 writes it to `out`."""
+    from onebox.device import pick_device
+    from onebox.distributed import init_distributed, shutdown
+
+    ranks, device = init_distributed(device_setting)
+    try:
+        result = measure_training("onebox", config, pick_device(device), settings, ranks=ranks)
+        if ranks.main:
+            Path(out).write_text(json.dumps(result))
+    finally:
+        shutdown(ranks)
+    return 0
+
+
+def add_scaling(doc: dict[str, Any], processes: int, argv: list[str], say: Say) -> None:
+    """Run the same measurement on `processes` processes (torchrun + FSDP2) and record the scaling against one."""
+    from onebox.launch import launch
+
+    entry = doc["entries"][0]
+    with tempfile.TemporaryDirectory() as folder:
+        out = Path(folder) / "scaling.json"
+        os.environ["ONEBOX_SCALING_OUT"] = str(out)
+        try:
+            code = launch(processes, argv)
+        finally:
+            os.environ.pop("ONEBOX_SCALING_OUT", None)
+        if code != 0 or not out.is_file():
+            raise OneboxError(f"the {processes}-process measurement failed (its error is printed above).")
+        result = json.loads(out.read_text())
+    one = entry["result"]
+    scaling: dict[str, Any] = {"processes": processes, "result": result, "tokens_per_second_per_process": None, "efficiency": None}
+    if result["status"] == "ok" and one["status"] == "ok":
+        scaling["tokens_per_second_per_process"] = result["tokens_per_second"] / processes
+        scaling["efficiency"] = scaling["tokens_per_second_per_process"] / one["tokens_per_second"]
+    entry["scaling"] = scaling
+    say(result_line(f"{processes} procs", result))
+    if scaling["efficiency"] is not None:
+        say(f"  {processes} processes: {scaling['tokens_per_second_per_process']:,.0f} tok/s per process = {scaling['efficiency']:.1%} scaling efficiency against one")
 
 
 def _settings_record(settings: BenchSettings, baseline: str | None) -> dict[str, Any]:
