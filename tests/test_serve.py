@@ -266,3 +266,43 @@ def test_bench_serve_drives_concurrent_clients(tmp_path):
     assert validate_document(doc) == [] and [e["result"]["tokens"] for e in doc["entries"]] == [8, 24]  # every token of every client arrived
     assert doc["entries"][1]["result"]["ttft_p95_ms"] >= doc["entries"][1]["result"]["ttft_p50_ms"]
     assert main(["bench", "serve", "--preset", "tiny", "--clients", "0"]) == 1
+
+
+def test_chat_uses_the_tokenizers_template_when_the_folder_has_one(model, tokenizer):
+    from onebox.serve import Message
+
+    template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}"
+    server = Server(Engine(model, max_batch=1), tokenizer, "micro", chat_template=template)
+    messages = [Message(role="user", content="Who is there?")]
+    assert server.render_chat(messages) == "<user>Who is there?<assistant>"
+    plain = Server(server.engine, tokenizer, "micro")
+    assert plain.render_chat(messages) == "User: Who is there?\nAssistant:"
+
+
+def test_serve_command_starts_a_server_for_a_run_folder(tmp_path, corpus_dir):
+    import os
+    import subprocess
+    import sys
+
+    from conftest import micro_train
+    from onebox.train import train
+
+    train(micro_model(), micro_train(tmp_path / "run", corpus_dir, max_steps=2, eval_every=0, ckpt_every=0), show_progress=False)
+    port = _free_port()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    server = subprocess.Popen([sys.executable, "-m", "onebox.cli", "serve", str(tmp_path / "run"), "--port", str(port), "--device", "cpu",
+                               "--model-name", "run"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline, health = time.time() + 60, None
+        while time.time() < deadline and health is None:
+            try:
+                health = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).json()
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        assert health == {"status": "ok", "model": "run"}
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
+        done = client.chat.completions.create(model="run", messages=[{"role": "user", "content": "Speak."}], max_tokens=5)
+        assert done.choices[0].finish_reason in ("stop", "length") and done.usage.completion_tokens <= 5
+    finally:
+        server.terminate()
+        server.wait(timeout=20)
