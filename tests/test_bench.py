@@ -11,7 +11,13 @@ import torch
 from onebox.bench.dims import find_cliffs, layer_config, layer_flops, run_dims
 from onebox.bench.forward import run_forward
 from onebox.bench.report import build_report
-from onebox.bench.schema import check_document, read_document, seal, validate_document, write_document
+from onebox.bench.schema import (
+    check_document,
+    read_document,
+    seal,
+    validate_document,
+    write_document,
+)
 from onebox.bench.store import ResultStore
 from onebox.bench.training import BenchSettings, measure_training
 from onebox.bench.validate import run_sweep, run_validate, summarize_sweep

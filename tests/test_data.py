@@ -8,7 +8,16 @@ import numpy as np
 import pytest
 import torch
 
-from onebox.data import HEADER_BYTES, MAGIC, BatchLoader, dataset_info, find_shards, prepare, read_shard, write_shard
+from onebox.data import (
+    HEADER_BYTES,
+    MAGIC,
+    BatchLoader,
+    dataset_info,
+    find_shards,
+    prepare,
+    read_shard,
+    write_shard,
+)
 from onebox.errors import OneboxError
 from onebox.tokenizer import load_tokenizer
 

@@ -16,7 +16,15 @@ from onebox.errors import OneboxError
 from onebox.lowmem import LowMemAdamW, stochastic_round_bf16
 from onebox.model import Transformer, build_model, cross_entropy_loss
 from onebox.optim import build_optimizer
-from onebox.plan import STRATEGIES, MachineMemory, fits, plan, predict, resolve_strategy, strategy
+from onebox.plan import (
+    STRATEGIES,
+    MachineMemory,
+    fits,
+    plan,
+    predict,
+    resolve_strategy,
+    strategy,
+)
 from onebox.train import resume_configs, train
 
 GB = 10**9

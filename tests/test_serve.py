@@ -285,6 +285,7 @@ def test_serve_command_starts_a_server_for_a_run_folder(tmp_path, corpus_dir):
     import sys
 
     from conftest import micro_train
+
     from onebox.train import train
 
     train(micro_model(), micro_train(tmp_path / "run", corpus_dir, max_steps=2, eval_every=0, ckpt_every=0), show_progress=False)

@@ -10,7 +10,12 @@ import torch
 from conftest import micro_model, micro_train
 
 import onebox.transforms as transforms_module
-from onebox.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from onebox.checkpoint import (
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+)
 from onebox.config import apply_overrides
 from onebox.errors import OneboxError
 from onebox.optim import lr_factor
