@@ -39,12 +39,12 @@ for step in $steps; do
     decode:*) timeout 300 ob bench decode --preset "${step#decode:}" --batches 1,8 --baseline hf --out "$OUT/decode-${step#decode:}.json" ;;
     serve:*) timeout 300 ob bench serve --preset "${step#serve:}" --clients 1,8,32 --out "$OUT/serve-${step#serve:}.json" ;;
     ceiling) timeout ${CEILING_TIMEOUT:-540} ob bench ceiling --out "$OUT/ceiling.json" ;;
-    memcmp) for memory in standard bf16 offload; do
+    memcmp) for memory in standard bf16 offload offload-int8; do
                timeout 200 ob train --preset 600m-A --batch-size 32 --max-steps 300 --lr 6e-4 --warmup-steps 30 --eval-every 300 \
                  --log-every 50 --ckpt-every 0 --keep-last 1 --quiet --memory "$memory" --out-dir "/tmp/runs/mem-$memory" > "$OUT/memcmp-$memory.log" 2>&1
                tail -3 "$OUT/memcmp-$memory.log"
              done
-             python3 benchmarks/loss_compare.py /tmp/runs/mem-standard /tmp/runs/mem-bf16 /tmp/runs/mem-offload --tolerance 0.02 | tee "$OUT/memcmp.txt" ;;
+             python3 benchmarks/loss_compare.py /tmp/runs/mem-standard /tmp/runs/mem-bf16 /tmp/runs/mem-offload /tmp/runs/mem-offload-int8 --tolerance 0.02 | tee "$OUT/memcmp.txt" ;;
     losscmp) for run in bf16:off bf16:auto fp8:auto; do
                timeout 200 ob train --preset 600m-A --batch-size 32 --max-steps 300 --lr 6e-4 --warmup-steps 30 --eval-every 300 \
                  --log-every 50 --ckpt-every 0 --keep-last 1 --quiet --precision "${run%%:*}" --compile "${run##*:}" \

@@ -36,6 +36,7 @@ class Strategy:
     in_backward: bool  # update each block parameter in backward as its gradient completes
     checkpointing: bool  # recompute each block's activations in backward
     summary: str
+    int8_moments: bool = False  # moments in 8 bits with blockwise scales (about 2 bytes per parameter for both)
 
 
 STRATEGIES = (
@@ -44,6 +45,7 @@ STRATEGIES = (
     Strategy("bf16", True, False, True, False, "bf16 weights (stochastic rounding) and moments, update in backward"),
     Strategy("bf16-checkpointed", True, False, True, True, "bf16 + activation checkpointing"),
     Strategy("offload", True, True, True, True, "bf16 + moments in pinned host memory streamed through the GPU + checkpointing"),
+    Strategy("offload-int8", True, True, True, True, "offload with 8-bit moments (blockwise scales): half the host memory", int8_moments=True),
 )
 STRATEGY_NAMES = tuple(s.name for s in STRATEGIES)
 
@@ -78,7 +80,7 @@ def predict(config: ModelConfig, batch: int, chosen: Strategy, compiled: bool = 
     layer, loss = activation_bytes_per_token(config, True, compiled)  # bf16 weights: bf16 activations wherever the model runs
     per_token = (4 * config.dim * config.layers + layer + loss) if chosen.checkpointing else config.layers * layer + loss
     activations = batch * config.seq_len * per_token
-    moments = 4 * params  # two bf16 moments
+    moments = 2 * params + 8 * -(-params // 256) if chosen.int8_moments else 4 * params  # two 8-bit (+ fp32 scale per 256) or bf16 moments
     largest = max(config.dim * config.hidden, config.dim * config.dim, config.vocab_size * config.dim)
     # Gradients alive at once: the embedding and output layer (stepped after backward) and one block
     # parameter in its hook, plus that update's fp32 temporaries (gradient, two moments, weights, denominator).
@@ -165,5 +167,6 @@ def build_for_training(config: ModelConfig, train: TrainConfig, chosen: Strategy
     dtype = torch.bfloat16 if chosen.bf16_weights else torch.float32
     model = build_model(config, device, dtype) if state is None else model_from_state(config, state, device, dtype)
     if chosen.bf16_weights:
-        return model, LowMemAdamW(model, train, torch.bfloat16, chosen.state_on_host, chosen.in_backward)
+        moments: torch.dtype | str = "int8" if chosen.int8_moments else torch.bfloat16
+        return model, LowMemAdamW(model, train, moments, chosen.state_on_host, chosen.in_backward)
     return model, build_optimizer(model, train)
