@@ -1,0 +1,379 @@
+"""The measuring subcommands: bench (validate, sweep, forward, ceiling, decode, serve, dims), results, report, plan."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import fields
+from typing import Any
+
+from rich.table import Table
+
+from onebox.cli.common import console, errors, overrides, say
+from onebox.config import COMPILE_SETTINGS, PRECISIONS, ModelConfig
+from onebox.errors import OneboxError
+
+
+def _write_result(doc: dict[str, Any], out: str | None, label: str) -> None:
+    from onebox.bench.schema import (
+        default_result_path,
+        seal,
+        validate_document,
+        write_document,
+    )
+
+    path = write_document(doc, out or default_result_path(doc, label))
+    console.print(f"result written to {path}", highlight=False)
+    problems = validate_document(seal(doc))  # the same sealing write_document applied
+    if problems:
+        errors.print("[yellow]this result would be rejected by `onebox results add`:[/yellow] " + "; ".join(problems), highlight=False)
+
+
+def _bench_settings(args: argparse.Namespace, batch: int):
+    from onebox.bench.training import BenchSettings
+
+    return BenchSettings(batch=batch, steps=args.steps, timed_steps=args.timed_steps, precision=args.precision, compile=args.compile, lr=args.lr,
+                         memory=args.memory).validate()
+
+
+
+
+def cmd_bench_validate(args: argparse.Namespace) -> int:
+    from onebox.bench.validate import run_validate
+    from onebox.config import apply_overrides, preset
+    from onebox.device import pick_device
+
+    config = apply_overrides(preset(args.preset), overrides(args, "model")).validate()
+    if os.environ.get("WORLD_SIZE", "1") != "1" and "ONEBOX_SCALING_OUT" in os.environ:  # a process of --gpus N
+        from onebox.bench.validate import run_scaling_worker
+
+        return run_scaling_worker(config, args.device, _bench_settings(args, args.batch), os.environ["ONEBOX_SCALING_OUT"])
+    doc = run_validate(config, pick_device(args.device), _bench_settings(args, args.batch), args.baseline, say)
+    if args.gpus is not None and args.gpus > 1:
+        from onebox.bench.validate import add_scaling
+
+        add_scaling(doc, args.gpus, args.argv, say)
+    _write_result(doc, args.out, config.name)
+    return 0 if doc["entries"][0]["result"]["status"] == "ok" else 1
+
+
+def cmd_bench_sweep(args: argparse.Namespace) -> int:
+    from onebox.bench.validate import run_sweep
+    from onebox.device import pick_device
+
+    scales = [s.strip() for s in args.scales.split(",") if s.strip()]
+    doc = run_sweep(scales, pick_device(args.device), _bench_settings(args, args.batch or 1), args.baseline, say, batch=args.batch)
+    _write_result(doc, args.out, "-".join(scales))
+    return 0
+
+
+def cmd_bench_forward(args: argparse.Namespace) -> int:
+    from onebox.bench.forward import run_forward
+    from onebox.device import pick_device
+
+    ladder = [s.strip() for s in args.ladder.split(",")] if args.ladder else None
+    doc = run_forward(ladder, pick_device(args.device), args.precision, say, batch=args.batch, passes=args.passes)
+    _write_result(doc, args.out, "ladder")
+    return 0
+
+
+def cmd_bench_ceiling(args: argparse.Namespace) -> int:
+    from onebox.bench.ceiling import run_ceiling
+    from onebox.device import pick_device
+
+    if args.steps < 2 or args.batch < 1:
+        raise OneboxError("bench ceiling needs --steps >= 2 (the loss must be seen to fall) and --batch >= 1.")
+    ladder = [s.strip() for s in args.ladder.split(",")] if args.ladder else None
+    doc = run_ceiling(ladder, pick_device(args.device), say, batch=args.batch, steps=args.steps, memory=args.memory, lr=args.lr)
+    _write_result(doc, args.out, "ladder")
+    return 0
+
+
+def _inference_model(args: argparse.Namespace, what: str) -> Any:
+    """The model a decode or serve benchmark runs: a preset's random weights or a saved model, bf16 on CUDA."""
+    import torch
+
+    from onebox.config import preset
+    from onebox.device import pick_device
+    from onebox.infer.generate import load_model
+    from onebox.model import build_model
+
+    if bool(args.preset) == bool(args.model):
+        raise OneboxError(f"bench {what} needs exactly one of --preset NAME (random weights) or --model PATH (a checkpoint, run or HF folder).")
+    device = pick_device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if args.preset:
+        return build_model(preset(args.preset), device, dtype).eval()
+    model = load_model(args.model, device)[0].to(dtype)
+    model.reset_rope()
+    return model
+
+
+def _int_list(text: str, flag: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise OneboxError(f"{flag} expects comma-separated integers, got {text!r}.") from None
+    if not values or min(values) < 1:
+        raise OneboxError(f"{flag} values must be at least 1.")
+    return values
+
+
+def cmd_bench_serve(args: argparse.Namespace) -> int:
+    from onebox.bench.serve import run_serve_bench
+
+    clients = _int_list(args.clients, "--clients")
+    model = _inference_model(args, "serve")
+    doc = run_serve_bench(model, say, clients, args.max_tokens, args.prompt_len)
+    _write_result(doc, args.out, model.config.name)
+    return 0
+
+
+def cmd_bench_decode(args: argparse.Namespace) -> int:
+    from onebox.bench.decode import run_decode
+
+    batches = _int_list(args.batches, "--batches")
+    model = _inference_model(args, "decode")
+    doc = run_decode(model, model.embed_tokens.weight.device, say, batches, args.prompt_len, args.new_tokens, baseline=args.baseline == "hf")
+    _write_result(doc, args.out, model.config.name)
+    return 0
+
+
+def cmd_bench_dims(args: argparse.Namespace) -> int:
+    from onebox.bench.dims import run_dims
+    from onebox.device import pick_device
+
+    try:
+        start, stop, step = (int(v) for v in args.dims.split(":"))
+        dims = list(range(start, stop + 1, step))
+    except ValueError:
+        raise OneboxError(f"--dims expects START:STOP:STEP (e.g. 1024:8192:256), got {args.dims!r}.") from None
+    if not dims or any(d % 128 for d in dims):
+        raise OneboxError("--dims must give at least one width, each a multiple of 128 (head size 128).")
+    doc = run_dims(dims, pick_device(args.device), args.precision, say, batch=args.batch, seq=args.seq, repeats=args.repeats, iters=args.iters)
+    _write_result(doc, args.out, f"{dims[0]}-{dims[-1]}")
+    return 0
+
+
+def cmd_results_add(args: argparse.Namespace) -> int:
+    from onebox.bench.store import ResultStore
+
+    store = ResultStore(args.db)
+    failed = 0
+    for path in args.files:
+        try:
+            added = store.add_file(path)
+            console.print(f"{'added' if added else 'already stored'}: {path}", highlight=False)
+        except OneboxError as err:
+            errors.print(f"[bold red]rejected:[/bold red] {err}", highlight=False)
+            failed += 1
+    store.close()
+    return 1 if failed else 0
+
+
+def cmd_results_list(args: argparse.Namespace) -> int:
+    from onebox.bench.store import ResultStore
+    from onebox.device import format_bytes
+
+    store = ResultStore(args.db)
+    table = Table("device", "config", "params", "tok/s", "MFU", "peak memory", "tok/J")
+    for device, name, params, tps, mfu, memory, tpj in store.leaderboard():
+        table.add_row(device, name, f"{params / 1e6:,.0f}M", f"{tps:,.0f}", "n/a" if mfu is None else f"{mfu:.1%}", format_bytes(memory),
+                      "n/a" if tpj is None else f"{tpj:,.0f}")
+    console.print(table)
+    store.close()
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from onebox.bench.report import build_report
+    from onebox.bench.schema import check_document, read_document
+    from onebox.bench.store import ResultStore
+
+    if args.files:
+        docs = [read_document(path) for path in args.files]
+        for path, doc in zip(args.files, docs):
+            check_document(doc, path)
+    else:
+        store = ResultStore(args.db)
+        docs = store.documents()
+        store.close()
+    if not docs:
+        raise OneboxError("no result documents to report: give JSON files or add some with `onebox results add`.")
+    md, page = build_report(docs, args.out)
+    console.print(f"wrote {md} and {page}", highlight=False)
+    return 0
+
+
+
+def _plan_ladder(machine: Any, batch: int, on_gpu: bool) -> int:
+    from onebox.config import LADDER, preset
+    from onebox.plan import plan
+
+    table = Table(title=f"training ceiling by the planner, batch {batch}, on {machine.label}")
+    for column in ("rung", "params", "strategy", "GPU GB" if on_gpu else "RAM GB", "host GB"):
+        table.add_column(column, justify="left" if column in ("rung", "strategy") else "right")
+    ceiling = None
+    for name in LADDER:
+        config = preset(name)
+        chosen, predictions = plan(config, batch, machine, compiled=on_gpu, mixed=on_gpu)
+        shown = next((p for p in predictions if p.strategy == chosen), predictions[-1])
+        table.add_row(name, f"{config.num_params() / 1e9:.1f}B", chosen.name if chosen else "does not fit", f"{shown.gpu / 1e9:.1f}", f"{shown.host / 1e9:.1f}")
+        ceiling = name if chosen else ceiling
+    console.print(table)
+    console.print(f"predicted training ceiling: {ceiling or 'below the ladder (5b)'} (an estimate: `onebox bench ceiling` measures it)", highlight=False)
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from onebox.config import apply_overrides, preset
+    from onebox.device import pick_device
+    from onebox.plan import (
+        GPU_HEADROOM,
+        HOST_HEADROOM,
+        MachineMemory,
+        fits,
+        machine_memory,
+        plan,
+    )
+
+    machine = machine_memory(pick_device(args.device))
+    if args.gpu_memory is not None or args.host_memory is not None:
+        gpu = machine.gpu if args.gpu_memory is None else int(args.gpu_memory * 1e9)
+        host = machine.host if args.host_memory is None else int(args.host_memory * 1e9)
+        machine = MachineMemory(gpu, host, f"{'no GPU' if gpu is None else f'{gpu / 1e9:.0f} GB GPU'}, {host / 1e9:.0f} GB host (as given)")
+    on_gpu = machine.gpu is not None  # bf16 autocast and compiled blocks there, fp32 eager on the CPU
+    if args.ladder:
+        return _plan_ladder(machine, args.batch, on_gpu)
+    if not args.preset:
+        raise OneboxError("onebox plan needs --preset NAME (one model) or --ladder (the training ceiling of this machine).")
+    config = preset(args.preset)
+    if args.seq_len:
+        config = apply_overrides(config, {"seq_len": args.seq_len})
+    chosen, predictions = plan(config, args.batch, machine, compiled=on_gpu, optimizer=args.optimizer, grad_accum=args.grad_accum, mixed=on_gpu)
+    gb = 1e9
+    table = Table(title=f"{config.name}: {config.num_params() / 1e9:.2f}B params, batch {args.batch} x seq {config.seq_len} on {machine.label}")
+    for column in ("strategy", "GPU GB" if on_gpu else "RAM GB", "weights", "optim", "activ", "grads", "host GB", "fits"):
+        table.add_column(column, justify="left" if column == "strategy" else "right")
+    for p in predictions:
+        table.add_row(p.strategy.name, f"{p.gpu / gb:.1f}", f"{p.weights / gb:.1f}", f"{p.optimizer / gb:.1f}", f"{p.activations / gb:.1f}",
+                      f"{p.gradients / gb:.1f}", f"{p.host / gb:.1f}", "yes" if fits(p, machine) else "no")
+    console.print(table)
+    for p in predictions:
+        console.print(f"  {p.strategy.name}: {p.strategy.summary}", highlight=False)
+    limits = f"usable: {GPU_HEADROOM:.0%} of GPU memory, {HOST_HEADROOM:.0%} of host RAM"
+    if chosen is None:
+        console.print(f"nothing fits ({limits}): lower --batch or --seq-len, or choose a smaller preset.", highlight=False)
+        return 1
+    console.print(f"planned: [bold]{chosen.name}[/bold], the fastest strategy that fits ({limits}); `onebox train` uses it "
+                  f"with --memory auto, or name one with --memory.", highlight=False)
+    return 0
+
+
+
+def add_bench_parsers(sub: Any) -> None:
+    bench = sub.add_parser("bench", help="measure this machine: validate, sweep, forward, dims").add_subparsers(dest="bench", required=True)
+
+    def common(p: argparse.ArgumentParser, training: bool) -> None:
+        p.add_argument("--device", default="auto")
+        p.add_argument("--precision", default="auto", choices=PRECISIONS if training else ["auto", "bf16", "fp32"],
+                       help="fp8: the blocks' products in float8 through torchao (training benchmarks; the baseline stays bf16)")
+        p.add_argument("--out", help="result JSON path (default results/<benchmark>-<label>-<device>-<time>.json)")
+        if training:
+            p.add_argument("--steps", type=int, default=10, help="untimed training steps on the fixed batch (default 10)")
+            p.add_argument("--timed-steps", type=int, default=10, help="timed steps after them (default 10)")
+            p.add_argument("--compile", default="auto", choices=COMPILE_SETTINGS)
+            p.add_argument("--memory", default="auto", help="memory strategy (default: the planner's choice, as in training; see onebox plan)")
+            p.add_argument("--lr", type=float, default=3e-4)
+            p.add_argument("--baseline", choices=["hf", "hf-compile"], help="also run transformers' Llama in the same process")
+
+    p = bench.add_parser("validate", help="time training steps of one preset on fixed synthetic tokens")
+    p.add_argument("--preset", required=True)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--gpus", type=int, help="also measure on this many processes (torchrun + FSDP2, --batch each) and the scaling against one")
+    common(p, training=True)
+    for item in fields(ModelConfig):  # shape overrides, e.g. --seq-len 1024
+        p.add_argument(f"--{item.name.replace('_', '-')}", dest=f"model.{item.name}", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_bench_validate)
+
+    p = bench.add_parser("sweep", help="the 25-configuration width/depth sweep (five variants per scale)")
+    p.add_argument("--scales", default="600m,1b,1.5b,3b,5b")
+    p.add_argument("--batch", type=int, help="micro-batch for every scale (default: 32, 16, 12, 8, 4 by scale)")
+    common(p, training=True)
+    p.set_defaults(func=cmd_bench_sweep)
+
+    p = bench.add_parser("forward", help="forward-only ladder; rungs past GPU memory stream blocks from host memory")
+    p.add_argument("--ladder", help="comma-separated presets (default 5b,7b,10b,13b,15b,20b,25b,30b,40b,50b)")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--passes", type=int, default=3)
+    common(p, training=False)
+    p.set_defaults(func=cmd_bench_forward)
+
+    p = bench.add_parser("ceiling", help="the largest model this machine trains: rung by rung, each with its planned memory strategy")
+    p.add_argument("--ladder", help="comma-separated presets (default 5b,7b,10b,13b,15b,20b,25b,30b)")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--steps", type=int, default=10, help="training steps per rung on one fixed batch (default 10)")
+    p.add_argument("--memory", default="auto", help="memory strategy for every rung (default: planned per rung; see onebox plan)")
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", help="result JSON path (default results/ceiling-ladder-<device>-<time>.json)")
+    p.set_defaults(func=cmd_bench_ceiling)
+
+    def model_source(p: argparse.ArgumentParser) -> None:  # what decode and serve run on (see _inference_model)
+        p.add_argument("--preset", help="random weights of this preset")
+        p.add_argument("--model", help="a checkpoint, run folder or Hugging Face folder")
+        p.add_argument("--device", default="auto")
+        p.add_argument("--out", help="result JSON path")
+
+    p = bench.add_parser("decode", help="prefill and decode tokens/s against the memory-bandwidth bound, beside transformers")
+    model_source(p)
+    p.add_argument("--batches", default="1,8", help="batch sizes (default 1,8)")
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--baseline", choices=["hf"], help="also time transformers' generate() on the same weights")
+    p.set_defaults(func=cmd_bench_decode)
+
+    p = bench.add_parser("serve", help="concurrent streaming clients against a live server: latency percentiles and aggregate tokens/s")
+    model_source(p)
+    p.add_argument("--clients", default="1,8,32", help="client counts (default 1,8,32)")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--prompt-len", type=int, default=32)
+    p.set_defaults(func=cmd_bench_serve)
+
+    p = bench.add_parser("dims", help="time per FLOP of one layer across widths, and the cliffs")
+    p.add_argument("--dims", default="1024:8192:256", help="START:STOP:STEP (default 1024:8192:256)")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--seq", type=int, default=512)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--iters", type=int, default=5)
+    common(p, training=False)
+    p.set_defaults(func=cmd_bench_dims)
+
+    results = sub.add_parser("results", help="the local leaderboard").add_subparsers(dest="results", required=True)
+    p = results.add_parser("add", help="validate result documents and store them")
+    p.add_argument("files", nargs="+")
+    p.add_argument("--db", default="results/leaderboard.sqlite")
+    p.set_defaults(func=cmd_results_add)
+    p = results.add_parser("list", help="best stored run per device and configuration")
+    p.add_argument("--db", default="results/leaderboard.sqlite")
+    p.set_defaults(func=cmd_results_list)
+
+    p = sub.add_parser("report", help="Markdown + self-contained HTML report with plots")
+    p.add_argument("files", nargs="*", help="result documents (default: everything in --db)")
+    p.add_argument("--db", default="results/leaderboard.sqlite")
+    p.add_argument("--out", default="results/report")
+    p.set_defaults(func=cmd_report)
+
+
+def add_plan_parser(sub: Any) -> None:
+    p = sub.add_parser("plan", help="predicted GPU and host memory of each training memory strategy, and the one training would use")
+    p.add_argument("--preset", help="the model to plan for")
+    p.add_argument("--ladder", action="store_true", help="plan every rung of the ladder (5b..30b): the predicted training ceiling")
+    p.add_argument("--batch", type=int, default=1, help="sequences per micro-batch (default 1)")
+    p.add_argument("--seq-len", type=int, help="override the preset's sequence length")
+    p.add_argument("--optimizer", default="adamw", choices=["adamw", "muon"])
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--gpu-memory", type=float, metavar="GB", help="plan for a GPU of this many GB instead of this machine's")
+    p.add_argument("--host-memory", type=float, metavar="GB", help="plan for this much host RAM instead of this machine's")
+    p.set_defaults(func=cmd_plan)
