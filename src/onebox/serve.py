@@ -111,6 +111,14 @@ class Server:
         ids = self.tokenizer.encode(text, add_special_tokens=False).ids
         return ([self.eos] if self.eos is not None else []) + ids
 
+    def prompt_ids(self, body: CompletionBody) -> list[int]:
+        """A completion's prompt as token ids (text is encoded after the end-of-text token)."""
+        if isinstance(body.prompt, str):
+            return self.encode(body.prompt, "prompt")
+        if not body.prompt:
+            raise ApiError("the prompt is empty.", 400, "prompt")
+        return list(body.prompt)
+
     def requests(self, body: Sampling, prompt_ids: list[int], default_max: int) -> list[EngineRequest]:
         context = self.engine.config.seq_len
         if len(prompt_ids) <= (1 if self.eos is not None and prompt_ids[:1] == [self.eos] else 0):
@@ -263,13 +271,7 @@ def create_app(server: Server) -> FastAPI:
     @app.post("/v1/completions")
     async def completions(body: CompletionBody) -> Any:
         server.check(body)
-        if isinstance(body.prompt, str):
-            prompt_ids = server.encode(body.prompt, "prompt")
-        else:
-            prompt_ids = list(body.prompt)
-            if not prompt_ids:
-                raise ApiError("the prompt is empty.", 400, "prompt")
-        return await respond(body, prompt_ids, chat=False)
+        return await respond(body, server.prompt_ids(body), chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatBody) -> Any:
@@ -375,15 +377,14 @@ def run_jsonl(server: Server, lines: Iterable[str], write: Callable[[str], None]
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
+        data: Any = None
         try:
             data = json.loads(line)
             if not isinstance(data, dict):
                 raise ApiError("each line must be a JSON object.")
             body = CompletionBody.model_validate({"model": server.model_name, **data})
             server.check(body)
-            prompt_ids = server.encode(body.prompt, "prompt") if isinstance(body.prompt, str) else list(body.prompt)
-            if not prompt_ids:
-                raise ApiError("the prompt is empty.", 400, "prompt")
+            prompt_ids = server.prompt_ids(body)
             stops = _stops(body, chat=False)
             requests = server.requests(body, prompt_ids, default_max=16)
             results = [_collect(server, r, stops) for r in requests]
@@ -393,14 +394,7 @@ def run_jsonl(server: Server, lines: Iterable[str], write: Callable[[str], None]
             failed += 1
             message = err.message if isinstance(err, ApiError) else f"line {number}: {err}".splitlines()[0]
             response = {"error": {"message": message, "type": "invalid_request_error"}}
-        if isinstance(data := _safe_json(line), dict) and "id" in data:
+        if isinstance(data, dict) and "id" in data:
             response = {"id": data["id"], **response}
         write(json.dumps(response))
     return failed
-
-
-def _safe_json(line: str) -> Any:
-    try:
-        return json.loads(line)
-    except json.JSONDecodeError:
-        return None
