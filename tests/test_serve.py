@@ -56,6 +56,27 @@ def test_batched_decode_gives_the_one_at_a_time_greedy_tokens(model):
     assert engine.decode_steps < sum(len(t) for t in got)  # decoded together, not one after another
 
 
+def test_one_batched_prefill_of_mixed_requests_gives_each_ones_own_tokens(model):
+    """Greedy and seeded sampled requests of different lengths, one filling the context to its end and one
+    starting from a cached prefix, prefilled together and decoded together: each equals generate() alone."""
+    prompts = _prompts(5, seed=3)
+    shared = prompts[0] + [11, 12]
+    cases = [(prompts[0], 9, 0.0, 0, 1.0, None), (prompts[1], 14, 0.9, 40, 1.0, 7), (prompts[2], CONTEXT - len(prompts[2]), 0.0, 0, 1.0, None),
+             (prompts[3], 5, 1.2, 0, 0.8, 3), (shared, 12, 0.0, 0, 1.0, None)]
+    expected = [generate(model, p, n, temperature=t, top_k=k, top_p=q, seed=s).samples[0] for p, n, t, k, q, s in cases]
+    engine = Engine(model, max_batch=4)
+    warm = engine.submit(Request(list(prompts[0]), 1, temperature=0))
+    while warm.finish_reason is None:
+        engine.step()
+    requests = [engine.submit(Request(list(p), n, t, k, q, s)) for p, n, t, k, q, s in cases]
+    while engine.pending or any(engine.slots):
+        engine.step()
+    got = [list(r.tokens(timeout=1)) for r in requests]
+    assert got == expected
+    assert requests[4].cached_tokens == len(prompts[0])  # the shared prefix came from the cache
+    assert [r.finish_reason for r in requests] == ["length"] * 5
+
+
 def test_prefix_cache_hits_give_the_same_tokens_as_misses(model):
     shared = _prompts(1, seed=5)[0] * 2
     engine = Engine(model, max_batch=2).start()

@@ -9,6 +9,7 @@ training: compile, activation checkpointing and fused losses are applied from ou
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -77,10 +78,28 @@ class KVCache(nn.Module):
         view.k, view.v = self.k[start:stop], self.v[start:stop]
         return view
 
+    def select(self, rows: Tensor) -> KVRows:
+        """Rows `rows` (a 1-D index tensor) of this cache, for a prefill that fills several slots at once."""
+        return KVRows(self, rows)
+
     def expand_batch(self, batch: int) -> None:
         """Repeat a batch-1 cache (after one shared prefill) for `batch` sequences."""
         self.k = self.k.expand(batch, -1, -1, -1).contiguous()
         self.v = self.v.expand(batch, -1, -1, -1).contiguous()
+
+
+class KVRows:
+    """Some rows of a batched KVCache: writes land in those rows; reads return a copy of them."""
+
+    def __init__(self, cache: KVCache, rows: Tensor) -> None:
+        self.cache, self.rows = cache, rows
+
+    def update(self, input_pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write k, v (B, kv_heads, T, head_dim) at per-row positions input_pos (B, T); return these rows' whole cache."""
+        cache, rows = self.cache, self.rows[:, None]
+        cache.k[rows, :, input_pos] = k.transpose(1, 2).to(cache.k.dtype)
+        cache.v[rows, :, input_pos] = v.transpose(1, 2).to(cache.v.dtype)
+        return cache.k[self.rows], cache.v[self.rows]
 
 
 class Attention(nn.Module):
@@ -94,7 +113,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(config.dim, config.kv_dim, bias=False)
         self.o_proj = nn.Linear(config.dim, config.dim, bias=False)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None = None, input_pos: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | KVRows | None = None, input_pos: Tensor | None = None) -> Tensor:
         batch, seq, dim = x.shape
         q = self.q_proj(x).view(batch, seq, self.heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(batch, seq, self.kv_heads, self.head_dim).transpose(1, 2)
@@ -139,7 +158,7 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.dim, config.norm_eps)
         self.mlp = FeedForward(config)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None = None, input_pos: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | KVRows | None = None, input_pos: Tensor | None = None) -> Tensor:
         h = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, input_pos)
         return h + self.mlp(self.post_attention_layernorm(h))
 
@@ -189,7 +208,7 @@ class Transformer(nn.Module):
         if self.rope_cos.device.type != "meta":  # always fp32, even in a model cast to bf16
             self.rope_cos, self.rope_sin = rope_tables(self.config.seq_len, self.config.head_dim, self.config.rope_base, self.rope_cos.device)
 
-    def hidden_states(self, idx: Tensor, input_pos: Tensor | None = None, caches: list[KVCache] | None = None) -> Tensor:
+    def hidden_states(self, idx: Tensor, input_pos: Tensor | None = None, caches: Sequence[KVCache | KVRows] | None = None) -> Tensor:
         """Final normed hidden states (B, T, dim). With caches, input_pos (T,) gives the positions."""
         if caches is None:
             seq = idx.shape[1]
@@ -207,7 +226,7 @@ class Transformer(nn.Module):
         cap = self.config.logit_softcap
         return cap * torch.tanh(out / cap) if cap > 0 else out
 
-    def forward(self, idx: Tensor, input_pos: Tensor | None = None, caches: list[KVCache] | None = None) -> Tensor:
+    def forward(self, idx: Tensor, input_pos: Tensor | None = None, caches: Sequence[KVCache | KVRows] | None = None) -> Tensor:
         return self.logits(self.hidden_states(idx, input_pos, caches))
 
     def new_kv_caches(self, batch: int, max_seq: int | None = None, dtype: torch.dtype | None = None) -> list[KVCache]:

@@ -299,12 +299,8 @@ async def _events(server: Server, requests: list[EngineRequest], stops: list[str
     queue: asyncio.Queue[tuple[int, int | None]] = asyncio.Queue()
     loop = asyncio.get_running_loop()
 
-    def pump(index: int, request: EngineRequest) -> None:  # engine thread's tokens into the event loop
-        for token in request.tokens():
-            loop.call_soon_threadsafe(queue.put_nowait, (index, token))
-        loop.call_soon_threadsafe(queue.put_nowait, (index, None))
-
-    pumps = [loop.run_in_executor(None, pump, i, r) for i, r in enumerate(requests)]
+    for index, request in enumerate(requests):  # the engine thread hands tokens straight into this event loop
+        request.listen(lambda token, index=index: loop.call_soon_threadsafe(queue.put_nowait, (index, token)))
     try:
         if chat:
             for i in range(len(requests)):
@@ -337,7 +333,6 @@ async def _events(server: Server, requests: list[EngineRequest], stops: list[str
     finally:  # the client went away (or we finished): free every slot this response holds
         for request in requests:
             request.cancel()
-        await asyncio.gather(*pumps, return_exceptions=True)
 
 
 def load_chat_template(model_path: str | Path) -> str | None:

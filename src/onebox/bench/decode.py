@@ -68,21 +68,22 @@ def time_prefill(model: Transformer, prompt_len: int, device: torch.device, repe
 
 
 def time_decode(engine: Engine, batch: int, prompt_len: int, new_tokens: int) -> float:
-    """Decode tokens/s with `batch` requests decoding together (greedy, no stop token), after a warm-up round."""
+    """Decode tokens/s with `batch` requests decoding together (greedy, no stop token), after a warm-up round:
+    the tokens handed out from the end of the first step (which prefills every request) to the last."""
     config = engine.config
     for round_ in range(2):  # the first round compiles and captures the graphs
         requests = [engine.submit(Request(p, new_tokens if round_ else 4, temperature=0)) for p in _prompts(config, batch, prompt_len, round_)]
-        engine.step()  # admits (prefills) every request and decodes their first step
+        engine.step()  # admits (prefills) every request and launches their first decode step
         synchronize(engine.device)
-        start, steps_before = time.perf_counter(), engine.decode_steps
+        start, emitted_before = time.perf_counter(), engine.emitted
         while any(engine.slots):
             engine.step()
         synchronize(engine.device)
         elapsed = time.perf_counter() - start
-        steps = engine.decode_steps - steps_before
+        emitted = engine.emitted - emitted_before
         for request in requests:
             assert request.finish_reason == "length"
-    return batch * steps / elapsed
+    return emitted / elapsed
 
 
 def hf_generate_speed(model: Transformer, batch: int, prompt_len: int, new_tokens: int) -> float:

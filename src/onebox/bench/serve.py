@@ -8,8 +8,10 @@ The server runs in this process (uvicorn in a thread) over the same engine `oneb
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import json
+import multiprocessing
 import socket
 import statistics
 import threading
@@ -38,17 +40,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _one_stream(url: str, prompt: list[int], max_tokens: int) -> tuple[float, float, int]:
+async def _one_stream(client: Any, url: str, prompt: list[int], max_tokens: int) -> tuple[float, float, int]:
     """(seconds to the first token, seconds to the end, tokens received) of one streaming request."""
-    import httpx
-
     body = {"model": "bench", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True}
     start = time.perf_counter()
     first, tokens = None, 0
-    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=600) as response:
+    async with client.stream("POST", f"{url}/v1/completions", json=body, timeout=600) as response:
         if response.status_code != 200:
-            raise OneboxError(f"the server answered {response.status_code}: {response.read().decode()[:200]}")
-        for line in response.iter_lines():
+            raise OneboxError(f"the server answered {response.status_code}: {(await response.aread()).decode()[:200]}")
+        async for line in response.aiter_lines():
             if not line.startswith("data: {"):
                 continue
             event = json.loads(line[6:])
@@ -58,6 +58,19 @@ def _one_stream(url: str, prompt: list[int], max_tokens: int) -> tuple[float, fl
                 first = time.perf_counter() - start
     total = time.perf_counter() - start
     return (first if first is not None else total), total, tokens
+
+
+def _round(url: str, prompts: list[list[int]], max_tokens: int) -> tuple[list[tuple[float, float, int]], float]:
+    """All prompts as concurrent streaming requests (asyncio, one connection each): their timings, and the wall time."""
+    import httpx
+
+    async def main() -> list[tuple[float, float, int]]:
+        async with httpx.AsyncClient(limits=httpx.Limits(max_connections=len(prompts))) as client:
+            return await asyncio.gather(*(_one_stream(client, url, p, max_tokens) for p in prompts))
+
+    started = time.perf_counter()
+    results = asyncio.run(main())
+    return results, time.perf_counter() - started
 
 
 def run_serve_bench(model: Transformer, say: Say, clients: list[int], max_tokens: int = 64, prompt_len: int = 32) -> dict[str, Any]:
@@ -80,14 +93,13 @@ def run_serve_bench(model: Transformer, say: Say, clients: list[int], max_tokens
     url = f"http://127.0.0.1:{port}"
     generator = torch.Generator().manual_seed(0)
     doc = new_document("serve", device, {"clients": clients, "max_tokens": max_tokens, "prompt_len": prompt_len, "max_batch": max(clients)})
+    # The clients run in a process of their own, so that they do not take the server's interpreter lock.
+    clients_process = concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
     try:
-        _one_stream(url, [1] * prompt_len, 4)  # warm-up: compile and capture before anything is timed
+        clients_process.submit(_round, url, [[1] * prompt_len] * max(clients), 4).result()  # warm-up: compile and capture first
         for count in clients:
             prompts = [torch.randint(0, config.vocab_size, (prompt_len,), generator=generator).tolist() for _ in range(count)]
-            started = time.perf_counter()
-            with concurrent.futures.ThreadPoolExecutor(count) as pool:
-                results = list(pool.map(lambda p: _one_stream(url, p, max_tokens), prompts))
-            wall = time.perf_counter() - started
+            results, wall = clients_process.submit(_round, url, prompts, max_tokens).result()
             ttft, total, tokens = [r[0] for r in results], [r[1] for r in results], sum(r[2] for r in results)
             result = {"status": "ok", "requests": count, "tokens": tokens, "wall_seconds": wall, "tokens_per_second": tokens / wall,
                       "ttft_p50_ms": 1000 * statistics.median(ttft), "ttft_p95_ms": 1000 * _percentile(ttft, 0.95),
@@ -99,6 +111,7 @@ def run_serve_bench(model: Transformer, say: Say, clients: list[int], max_tokens
         for entry in doc["entries"]:
             entry["result"]["over_first"] = entry["result"]["tokens_per_second"] / base
     finally:
+        clients_process.shutdown()
         server.should_exit = True
         thread.join(timeout=10)
         engine.stop()

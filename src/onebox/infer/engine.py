@@ -1,11 +1,17 @@
 """The decode engine behind `onebox serve`: continuous batching over a static KV cache, and a prefix cache.
 
-The cache holds `max_batch` rows (slots). A new request is prefilled into a free slot (after
-copying the KV of the longest cached prefix of its prompt, if any) and then decodes together with
-every other active request, one token per step, each row at its own position; a finished or
-cancelled request frees its slot at once, and waiting requests join between two decode steps.
-One thread runs the model; callers submit requests from any thread and read tokens from each
-request's queue.
+The cache holds `max_batch` rows (slots). Waiting requests are prefilled together, one padded batch
+into the free slots (after copying the KV of the longest cached prefix of each prompt, if any); then
+every active request decodes together, one token per step, each row at its own position. A finished
+or cancelled request frees its slot at once, and waiting requests join between two decode steps.
+
+A decode step keeps its state on the device: the token each row feeds next and its position live in
+static buffers that the (CUDA-graph-captured) step updates itself, so the host launches one graph
+and one small copy per step and never waits for the step it just launched: it reads the previous
+step's tokens (copied to pinned memory) while the GPU computes the next (gpt-fast's static-cache
+recipe, with the host work overlapped). A row whose request just ended is decoded once more for
+nothing, which is the price of never stalling the GPU. One thread runs the model; callers submit
+requests from any thread and read tokens from each request's queue.
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ from __future__ import annotations
 import collections
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -40,6 +46,24 @@ class Request:
     cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
     finish_reason: str | None = None  # "stop", "length" or "cancelled", set before the final None
     error: str | None = None
+    listener: Callable[[int | None], None] | None = None  # set by listen(): tokens go there instead of to events
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def deliver(self, token: int | None) -> None:
+        """Hand one token (None: the end) to the listener, or queue it for tokens() (the engine's thread)."""
+        with self.lock:
+            if self.listener is None:
+                self.events.put(token)
+            else:
+                self.listener(token)
+
+    def listen(self, listener: Callable[[int | None], None]) -> None:
+        """Pass the tokens to `listener` as they come, on the engine's thread (those already queued first), so a
+        server need not hold a thread per request waiting on the queue."""
+        with self.lock:
+            while not self.events.empty():
+                listener(self.events.get_nowait())
+            self.listener = listener
 
     def cancel(self) -> None:
         """Ask the engine to stop this request and free its slot (e.g. the client went away)."""
@@ -57,10 +81,8 @@ class Request:
 @dataclass
 class _Active:
     request: Request
-    position: int  # where the next token's KV is written
-    last: int  # the token fed at the next step
-    generated: int
     generator: torch.Generator
+    generated: int = 0
 
 
 class PrefixCache:
@@ -100,12 +122,20 @@ class PrefixCache:
 class Engine:
     """Continuous-batching decoder over one model."""
 
-    def __init__(self, model: Transformer, max_batch: int = 8, prefix_entries: int = 16, compile: bool | None = None) -> None:
+    def __init__(self, model: Transformer, max_batch: int = 8, prefix_entries: int = 16, compile: bool | None = None,
+                 prefill_tokens: int = 8192) -> None:
         self.model = model.eval()
         self.config = model.config
         self.max_batch = max_batch
+        self.prefill_tokens = prefill_tokens  # the most (padded) prompt tokens one batched prefill takes
         self.device = model.embed_tokens.weight.device
         self.caches = model.new_kv_caches(max_batch, self.config.seq_len)
+        # What each row feeds at the next decode step, and at which position: device state, updated by the step itself.
+        self.tokens = torch.zeros(max_batch, 1, dtype=torch.long, device=self.device)
+        self.positions = torch.zeros(max_batch, 1, dtype=torch.long, device=self.device)
+        pinned = self.device.type == "cuda"
+        self.fed = [torch.zeros(max_batch, dtype=torch.long, pin_memory=pinned) for _ in range(2)]  # host copies, alternating
+        self.flip = 0
         self.slots: list[_Active | None] = [None] * max_batch
         self.pending: collections.deque[Request] = collections.deque()
         self.prefix = PrefixCache(prefix_entries)
@@ -113,18 +143,23 @@ class Engine:
         self.thread: threading.Thread | None = None
         self.stopping = False
         self.decode_steps = 0
+        self.emitted = 0  # tokens handed to requests
         self.most_active = 0  # the largest number of requests decoded in one step
         # The decode step has static shapes (all max_batch rows, one token each), so on CUDA it is
         # compiled with CUDA graphs (gpt-fast's recipe): one graph launch per token instead of hundreds.
         compile = self.device.type == "cuda" if compile is None else compile
-        if compile:  # the caches are mutated in place at fixed addresses: let CUDA graphs keep them as they are
-            for cache in self.caches:
-                torch._dynamo.mark_static_address(cache.k)
-                torch._dynamo.mark_static_address(cache.v)
+        if compile:  # buffers mutated in place at fixed addresses: let CUDA graphs keep them where they are
+            for buffer in [self.tokens, self.positions] + [t for cache in self.caches for t in (cache.k, cache.v)]:
+                torch._dynamo.mark_static_address(buffer)
         self._decode = torch.compile(self._decode_eager, mode="reduce-overhead", fullgraph=True) if compile else self._decode_eager
 
-    def _decode_eager(self, tokens: Tensor, positions: Tensor) -> Tensor:
-        return self.model(tokens, positions, self.caches)[:, -1]
+    def _decode_eager(self) -> Tensor:
+        """One token for every row: logits (max_batch, vocab); the greedy choice becomes each row's next input."""
+        logits = self.model(self.tokens, self.positions, self.caches)[:, -1]
+        self.tokens.copy_(logits.argmax(dim=-1, keepdim=True))
+        # Idle rows and rows just finished advance too (their results are never read): keep them inside the cache.
+        self.positions.copy_((self.positions + 1).clamp_(max=self.config.seq_len - 1))
+        return logits
 
     # ---- submitting (any thread)
     def check(self, prompt_ids: list[int], max_new_tokens: int) -> int:
@@ -178,63 +213,97 @@ class Engine:
         for request in waiting + [a.request for a in self.slots if a is not None]:
             request.error = message
             request.finish_reason = "error"
-            request.events.put(None)
+            request.deliver(None)
         self.slots = [None] * self.max_batch
 
     # ---- the model thread
     @torch.inference_mode()
     def step(self) -> None:
-        """Admit waiting requests into free slots (prefill), then decode one token for every active one."""
+        """Admit waiting requests (one batched prefill), launch one decode step for every active row, then
+        hand out the tokens fed to this step (the previous step's results), while the GPU computes."""
         self._admit()
-        rows = [i for i, a in enumerate(self.slots) if a is not None]
-        if not rows:
+        active = [(i, a) for i, a in enumerate(self.slots) if a is not None]
+        if not active:
             return
-        tokens = torch.zeros(self.max_batch, 1, dtype=torch.long)
-        positions = torch.zeros(self.max_batch, 1, dtype=torch.long)
-        for i in rows:  # idle rows decode a dummy token at position 0 of their own, unused, row
-            tokens[i, 0], positions[i, 0] = self.slots[i].last, self.slots[i].position
-        logits = self._decode(tokens.to(self.device), positions.to(self.device))
+        fed = self.fed[self.flip]
+        self.flip ^= 1
+        fed.copy_(self.tokens[:, 0], non_blocking=True)  # ordered before the step below overwrites them
+        copied = torch.cuda.Event() if self.device.type == "cuda" else None
+        if copied is not None:
+            copied.record()
+        logits = self._decode()
         self.decode_steps += 1
-        self.most_active = max(self.most_active, len(rows))
-        greedy = logits.argmax(dim=-1)  # one kernel for every greedy row; sampled rows draw with their own generator
-        chosen = [greedy[i] if self.slots[i].request.temperature <= 0 else self._sample(self.slots[i], logits[i : i + 1]) for i in rows]
-        for i, token in zip(rows, torch.stack(chosen).tolist()):
-            self.slots[i].position += 1
-            self._emit(i, token)
+        self.most_active = max(self.most_active, len(active))
+        for i, a in active:  # sampled rows replace the greedy choice the step wrote (still on the device, in order)
+            if a.request.temperature > 0:
+                self.tokens[i] = self._sample(a, logits[i : i + 1])
+        if copied is not None:
+            copied.synchronize()
+        values = fed.tolist()
+        for i, a in active:
+            self._emit(i, values[i])
 
     def _admit(self) -> None:
-        while True:
-            with self.cond:
-                free = next((i for i, a in enumerate(self.slots) if a is None), None)
-                if free is None or not self.pending:
-                    return
+        """Prefill as many waiting requests as there are free slots, in padded batches of at most prefill_tokens."""
+        chosen: list[tuple[int, Request]] = []
+        with self.cond:
+            free = [i for i, a in enumerate(self.slots) if a is None]
+            while free and self.pending:
                 request = self.pending.popleft()
-            if request.cancelled.is_set():
-                self._finish(request, "cancelled")
-                continue
-            self._prefill(free, request)
+                if request.cancelled.is_set():
+                    self._finish(request, "cancelled")
+                else:
+                    chosen.append((free.pop(0), request))
+        batch: list[tuple[int, Request]] = []
+        for slot, request in chosen:
+            longest = max([len(r.prompt_ids) for _, r in batch] + [len(request.prompt_ids)])
+            if batch and longest * (len(batch) + 1) > self.prefill_tokens:
+                self._prefill(batch)
+                batch = []
+            batch.append((slot, request))
+        if batch:
+            self._prefill(batch)
 
-    def _prefill(self, slot: int, request: Request) -> None:
-        prompt = request.prompt_ids
-        cached, kv = self.prefix.lookup(prompt)
-        views = [cache.rows(slot, slot + 1) for cache in self.caches]
-        if kv is not None:
-            for view, (k, v) in zip(views, kv):
-                view.k[:, :, :cached] = k[:, :, :cached]
-                view.v[:, :, :cached] = v[:, :, :cached]
-        request.cached_tokens = cached
-        ids = torch.tensor([prompt[cached:]], device=self.device)
-        logits = self.model(ids, torch.arange(cached, len(prompt), device=self.device), views)[:, -1]
-        self.prefix.store(prompt, [(view.k[:, :, : len(prompt)].clone(), view.v[:, :, : len(prompt)].clone()) for view in views])
-        generator = torch.Generator(device=self.device)
-        generator.manual_seed(request.seed if request.seed is not None else int(torch.randint(0, 2**62, ()).item()))
-        active = _Active(request, len(prompt), 0, 0, generator)
-        self.slots[slot] = active
-        self._emit(slot, int(self._sample(active, logits)))
+    def _prefill(self, batch: list[tuple[int, Request]]) -> None:
+        """Fill the KV of each request's slot from its prompt (reusing a cached prefix), and set its first token."""
+        seq_len = self.config.seq_len
+        starts = []
+        for slot, request in batch:
+            cached, kv = self.prefix.lookup(request.prompt_ids)
+            if kv is not None:
+                for cache, (k, v) in zip(self.caches, kv):
+                    cache.k[slot, :, :cached] = k[:, :cached]
+                    cache.v[slot, :, :cached] = v[:, :cached]
+            request.cached_tokens = cached
+            starts.append(cached)
+        width = max(len(r.prompt_ids) - start for (_, r), start in zip(batch, starts))
+        ids = torch.zeros(len(batch), width, dtype=torch.long)
+        for row, ((_, request), start) in enumerate(zip(batch, starts)):
+            rest = request.prompt_ids[start:]
+            ids[row, : len(rest)] = torch.tensor(rest)
+        # Padding sits after each prompt, at positions its own later tokens overwrite before reading them.
+        positions = (torch.tensor(starts)[:, None] + torch.arange(width)).clamp_(max=seq_len - 1)
+        last = torch.tensor([len(r.prompt_ids) - start - 1 for (_, r), start in zip(batch, starts)])
+        slots = torch.tensor([slot for slot, _ in batch], device=self.device)
+        views = [cache.select(slots) for cache in self.caches]
+        hidden = self.model.hidden_states(ids.to(self.device), positions.to(self.device), views)
+        logits = self.model.logits(hidden[torch.arange(len(batch), device=self.device), last.to(self.device)])
+        first = logits.argmax(dim=-1)
+        for row, (slot, request) in enumerate(batch):
+            if self.prefix.max_entries > 0:
+                length = len(request.prompt_ids)
+                self.prefix.store(request.prompt_ids, [(c.k[slot, :, :length].clone(), c.v[slot, :, :length].clone()) for c in self.caches])
+            generator = torch.Generator(device=self.device)
+            generator.manual_seed(request.seed if request.seed is not None else int(torch.randint(0, 2**62, ()).item()))
+            self.slots[slot] = active = _Active(request, generator)
+            if request.temperature > 0:
+                first[row] = self._sample(active, logits[row : row + 1])[0]
+        self.tokens[slots] = first[:, None]
+        self.positions[slots] = torch.tensor([[len(r.prompt_ids)] for _, r in batch], device=self.device)
 
     def _sample(self, active: _Active, logits: Tensor) -> Tensor:
         r = active.request
-        return sample_next(logits, r.temperature, r.top_k, r.top_p, active.generator)[0]
+        return sample_next(logits, r.temperature, r.top_k, r.top_p, active.generator)
 
     def _emit(self, slot: int, token: int) -> None:
         active = self.slots[slot]
@@ -244,9 +313,9 @@ class Engine:
         elif token in request.stop_ids:
             reason = "stop"
         else:
-            request.events.put(token)
+            request.deliver(token)
             active.generated += 1
-            active.last = token
+            self.emitted += 1
             reason = "length" if active.generated >= request.max_new_tokens else None
         if reason is not None:
             self.slots[slot] = None
@@ -255,4 +324,4 @@ class Engine:
     @staticmethod
     def _finish(request: Request, reason: str) -> None:
         request.finish_reason = reason
-        request.events.put(None)
+        request.deliver(None)
