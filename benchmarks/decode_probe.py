@@ -1,8 +1,9 @@
 """Decode probe (issue 6): where a decode step's time goes, on the GPU machine (PYTHONPATH=src).
 
-  python benchmarks/decode_probe.py --preset 600m-A --batch 1 --out $OUT
+  python benchmarks/decode_probe.py --preset 600m-A --batch 1 --variants plain,fused,fused+autotune --out $OUT
 
-Prints: whether CUDA graphs were skipped (inductor's counters), the engine's tokens/s (as bench decode
+A variant is plain (separate q/k/v and gate/up products) or fused, optionally +autotune (torch.compile
+mode max-autotune instead of reduce-overhead). For each it prints: whether CUDA graphs were skipped (inductor's counters), the engine's tokens/s (as bench decode
 measures it), the compiled step alone in a loop of back-to-back launches (no host work: the floor of
 this design), and a profile of a few engine steps (host time per step, GPU busy time per step).
 """
@@ -21,20 +22,19 @@ from onebox.infer.engine import Engine, Request
 from onebox.model import build_model
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--preset", default="600m-A")
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--out", type=Path, default=Path("."))
-    args = parser.parse_args()
+def probe(preset: str, batch: int, variant: str, out: Path) -> str:
     device = torch.device("cuda")
-    model = build_model(PRESETS[args.preset], device, torch.bfloat16).eval()
-    bound = args.batch * memory_bandwidth(device) / weight_bytes(model)
-    engine = Engine(model, max_batch=args.batch, prefix_entries=0)
-    speed = time_decode(engine, args.batch, 128, 128)
-    skips = dict(torch._dynamo.utils.counters["inductor"])
-    print(f"inductor counters: { {k: v for k, v in skips.items() if 'cudagraph' in k or 'skip' in k} }")
-    print(f"engine: {speed:,.0f} tok/s = {speed / bound:.1%} of the bound ({bound:,.0f} tok/s)")
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    model = build_model(PRESETS[preset], device, torch.bfloat16).eval()
+    bound = batch * memory_bandwidth(device) / weight_bytes(model)
+    mode = "max-autotune" if "autotune" in variant else "reduce-overhead"
+    engine = Engine(model, max_batch=batch, prefix_entries=0, compile=mode, fuse=variant.startswith("fused"))
+    started = time.perf_counter()
+    speed = time_decode(engine, batch, 128, 128)
+    compiled = time.perf_counter() - started
+    skips = {k: v for k, v in torch._dynamo.utils.counters["inductor"].items() if "cudagraph" in k or "skip" in k}
+    print(f"[{variant}] inductor counters {skips}; compile+decode {compiled:.0f} s")
 
     with torch.inference_mode():  # the compiled step alone, launched back to back
         for _ in range(5):
@@ -44,10 +44,9 @@ def main() -> None:
         for _ in range(200):
             engine._decode()
         torch.cuda.synchronize()
-        per = (time.perf_counter() - start) / 200
-    print(f"step alone: {per * 1e3:.3f} ms = {args.batch / per:,.0f} tok/s = {args.batch / per / bound:.1%} of the bound")
+        alone = (time.perf_counter() - start) / 200
 
-    requests = [engine.submit(Request([1] * 32, 64, temperature=0)) for _ in range(args.batch)]
+    requests = [engine.submit(Request([1] * 32, 64, temperature=0)) for _ in range(batch)]
     engine.step()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(20):
@@ -56,11 +55,31 @@ def main() -> None:
     while any(engine.slots):
         engine.step()
     assert all(r.finish_reason == "length" for r in requests)
-    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
-    (args.out / f"decode-probe-{args.preset}-{args.batch}.txt").write_text(table)
-    print(table[:4000])
-    gpu = sum(e.self_device_time_total for e in prof.key_averages()) / 20
-    print(f"GPU busy per step: {gpu / 1e3:.3f} ms")
+    kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA and e.self_device_time_total > 0]
+    kernels.sort(key=lambda e: -e.self_device_time_total)
+    gpu = sum(e.self_device_time_total for e in kernels) / 20
+    lines = [f"[{variant}] GPU kernels per step: {sum(e.count for e in kernels) / 20:.0f}, busy {gpu / 1e3:.3f} ms"]
+    for e in kernels[:18]:
+        lines.append(f"  {e.self_device_time_total / 20:8.1f} us {e.count / 20:5.1f}x  {e.key[:110]}")
+    cpu = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)
+    (out / f"decode-probe-{preset}-{batch}-{variant}.txt").write_text("\n".join(lines) + "\n\n" + cpu)
+    print("\n".join(lines))
+    row = f"{variant:<16} {speed:8,.0f} tok/s {speed / bound:6.1%} of bound | step alone {alone * 1e3:.3f} ms ({batch / alone / bound:.1%})"
+    del engine, model
+    torch.cuda.empty_cache()
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--preset", default="600m-A")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--variants", default="plain,fused")
+    parser.add_argument("--out", type=Path, default=Path("."))
+    args = parser.parse_args()
+    rows = [probe(args.preset, args.batch, v, args.out) for v in args.variants.split(",")]
+    print(f"{args.preset} batch {args.batch}:")
+    print("\n".join(rows))
 
 
 if __name__ == "__main__":

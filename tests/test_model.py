@@ -141,3 +141,29 @@ def test_unknown_preset_lists_known_ones():
 
 def test_model_config_kv_heads_defaults_to_heads():
     assert ModelConfig(dim=256, heads=2).kv_heads == 2
+
+
+@pytest.mark.parametrize("activation", ["swiglu", "relu2"])
+def test_fused_projections_give_the_same_logits_and_share_the_weights(activation):
+    """Inference's fused q/k/v and gate/up products against the separate ones (fp32: 1e-5), with and without a
+    KV cache; the separate weights become views of the fused ones, and the saved state is unchanged."""
+    from onebox.model import fuse_projections
+
+    torch.manual_seed(0)
+    model = Transformer(micro_model(activation=activation)).eval()  # GQA: 4 query heads, 2 key/value heads
+    idx = torch.randint(0, 512, (2, 30))
+    keys, params = list(model.state_dict()), sum(p.numel() for p in model.parameters())
+    with torch.no_grad():
+        plain = model(idx)
+        caches = model.new_kv_caches(2)
+        plain_cached = model(idx[:, :20], torch.arange(20), caches)
+        fuse_projections(model)
+        fused = model(idx)
+        caches = model.new_kv_caches(2)
+        fused_cached = model(idx[:, :20], torch.arange(20), caches)
+    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fused_cached, plain_cached, rtol=1e-5, atol=1e-5)
+    attn, mlp = model.layers[0].self_attn, model.layers[0].mlp
+    assert attn.k_proj.weight.untyped_storage().data_ptr() == attn.qkv_weight.untyped_storage().data_ptr()
+    assert mlp.up_proj.weight.untyped_storage().data_ptr() == mlp.gate_up_weight.untyped_storage().data_ptr()
+    assert list(model.state_dict()) == keys and sum(p.numel() for p in model.parameters()) == params

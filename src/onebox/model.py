@@ -112,12 +112,18 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(config.dim, config.kv_dim, bias=False)
         self.v_proj = nn.Linear(config.dim, config.kv_dim, bias=False)
         self.o_proj = nn.Linear(config.dim, config.dim, bias=False)
+        self.register_buffer("qkv_weight", None, persistent=False)  # set by fuse_projections (inference)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | KVRows | None = None, input_pos: Tensor | None = None) -> Tensor:
         batch, seq, dim = x.shape
-        q = self.q_proj(x).view(batch, seq, self.heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(batch, seq, self.kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(batch, seq, self.kv_heads, self.head_dim).transpose(1, 2)
+        if self.qkv_weight is None:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        else:
+            kv_dim = self.kv_heads * self.head_dim
+            q, k, v = F.linear(x, self.qkv_weight).split([dim, kv_dim, kv_dim], dim=-1)
+        q = q.view(batch, seq, self.heads, self.head_dim).transpose(1, 2)
+        k = k.view(batch, seq, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(batch, seq, self.kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         gqa = self.kv_heads != self.heads
         if cache is None:
@@ -141,11 +147,15 @@ class FeedForward(nn.Module):
         self.gate_proj = nn.Linear(config.dim, config.hidden, bias=False)
         self.up_proj = nn.Linear(config.dim, config.hidden, bias=False)
         self.down_proj = nn.Linear(config.hidden, config.dim, bias=False)
+        self.register_buffer("gate_up_weight", None, persistent=False)  # set by fuse_projections (inference)
 
     def forward(self, x: Tensor) -> Tensor:
-        gate = self.gate_proj(x)
+        if self.gate_up_weight is None:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        else:
+            gate, up = F.linear(x, self.gate_up_weight).chunk(2, dim=-1)
         gate = F.silu(gate) if self.activation == "swiglu" else F.relu(gate).square()
-        return self.down_proj(gate * self.up_proj(x))
+        return self.down_proj(gate * up)
 
 
 class Block(nn.Module):
@@ -248,6 +258,24 @@ def build_model(config: ModelConfig, device: torch.device | str, dtype: torch.dt
         model = Transformer(config)
     model.to(dtype).to_empty(device=device)
     model.init_weights()
+    return model
+
+
+@torch.no_grad()
+def fuse_projections(model: Transformer) -> Transformer:
+    """For inference: each block's q/k/v weights, and its gate/up weights, become views of one concatenated
+    matrix (so no memory is added once done), and the forward runs one matrix product where it ran three,
+    and two: at decode, where every product is a small matrix-vector one, fewer kernels is most of the
+    gain. Training keeps them apart (measured slower fused, benchmarks/NOTES.md). Idempotent."""
+    for layer in model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        if attn.qkv_weight is None:
+            attn.qkv_weight = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])
+            dim, kv_dim = attn.q_proj.weight.shape[0], attn.k_proj.weight.shape[0]
+            attn.q_proj.weight.data, attn.k_proj.weight.data, attn.v_proj.weight.data = attn.qkv_weight.split([dim, kv_dim, kv_dim])
+        if mlp.gate_up_weight is None:
+            mlp.gate_up_weight = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])
+            mlp.gate_proj.weight.data, mlp.up_proj.weight.data = mlp.gate_up_weight.chunk(2)
     return model
 
 

@@ -4,4 +4,5 @@ import sys
 
 from onebox.cli import main
 
-sys.exit(main())
+if __name__ == "__main__":  # not when multiprocessing's spawn re-imports this module in a child process
+    sys.exit(main())

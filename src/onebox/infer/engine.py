@@ -27,7 +27,7 @@ from torch import Tensor
 
 from onebox.errors import OneboxError
 from onebox.infer.sampling import sample_next
-from onebox.model import Transformer
+from onebox.model import Transformer, fuse_projections
 
 
 @dataclass
@@ -122,9 +122,10 @@ class PrefixCache:
 class Engine:
     """Continuous-batching decoder over one model."""
 
-    def __init__(self, model: Transformer, max_batch: int = 8, prefix_entries: int = 16, compile: bool | None = None,
-                 prefill_tokens: int = 8192) -> None:
-        self.model = model.eval()
+    def __init__(self, model: Transformer, max_batch: int = 8, prefix_entries: int = 16, compile: bool | str | None = None,
+                 prefill_tokens: int = 8192, fuse: bool = True) -> None:
+        """compile: True, False, None (on CUDA only) or a torch.compile mode (default reduce-overhead: CUDA graphs)."""
+        self.model = fuse_projections(model.eval()) if fuse else model.eval()
         self.config = model.config
         self.max_batch = max_batch
         self.prefill_tokens = prefill_tokens  # the most (padded) prompt tokens one batched prefill takes
@@ -151,7 +152,8 @@ class Engine:
         if compile:  # buffers mutated in place at fixed addresses: let CUDA graphs keep them where they are
             for buffer in [self.tokens, self.positions] + [t for cache in self.caches for t in (cache.k, cache.v)]:
                 torch._dynamo.mark_static_address(buffer)
-        self._decode = torch.compile(self._decode_eager, mode="reduce-overhead", fullgraph=True) if compile else self._decode_eager
+        mode = compile if isinstance(compile, str) else "reduce-overhead"
+        self._decode = torch.compile(self._decode_eager, mode=mode, fullgraph=True) if compile else self._decode_eager
 
     def _decode_eager(self) -> Tensor:
         """One token for every row: logits (max_batch, vocab); the greedy choice becomes each row's next input."""
