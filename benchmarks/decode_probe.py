@@ -3,7 +3,7 @@
   python benchmarks/decode_probe.py --preset 600m-A --batch 1 --variants plain,fused,fused+autotune --out $OUT
 
 A variant is plain (separate q/k/v and gate/up products) or fused, optionally +autotune (torch.compile
-mode max-autotune instead of reduce-overhead). For each it prints: whether CUDA graphs were skipped (inductor's counters), the engine's tokens/s (as bench decode
+mode max-autotune instead of reduce-overhead) and +math/+efficient/+cudnn (the SDPA kernel, forced). For each it prints: whether CUDA graphs were skipped (inductor's counters), the engine's tokens/s (as bench decode
 measures it), the compiled step alone in a loop of back-to-back launches (no host work: the floor of
 this design), and a profile of a few engine steps (host time per step, GPU busy time per step).
 """
@@ -30,6 +30,19 @@ def probe(preset: str, batch: int, variant: str, out: Path) -> str:
     bound = batch * memory_bandwidth(device) / weight_bytes(model)
     mode = "max-autotune" if "autotune" in variant else "reduce-overhead"
     engine = Engine(model, max_batch=batch, prefix_entries=0, compile=mode, fuse=variant.startswith("fused"))
+    backend = next((b for b in ("math", "efficient", "flash", "cudnn") if f"+{b}" in variant), None)
+    if backend:  # the attention kernel SDPA picks for the decode step, forced
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        chosen = {"math": SDPBackend.MATH, "efficient": SDPBackend.EFFICIENT_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+                  "cudnn": SDPBackend.CUDNN_ATTENTION}[backend]
+        eager = engine._decode_eager
+
+        def step():
+            with sdpa_kernel([chosen]):
+                return eager()
+
+        engine._decode = torch.compile(step, mode=mode, fullgraph=True)
     started = time.perf_counter()
     speed = time_decode(engine, batch, 128, 128)
     compiled = time.perf_counter() - started
@@ -62,7 +75,7 @@ def probe(preset: str, batch: int, variant: str, out: Path) -> str:
     for e in kernels[:18]:
         lines.append(f"  {e.self_device_time_total / 20:8.1f} us {e.count / 20:5.1f}x  {e.key[:110]}")
     cpu = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)
-    (out / f"decode-probe-{preset}-{batch}-{variant}.txt").write_text("\n".join(lines) + "\n\n" + cpu)
+    (out / f"decode-probe-{preset}-{batch}-{variant.replace('+', '-')}.txt").write_text("\n".join(lines) + "\n\n" + cpu)
     print("\n".join(lines))
     row = f"{variant:<16} {speed:8,.0f} tok/s {speed / bound:6.1%} of bound | step alone {alone * 1e3:.3f} ms ({batch / alone / bound:.1%})"
     del engine, model
