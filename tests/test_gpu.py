@@ -73,3 +73,14 @@ def test_low_memory_strategies_on_cuda_track_the_standard_one(tmp_path, corpus_d
     std, low = losses(tmp_path / "std"), losses(tmp_path / "low")
     assert std[40] < std[10] - 0.5
     assert all(abs(low[s] - std[s]) / std[s] < 0.03 for s in std), (std, low)
+
+
+def test_pinned_zeros_are_page_locked_exactly_sized_and_copy_both_ways():
+    from onebox.device import pinned_zeros
+
+    host = pinned_zeros((3, 1000, 333), torch.bfloat16)  # not a power of two, not a whole number of pages
+    assert host.is_pinned() and host.shape == (3, 1000, 333) and not host.any()
+    values = torch.randn(3, 1000, 333, device="cuda").bfloat16()
+    host.copy_(values, non_blocking=True)
+    torch.cuda.synchronize()
+    assert torch.equal(host.cuda(non_blocking=True), values)

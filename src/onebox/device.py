@@ -7,6 +7,7 @@ import os
 import platform
 import resource
 import sys
+import weakref
 from typing import Any
 
 import torch
@@ -98,6 +99,31 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
     elif device.type == "mps":
         torch.mps.synchronize()
+
+
+def pinned_zeros(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype) -> torch.Tensor:
+    """Zeros in page-locked host memory of their own size, for fast asynchronous copies to a GPU.
+
+    torch's pinned-memory allocator (pin_memory=True) rounds every block up to a power of two, which
+    at 20B parameters of optimizer state asked for ~1.5x the bytes and the host ran out (H100 machine,
+    128 GB; benchmarks/NOTES.md). So the pages are allocated as ordinary memory, page-aligned inside
+    a private allocation, and registered with CUDA (cudaHostRegister); they are unregistered when the
+    returned tensor is freed, so whoever keeps the storage must keep this tensor."""
+    numel = int(torch.Size(shape).numel())
+    nbytes = numel * torch.empty((), dtype=dtype).element_size()
+    if nbytes == 0:
+        return torch.zeros(shape, dtype=dtype)
+    page = 4096
+    span = -(-nbytes // page) * page
+    raw = torch.zeros(span + page, dtype=torch.uint8)  # no page of the registered span is shared with another allocation
+    region = raw[(-raw.data_ptr()) % page :][:span]
+    cudart = torch.cuda.cudart()
+    error = int(cudart.cudaHostRegister(region.data_ptr(), span, 0))
+    if error != 0:
+        raise RuntimeError(f"out of memory: cudaHostRegister of {nbytes / 2**30:.2f} GiB of host memory failed (CUDA error {error})")
+    out = region[:nbytes].view(dtype).view(shape)
+    weakref.finalize(out, cudart.cudaHostUnregister, region.data_ptr())
+    return out
 
 
 def reset_peak_memory(device: torch.device) -> None:

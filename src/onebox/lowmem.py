@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from onebox.config import TrainConfig
+from onebox.device import pinned_zeros
 from onebox.errors import OneboxError
 from onebox.optim import param_groups
 
@@ -47,8 +48,12 @@ class Int8State:
     def __init__(self, shape: torch.Size, device: torch.device | str, signed: bool, pin: bool) -> None:
         self.shape, self.numel, self.signed = shape, int(torch.Size(shape).numel()), signed
         blocks = -(-self.numel // self.BLOCK)
-        self.q = torch.zeros(blocks * self.BLOCK, dtype=torch.int8 if signed else torch.uint8, device=device, pin_memory=pin)
-        self.scale = torch.zeros(blocks, dtype=torch.float32, device=device, pin_memory=pin)
+        qtype = torch.int8 if signed else torch.uint8
+        if pin:
+            self.q, self.scale = pinned_zeros((blocks * self.BLOCK,), qtype), pinned_zeros((blocks,), torch.float32)
+        else:
+            self.q = torch.zeros(blocks * self.BLOCK, dtype=qtype, device=device)
+            self.scale = torch.zeros(blocks, dtype=torch.float32, device=device)
         self.levels = 127.0 if signed else 255.0
 
     def load(self, device: torch.device) -> Tensor:
@@ -129,7 +134,7 @@ class LowMemAdamW:
         if dtype == "int8":
             return Int8State(p.shape, "cpu" if pin else p.device, signed=key == "exp_avg", pin=pin)
         if pin:
-            return torch.zeros(p.shape, dtype=dtype, device="cpu", pin_memory=True)
+            return pinned_zeros(p.shape, dtype)
         return torch.zeros(p.shape, dtype=dtype, device=p.device)
 
     def _hook(self, p: Tensor) -> None:

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from onebox.config import ModelConfig
+from onebox.device import pinned_zeros
 from onebox.model import Block, Transformer, rope_tables
 
 
@@ -97,12 +98,14 @@ def build_streamed(config: ModelConfig, device: torch.device, dtype: torch.dtype
     for name, child in model.named_children():
         if name != "layers":
             child.to_empty(device=device)
-    pin = device.type == "cuda"
+    pinned = []  # the registered host tensors: they must live as long as the parameters that use their pages
     for i, block in enumerate(model.layers):
-        block.to_empty(device=device if i < resident else "cpu")
-        if i >= resident and pin:
+        if i >= resident and device.type == "cuda":
             for p in block.parameters():
-                p.data = p.data.pin_memory()
+                pinned.append(pinned_zeros(p.shape, dtype))
+                p.data = pinned[-1]
+        else:
+            block.to_empty(device=device if i < resident else "cpu")
     names = dict(model.named_parameters())
     scratch = _empty_block(config, device, dtype) if resident < config.layers else None
     for i, block in enumerate(model.layers):
@@ -117,4 +120,6 @@ def build_streamed(config: ModelConfig, device: torch.device, dtype: torch.dtype
         if not name.startswith("layers."):
             model.init_parameter(name, param)
     model.rope_cos, model.rope_sin = rope_tables(config.seq_len, config.head_dim, config.rope_base, device)
-    return StreamedTransformer(model.eval(), resident, device)
+    streamed = StreamedTransformer(model.eval(), resident, device)
+    streamed.pinned = pinned
+    return streamed
