@@ -197,6 +197,26 @@ def test_ceiling_records_out_of_memory_and_stops(monkeypatch):
     assert validate_document(seal(doc)) == []
 
 
+def test_ceiling_falls_back_to_a_leaner_strategy_when_the_planned_one_runs_out(monkeypatch):
+    import onebox.bench.ceiling as ceiling
+    from onebox.bench.schema import seal, validate_document
+
+    real = ceiling.build_for_training
+    planned = ceiling.plan(preset("tiny"), 1, ceiling.machine_memory(torch.device("cpu")), False, mixed=False)[0]
+
+    def planned_runs_out(config, train_config, strategy, device):
+        if strategy is planned:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        return real(config, train_config, strategy, device)
+
+    monkeypatch.setattr(ceiling, "build_for_training", planned_runs_out)
+    doc = ceiling.run_ceiling(["tiny"], torch.device("cpu"), lambda message: None, steps=3)
+    entry = doc["entries"][0]
+    assert entry["attempts"][0] == {"strategy": planned.name, "status": "oom"} and entry["result"]["status"] == "ok"
+    assert entry["strategy"] != planned.name and entry["attempts"][-1]["strategy"] == entry["strategy"]
+    assert validate_document(seal(doc)) == []
+
+
 def test_bench_ceiling_command_writes_a_valid_document(tmp_path):
     from onebox.bench.schema import read_document, validate_document
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import mmap
 import os
 import platform
 import resource
@@ -106,23 +107,22 @@ def pinned_zeros(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype) -> tor
 
     torch's pinned-memory allocator (pin_memory=True) rounds every block up to a power of two, which
     at 20B parameters of optimizer state asked for ~1.5x the bytes and the host ran out (H100 machine,
-    128 GB; benchmarks/NOTES.md). So the pages are allocated as ordinary memory, page-aligned inside
-    a private allocation, and registered with CUDA (cudaHostRegister); they are unregistered when the
+    128 GB; benchmarks/NOTES.md). So the pages are an anonymous mapping of exactly the size needed
+    (rounded to whole pages), registered with CUDA (cudaHostRegister), and unregistered when the
     returned tensor is freed, so whoever keeps the storage must keep this tensor."""
     numel = int(torch.Size(shape).numel())
     nbytes = numel * torch.empty((), dtype=dtype).element_size()
     if nbytes == 0:
         return torch.zeros(shape, dtype=dtype)
-    page = 4096
-    span = -(-nbytes // page) * page
-    raw = torch.zeros(span + page, dtype=torch.uint8)  # no page of the registered span is shared with another allocation
-    region = raw[(-raw.data_ptr()) % page :][:span]
+    span = -(-nbytes // mmap.PAGESIZE) * mmap.PAGESIZE
+    pages = mmap.mmap(-1, span)  # anonymous: page-aligned, zero-filled, shared with no other allocation
+    flat = torch.frombuffer(pages, dtype=torch.uint8)  # the tensor keeps the mapping alive
     cudart = torch.cuda.cudart()
-    error = int(cudart.cudaHostRegister(region.data_ptr(), span, 0))
+    error = int(cudart.cudaHostRegister(flat.data_ptr(), span, 0))
     if error != 0:
         raise RuntimeError(f"out of memory: cudaHostRegister of {nbytes / 2**30:.2f} GiB of host memory failed (CUDA error {error})")
-    out = region[:nbytes].view(dtype).view(shape)
-    weakref.finalize(out, cudart.cudaHostUnregister, region.data_ptr())
+    out = flat[:nbytes].view(dtype).view(shape)
+    weakref.finalize(out, cudart.cudaHostUnregister, flat.data_ptr())
     return out
 
 

@@ -3,13 +3,19 @@
 Each rung plans its memory strategy (or uses the one given), builds the model straight in its
 weight dtype, trains `steps` steps on one fixed batch of synthetic tokens (the loss must fall) and
 records ms/step, tokens/s, measured peak GPU memory, the process's peak host memory and the
-planner's predictions beside them. The climb stops at the first rung that does not fit.
+planner's predictions beside them. On a GPU each rung runs in a fresh process, so nothing one rung
+leaves behind (cached graphs, fragmented or registered memory) shrinks the next, its host peak is its
+own, and a rung the kernel kills for host memory is recorded as out of memory. When the planned
+strategy runs out of memory anyway, the next leaner one that the planner says fits is tried. The
+climb stops at the first rung that no strategy fits.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import gc
 import math
+import multiprocessing
 import resource
 import statistics
 import time
@@ -31,6 +37,7 @@ from onebox.device import (
     synchronize,
 )
 from onebox.plan import (
+    STRATEGIES,
     Strategy,
     build_for_training,
     fits,
@@ -95,6 +102,17 @@ def climb(config: Any, chosen: Strategy, device: torch.device, batch: int, steps
             "loss_start": losses[0], "loss_end": losses[-1]}
 
 
+def climb_isolated(config: Any, chosen: Strategy, device: torch.device, batch: int, steps: int, lr: float) -> dict[str, Any]:
+    """climb() in a fresh process on a GPU (in this one on the CPU, where tests run it)."""
+    if device.type != "cuda":
+        return climb(config, chosen, device, batch, steps, lr)
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        try:
+            return pool.submit(climb, config, chosen, device, batch, steps, lr).result()
+        except concurrent.futures.process.BrokenProcessPool:
+            return {"status": "oom", "error": "the rung's process was killed (host memory ran out)"}
+
+
 def run_ceiling(names: list[str] | None, device: torch.device, say: Say, batch: int = 1, steps: int = 10, memory: str = "auto",
                 lr: float = 3e-4) -> dict[str, Any]:
     """The `ceiling` document: one entry per rung climbed, the last being the first that did not fit."""
@@ -106,8 +124,10 @@ def run_ceiling(names: list[str] | None, device: torch.device, say: Say, batch: 
     doc = new_document("ceiling", device, {"batch": batch, "steps": steps, "memory": memory, "lr": lr, "ladder": names,
                                            "tokens": "fixed synthetic batch"})
     for config in configs:
+        fallbacks: list[Strategy] = []
         if memory == "auto":
-            chosen, _ = plan(config, batch, machine, compiled, mixed=mixed)
+            chosen, predictions = plan(config, batch, machine, compiled, mixed=mixed)
+            fallbacks = [p.strategy for p in predictions if fits(p, machine) and p.strategy is not chosen]
         else:
             chosen = resolve_strategy(memory, config, batch, device, compiled=compiled, mixed=mixed)
         if chosen is None:  # no strategy fits by the planner's arithmetic: the leanest one's numbers say why
@@ -118,14 +138,20 @@ def run_ceiling(names: list[str] | None, device: torch.device, say: Say, batch: 
             say(f"{config.name:<5} {config.num_params() / 1e9:5.1f}B  does not fit: the leanest strategy ({leanest.strategy.name}) needs "
                 f"{format_bytes(leanest.gpu)} on the device and {format_bytes(leanest.host)} of host memory")
             break
-        predicted = predict(config, batch, chosen, compiled, mixed)
-        say(f"{config.name:<5} {config.num_params() / 1e9:5.1f}B  {chosen.name}: predicted {format_bytes(predicted.gpu)} device, "
-            f"{format_bytes(predicted.host)} host{'' if fits(predicted, machine) else ' (over the planner limit)'}; training {steps} steps ...")
-        result = climb(config, chosen, device, batch, steps, lr)
-        doc["entries"].append({"config": config_record(config), "batch": batch, "strategy": chosen.name,
+        attempts: list[dict[str, Any]] = []
+        for strategy in [chosen] + [f for f in fallbacks if STRATEGIES.index(f) > STRATEGIES.index(chosen)]:
+            predicted = predict(config, batch, strategy, compiled, mixed)
+            say(f"{config.name:<5} {config.num_params() / 1e9:5.1f}B  {strategy.name}: predicted {format_bytes(predicted.gpu)} device, "
+                f"{format_bytes(predicted.host)} host{'' if fits(predicted, machine) else ' (over the planner limit)'}; training {steps} steps ...")
+            result = climb_isolated(config, strategy, device, batch, steps, lr)
+            attempts.append({"strategy": strategy.name, "status": result["status"], **({"error": result["error"]} if "error" in result else {})})
+            if result["status"] != "oom":
+                break
+            say(f"{config.name:<5} {strategy.name}: out of memory{' (' + result['error'] + ')' if 'error' in result else ''}")
+        doc["entries"].append({"config": config_record(config), "batch": batch, "strategy": strategy.name, "attempts": attempts,
                                "predicted": {"gpu_bytes": predicted.gpu, "host_bytes": predicted.host}, "result": result})
         if result["status"] == "oom":
-            say(f"{config.name:<5} out of memory: the training ceiling is the rung below")
+            say(f"{config.name:<5} out of memory with every strategy tried: the training ceiling is the rung below")
             break
         say(f"{config.name:<5} {result['status']}: {result['ms_per_step']:,.0f} ms/step | {result['tokens_per_second']:,.0f} tok/s | "
             f"device peak {format_bytes(result['peak_memory_bytes'])} | host peak {format_bytes(result['host_peak_bytes'])} | "

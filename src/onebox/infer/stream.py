@@ -11,7 +11,7 @@ On the CPU the same code runs with plain copies, which is how the tests check it
 from __future__ import annotations
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from onebox.config import ModelConfig
 from onebox.device import pinned_zeros
@@ -101,9 +101,10 @@ def build_streamed(config: ModelConfig, device: torch.device, dtype: torch.dtype
     pinned = []  # the registered host tensors: they must live as long as the parameters that use their pages
     for i, block in enumerate(model.layers):
         if i >= resident and device.type == "cuda":
-            for p in block.parameters():
-                pinned.append(pinned_zeros(p.shape, dtype))
-                p.data = pinned[-1]
+            for module in block.modules():
+                for name, p in list(module._parameters.items()):
+                    pinned.append(pinned_zeros(p.shape, dtype))
+                    module._parameters[name] = nn.Parameter(pinned[-1], requires_grad=False)
         else:
             block.to_empty(device=device if i < resident else "cpu")
     names = dict(model.named_parameters())
