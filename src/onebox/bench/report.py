@@ -53,13 +53,34 @@ def training_rows(docs: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
             r, c = entry["result"], entry["config"]
             baseline = entry.get("baseline") or {}
             rows.append({
-                "device": device_of(doc), "precision": _precision(doc, device_of(doc)), "commit": (doc.get("git_commit") or "")[:7], "name": c["name"], "shape": f"{c['dim']}d/{c['hidden']}h/{c['layers']}L/seq{c['seq']}", "params": c["params"],
+                "device": device_of(doc), "precision": _precision(doc, device_of(doc)), "commit": _commit(doc), "name": c["name"], "shape": f"{c['dim']}d/{c['hidden']}h/{c['layers']}L/seq{c['seq']}", "params": c["params"],
                 "batch": entry["batch"], "status": r["status"], "ms": r.get("ms_per_step"), "tokens_per_second": r.get("tokens_per_second"),
                 "mfu": r.get("mfu"), "memory": r.get("peak_memory_bytes") or r.get("estimated_bytes"), "watts": r.get("avg_power_watts"),
                 "tokens_per_joule": r.get("tokens_per_joule"), "baseline": baseline.get("kind"),
                 "ratio": (baseline.get("ratios") or {}).get("tokens_per_second"),
             })
     return rows
+
+
+def _commit(doc: dict[str, Any]) -> str:
+    commit = (doc.get("git_commit") or "")[:7]
+    return commit if all(c in "0123456789abcdef" for c in commit) else "n/a"  # early documents hold a ref, not a commit
+
+
+def _latest_entries(docs: Iterable[dict[str, Any]], benchmark: str) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """The entries of one benchmark, the newest document's per device, model and batch (a rerun supersedes), by device then size."""
+    latest: dict[tuple[str, str, int], tuple[dict[str, Any], dict[str, Any]]] = {}
+    for doc in sorted((d for d in docs if d["benchmark"] == benchmark), key=lambda d: d.get("created_utc", "")):
+        for entry in doc["entries"]:
+            latest[(device_of(doc), entry["config"]["name"], entry["batch"])] = (doc, entry)
+    return sorted(latest.values(), key=lambda de: (device_of(de[0]), de[1]["config"]["params"], de[1]["batch"]))
+
+
+def _streamed(result: dict[str, Any]) -> str:
+    if not result.get("streamed"):
+        return "resident"
+    text = f"{result['streamed_blocks']} blocks streamed ({_fmt(result['streamed_bytes'], 'gb')})"
+    return text + (f", {result['over_floor']:.2f}x the copy floor" if result.get("over_floor") else "")
 
 
 def _table(headers: list[str], rows: list[list[str]]) -> tuple[str, str]:
@@ -138,25 +159,38 @@ def build_report(docs: list[dict[str, Any]], out_dir: str | Path) -> tuple[Path,
                     [[scale, b["name"], _fmt(b["tokens_per_second"], "int"), _fmt(b["mfu"], "pct"), _fmt(b["peak_memory_bytes"], "gb"),
                       _fmt(b["avg_power_watts"], "int"), _fmt(b["tokens_per_joule"], "int")] if b else [scale, "nothing fitted", "", "", "", "", ""]
                      for scale, b in best.items()], note=f"wide+shallow against deep+narrow: {note}" if note else "")
-    forward = [(doc, e) for doc in docs if doc["benchmark"] == "forward" for e in doc["entries"]]
+    forward = _latest_entries(docs, "forward")
     if forward:
-        section("Forward ladder", ["device", "rung", "params", "ms/pass", "tok/s", "peak memory"],
-                [[device_of(d), e["config"]["name"], _fmt(e["config"]["params"], "params"),
+        section("Forward ladder", ["device", "commit", "rung", "params", "ms/pass", "tok/s", "peak memory", "weights"],
+                [[device_of(d), _commit(d), e["config"]["name"], _fmt(e["config"]["params"], "params"),
                   _fmt(e["result"]["ms_per_pass"], "ms") if e["result"]["status"] == "ok" else "out of memory",
-                  _fmt(e["result"]["tokens_per_second"], "int"), _fmt(e["result"]["peak_memory_bytes"], "gb")] for d, e in forward])
+                  _fmt(e["result"]["tokens_per_second"], "int"), _fmt(e["result"]["peak_memory_bytes"], "gb"), _streamed(e["result"])] for d, e in forward])
         series = defaultdict(list)
         for d, e in forward:
             if e["result"]["status"] == "ok":
                 series[device_of(d)].append((e["config"]["params"], e["result"]["ms_per_pass"]))
         figure("forward_ladder", _plot(series, "parameters", "ms per forward pass", "forward ladder"))
-    ceiling = [(doc, e) for doc in docs if doc["benchmark"] == "ceiling" for e in doc["entries"]]
+    ceiling = _latest_entries(docs, "ceiling")
     if ceiling:
-        section("Training ceiling", ["device", "rung", "params", "strategy", "status", "ms/step", "tok/s", "peak memory", "host peak",
+        section("Training ceiling", ["device", "commit", "rung", "params", "strategy", "status", "ms/step", "tok/s", "peak memory", "host peak",
                                      "predicted device", "predicted host"],
-                [[device_of(d), e["config"]["name"], _fmt(e["config"]["params"], "params"), e["strategy"], e["result"]["status"],
+                [[device_of(d), _commit(d), e["config"]["name"], _fmt(e["config"]["params"], "params"), e["strategy"], e["result"]["status"],
                   _fmt(e["result"].get("ms_per_step"), "ms"), _fmt(e["result"].get("tokens_per_second"), "int"),
                   _fmt(e["result"].get("peak_memory_bytes"), "gb"), _fmt(e["result"].get("host_peak_bytes"), "gb"),
-                  _fmt(e["predicted"]["gpu_bytes"], "gb"), _fmt(e["predicted"]["host_bytes"], "gb")] for d, e in ceiling])
+                  _fmt(e["predicted"]["gpu_bytes"], "gb"), _fmt(e["predicted"]["host_bytes"], "gb")] for d, e in ceiling],
+                note="The newest measurement of each rung on each device.")
+    decode = _latest_entries(docs, "decode")
+    if decode:
+        section("Decode", ["device", "commit", "model", "batch", "prefill tok/s", "decode tok/s", "of the bandwidth bound", "vs transformers generate()"],
+                [[device_of(d), _commit(d), e["config"]["name"], str(e["batch"]), _fmt(e["result"]["prefill_tokens_per_second"], "int"),
+                  _fmt(e["result"]["decode_tokens_per_second"], "int"), _fmt(e["result"]["bound_fraction"], "pct"),
+                  _fmt((e["result"].get("baseline") or {}).get("ratio"), "x")] for d, e in decode])
+    serving = _latest_entries(docs, "serve")
+    if serving:
+        section("Serving", ["device", "commit", "model", "clients", "tok/s", "vs one client", "TTFT p50 ms", "TTFT p95 ms", "latency p50 ms", "latency p95 ms"],
+                [[device_of(d), _commit(d), e["config"]["name"], str(e["batch"]), _fmt(e["result"]["tokens_per_second"], "int"),
+                  _fmt(e["result"].get("over_first"), "x"), _fmt(e["result"]["ttft_p50_ms"], "int"), _fmt(e["result"]["ttft_p95_ms"], "int"),
+                  _fmt(e["result"]["latency_p50_ms"], "int"), _fmt(e["result"]["latency_p95_ms"], "int")] for d, e in serving])
     dims = [d for d in docs if d["benchmark"] == "dims"]
     if dims:
         section("Dimension scan", ["device", "dim", "hidden", "ms", "TFLOP/s", "ns/GFLOP", "spread"],

@@ -102,7 +102,7 @@ def build_streamed(config: ModelConfig, device: torch.device, dtype: torch.dtype
     for i, block in enumerate(model.layers):
         if i >= resident and device.type == "cuda":
             for module in block.modules():
-                for name, p in list(module._parameters.items()):
+                for name, p in [(n, p) for n, p in module._parameters.items() if p is not None]:
                     pinned.append(pinned_zeros(p.shape, dtype))
                     module._parameters[name] = nn.Parameter(pinned[-1], requires_grad=False)
         else:
