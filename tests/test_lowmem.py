@@ -278,3 +278,25 @@ def test_int8_moments_track_fp32_moments(corpus_dir):
         final[str(moments)] = sum(losses[-10:]) / 10
         assert losses[-1] < losses[0] - 1.0
     assert abs(final["int8"] - final["torch.float32"]) / final["torch.float32"] < 0.02
+
+
+def test_bf16_weights_under_autocast_compute_what_fp32_weights_of_the_same_values_do():
+    """The low-memory strategies change where weights live, not the forward: under autocast a bf16-weight
+    model's loss equals, bit for bit, an fp32 model's whose weights hold the same (bf16) values (the residual
+    stream is fp32 in both), and its gradients differ by bf16 rounding only."""
+    from onebox.model import build_model
+
+    torch.manual_seed(0)
+    low = build_model(micro_model(), "cpu", torch.bfloat16)
+    high = build_model(micro_model(), "cpu", torch.float32)
+    high.load_state_dict({k: v.float() for k, v in low.state_dict().items()})
+    x, y = torch.randint(0, 512, (2, 32)), torch.randint(0, 512, (2, 32))
+    losses = []
+    for model in (low, high):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = torch.nn.functional.cross_entropy(model(x).float().view(-1, 512), y.view(-1))
+        loss.backward()
+        losses.append(loss)
+    assert torch.equal(losses[0], losses[1])
+    for (name, a), b in zip(low.named_parameters(), high.parameters()):  # gradients: bf16 storage's rounding only (2^-8 relative)
+        assert (a.grad.float() - b.grad).norm() <= 1e-2 * b.grad.norm(), name

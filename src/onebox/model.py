@@ -226,6 +226,10 @@ class Transformer(nn.Module):
         else:
             cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]
         x = self.embed_tokens(idx)
+        if x.dtype != torch.float32 and torch.is_autocast_enabled(x.device.type):
+            # Under autocast the residual stream is fp32 whatever the weights' dtype, so bf16 weights
+            # (the low-memory strategies) compute exactly what fp32 weights of the same values do.
+            x = x.float()
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, None if caches is None else caches[i], input_pos)
         return self.norm(x)
