@@ -39,6 +39,22 @@ def test_two_processes_match_one_and_a_two_process_run_resumes_on_one(tmp_path, 
     assert main(["export", str(tmp_path / "two"), str(tmp_path / "hf")]) == 0  # a sharded run's checkpoint exports like any other
 
 
+def test_a_multi_process_checkpoint_is_sharded_pruned_whole_and_resumes_on_two(tmp_path, corpus_dir, capsys):
+    from onebox.checkpoint import load_checkpoint
+
+    run = tmp_path / "two"
+    assert _train(run, corpus_dir, "--batch-size", "4", "--gpus", "2", "--keep-last", "1") == 0
+    assert sorted(p.name for p in run.glob("ckpt_*")) == ["ckpt_0000008.dcp", "ckpt_0000008.pt"]  # step 4's file and shards pruned together
+    payload = load_checkpoint(run)
+    assert payload["sharded"] and "model" not in payload and payload["world"] == 2  # the weights live only in the shards
+    assert not list(run.glob(".*.tmp"))
+    # the bf16 strategies keep other optimizer state: refused with a reason
+    assert main(["train", "--resume", str(run), "--out-dir", str(tmp_path / "bf16"), "--memory", "bf16", "--max-steps", "10", "--quiet"]) != 0
+    assert "written by several processes" in capsys.readouterr().err
+    assert main(["train", "--resume", str(run), "--out-dir", str(tmp_path / "more"), "--max-steps", "10", "--gpus", "2", "--device", "cpu", "--quiet"]) == 0
+    assert sorted(_losses(tmp_path / "more")) == [9, 10]
+
+
 def test_torchrun_command_drops_the_gpus_flag():
     command = torchrun_command(2, ["train", "--gpus", "2", "--preset", "tiny", "--gpus=3"])
     assert command[1:3] == ["-m", "torch.distributed.run"] and "--nproc-per-node=2" in command

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import pickle
 import re
+import shutil
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -62,10 +63,34 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
     return path
 
 
+def sharded_folder(path: str | Path) -> Path:
+    """Where the shards of a multi-process checkpoint ckpt_N.pt live: the folder ckpt_N.dcp beside it."""
+    return Path(path).with_suffix(".dcp")
+
+
 def prune_checkpoints(out_dir: str | Path, keep_last: int) -> None:
-    """Delete all but the newest keep_last checkpoints."""
+    """Delete all but the newest keep_last checkpoints (with their shard folders)."""
     for old in list_checkpoints(out_dir)[:-keep_last]:
+        shutil.rmtree(sharded_folder(old), ignore_errors=True)
         old.unlink(missing_ok=True)
+
+
+def model_state(payload: dict[str, Any]) -> dict[str, Any]:
+    """The whole model's state dict of a loaded checkpoint, gathered from its shards when several processes wrote it."""
+    if not payload.get("sharded"):
+        return payload["model"]
+    from onebox.config import model_config_from_dict
+    from onebox.distributed import load_sharded
+    from onebox.model import Transformer
+
+    folder = sharded_folder(payload["path"])
+    if not folder.is_dir():
+        raise OneboxError(f"checkpoint {payload['path']} was written by several processes, but its shard folder {folder} is missing.")
+    with torch.device("meta"):
+        model = Transformer(model_config_from_dict(payload["model_config"]))
+    model.to_empty(device="cpu")
+    load_sharded(folder, model, [])
+    return model.state_dict()
 
 
 def resolve_checkpoint(path_or_dir: str | Path) -> Path:

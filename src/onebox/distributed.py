@@ -10,7 +10,9 @@ processes resumes on any number (1 included), exports, and inspects like any oth
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -91,18 +93,6 @@ def any_rank(flag: bool, info: DistInfo) -> bool:
     return bool(value.item())
 
 
-def full_state(model: torch.nn.Module, optimizers: list[torch.optim.Optimizer]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Unsharded model and optimizer state dicts on the CPU (every rank takes part; rank 0 writes them)."""
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        get_model_state_dict,
-        get_optimizer_state_dict,
-    )
-
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return get_model_state_dict(model, options=options), [get_optimizer_state_dict(model, opt, options=options) for opt in optimizers]
-
-
 def load_full_state(model: torch.nn.Module, optimizers: list[torch.optim.Optimizer], model_state: dict[str, Any] | None,
                     optimizer_states: list[dict[str, Any]]) -> None:
     """Load unsharded state (by parameter name) into a model, sharded or not, and its optimizers."""
@@ -117,6 +107,38 @@ def load_full_state(model: torch.nn.Module, optimizers: list[torch.optim.Optimiz
         set_model_state_dict(model, model_state, options=options)
     for opt, state in zip(optimizers, optimizer_states):
         set_optimizer_state_dict(model, opt, state, options=options)
+
+
+def save_sharded(folder: str | Path, model: torch.nn.Module, optimizers: list[torch.optim.Optimizer]) -> None:
+    """Every process writes its own shards of the model and optimizer state (torch.distributed.checkpoint),
+    so no process ever holds the whole: what a model too large for one host's memory needs."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    state = {"model": get_model_state_dict(model), "optimizer": {str(i): get_optimizer_state_dict(model, opt) for i, opt in enumerate(optimizers)}}
+    dcp.save(state, checkpoint_id=str(folder))
+
+
+def load_sharded(folder: str | Path, model: torch.nn.Module, optimizers: list[torch.optim.Optimizer]) -> None:
+    """Load a sharded checkpoint into a model sharded over any number of processes, or not sharded at all
+    (torch.distributed.checkpoint reshards as it reads), and into its optimizers (none: the model only)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    state: dict[str, Any] = {"model": get_model_state_dict(model)}
+    if optimizers:
+        state["optimizer"] = {str(i): get_optimizer_state_dict(model, opt) for i, opt in enumerate(optimizers)}
+    with warnings.catch_warnings():  # in one process DCP says it reads "in a single process": that is the intent
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
+        dcp.load(state, checkpoint_id=str(folder))
+    set_model_state_dict(model, state["model"])
+    for i, opt in enumerate(optimizers):
+        set_optimizer_state_dict(model, opt, state["optimizer"][str(i)])
 
 
 def barrier(info: DistInfo) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
 import signal
 import threading
 import time
@@ -23,6 +25,7 @@ from onebox.checkpoint import (
     load_checkpoint,
     prune_checkpoints,
     save_checkpoint,
+    sharded_folder,
 )
 from onebox.config import (
     ModelConfig,
@@ -54,10 +57,11 @@ from onebox.distributed import (
     DistInfo,
     any_rank,
     barrier,
-    full_state,
     init_distributed,
     load_full_state,
+    load_sharded,
     mean_over_ranks,
+    save_sharded,
     shard_model,
     shutdown,
 )
@@ -242,24 +246,32 @@ def _train(model_config: ModelConfig, config: TrainConfig, resume: str | None, c
     tokenizer_json = info.tokenizer_path.read_text() if info.tokenizer_path else None
 
     compiled = compile_scope(config.compile, device) is not None
-    if ranks.active:
+    sharded = payload is not None and bool(payload.get("sharded"))
+    if sharded and not ranks.active and config.memory not in ("auto", "standard", "checkpointed"):
+        raise OneboxError(f"{payload['path']} was written by several processes (fp32 AdamW state in shards): resume it with --memory standard "
+                          f"or checkpointed, not {config.memory}.")
+    if ranks.active or sharded:
         chosen = sharded_strategy(config.memory)
     else:
         chosen = resolve_strategy(config.memory, model_config, config.batch_size, device, config.optimizer, config.grad_accum, compiled, dtype is not None)
     checkpointing = config.activation_checkpointing or chosen.checkpointing
     torch.manual_seed(config.seed)  # the same on every rank: every rank starts from the same weights
-    state = payload["model"] if payload is not None else init_state
-    optimizer_states = payload["optimizer"] if payload is not None else []
+    state = payload["model"] if payload is not None and not sharded else init_state
+    optimizer_states = payload["optimizer"] if payload is not None and not sharded else []
     if ranks.active:  # transforms first, then FSDP2 (torchtitan's order), then the optimizer over the shards
         model = build_model(model_config, device)
         loss_fn = prepare_training(model, device, config.precision, config.compile, checkpointing)
         shard_model(model, dtype is not None)
         optimizer = build_optimizer(model, config)
-        if state is not None:
+        if sharded:
+            load_sharded(sharded_folder(payload["path"]), model, optimizer.optimizers)
+        elif state is not None:
             load_full_state(model, optimizer.optimizers, state, optimizer_states)
     else:
         model, optimizer = build_for_training(model_config, config, chosen, device, state)
-        if payload is not None:
+        if sharded:
+            load_sharded(sharded_folder(payload["path"]), model, optimizer.optimizers)
+        elif payload is not None:
             _load_optimizer(model, optimizer, optimizer_states)
         loss_fn = prepare_training(model, device, config.precision, config.compile, checkpointing)
     raw_model = model
@@ -286,23 +298,32 @@ def _train(model_config: ModelConfig, config: TrainConfig, resume: str | None, c
             f"{config.batch_size * config.grad_accum * ranks.world} sequences per optimizer step; the lr schedule counts optimizer steps")
 
     def save(step: int, last_loss: float | None) -> Path:
-        if ranks.active:  # every rank gives its shards; rank 0 writes the whole
-            model_state, optimizer_state = full_state(raw_model, optimizer.optimizers)
-        else:
-            model_state, optimizer_state = raw_model.state_dict(), optimizer.state_dict()
         path = checkpoint_path(out_dir, step)
+        if ranks.active:  # every rank writes its own shards to ckpt_N.dcp (into a temp folder, renamed when all are done)
+            folder = sharded_folder(path)
+            staging = folder.with_name(f".{folder.name}.tmp")
+            if ranks.main:
+                shutil.rmtree(staging, ignore_errors=True)
+            barrier(ranks)
+            save_sharded(staging, raw_model, optimizer.optimizers)
+            barrier(ranks)
+            if ranks.main:
+                shutil.rmtree(folder, ignore_errors=True)
+                os.replace(staging, folder)
+            weights: dict[str, Any] = {"sharded": True}
+        else:
+            weights = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict()}
         if not ranks.main:
             barrier(ranks)
             return path
-        path = save_checkpoint(
+        path = save_checkpoint(  # last: a checkpoint exists once this small file does
             path,
             {
                 "onebox_version": __version__,
                 "world": ranks.world,
                 "step": step,
                 "tokens_seen": tokens_seen,
-                "model": model_state,
-                "optimizer": optimizer_state,
+                **weights,
                 "data": loader.state_dict(),
                 "rng": _rng_state(device),
                 "model_config": config_dict(model_config),

@@ -67,12 +67,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from onebox.checkpoint import load_checkpoint
+    from onebox.checkpoint import load_checkpoint, model_state
     from onebox.config import model_config_from_dict
     from onebox.export import export_hf
 
     payload = load_checkpoint(args.checkpoint)
-    out = export_hf(payload["model"], model_config_from_dict(payload["model_config"]), payload.get("tokenizer_json"), args.out_dir, args.dtype)
+    out = export_hf(model_state(payload), model_config_from_dict(payload["model_config"]), payload.get("tokenizer_json"), args.out_dir, args.dtype)
     console.print(f"exported {payload['path']} (step {payload['step']}) to {out} as a Hugging Face Llama folder", highlight=False)
     return 0
 

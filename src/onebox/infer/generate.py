@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer
 
-from onebox.checkpoint import load_checkpoint
+from onebox.checkpoint import load_checkpoint, model_state
 from onebox.config import model_config_from_dict
 from onebox.device import synchronize
 from onebox.errors import OneboxError
@@ -43,7 +43,7 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[Tr
         model, tokenizer_json = model_from_hf(path, device)
     else:
         payload = load_checkpoint(path)
-        model = model_from_state(model_config_from_dict(payload["model_config"]), payload["model"], device)
+        model = model_from_state(model_config_from_dict(payload["model_config"]), model_state(payload), device)
         tokenizer_json = payload.get("tokenizer_json")
     model.eval()
     return model, tokenizer_from_json(tokenizer_json) if tokenizer_json else None
