@@ -328,3 +328,27 @@ def test_serve_command_starts_a_server_for_a_run_folder(tmp_path, corpus_dir):
     finally:
         server.terminate()
         server.wait(timeout=20)
+
+
+def test_reduction_gemv_equals_the_linear_layer_it_replaces(model):
+    """The decode-time multiply-and-sum product against F.linear: 1e-5 in fp32 for few rows; above ROWS it is F.linear."""
+    from onebox.infer.gemv import ROWS, ReductionLinear, use_reduction_gemv
+
+    layer = torch.nn.Linear(48, 40, bias=True)
+    x = torch.randn(2, 3, 48)
+    expected = layer(x)
+    layer.__class__ = ReductionLinear
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+    many = torch.randn(ROWS + 1, 1, 48)
+    assert torch.equal(layer(many), torch.nn.functional.linear(many, layer.weight, layer.bias))
+    clone = Transformer(model.config).eval()
+    clone.load_state_dict(model.state_dict())
+    ids = torch.randint(0, 512, (1, 12))
+    with torch.no_grad():
+        before = clone(ids, torch.arange(12), clone.new_kv_caches(1))[:, -1:]
+        use_reduction_gemv(clone)
+        assert type(clone.layers[0].self_attn.o_proj) is ReductionLinear and type(clone.layers[0].mlp.down_proj) is ReductionLinear
+        caches = clone.new_kv_caches(1)
+        clone(ids[:, :11], torch.arange(11), caches)  # 11 rows: F.linear
+        after = clone(ids[:, 11:], torch.arange(11, 12), caches)  # 1 row: the reduction
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-5)
