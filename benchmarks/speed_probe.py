@@ -4,7 +4,8 @@ Run on the GPU machine (PYTHONPATH=src):
   python benchmarks/speed_probe.py --preset 600m-A --batch 32 --variants block,block+fp8,hf-compile \
       --profile block --out $OUT
 A variant is a compile scope (eager, block, model) joined with options: fp8 (torchao float8, per-tensor
-scales), fp8row (per-row scales), ckpt (activation checkpointing), clip2 (clipping as its own pass);
+scales), fp8row (per-row scales), ckpt (activation checkpointing), clip2 (clipping as its own pass), sidestep (each
+block's AdamW step on a second stream during backward);
 @B sets its batch. Prints one table row per variant, and
 for each profiled variant the GPU time per step by kernel kind with the top kernels.
 """
@@ -48,6 +49,8 @@ def builder(variant: str):
         elif "fp8" in parts:
             apply_float8(model, device)
         loss = prepare_training(model, device, "bf16", scope, "ckpt" in parts)
+        if "sidestep" in parts:
+            return Contender(loss, side_stream_update(model, settings.lr, device), scope != "off")
         optimizer = build_optimizer(model, TrainConfig(lr=settings.lr, device=str(device)))
 
         def update() -> None:
@@ -61,6 +64,56 @@ def builder(variant: str):
         return Contender(loss, update, scope != "off")
 
     return build
+
+
+def side_stream_update(model: Transformer, lr: float, device: torch.device):
+    """The optimizer overlapped with backward (variant +sidestep): as soon as a block's gradients are complete
+    (post-accumulate-grad hooks), its fused AdamW step runs on a second CUDA stream, memory-bound beside the
+    compute-bound backward of the blocks below; the embedding and final norm step after backward. Clipping
+    uses the previous step's global norm (as the low-memory AdamW does). Returns the per-step update."""
+    side = torch.cuda.Stream(device)
+    square, clip = torch.zeros((), device=device), torch.ones((), device=device)
+
+    def adamw(params: list[torch.Tensor]) -> torch.optim.AdamW:
+        decay, flat = [p for p in params if p.dim() >= 2], [p for p in params if p.dim() < 2]
+        groups = [g for g in ({"params": decay, "weight_decay": 0.1}, {"params": flat, "weight_decay": 0.0}) if g["params"]]
+        return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=True)
+
+    def on_side(params: list[torch.Tensor], opt: torch.optim.AdamW) -> None:
+        ready = torch.cuda.current_stream(device).record_event()
+        with torch.cuda.stream(side):
+            side.wait_event(ready)
+            square.add_(torch.stack(torch._foreach_norm([p.grad for p in params])).square().sum())
+            opt.grad_scale = 1.0 / clip
+            opt.step()
+            opt.grad_scale = None
+
+    for block in model.layers:
+        params = list(block.parameters())
+        opt, left = adamw(params), [len(params)]
+
+        def hook(_: torch.Tensor, params=params, opt=opt, left=left) -> None:
+            left[0] -= 1
+            if left[0] == 0:
+                left[0] = len(params)
+                on_side(params, opt)
+
+        for q in params:
+            q.register_post_accumulate_grad_hook(hook)
+    rest = [q for name, q in model.named_parameters() if not name.startswith("layers.")]
+    rest_opt = adamw(rest)
+
+    def update() -> None:
+        torch.cuda.current_stream(device).wait_stream(side)
+        square.add_(torch.stack(torch._foreach_norm([q.grad for q in rest])).square().sum())
+        rest_opt.grad_scale = 1.0 / clip
+        rest_opt.step()
+        rest_opt.grad_scale = None
+        clip.copy_(torch.clamp(1.0 / (square.sqrt() + 1e-6), max=1.0))  # the next step's factor
+        square.zero_()
+        model.zero_grad(set_to_none=True)
+
+    return update
 
 
 def contender(variant: str, config: ModelConfig, device: torch.device, settings: BenchSettings) -> Contender:
