@@ -3,7 +3,8 @@
   python benchmarks/decode_probe.py --preset 600m-A --batch 1 --variants plain,fused,fused+autotune --out $OUT
 
 A variant is plain (separate q/k/v and gate/up products) or fused, optionally +autotune (torch.compile
-mode max-autotune instead of reduce-overhead) and +math/+efficient/+cudnn (the SDPA kernel, forced), +gemvsum (o_proj and down as multiply + sum). For each it prints: whether CUDA graphs were skipped (inductor's counters), the engine's tokens/s (as bench decode
+mode max-autotune instead of reduce-overhead) and +math/+efficient/+cudnn (the SDPA kernel, forced), +gemvsum (o_proj and down as multiply + sum),
++window (attention over the cache up to the next power of two past the furthest position). For each it prints: whether CUDA graphs were skipped (inductor's counters), the engine's tokens/s (as bench decode
 measures it), the compiled step alone in a loop of back-to-back launches (no host work: the floor of
 this design), and a profile of a few engine steps (host time per step, GPU busy time per step).
 """
@@ -32,7 +33,7 @@ def probe(preset: str, batch: int, variant: str, out: Path) -> str:
     mode = "max-autotune" if "autotune" in variant else "reduce-overhead"
     if "+gemvsum" in variant:  # o_proj and down as multiply + sum reductions (infer/gemv.py)
         use_reduction_gemv(model)
-    engine = Engine(model, max_batch=batch, prefix_entries=0, compile=mode, fuse=variant.startswith("fused"))
+    engine = Engine(model, max_batch=batch, prefix_entries=0, compile=mode, fuse=variant.startswith("fused"), windows="+window" in variant)
     backend = next((b for b in ("math", "efficient", "flash", "cudnn") if f"+{b}" in variant), None)
     if backend:  # the attention kernel SDPA picks for the decode step, forced
         from torch.nn.attention import SDPBackend, sdpa_kernel

@@ -56,15 +56,17 @@ def test_batched_decode_gives_the_one_at_a_time_greedy_tokens(model):
     assert engine.decode_steps < sum(len(t) for t in got)  # decoded together, not one after another
 
 
-def test_one_batched_prefill_of_mixed_requests_gives_each_ones_own_tokens(model):
+@pytest.mark.parametrize("windows", [False, True])
+def test_one_batched_prefill_of_mixed_requests_gives_each_ones_own_tokens(model, windows):
     """Greedy and seeded sampled requests of different lengths, one filling the context to its end and one
-    starting from a cached prefix, prefilled together and decoded together: each equals generate() alone."""
+    starting from a cached prefix, prefilled together and decoded together: each equals generate() alone.
+    With windows the attention reads 64 positions, then the whole context of 96, as the furthest row moves on."""
     prompts = _prompts(5, seed=3)
     shared = prompts[0] + [11, 12]
     cases = [(prompts[0], 9, 0.0, 0, 1.0, None), (prompts[1], 14, 0.9, 40, 1.0, 7), (prompts[2], CONTEXT - len(prompts[2]), 0.0, 0, 1.0, None),
              (prompts[3], 5, 1.2, 0, 0.8, 3), (shared, 12, 0.0, 0, 1.0, None)]
     expected = [generate(model, p, n, temperature=t, top_k=k, top_p=q, seed=s).samples[0] for p, n, t, k, q, s in cases]
-    engine = Engine(model, max_batch=4)
+    engine = Engine(model, max_batch=4, windows=windows)
     warm = engine.submit(Request(list(prompts[0]), 1, temperature=0))
     while warm.finish_reason is None:
         engine.step()
@@ -75,6 +77,11 @@ def test_one_batched_prefill_of_mixed_requests_gives_each_ones_own_tokens(model)
     assert got == expected
     assert requests[4].cached_tokens == len(prompts[0])  # the shared prefix came from the cache
     assert [r.finish_reason for r in requests] == ["length"] * 5
+    assert engine.caches[0].window == (CONTEXT if windows else None)
+    if windows:  # powers of two from 64, capped at the context
+        for needed, window in ((1, 64), (64, 64), (65, CONTEXT), (CONTEXT, CONTEXT)):
+            engine._set_window(needed)
+            assert all(c.window == window for c in engine.caches), (needed, window)
 
 
 def test_prefix_cache_hits_give_the_same_tokens_as_misses(model):

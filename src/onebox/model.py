@@ -59,6 +59,7 @@ class KVCache(nn.Module):
         shape = (batch, kv_heads, max_seq, head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.window: int | None = None  # when set, attention reads only the first `window` positions (all writes land below it)
 
     def update(self, input_pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Write k, v (B, kv_heads, T, head_dim) at positions input_pos ((T,), or (B, T) per row); return the whole cache."""
@@ -69,6 +70,8 @@ class KVCache(nn.Module):
             rows = torch.arange(k.shape[0], device=k.device)[:, None]
             self.k[rows, :, input_pos] = k.transpose(1, 2).to(self.k.dtype)
             self.v[rows, :, input_pos] = v.transpose(1, 2).to(self.v.dtype)
+        if self.window is not None:
+            return self.k[:, :, : self.window], self.v[:, :, : self.window]
         return self.k, self.v
 
     def rows(self, start: int, stop: int) -> KVCache:

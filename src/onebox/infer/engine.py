@@ -82,6 +82,7 @@ class Request:
 class _Active:
     request: Request
     generator: torch.Generator
+    position: int  # where the token this row feeds at the next decode step sits
     generated: int = 0
 
 
@@ -123,12 +124,15 @@ class Engine:
     """Continuous-batching decoder over one model."""
 
     def __init__(self, model: Transformer, max_batch: int = 8, prefix_entries: int = 16, compile: bool | str | None = None,
-                 prefill_tokens: int = 8192, fuse: bool = True) -> None:
-        """compile: True, False, None (on CUDA only) or a torch.compile mode (default reduce-overhead: CUDA graphs)."""
+                 prefill_tokens: int = 8192, fuse: bool = True, windows: bool = False) -> None:
+        """compile: True, False, None (on CUDA only) or a torch.compile mode (default reduce-overhead: CUDA graphs).
+        windows: attention in a decode step reads only the cache up to the next power of two (from 64) past
+        the furthest active position, one compiled graph per such window, instead of the whole context."""
         self.model = fuse_projections(model.eval()) if fuse else model.eval()
         self.config = model.config
         self.max_batch = max_batch
         self.prefill_tokens = prefill_tokens  # the most (padded) prompt tokens one batched prefill takes
+        self.windows = windows
         self.device = model.embed_tokens.weight.device
         self.caches = model.new_kv_caches(max_batch, self.config.seq_len)
         # What each row feeds at the next decode step, and at which position: device state, updated by the step itself.
@@ -233,7 +237,11 @@ class Engine:
         copied = torch.cuda.Event() if self.device.type == "cuda" else None
         if copied is not None:
             copied.record()
+        if self.windows:
+            self._set_window(max(a.position for _, a in active) + 1)
         logits = self._decode()
+        for _, a in active:
+            a.position += 1
         self.decode_steps += 1
         self.most_active = max(self.most_active, len(active))
         for i, a in active:  # sampled rows replace the greedy choice the step wrote (still on the device, in order)
@@ -244,6 +252,15 @@ class Engine:
         values = fed.tolist()
         for i, a in active:
             self._emit(i, values[i])
+
+    def _set_window(self, needed: int) -> None:
+        window = 64
+        while window < needed:
+            window *= 2
+        window = min(window, self.config.seq_len)
+        if self.caches[0].window != window:
+            for cache in self.caches:
+                cache.window = window
 
     def _admit(self) -> None:
         """Prefill as many waiting requests as there are free slots, in padded batches of at most prefill_tokens."""
@@ -297,7 +314,7 @@ class Engine:
                 self.prefix.store(request.prompt_ids, [(c.k[slot, :, :length].clone(), c.v[slot, :, :length].clone()) for c in self.caches])
             generator = torch.Generator(device=self.device)
             generator.manual_seed(request.seed if request.seed is not None else int(torch.randint(0, 2**62, ()).item()))
-            self.slots[slot] = active = _Active(request, generator)
+            self.slots[slot] = active = _Active(request, generator, len(request.prompt_ids))
             if request.temperature > 0:
                 first[row] = self._sample(active, logits[row : row + 1])[0]
         self.tokens[slots] = first[:, None]
