@@ -69,6 +69,24 @@ def _release() -> None:
         torch.cuda.empty_cache()
 
 
+def _train_steps(loss_fn: Any, optimizer: Any, x: torch.Tensor, y: torch.Tensor, device: torch.device, dtype: torch.dtype | None, steps: int,
+                 reported: Callable[[torch.Tensor], torch.Tensor]) -> tuple[list[float], list[float]]:
+    """`steps` steps on one fixed batch: the losses (as `reported` gives them) and each step's ms; reading
+    the loss syncs, so every step is timed whole."""
+    losses, times = [], []
+    for _ in range(steps):
+        start = time.perf_counter()
+        with autocast(device, dtype):
+            loss = loss_fn(x, y)
+        loss.backward()
+        optimizer.step(1.0)
+        optimizer.zero_grad()
+        losses.append(reported(loss).item())
+        synchronize(device)
+        times.append((time.perf_counter() - start) * 1000.0)
+    return losses, times
+
+
 def climb(config: Any, chosen: Strategy, device: torch.device, batch: int, steps: int, lr: float) -> dict[str, Any]:
     """Train one rung for `steps` steps; status 'ok', 'failed' (the loss did not fall) or 'oom'."""
     torch._dynamo.reset()
@@ -80,19 +98,9 @@ def climb(config: Any, chosen: Strategy, device: torch.device, batch: int, steps
         model, optimizer = build_for_training(config, train_config, chosen, device)
         loss_fn = prepare_training(model, device, "auto", "auto", chosen.checkpointing)
         x, y = synthetic_batch(config, batch, device, seed=0)
-        losses, times = [], []
-        for _ in range(steps):
-            start = time.perf_counter()
-            with autocast(device, dtype):
-                loss = loss_fn(x, y)
-            loss.backward()
-            optimizer.step(1.0)
-            optimizer.zero_grad()
-            losses.append(loss.item())  # syncs: every step is timed whole
-            synchronize(device)
-            times.append((time.perf_counter() - start) * 1000.0)
+        losses, times = _train_steps(loss_fn, optimizer, x, y, device, dtype, steps, lambda loss: loss)
         peak = peak_memory_bytes(device)
-        del model, optimizer, loss_fn, x, y, loss
+        del model, optimizer, loss_fn, x, y
     except torch.cuda.OutOfMemoryError:
         return {"status": "oom"}
     except RuntimeError as err:  # pinned host memory that cannot be had
@@ -136,17 +144,7 @@ def climb_sharded(config: Any, chosen: Strategy, device_setting: str, batch: int
             model.init_weights()
             optimizer = build_optimizer(model, TrainConfig(lr=lr, device=str(device), warmup_steps=0))
             x, y = synthetic_batch(config, batch, device, seed=ranks.rank)
-            losses, times = [], []
-            for _ in range(steps):
-                start = time.perf_counter()
-                with autocast(device, dtype):
-                    loss = loss_fn(x, y)
-                loss.backward()
-                optimizer.step(1.0)
-                optimizer.zero_grad()
-                losses.append(mean_over_ranks(loss, ranks).item())
-                synchronize(device)
-                times.append((time.perf_counter() - start) * 1000.0)
+            losses, times = _train_steps(loss_fn, optimizer, x, y, device, dtype, steps, lambda loss: mean_over_ranks(loss, ranks))
         except torch.cuda.OutOfMemoryError:
             Path(f"{out}.oom{ranks.rank}").write_text("out of memory")
             raise

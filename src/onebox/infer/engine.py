@@ -139,8 +139,7 @@ class Engine:
         self.tokens = torch.zeros(max_batch, 1, dtype=torch.long, device=self.device)
         self.positions = torch.zeros(max_batch, 1, dtype=torch.long, device=self.device)
         pinned = self.device.type == "cuda"
-        self.fed = [torch.zeros(max_batch, dtype=torch.long, pin_memory=pinned) for _ in range(2)]  # host copies, alternating
-        self.flip = 0
+        self.fed = torch.zeros(max_batch, dtype=torch.long, pin_memory=pinned)  # host copy of the tokens a step was fed
         self.slots: list[_Active | None] = [None] * max_batch
         self.pending: collections.deque[Request] = collections.deque()
         self.prefix = PrefixCache(prefix_entries)
@@ -231,9 +230,7 @@ class Engine:
         active = [(i, a) for i, a in enumerate(self.slots) if a is not None]
         if not active:
             return
-        fed = self.fed[self.flip]
-        self.flip ^= 1
-        fed.copy_(self.tokens[:, 0], non_blocking=True)  # ordered before the step below overwrites them
+        self.fed.copy_(self.tokens[:, 0], non_blocking=True)  # ordered before the step below overwrites them
         copied = torch.cuda.Event() if self.device.type == "cuda" else None
         if copied is not None:
             copied.record()
@@ -249,7 +246,7 @@ class Engine:
                 self.tokens[i] = self._sample(a, logits[i : i + 1])
         if copied is not None:
             copied.synchronize()
-        values = fed.tolist()
+        values = self.fed.tolist()  # read before the next step's copy is enqueued
         for i, a in active:
             self._emit(i, values[i])
 
