@@ -79,6 +79,39 @@ def test_a_failing_rank_is_named(tmp_path):
     assert failure_summary(done.stderr, done.returncode) == "rank 1 failed first (exit code 3)"
 
 
+SHARDED_HEAD = """
+import torch, torch.distributed as dist
+from onebox.config import ModelConfig
+from onebox.distributed import shard_model
+from onebox.model import build_model, cross_entropy_loss
+dist.init_process_group("gloo")
+torch.manual_seed(0)
+model = build_model(ModelConfig(name="m", vocab_size=512, dim=64, hidden=160, layers=2, heads=4, kv_heads=2, seq_len=32), torch.device("cpu"), torch.float32)
+x = torch.randint(0, 512, (2, 32))
+y = torch.roll(x, -1, 1)
+whole = cross_entropy_loss(model(x), y).item()
+shard_model(model, False)
+loss = cross_entropy_loss(model.logits(model.hidden_states(x)), y)  # the compiled step's path
+loss.backward()
+grad = model.embed_tokens.weight.grad.full_tensor()
+print(f"rank {dist.get_rank()} whole {whole:.6f} sharded {loss.item():.6f} grad {grad.abs().sum().item():.6f}", flush=True)
+dist.destroy_process_group()
+"""
+
+
+def test_the_compiled_steps_hidden_states_path_works_on_a_sharded_model(tmp_path):
+    # the GPU path calls model.hidden_states and then the head: FSDP2 must gather the root's parameters for it
+    script = tmp_path / "head.py"
+    script.write_text(SHARDED_HEAD)
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [line.split() for line in done.stdout.splitlines() if line.startswith("rank ")]
+    assert len(rows) == 2
+    for row in rows:
+        assert abs(float(row[3]) - float(row[5])) < 1e-5 and float(row[7]) > 0  # same loss as unsharded; the tied embedding got its gradient
+
+
 def test_memory_strategies_that_do_not_compose_with_sharding_are_refused():
     assert sharded_strategy("auto").name == "standard" and sharded_strategy("checkpointed").checkpointing
     with pytest.raises(OneboxError, match="does not compose with multi-process"):

@@ -56,13 +56,19 @@ def init_distributed(device_setting: str) -> tuple[DistInfo, str]:
 
 
 def shard_model(model: torch.nn.Module, mixed: bool) -> None:
-    """FSDP2 over each block and then the whole model; bf16 compute with fp32 gradient reduction when mixed."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    """FSDP2 over each block and then the whole model; bf16 compute with fp32 gradient reduction when mixed.
+
+    The compiled training step calls `model.hidden_states` (then the head with the loss), not the
+    model itself, so that method is registered with FSDP2: it gathers the root's parameters (the
+    embedding) first, and the root keeps them gathered after forward, so the head reads them too.
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed else MixedPrecisionPolicy()
     for block in model.layers:
         fully_shard(block, mp_policy=policy)
     fully_shard(model, mp_policy=policy)
+    register_fsdp_forward_method(model, "hidden_states")
 
 
 def mean_over_ranks(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
