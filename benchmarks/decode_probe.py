@@ -94,7 +94,10 @@ def main() -> None:
     parser.add_argument("--variants", default="plain,fused")
     parser.add_argument("--out", type=Path, default=Path("."))
     args = parser.parse_args()
-    rows = [probe(args.preset, args.batch, v, args.out) for v in args.variants.split(",")]
+    rows = []
+    for variant in args.variants.split(","):
+        rows.append(probe(args.preset, args.batch, variant, args.out))
+        print(rows[-1], flush=True)  # each row as it comes: a timeout keeps the rows measured before it
     print(f"{args.preset} batch {args.batch}:")
     print("\n".join(rows))
 

@@ -13,7 +13,7 @@ from conftest import micro_model, micro_train
 from onebox.cli import main
 from onebox.config import TrainConfig, preset
 from onebox.errors import OneboxError
-from onebox.lowmem import LowMemAdamW, stochastic_round_bf16
+from onebox.lowmem import Int8State, LowMemAdamW, stochastic_round_bf16
 from onebox.model import Transformer, build_model, cross_entropy_loss
 from onebox.optim import build_optimizer
 from onebox.plan import (
@@ -70,6 +70,44 @@ def test_lowmem_adamw_in_fp32_matches_torch_adamw(in_backward, clip):
         optimizer.step(clip)
         expected.zero_grad()
         optimizer.zero_grad()
+    for (name, a), b in zip(reference.named_parameters(), model.parameters()):
+        assert torch.allclose(a, b, rtol=1e-5, atol=2e-6), name
+
+
+def test_clipped_updates_in_backward_measure_the_first_norm_then_clip_with_the_previous_one():
+    """No norm is known during the first backward: it only measures (nothing moves). The second step clips
+    the block parameters with the first step's norm and the rest with its own: the weights then equal
+    torch's AdamW stepped once on gradients clipped that way."""
+    config = micro_model()
+    torch.manual_seed(0)
+    model, reference = Transformer(config), Transformer(config)
+    reference.load_state_dict(model.state_dict())
+    clip = 0.05
+    train_config = TrainConfig(lr=1e-2, device="cpu", grad_clip=clip)
+    optimizer = LowMemAdamW(model, train_config, state_dtype=torch.float32, in_backward=True)
+
+    def norm_and_grads(seed):  # on the reference, whose weights the model keeps through the first step
+        reference.zero_grad()
+        cross_entropy_loss(reference(_batch(config, seed)[0]), _batch(config, seed)[1]).backward()
+        grads = {name: p.grad.clone() for name, p in reference.named_parameters()}
+        return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads.values()])).item(), grads
+
+    first_norm, _ = norm_and_grads(3)
+    cross_entropy_loss(model(_batch(config, 3)[0]), _batch(config, 3)[1]).backward()
+    optimizer.step(clip)
+    optimizer.zero_grad()
+    assert optimizer.steps == 0 and all(torch.equal(a, b) for a, b in zip(model.parameters(), reference.parameters()))
+    assert all(float(v.abs().max()) == 0 for state in optimizer.state.values() for v in state.values())
+    assert math.isclose(float(optimizer._clip), clip / (first_norm + 1e-6), rel_tol=1e-5)
+
+    second_norm, grads = norm_and_grads(4)
+    cross_entropy_loss(model(_batch(config, 4)[0]), _batch(config, 4)[1]).backward()
+    optimizer.step(clip)
+    expected = build_optimizer(reference, train_config)
+    for name, p in reference.named_parameters():
+        p.grad = grads[name] * (clip / (first_norm + 1e-6) if name.startswith("layers.") else clip / (second_norm + 1e-6))
+    expected.step(0.0)
+    assert optimizer.steps == 1
     for (name, a), b in zip(reference.named_parameters(), model.parameters()):
         assert torch.allclose(a, b, rtol=1e-5, atol=2e-6), name
 
@@ -241,7 +279,6 @@ def test_bench_validate_runs_the_named_memory_strategy(tmp_path):
 
 @pytest.mark.parametrize("signed", [True, False])
 def test_int8_moments_round_trip_and_are_unbiased(signed):
-    from onebox.lowmem import Int8State
 
     torch.manual_seed(0)
     x = torch.randn(5000) * torch.logspace(-4, 0, 5000)  # values over four orders of magnitude, as moments are
@@ -255,6 +292,15 @@ def test_int8_moments_round_trip_and_are_unbiased(signed):
     other = Int8State(x.shape, "cpu", signed, pin=False)
     other.load_state(saved)
     assert torch.equal(other.load("cpu"), state.load("cpu"))
+
+
+def test_an_int8_second_moment_never_rounds_a_positive_entry_to_zero():
+    values = torch.full((512,), 1e-12)
+    values[0] = 1.0  # one entry sets the block's scale: the rest lie far below its first level
+    state = Int8State(values.shape, "cpu", signed=False, pin=False)
+    for _ in range(5):
+        state.store(values)
+        assert bool((state.load("cpu") > 0).all())  # m / sqrt(v) stays bounded: no division by eps alone
 
 
 def test_int8_moments_track_fp32_moments(corpus_dir):

@@ -14,6 +14,7 @@ import pytest
 import torch
 from conftest import micro_model
 
+from onebox.errors import OneboxError
 from onebox.infer.engine import Engine, Request
 from onebox.infer.generate import generate
 from onebox.model import Transformer
@@ -82,6 +83,23 @@ def test_one_batched_prefill_of_mixed_requests_gives_each_ones_own_tokens(model,
         for needed, window in ((1, 64), (64, 64), (65, CONTEXT), (CONTEXT, CONTEXT)):
             engine._set_window(needed)
             assert all(c.window == window for c in engine.caches), (needed, window)
+
+
+def test_a_warmed_up_engine_steps_through_every_window_and_still_gives_generates_tokens(model):
+    engine = Engine(model, max_batch=2)
+    assert engine.window_sizes() == [64, CONTEXT]
+    seen = []
+    original = engine._decode
+    engine._decode = lambda: (seen.append(engine.caches[0].window), original())[1]
+    engine.warmup()
+    assert sorted(set(seen)) == [64, CONTEXT] and int(engine.positions.max()) == 0
+    prompt = _prompts(1, seed=9)[0]
+    request = engine.submit(Request(list(prompt), 6, temperature=0))
+    with pytest.raises(OneboxError, match="before submitting"):
+        engine.warmup()
+    while request.finish_reason is None or engine.pending or any(engine.slots):
+        engine.step()
+    assert list(request.tokens(timeout=1)) == generate(model, prompt, 6, temperature=0).samples[0]
 
 
 def test_prefix_cache_hits_give_the_same_tokens_as_misses(model):

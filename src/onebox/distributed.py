@@ -55,8 +55,13 @@ def init_distributed(device_setting: str) -> tuple[DistInfo, str]:
     return DistInfo(rank, world, local_rank), f"cuda:{local_rank}" if use_cuda else "cpu"
 
 
-def shard_model(model: torch.nn.Module, mixed: bool) -> None:
-    """FSDP2 over each block and then the whole model; bf16 compute with fp32 gradient reduction when mixed.
+def shard_model(model: torch.nn.Module, mixed: bool, reshard_after_forward: bool = True, keep_last: bool = True,
+                reduce_dtype: torch.dtype = torch.float32, prefetch: int = 0) -> None:
+    """FSDP2 over each block and then the whole model; bf16 compute with `reduce_dtype` gradient reduction when mixed.
+
+    Each block's gathered parameters are freed after its forward (`reshard_after_forward`) and gathered
+    again in backward, except the last block's with `keep_last`: backward needs them at once (torchtitan's
+    default). `prefetch` > 0 issues the next blocks' all-gathers explicitly, that many ahead.
 
     The compiled training step calls `model.hidden_states` (then the head with the loss), not the
     model itself, so that method is registered with FSDP2: it gathers the root's parameters (the
@@ -64,11 +69,16 @@ def shard_model(model: torch.nn.Module, mixed: bool) -> None:
     """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
-    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed else MixedPrecisionPolicy()
-    for block in model.layers:
-        fully_shard(block, mp_policy=policy)
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=reduce_dtype) if mixed else MixedPrecisionPolicy()
+    blocks = list(model.layers)
+    for index, block in enumerate(blocks):
+        fully_shard(block, mp_policy=policy, reshard_after_forward=reshard_after_forward and not (keep_last and index == len(blocks) - 1))
     fully_shard(model, mp_policy=policy)
     register_fsdp_forward_method(model, "hidden_states")
+    if prefetch > 0:
+        for index, block in enumerate(blocks):
+            block.set_modules_to_forward_prefetch(blocks[index + 1 : index + 1 + prefetch])
+            block.set_modules_to_backward_prefetch(blocks[max(0, index - prefetch) : index][::-1])
 
 
 def mean_over_ranks(value: torch.Tensor, info: DistInfo) -> torch.Tensor:

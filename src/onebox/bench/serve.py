@@ -83,7 +83,7 @@ def run_serve_bench(model: Transformer, say: Say, clients: list[int], max_tokens
     if prompt_len + max_tokens > config.seq_len:
         raise OneboxError(f"prompt {prompt_len} + max tokens {max_tokens} exceed the model's context of {config.seq_len}.")
     device = model.embed_tokens.weight.device
-    engine = Engine(model, max_batch=max(clients), prefix_entries=0).start()
+    engine = Engine(model, max_batch=max(clients), prefix_entries=0).warmup().start()
     port = _free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(Server(engine, None, "bench", max_n=1)), host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)

@@ -161,7 +161,7 @@ def measure_training(kind: str, config: ModelConfig, device: torch.device, setti
     _release()
     reset_peak_memory(device)
     try:
-        return _measure(kind, config, device, settings, dtype, build if ranks is None or not ranks.active else build_sharded, ranks or DistInfo())
+        return _measure(kind, config, device, settings, dtype, build or (build_sharded if ranks is not None and ranks.active else None), ranks or DistInfo())
     except torch.cuda.OutOfMemoryError:
         pass  # leave the except block first so the traceback's tensors can be freed
     _release()

@@ -124,10 +124,12 @@ class Engine:
     """Continuous-batching decoder over one model."""
 
     def __init__(self, model: Transformer, max_batch: int = 8, prefix_entries: int = 16, compile: bool | str | None = None,
-                 prefill_tokens: int = 8192, fuse: bool = True, windows: bool = False) -> None:
+                 prefill_tokens: int = 8192, fuse: bool = True, windows: bool = True) -> None:
         """compile: True, False, None (on CUDA only) or a torch.compile mode (default reduce-overhead: CUDA graphs).
-        windows: attention in a decode step reads only the cache up to the next power of two (from 64) past
-        the furthest active position, one compiled graph per such window, instead of the whole context."""
+        windows: attention in a decode step reads only the cache up to the next power of two past the
+        furthest active position (from 64 or a 32nd of the context, so at most 6 windows), one compiled
+        graph per window, instead of the whole context (measured on H100, 600m-A batch 1: the step's GPU
+        time 1.030 -> 0.932 ms; benchmarks/NOTES.md). `warmup()` compiles them all up front."""
         self.model = fuse_projections(model.eval()) if fuse else model.eval()
         self.config = model.config
         self.max_batch = max_batch
@@ -250,8 +252,29 @@ class Engine:
         for i, a in active:
             self._emit(i, values[i])
 
+    def window_sizes(self) -> list[int]:
+        """Every attention window a decode step may use, smallest first."""
+        sizes = [max(64, self.config.seq_len // 32)]
+        while sizes[-1] < self.config.seq_len:
+            sizes.append(min(sizes[-1] * 2, self.config.seq_len))
+        return sizes
+
+    @torch.inference_mode()
+    def warmup(self) -> Engine:
+        """Compile (and capture) the decode step for every window before the first request, so no request
+        waits for a compilation. Call it before any request is admitted: it steps the idle rows."""
+        if any(self.slots) or self.pending:
+            raise OneboxError("warm the engine up before submitting requests.")
+        for window in self.window_sizes() if self.windows else [None]:
+            for cache in self.caches:
+                cache.window = window
+            for _ in range(3):  # CUDA graph trees record on the second or third call
+                self._decode()
+        self.positions.zero_()
+        return self
+
     def _set_window(self, needed: int) -> None:
-        window = 64
+        window = self.window_sizes()[0]
         while window < needed:
             window *= 2
         window = min(window, self.config.seq_len)

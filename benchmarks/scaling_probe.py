@@ -1,0 +1,83 @@
+"""Scaling probe (issue 7): FSDP2 settings side by side on several GPUs, under torchrun (PYTHONPATH=src).
+
+  torchrun --standalone --nproc-per-node 2 benchmarks/scaling_probe.py --preset 3b-A --batch 8 \
+      --variants base,noreshard,bf16reduce,prefetch2 --one 21965
+
+A variant joins options with '+': base (what `onebox train` does: every block but the last resharded
+after forward, fp32 gradient reduction), lastreshard (the last block resharded too), noreshard (no block
+resharded: no all-gather in backward, the gathered bf16 weights held from forward to backward),
+bf16reduce (gradients reduce-scattered in bf16), prefetchN (all-gathers issued N blocks ahead).
+Rank 0 prints one row per variant: ms per step by phase, tokens/s per process, the efficiency against
+`--one` (one GPU's tokens/s from `onebox bench validate` in the same call), and peak memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+import torch
+
+from onebox.bench.training import BenchSettings, Contender, measure_training
+from onebox.config import PRESETS, ModelConfig, TrainConfig
+from onebox.device import autocast_dtype, pick_device
+from onebox.distributed import init_distributed, shard_model, shutdown
+from onebox.model import build_model
+from onebox.optim import build_optimizer
+from onebox.transforms import prepare_training
+
+
+def builder(variant: str):
+    options = set(variant.split("+"))
+    prefetch = next((int(m.group(1)) for o in options if (m := re.fullmatch(r"prefetch(\d+)", o))), 0)
+
+    def build(config: ModelConfig, device: torch.device, settings: BenchSettings) -> Contender:
+        model = build_model(config, device)
+        loss = prepare_training(model, device, settings.precision, settings.compile)
+        shard_model(model, autocast_dtype(device, settings.precision) is not None, reshard_after_forward="noreshard" not in options,
+                    keep_last="lastreshard" not in options, reduce_dtype=torch.bfloat16 if "bf16reduce" in options else torch.float32,
+                    prefetch=prefetch)
+        optimizer = build_optimizer(model, TrainConfig(lr=settings.lr, device=str(device)))
+
+        def update() -> None:
+            optimizer.step(max_grad_norm=1.0)
+            optimizer.zero_grad()
+
+        return Contender(loss, update, True, variant)
+
+    return build
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--preset", default="3b-A")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--variants", default="base,noreshard,bf16reduce")
+    parser.add_argument("--one", type=float, default=0.0, help="one GPU's tokens/s, for the efficiency column")
+    parser.add_argument("--out", default="/tmp/out")
+    args = parser.parse_args()
+    ranks, device_name = init_distributed("auto")
+    device = pick_device(device_name)
+    rows = []
+    try:
+        for variant in args.variants.split(","):
+            result = measure_training("onebox", PRESETS[args.preset], device, BenchSettings(batch=args.batch, steps=10, timed_steps=10),
+                                      build=builder(variant), ranks=ranks)
+            if ranks.main:
+                per = result["tokens_per_second"] / ranks.world if result["tokens_per_second"] else None
+                eff = f"{per / args.one:.1%}" if per and args.one else "n/a"
+                row = (f"{variant:28s} {result['status']:6s} {result['ms_per_step'] or 0:7.1f} ms (fwd {result['forward_ms'] or 0:5.1f} bwd {result['backward_ms'] or 0:6.1f} "
+                       f"opt {result['optimizer_ms'] or 0:5.1f}) | {per or 0:9,.0f} tok/s/proc | eff {eff} | mem {(result['peak_memory_bytes'] or 0) / 1e9:.1f} GB")
+                print(row, flush=True)
+                rows.append({"variant": variant, **{k: v for k, v in result.items() if k != "loss_trace"}})
+        if ranks.main:
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+            Path(args.out, f"scaling-probe-{args.preset}.json").write_text(json.dumps(rows, indent=1))
+    finally:
+        shutdown(ranks)
+
+
+if __name__ == "__main__":
+    main()
