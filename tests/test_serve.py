@@ -86,7 +86,7 @@ def test_one_batched_prefill_of_mixed_requests_gives_each_ones_own_tokens(model,
 
 
 def test_a_warmed_up_engine_steps_through_every_window_and_still_gives_generates_tokens(model):
-    engine = Engine(model, max_batch=2)
+    engine = Engine(model, max_batch=2, windows=True)
     assert engine.window_sizes() == [64, CONTEXT]
     seen = []
     original = engine._decode

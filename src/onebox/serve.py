@@ -357,8 +357,8 @@ def run_server(model_path: str, host: str = "127.0.0.1", port: int = 8000, model
 
     model, tokenizer = load_model(model_path, pick_device(device))
     engine = Engine(model, max_batch=max_batch)
-    if engine.device.type == "cuda":  # compiled decode: one CUDA graph per attention window, made before the first request
-        print(f"compiling the decode step for {len(engine.window_sizes())} attention windows (once, before serving) ...", file=sys.stderr, flush=True)
+    if engine.device.type == "cuda":  # the compiled decode step's CUDA graphs, made before the first request
+        print("compiling the decode step (once, before serving) ...", file=sys.stderr, flush=True)
     engine.warmup().start()
     name = model_name or Path(model_path).resolve().name
     app = create_app(Server(engine, tokenizer, name, max_n, load_chat_template(model_path)))

@@ -124,12 +124,13 @@ class Engine:
     """Continuous-batching decoder over one model."""
 
     def __init__(self, model: Transformer, max_batch: int = 8, prefix_entries: int = 16, compile: bool | str | None = None,
-                 prefill_tokens: int = 8192, fuse: bool = True, windows: bool = True) -> None:
+                 prefill_tokens: int = 8192, fuse: bool = True, windows: bool = False) -> None:
         """compile: True, False, None (on CUDA only) or a torch.compile mode (default reduce-overhead: CUDA graphs).
         windows: attention in a decode step reads only the cache up to the next power of two past the
         furthest active position (from 64 or a 32nd of the context, so at most 6 windows), one compiled
-        graph per window, instead of the whole context (measured on H100, 600m-A batch 1: the step's GPU
-        time 1.030 -> 0.932 ms; benchmarks/NOTES.md). `warmup()` compiles them all up front."""
+        graph per window, instead of the whole context. Off by default: measured on H100 at 600m-A (bench
+        decode, prompt 128 + 128 tokens) it gains 3% at batch 1 (870 -> 896 tok/s) but loses 23% at batch 8
+        (6,870 -> 5,276): benchmarks/NOTES.md. `warmup()` compiles every graph up front."""
         self.model = fuse_projections(model.eval()) if fuse else model.eval()
         self.config = model.config
         self.max_batch = max_batch
