@@ -146,6 +146,22 @@ def test_sharded_predictions_divide_the_state_but_not_the_activations():
         predict(config, 1, strategy("offload"), shards=2)
 
 
+def test_fsdp2_keeps_gathered_weights_only_where_they_fit():
+    from onebox.config import preset
+    from onebox.plan import GPU_HEADROOM, MachineMemory, predict, reshard_after_forward, strategy
+
+    standard, h100 = strategy("standard"), MachineMemory(80 * 10**9, 500 * 10**9, "80 GB")
+    assert not reshard_after_forward(preset("3b-A"), 8, standard, h100, 2)  # ~34 GB sharded + 6 GB gathered: kept
+    assert not reshard_after_forward(preset("7b"), 2, standard, h100, 2)  # 52 + 13 GB: still kept
+    assert reshard_after_forward(preset("10b"), 1, standard, h100, 2)  # ~70 GB sharded + 19 GB gathered: regathered
+    config = preset("1b-A")
+    sharded = predict(config, 16, standard, shards=2).gpu
+    gathered = 2 * (config.num_params() - config.vocab_size * config.dim)
+    just = MachineMemory(int((sharded + gathered) / GPU_HEADROOM) + 10**9, 10**12, "just enough")
+    assert not reshard_after_forward(config, 16, standard, just, 2)
+    assert reshard_after_forward(config, 16, standard, MachineMemory(just.gpu - 2 * 10**9, 10**12, "a little less"), 2)
+
+
 def test_bench_ceiling_trains_each_rung_on_several_processes(tmp_path):
     from onebox.bench.schema import read_document, validate_document
 

@@ -70,7 +70,7 @@ from onebox.export import load_hf
 from onebox.memory import out_of_memory_message
 from onebox.model import build_model, cross_entropy_loss
 from onebox.optim import build_optimizer, lr_factor
-from onebox.plan import build_for_training, resolve_strategy, sharded_strategy
+from onebox.plan import build_for_training, machine_memory, reshard_after_forward, resolve_strategy, sharded_strategy
 from onebox.transforms import compile_scope, prepare_training
 
 PRECISION_NAMES = {"auto": "bf16 autocast", "bf16": "bf16 autocast", "fp8": "fp8 block products + bf16 autocast", "fp32": "fp32"}
@@ -261,7 +261,8 @@ def _train(model_config: ModelConfig, config: TrainConfig, resume: str | None, c
     if ranks.active:  # transforms first, then FSDP2 (torchtitan's order), then the optimizer over the shards
         model = build_model(model_config, device)
         loss_fn = prepare_training(model, device, config.precision, config.compile, checkpointing)
-        shard_model(model, dtype is not None)
+        reshard = reshard_after_forward(model_config, config.batch_size, chosen, machine_memory(device), ranks.world, compiled, dtype is not None)
+        shard_model(model, dtype is not None, reshard_after_forward=reshard)
         optimizer = build_optimizer(model, config)
         if sharded:
             load_sharded(sharded_folder(payload["path"]), model, optimizer.optimizers)

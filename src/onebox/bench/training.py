@@ -35,7 +35,7 @@ from onebox.errors import OneboxError
 from onebox.memory import estimate_training_memory
 from onebox.model import build_model, cross_entropy_loss
 from onebox.optim import build_optimizer
-from onebox.plan import build_for_training, resolve_strategy, sharded_strategy
+from onebox.plan import build_for_training, machine_memory, reshard_after_forward, resolve_strategy, sharded_strategy
 from onebox.transforms import compile_scope, prepare_training
 
 BASELINES = ("hf", "hf-compile")
@@ -140,7 +140,10 @@ def build_sharded(config: ModelConfig, device: torch.device, settings: BenchSett
     chosen = sharded_strategy(settings.memory)
     model = build_model(config, device)
     loss = prepare_training(model, device, settings.precision, settings.compile, chosen.checkpointing)
-    shard_model(model, autocast_dtype(device, settings.precision) is not None)
+    mixed = autocast_dtype(device, settings.precision) is not None
+    world = torch.distributed.get_world_size()
+    compiled = compile_scope(settings.compile, device) is not None
+    shard_model(model, mixed, reshard_after_forward=reshard_after_forward(config, settings.batch, chosen, machine_memory(device), world, compiled, mixed))
     optimizer = build_optimizer(model, TrainConfig(lr=settings.lr, device=str(device)))
 
     def update() -> None:
