@@ -261,3 +261,11 @@ def test_forward_ladder_streams_the_rungs_past_the_budget():
     block_bytes = sum(p.numel() for p in Block(preset("48m")).parameters()) * 4
     assert second["streamed_bytes"] == second["streamed_blocks"] * block_bytes
     assert validate_document(doc) == []
+
+
+def test_results_of_several_processes_are_filed_apart_from_one_gpus():
+    from onebox.bench.store import device_of
+
+    doc = {"hardware": {"accelerator": "NVIDIA H200"}, "settings": {"processes": 2}}
+    assert device_of(doc) == "2 x NVIDIA H200"
+    assert device_of({**doc, "settings": {"batch": 1}}) == "NVIDIA H200"

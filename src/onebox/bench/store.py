@@ -36,9 +36,12 @@ CREATE TABLE IF NOT EXISTS entries (
 
 
 def device_of(doc: dict[str, Any]) -> str:
-    """The label a document's results are filed under: accelerator name, or the CPU model."""
+    """The label a document's results are filed under: accelerator name, or the CPU model; 'N x' before
+    it when the measurement ran on N processes (bench ceiling --gpus N)."""
     hardware = doc["hardware"]
-    return hardware.get("accelerator") or f"CPU {hardware.get('cpu')}"
+    name = hardware.get("accelerator") or f"CPU {hardware.get('cpu')}"
+    processes = (doc.get("settings") or {}).get("processes") or 1
+    return f"{processes} x {name}" if processes > 1 else name
 
 
 def _rows(doc: dict[str, Any]) -> list[tuple[Any, ...]]:
