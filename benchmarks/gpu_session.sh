@@ -4,7 +4,8 @@
 # Steps: tests train validate validate:<preset>:<batch>[:<precision>] forward dims sweep:<scales> losscmp
 # (default: tests train validate forward dims). losscmp trains 600m-A for 300 steps on the default corpus
 # three ways (eager bf16 reference, compiled bf16, compiled fp8) and prints the losses side by side;
-# memcmp does the same for the memory strategies (standard = reference, bf16, offload); ceiling climbs the ladder
+# memcmp does the same for the memory strategies (standard = reference, bf16, offload, offload-int8; memcmp:<runs> picks
+# them, e.g. memcmp:standard,bf16,bf16@off,bf16-checkpointed,bf16#7 with @ the --compile setting and # the seed); ceiling climbs the ladder
 # (ceiling:<rungs> a part of it; ceiling-gpus:<rungs> on $GPUS processes with FSDP2);
 # scaling:<preset>:<batch> measures 1 GPU then $GPUS (default 2) with FSDP2 (multi-GPU kinds);
 # decode:<preset> times prefill/decode against the bandwidth bound and transformers; serve:<preset> drives 1/8/32 clients.
@@ -42,12 +43,19 @@ for step in $steps; do
     ceiling) timeout ${CEILING_TIMEOUT:-540} ob bench ceiling --out "$OUT/ceiling.json" ;;
     ceiling:*) timeout ${CEILING_TIMEOUT:-540} ob bench ceiling --ladder "${step#ceiling:}" --out "$OUT/ceiling-${step#ceiling:}.json" ;;
     ceiling-gpus:*) timeout ${CEILING_TIMEOUT:-540} ob bench ceiling --ladder "${step#ceiling-gpus:}" --gpus "${GPUS:-2}" --out "$OUT/ceiling-gpus.json" ;;
-    memcmp) for memory in standard bf16 offload offload-int8; do
-               timeout 200 ob train --preset 600m-A --batch-size 32 --max-steps 300 --lr 6e-4 --warmup-steps 30 --eval-every 300 \
-                 --log-every 50 --ckpt-every 0 --keep-last 1 --quiet --memory "$memory" --out-dir "/tmp/runs/mem-$memory" > "$OUT/memcmp-$memory.log" 2>&1
-               tail -3 "$OUT/memcmp-$memory.log"
+    memcmp|memcmp:*) runs=""  # memcmp:<memory>[@<compile>][#<seed>],... (the first is the reference; default standard,bf16,offload,offload-int8)
+             spec=${step#memcmp}; spec=${spec#:}; spec=${spec:-standard,bf16,offload,offload-int8}
+             for run in ${spec//,/ }; do
+               memory=${run%%[@#]*}; compile=auto; seed=1337
+               [[ $run == *@* ]] && { compile=${run#*@}; compile=${compile%%#*}; }
+               [[ $run == *#* ]] && seed=${run##*#}
+               name="mem-${run//[@#]/-}"
+               timeout 240 ob train --preset 600m-A --batch-size 32 --max-steps 300 --lr 6e-4 --warmup-steps 30 --eval-every 300 \
+                 --log-every 50 --ckpt-every 0 --keep-last 1 --quiet --memory "$memory" --compile "$compile" --seed "$seed" \
+                 --out-dir "/tmp/runs/$name" > "$OUT/memcmp-$name.log" 2>&1
+               tail -1 "$OUT/memcmp-$name.log"; runs="$runs /tmp/runs/$name"
              done
-             python3 benchmarks/loss_compare.py /tmp/runs/mem-standard /tmp/runs/mem-bf16 /tmp/runs/mem-offload /tmp/runs/mem-offload-int8 --tolerance 0.02 | tee "$OUT/memcmp.txt" ;;
+             python3 benchmarks/loss_compare.py $runs --tolerance 0.02 | tee "$OUT/memcmp.txt" ;;
     losscmp) for run in bf16:off bf16:auto fp8:auto; do
                timeout 200 ob train --preset 600m-A --batch-size 32 --max-steps 300 --lr 6e-4 --warmup-steps 30 --eval-every 300 \
                  --log-every 50 --ckpt-every 0 --keep-last 1 --quiet --precision "${run%%:*}" --compile "${run##*:}" \
