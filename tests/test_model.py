@@ -11,7 +11,7 @@ from conftest import micro_model
 
 from onebox.config import PRESETS, ModelConfig, preset
 from onebox.errors import OneboxError
-from onebox.model import Transformer, apply_rope, rope_tables
+from onebox.model import Transformer, apply_rope, build_model, rope_tables
 
 
 def test_future_tokens_never_change_earlier_logits():
@@ -183,3 +183,14 @@ def test_a_cache_window_past_the_position_changes_nothing_and_a_shorter_one_does
             outs[window] = model(ids[:, 40:], torch.arange(40, 41), caches)
     torch.testing.assert_close(outs[41], outs[None], rtol=1e-5, atol=1e-5)
     assert not torch.allclose(outs[40], outs[None], atol=1e-4)  # the query's own key is cut off
+
+
+def test_a_bf16_model_starts_from_the_fp32_models_weights_with_the_same_seed():
+    """The memory strategies (bf16 weights) are compared against fp32 AdamW from one starting point."""
+    config = ModelConfig(name="t", dim=64, hidden=128, layers=2, heads=4, seq_len=32, vocab_size=256)
+    torch.manual_seed(1)
+    full = build_model(config, "cpu", torch.float32)
+    torch.manual_seed(1)
+    half = build_model(config, "cpu", torch.bfloat16)
+    assert all(torch.equal(a.to(torch.bfloat16), b) for a, b in zip(full.parameters(), half.parameters()))
+    assert half.layers[0].self_attn.o_proj.weight.float().std() < 0.5 * half.layers[0].self_attn.q_proj.weight.float().std()  # scaled init kept

@@ -210,10 +210,13 @@ class Transformer(nn.Module):
         std = self.config.init_std
         if name.endswith("layernorm.weight") or name == "norm.weight":
             param.fill_(1.0)
-        elif name.endswith(("o_proj.weight", "down_proj.weight")):
-            param.normal_(0.0, std / math.sqrt(2 * self.config.layers))
-        else:
+            return
+        if name.endswith(("o_proj.weight", "down_proj.weight")):
+            std = std / math.sqrt(2 * self.config.layers)
+        if param.dtype == torch.float32:
             param.normal_(0.0, std)
+        else:  # drawn in fp32 and rounded: a bf16 model starts from the fp32 model's weights (same seed), one parameter at a time
+            param.copy_(torch.empty(param.shape, dtype=torch.float32, device=param.device).normal_(0.0, std))
 
     @torch.no_grad()
     def reset_rope(self) -> None:
@@ -257,10 +260,9 @@ class Transformer(nn.Module):
 
 def build_model(config: ModelConfig, device: torch.device | str, dtype: torch.dtype = torch.float32) -> Transformer:
     """A freshly initialised model on `device` in `dtype`, allocated once in that dtype (built on the
-    meta device first), so a 20B model in bf16 never needs its fp32 size. Rotary tables stay fp32."""
-    if dtype == torch.float32:
-        with torch.device(device):
-            return Transformer(config)
+    meta device first), so a 20B model in bf16 never needs its fp32 size. Rotary tables stay fp32.
+    With the same seed every dtype starts from the same weights (rounded to it), so the memory
+    strategies are compared from one starting point."""
     with torch.device("meta"):
         model = Transformer(config)
     model.to(dtype).to_empty(device=device)
