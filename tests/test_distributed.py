@@ -80,6 +80,7 @@ def test_a_failing_rank_is_named(tmp_path):
 
 
 SHARDED_HEAD = """
+import sys
 import torch, torch.distributed as dist
 from onebox.config import ModelConfig
 from onebox.distributed import shard_model
@@ -94,7 +95,8 @@ shard_model(model, False)
 loss = cross_entropy_loss(model.logits(model.hidden_states(x)), y)  # the compiled step's path
 loss.backward()
 grad = model.embed_tokens.weight.grad.full_tensor()
-print(f"rank {dist.get_rank()} whole {whole:.6f} sharded {loss.item():.6f} grad {grad.abs().sum().item():.6f}", flush=True)
+with open(f"{sys.argv[1]}/rank{dist.get_rank()}.txt", "w") as out:  # one file each: the ranks' stdout lines can interleave
+    out.write(f"rank {dist.get_rank()} whole {whole:.6f} sharded {loss.item():.6f} grad {grad.abs().sum().item():.6f}")
 dist.destroy_process_group()
 """
 
@@ -103,10 +105,10 @@ def test_the_compiled_steps_hidden_states_path_works_on_a_sharded_model(tmp_path
     # the GPU path calls model.hidden_states and then the head: FSDP2 must gather the root's parameters for it
     script = tmp_path / "head.py"
     script.write_text(SHARDED_HEAD)
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script)],
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script), str(tmp_path)],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
-    rows = [line.split() for line in done.stdout.splitlines() if line.startswith("rank ")]
+    rows = [(tmp_path / f"rank{rank}.txt").read_text().split() for rank in (0, 1)]
     assert len(rows) == 2
     for row in rows:
         assert abs(float(row[3]) - float(row[5])) < 1e-5 and float(row[7]) > 0  # same loss as unsharded; the tied embedding got its gradient
