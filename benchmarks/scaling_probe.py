@@ -9,6 +9,9 @@ resharded: no all-gather in backward, the gathered bf16 weights held from forwar
 bf16reduce (gradients reduce-scattered in bf16), prefetchN (all-gathers issued N blocks ahead).
 Rank 0 prints one row per variant: ms per step by phase, tokens/s per process, the efficiency against
 `--one` (one GPU's tokens/s from `onebox bench validate` in the same call), and peak memory.
+`--profile VARIANT,...` then profiles 3 steps of each on every rank (GPU kernels on CUDA; on the CPU all is idle) and prints one line per rank:
+the step's wall time, the GPU's time busy with compute kernels, with NCCL kernels (and NCCL alone, not
+overlapped by compute), and idle: where the ranks wait on each other or on the host.
 """
 
 from __future__ import annotations
@@ -16,13 +19,14 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import time
 from pathlib import Path
 
 import torch
 
-from onebox.bench.training import BenchSettings, Contender, measure_training
+from onebox.bench.training import BenchSettings, Contender, measure_training, synthetic_batch
 from onebox.config import PRESETS, ModelConfig, TrainConfig
-from onebox.device import autocast_dtype, pick_device
+from onebox.device import autocast, autocast_dtype, pick_device, synchronize
 from onebox.distributed import init_distributed, shard_model, shutdown
 from onebox.model import build_model
 from onebox.optim import build_optimizer
@@ -50,12 +54,56 @@ def builder(variant: str):
     return build
 
 
+def covered(intervals: list[tuple[float, float]]) -> float:
+    """Total length of the union of (start, end) intervals."""
+    total, end = 0.0, float("-inf")
+    for a, b in sorted(intervals):
+        if b > end:
+            total += b - max(a, end)
+            end = b
+    return total
+
+
+def profile_ranks(variant: str, config: ModelConfig, device: torch.device, settings: BenchSettings, rank: int) -> str:
+    """This rank's line: wall ms per step and the GPU's busy time by kind over 3 profiled steps."""
+    torch._dynamo.reset()
+    torch.manual_seed(settings.seed)
+    contender = builder(variant)(config, device, settings)
+    x, y = synthetic_batch(config, settings.batch, device, settings.seed + rank)
+    dtype = autocast_dtype(device, settings.precision)
+
+    def step() -> None:
+        with autocast(device, dtype):
+            loss = contender.loss(x, y)
+        loss.backward()
+        contender.update()
+
+    for _ in range(6):
+        step()
+    synchronize(device)
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with torch.profiler.profile(activities=activities) as prof:
+        start = time.perf_counter()
+        for _ in range(3):
+            step()
+        synchronize(device)
+        wall = (time.perf_counter() - start) / 3 * 1e6
+    kernels = [(e.name, e.time_range.start, e.time_range.end) for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    nccl = [(a, b) for name, a, b in kernels if "nccl" in name.lower()]
+    compute = [(a, b) for name, a, b in kernels if "nccl" not in name.lower()]
+    every = covered(nccl + compute) / 3
+    busy_compute, busy_nccl = covered(compute) / 3, covered(nccl) / 3
+    return (f"{variant} rank {rank}: step {wall / 1e3:.1f} ms | compute {busy_compute / 1e3:.1f} ms | nccl {busy_nccl / 1e3:.1f} ms "
+            f"(alone {(every - busy_compute) / 1e3:.1f}) | idle {(wall - every) / 1e3:.1f} ms")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--preset", default="3b-A")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--variants", default="base,noreshard,bf16reduce")
     parser.add_argument("--one", type=float, default=0.0, help="one GPU's tokens/s, for the efficiency column")
+    parser.add_argument("--profile", default="", help="comma-separated variants to profile on every rank (CUDA)")
     parser.add_argument("--out", default="/tmp/out")
     args = parser.parse_args()
     ranks, device_name = init_distributed("auto")
@@ -72,6 +120,12 @@ def main() -> None:
                        f"opt {result['optimizer_ms'] or 0:5.1f}) | {per or 0:9,.0f} tok/s/proc | eff {eff} | mem {(result['peak_memory_bytes'] or 0) / 1e9:.1f} GB")
                 print(row, flush=True)
                 rows.append({"variant": variant, **{k: v for k, v in result.items() if k != "loss_trace"}})
+        for variant in filter(None, args.profile.split(",")):
+            line = profile_ranks(variant, PRESETS[args.preset], device, BenchSettings(batch=args.batch), ranks.rank)
+            lines = [None] * ranks.world
+            torch.distributed.all_gather_object(lines, line)
+            if ranks.main:
+                print("\n".join(lines), flush=True)
         if ranks.main:
             Path(args.out).mkdir(parents=True, exist_ok=True)
             Path(args.out, f"scaling-probe-{args.preset}.json").write_text(json.dumps(rows, indent=1))
