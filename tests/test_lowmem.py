@@ -74,10 +74,12 @@ def test_lowmem_adamw_in_fp32_matches_torch_adamw(in_backward, clip):
         assert torch.allclose(a, b, rtol=1e-5, atol=2e-6), name
 
 
-def test_clipped_updates_in_backward_measure_the_first_norm_then_clip_with_the_previous_one():
+@pytest.mark.parametrize("spike", [1.0, 50.0])
+def test_clipped_updates_in_backward_measure_the_first_norm_then_clip_with_the_previous_one(spike):
     """No norm is known during the first backward: it only measures (nothing moves). The second step clips
-    the block parameters with the first step's norm and the rest with its own: the weights then equal
-    torch's AdamW stepped once on gradients clipped that way."""
+    each block parameter with the first step's norm, or with this step's norm so far where that is larger
+    (a gradient spike, here the second loss times 50, is clipped as it arrives), and the rest with its own
+    step's norm: the weights then equal torch's AdamW stepped once on gradients clipped that way."""
     config = micro_model()
     torch.manual_seed(0)
     model, reference = Transformer(config), Transformer(config)
@@ -85,10 +87,14 @@ def test_clipped_updates_in_backward_measure_the_first_norm_then_clip_with_the_p
     clip = 0.05
     train_config = TrainConfig(lr=1e-2, device="cpu", grad_clip=clip)
     optimizer = LowMemAdamW(model, train_config, state_dtype=torch.float32, in_backward=True)
+    order = []  # the order backward completes the block gradients in (the hooks' order)
+    for name, p in reference.named_parameters():
+        p.register_post_accumulate_grad_hook(lambda p, name=name: order.append(name))
 
-    def norm_and_grads(seed):  # on the reference, whose weights the model keeps through the first step
+    def norm_and_grads(seed, scale=1.0):  # on the reference, whose weights the model keeps through the first step
         reference.zero_grad()
-        cross_entropy_loss(reference(_batch(config, seed)[0]), _batch(config, seed)[1]).backward()
+        order.clear()
+        (scale * cross_entropy_loss(reference(_batch(config, seed)[0]), _batch(config, seed)[1])).backward()
         grads = {name: p.grad.clone() for name, p in reference.named_parameters()}
         return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads.values()])).item(), grads
 
@@ -100,12 +106,19 @@ def test_clipped_updates_in_backward_measure_the_first_norm_then_clip_with_the_p
     assert all(float(v.abs().max()) == 0 for state in optimizer.state.values() for v in state.values())
     assert math.isclose(float(optimizer._clip), clip / (first_norm + 1e-6), rel_tol=1e-5)
 
-    second_norm, grads = norm_and_grads(4)
-    cross_entropy_loss(model(_batch(config, 4)[0]), _batch(config, 4)[1]).backward()
+    second_norm, grads = norm_and_grads(4, spike)
+    (spike * cross_entropy_loss(model(_batch(config, 4)[0]), _batch(config, 4)[1])).backward()
     optimizer.step(clip)
+    factor, so_far = {}, 0.0
+    for name in order:
+        if name.startswith("layers."):
+            so_far += float(grads[name].square().sum())
+            factor[name] = min(clip / (first_norm + 1e-6), clip / (so_far**0.5 + 1e-6))
+    clipped_early = sum(f < clip / (first_norm + 1e-6) for f in factor.values())
+    assert (clipped_early > 0) == (spike > 1)  # the spike is caught inside backward; the ordinary step is not touched
     expected = build_optimizer(reference, train_config)
     for name, p in reference.named_parameters():
-        p.grad = grads[name] * (clip / (first_norm + 1e-6) if name.startswith("layers.") else clip / (second_norm + 1e-6))
+        p.grad = grads[name] * factor.get(name, clip / (second_norm + 1e-6))
     expected.step(0.0)
     assert optimizer.steps == 1
     for (name, a), b in zip(reference.named_parameters(), model.parameters()):

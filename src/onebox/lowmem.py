@@ -10,12 +10,14 @@ and the update of every block parameter runs inside backward, from a hook that f
 its gradient is complete, so that gradient is freed at once and no full gradient buffer exists.
 
 Gradient clipping inside backward cannot know this step's global norm before the first update,
-so block parameters use the previous step's norm, and the very first step only measures it: its
+so block parameters use the previous step's norm (or this step's norm so far, where that already asks
+for more: a gradient spike is clipped as it arrives), and the very first step only measures it: its
 gradients are dropped and nothing moves (an unclipped first gradient, often many times the clip
-norm, would swell the second moment for a hundred steps: measured +3.7% loss after 300 steps at
-600m-A on H100). Parameters updated at step() use the step's own norm; with every update at
-step() clipping is exact, as in torch.nn.utils.clip_grad_norm_. The arithmetic follows torch.optim.AdamW (decoupled
-weight decay, bias correction); with fp32 weights and moments it matches it (tested).
+norm, would swell the second moment for a hundred steps: on the CPU that was the whole gap to
+torch's AdamW, benchmarks/NOTES.md). Parameters updated at step() use the step's own norm; with
+every update at step() clipping is exact, as in torch.nn.utils.clip_grad_norm_. The arithmetic
+follows torch.optim.AdamW (decoupled weight decay, bias correction); with fp32 weights and moments
+it matches it (tested).
 """
 
 from __future__ import annotations
@@ -150,8 +152,8 @@ class LowMemAdamW:
 
     def _hook(self, p: Tensor) -> None:
         self._square_sum += p.grad.float().square().sum()
-        if not self._probing():
-            self._update(p, self.steps + 1, self._clip)
+        if not self._probing():  # the previous step's clip, or more where this step's norm so far already asks for it (a spike)
+            self._update(p, self.steps + 1, torch.minimum(self._clip, self._clip_factor()))
         p.grad = None
 
     @torch.no_grad()
