@@ -258,6 +258,7 @@ def _train(model_config: ModelConfig, config: TrainConfig, resume: str | None, c
     torch.manual_seed(config.seed)  # the same on every rank: every rank starts from the same weights
     state = payload["model"] if payload is not None and not sharded else init_state
     optimizer_states = payload["optimizer"] if payload is not None and not sharded else []
+    reshard = True
     if ranks.active:  # transforms first, then FSDP2 (torchtitan's order), then the optimizer over the shards
         model = build_model(model_config, device)
         loss_fn = prepare_training(model, device, config.precision, config.compile, checkpointing)
@@ -296,7 +297,8 @@ def _train(model_config: ModelConfig, config: TrainConfig, resume: str | None, c
     say(f"config: {json.dumps(resolved['train'])}")
     if ranks.active:
         say(f"{ranks.world} processes (FSDP2): {config.batch_size} sequences per process x {config.grad_accum} accumulation x {ranks.world} = "
-            f"{config.batch_size * config.grad_accum * ranks.world} sequences per optimizer step; the lr schedule counts optimizer steps")
+            f"{config.batch_size * config.grad_accum * ranks.world} sequences per optimizer step; the lr schedule counts optimizer steps; "
+            f"{'each block regathered in backward' if reshard else 'gathered weights kept from forward to backward (they fit)'}")
 
     def save(step: int, last_loss: float | None) -> Path:
         path = checkpoint_path(out_dir, step)
