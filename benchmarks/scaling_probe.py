@@ -24,9 +24,9 @@ from pathlib import Path
 
 import torch
 
-from onebox.bench.training import BenchSettings, Contender, measure_training, synthetic_batch
+from onebox.bench.training import BenchSettings, Contender, contender_step, measure_training, synthetic_batch
 from onebox.config import PRESETS, ModelConfig, TrainConfig
-from onebox.device import autocast, autocast_dtype, pick_device, synchronize
+from onebox.device import autocast_dtype, pick_device, synchronize
 from onebox.distributed import init_distributed, shard_model, shutdown
 from onebox.model import build_model
 from onebox.optim import build_optimizer
@@ -71,21 +71,14 @@ def profile_ranks(variant: str, config: ModelConfig, device: torch.device, setti
     contender = builder(variant)(config, device, settings)
     x, y = synthetic_batch(config, settings.batch, device, settings.seed + rank)
     dtype = autocast_dtype(device, settings.precision)
-
-    def step() -> None:
-        with autocast(device, dtype):
-            loss = contender.loss(x, y)
-        loss.backward()
-        contender.update()
-
     for _ in range(6):
-        step()
+        contender_step(contender, x, y, device, dtype)
     synchronize(device)
     activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with torch.profiler.profile(activities=activities) as prof:
         start = time.perf_counter()
         for _ in range(3):
-            step()
+            contender_step(contender, x, y, device, dtype)
         synchronize(device)
         wall = (time.perf_counter() - start) / 3 * 1e6
     kernels = [(e.name, e.time_range.start, e.time_range.end) for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import torch
 
-from onebox.bench.training import BenchSettings, Contender, build_hf, measure_training, synthetic_batch
+from onebox.bench.training import BenchSettings, Contender, build_hf, contender_step, measure_training, synthetic_batch
 from onebox.config import PRESETS, ModelConfig, TrainConfig
-from onebox.device import autocast, autocast_dtype
+from onebox.device import autocast_dtype
 from onebox.model import Transformer
 from onebox.optim import build_optimizer
 from onebox.transforms import apply_float8, prepare_training
@@ -137,10 +137,7 @@ def profile(variant: str, config: ModelConfig, device: torch.device, settings: B
     dtype = autocast_dtype(device, "auto")
 
     def step() -> None:
-        with autocast(device, dtype):
-            loss = c.loss(x, y)
-        loss.backward()
-        c.update()
+        contender_step(c, x, y, device, dtype)
 
     for _ in range(4):
         step()

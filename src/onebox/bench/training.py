@@ -111,6 +111,14 @@ def build_hf(config: ModelConfig, device: torch.device, settings: BenchSettings,
     return Contender(lambda x, y: cross_entropy_loss(forward(input_ids=x, use_cache=False).logits, y), update, compile_model)
 
 
+def contender_step(contender: Contender, x: torch.Tensor, y: torch.Tensor, device: torch.device, dtype: torch.dtype | None) -> None:
+    """One untimed training step of a contender (forward under autocast, backward, update): the probes' step."""
+    with autocast(device, dtype):
+        loss = contender.loss(x, y)
+    loss.backward()
+    contender.update()
+
+
 def synthetic_batch(config: ModelConfig, batch: int, device: torch.device, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """A fixed batch of uniform random tokens and their next-token targets."""
     generator = torch.Generator().manual_seed(seed)

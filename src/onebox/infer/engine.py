@@ -275,10 +275,7 @@ class Engine:
         return self
 
     def _set_window(self, needed: int) -> None:
-        window = self.window_sizes()[0]
-        while window < needed:
-            window *= 2
-        window = min(window, self.config.seq_len)
+        window = next((w for w in self.window_sizes() if w >= needed), self.config.seq_len)
         if self.caches[0].window != window:
             for cache in self.caches:
                 cache.window = window
