@@ -5,7 +5,7 @@
 Trains a small model on the default corpus (onebox prepare's Shakespeare, ~/.cache/onebox/shakespeare-bpe8192)
 with bf16 autocast, batch 16 x 128 tokens, lr 6e-4 (30 warmup steps, cosine), clip 1.0, and prints the mean
 train loss of the last 50 steps, the loss at steps 90-110 and a validation loss. VARIANT is `ref` (torch
-AdamW, fp32 weights) or a join of: w16 (bf16 weights, stochastic rounding), m16 / m8 (bf16 / 8-bit
+AdamW, fp32 weights) or a join of: w16 (bf16 matrices, stochastic rounding; norm vectors fp32; v16: those bf16 too), m16 / m8 (bf16 / 8-bit
 moments; fp32 otherwise), hook (update inside backward), noclip (no clipping, for both), ckpt (activation
 checkpointing), compile (per-block torch.compile). The figures in benchmarks/NOTES.md (session 11) came
 from this at 4 x 256 (and 8 x 512 with --dim 512 --layers 8), one run per variant, two at a time on 2 cores.
@@ -20,7 +20,7 @@ import torch
 
 from onebox.config import ModelConfig, TrainConfig
 from onebox.data import BatchLoader, default_data_dir, find_shards, prepare_default_corpus
-from onebox.lowmem import LowMemAdamW
+from onebox.lowmem import LowMemAdamW, keep_vectors_fp32
 from onebox.model import build_model, cross_entropy_loss
 from onebox.optim import build_optimizer, lr_factor
 from onebox.transforms import apply_activation_checkpointing, apply_compile
@@ -44,6 +44,8 @@ def main() -> None:
     loader = BatchLoader(train_shards, 16, 128, seed=1)
     torch.manual_seed(0)
     model = build_model(config, "cpu", torch.bfloat16 if "w16" in variant else torch.float32)
+    if "w16" in variant and "v16" not in variant:  # as the bf16 strategies do (v16: vectors in bf16 too, as before)
+        keep_vectors_fp32(model)
     if variant == "ref":
         optimizer = build_optimizer(model, train)
     else:

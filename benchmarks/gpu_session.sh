@@ -54,6 +54,7 @@ for step in $steps; do
                  --log-every 50 --ckpt-every 0 --keep-last 1 --quiet --memory "$memory" --compile "$compile" --seed "$seed" \
                  --out-dir "/tmp/runs/$name" > "$OUT/memcmp-$name.log" 2>&1
                tail -1 "$OUT/memcmp-$name.log"; runs="$runs /tmp/runs/$name"
+               mkdir -p "$OUT/runs/$name" && cp "/tmp/runs/$name/metrics.jsonl" "$OUT/runs/$name/"  # to compare across calls
              done
              python3 benchmarks/loss_compare.py $runs --tolerance 0.02 | tee "$OUT/memcmp.txt" ;;
     losscmp) for run in bf16:off bf16:auto fp8:auto; do

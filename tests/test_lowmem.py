@@ -18,6 +18,7 @@ from onebox.model import Transformer, build_model, cross_entropy_loss
 from onebox.optim import build_optimizer
 from onebox.plan import (
     STRATEGIES,
+    build_for_training,
     MachineMemory,
     fits,
     plan,
@@ -137,6 +138,21 @@ def test_build_model_in_bf16_allocates_bf16_and_keeps_fp32_rope():
     assert 0.01 < model.layers[0].mlp.up_proj.weight.float().std().item() < 0.03  # initialised, not left empty
 
 
+def test_bf16_strategy_keeps_norm_scales_and_their_moments_in_fp32():
+    model, optimizer = build_for_training(micro_model(), TrainConfig(device="cpu"), strategy("offload-int8"), torch.device("cpu"))
+    vectors = {name: p for name, p in model.named_parameters() if p.ndim == 1}
+    assert vectors and all(p.dtype == torch.float32 for p in vectors.values())
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters() if p.ndim == 2)
+    norm = model.layers[0].input_layernorm.weight
+    assert all(optimizer.state[norm][key].dtype == torch.float32 for key in ("exp_avg", "exp_avg_sq"))
+    assert isinstance(optimizer.state[model.layers[0].mlp.up_proj.weight]["exp_avg"], Int8State)
+    # From a checkpoint the vectors keep their exact fp32 values, not values rounded through bf16.
+    state = {name: t.clone() for name, t in model.state_dict().items()}
+    state["norm.weight"] = torch.full_like(state["norm.weight"], 1.0 + 2**-12)  # between two bf16 values
+    resumed, _ = build_for_training(micro_model(), TrainConfig(device="cpu"), strategy("bf16"), torch.device("cpu"), state)
+    assert torch.equal(resumed.norm.weight, state["norm.weight"])
+
+
 def _losses(run_dir):
     entries = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return {e["step"]: e["loss"] for e in entries if "loss" in e}
@@ -152,6 +168,7 @@ def test_bf16_strategies_track_the_fp32_reference(tmp_path, corpus_dir, memory):
     assert all(abs(low[s] - ref[s]) / ref[s] < 0.02 for s in ref), (ref, low)  # the 2%
     state = torch.load(tmp_path / "low" / "ckpt_0000040.pt", weights_only=True)
     assert state["model"]["layers.0.mlp.up_proj.weight"].dtype == torch.bfloat16
+    assert state["model"]["layers.0.input_layernorm.weight"].dtype == torch.float32  # norm scales stay fp32
 
 
 def test_bf16_strategy_resumes_exactly(tmp_path, corpus_dir):

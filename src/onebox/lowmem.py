@@ -2,7 +2,10 @@
 
 Three savings, each optional, composing with activation checkpointing and compile:
 - bf16 weights without an fp32 master copy: the update is computed in fp32 and written back with
-  stochastic rounding, so updates smaller than half a bf16 step are kept on average instead of lost;
+  stochastic rounding, so updates smaller than half a bf16 step are kept on average instead of lost.
+  Vectors (norm scales) stay fp32 with fp32 moments (`keep_vectors_fp32`): near 1.0 a bf16 step is
+  0.004-0.008, several times an AdamW update, so rounding noise would outweigh their updates, and
+  they are a few thousandths of a percent of the parameters;
 - bf16 moments (4 bytes per parameter instead of 8), also stochastically rounded, or 8-bit moments
   (blockwise scales, about 2 bytes per parameter for both);
 - moments in pinned host memory, copied to the GPU for each parameter's update and back;
@@ -92,6 +95,15 @@ class Int8State:
         self.scale.copy_(saved["scale"])
 
 
+def keep_vectors_fp32(model: nn.Module, state: dict[str, Tensor] | None = None) -> nn.Module:
+    """Make the model's one-dimensional parameters (norm scales) fp32 in place, with their exact values
+    from `state` (a checkpoint's model state) when given; matrices keep their dtype."""
+    for name, p in model.named_parameters():
+        if p.ndim < 2 and p.dtype != torch.float32:
+            p.data = (p.data if state is None else state[name].to(p.device)).float()
+    return model
+
+
 def _load(state: Tensor | Int8State, device: torch.device) -> Tensor:
     """A moment as a fresh fp32 tensor on `device`."""
     if isinstance(state, Int8State):
@@ -139,6 +151,8 @@ class LowMemAdamW:
         self._handles = [p.register_post_accumulate_grad_hook(self._hook) for p in self._hooked]
 
     def _new_state(self, p: Tensor, dtype: torch.dtype | str, key: str) -> Tensor | Int8State:
+        if p.dtype == torch.float32 and p.ndim < 2:  # fp32 vectors (keep_vectors_fp32): fp32 moments beside them, a few KB
+            return torch.zeros_like(p)
         pin = self.offload and p.device.type == "cuda"
         if dtype == "int8":
             return Int8State(p.shape, "cpu" if pin else p.device, signed=key == "exp_avg", pin=pin)

@@ -48,7 +48,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
-        return self.weight * normed.to(x.dtype)
+        return (self.weight * normed.to(x.dtype)).to(x.dtype)  # x's dtype also where the scale is fp32 and x is not
 
 
 class KVCache(nn.Module):

@@ -18,7 +18,7 @@ import torch
 from onebox.config import ModelConfig, TrainConfig
 from onebox.errors import OneboxError
 from onebox.export import model_from_state
-from onebox.lowmem import LowMemAdamW
+from onebox.lowmem import LowMemAdamW, keep_vectors_fp32
 from onebox.memory import activation_bytes_per_token, estimate_training_memory
 from onebox.model import Transformer, build_model
 from onebox.optim import build_optimizer
@@ -189,6 +189,7 @@ def build_for_training(config: ModelConfig, train: TrainConfig, chosen: Strategy
     dtype = torch.bfloat16 if chosen.bf16_weights else torch.float32
     model = build_model(config, device, dtype) if state is None else model_from_state(config, state, device, dtype)
     if chosen.bf16_weights:
+        keep_vectors_fp32(model, state)
         moments: torch.dtype | str = "int8" if chosen.int8_moments else torch.bfloat16
         return model, LowMemAdamW(model, train, moments, chosen.state_on_host, chosen.in_backward)
     return model, build_optimizer(model, train)
