@@ -1,13 +1,16 @@
 """Accuracy probe (issue 5): the low-memory AdamW against torch's AdamW on the CPU, one variant per run.
 
-  PYTHONPATH=src python benchmarks/accuracy_probe.py VARIANT [--steps 300] [--dim 256 --layers 4]
+  PYTHONPATH=src python benchmarks/accuracy_probe.py VARIANT[,VARIANT...] [--steps 300] [--dim 256 --layers 4]
+  PYTHONPATH=src python benchmarks/accuracy_probe.py ref,hook,w16 --preset 600m-A --batch 32 --device cuda
 
 Trains a small model on the default corpus (onebox prepare's Shakespeare, ~/.cache/onebox/shakespeare-bpe8192)
 with bf16 autocast, batch 16 x 128 tokens, lr 6e-4 (30 warmup steps, cosine), clip 1.0, and prints the mean
 train loss of the last 50 steps, the loss at steps 90-110 and a validation loss. VARIANT is `ref` (torch
 AdamW, fp32 weights) or a join of: w16 (bf16 matrices, stochastic rounding; norm vectors fp32; v16: those bf16 too), m16 / m8 (bf16 / 8-bit
 moments; fp32 otherwise), hook (update inside backward), noclip (no clipping, for both), ckpt (activation
-checkpointing), compile (per-block torch.compile). The figures in benchmarks/NOTES.md (session 11) came
+checkpointing), compile (per-block torch.compile); any other name (e.g. `lm`) is the low-memory AdamW
+with fp32 weights and moments, stepped at step(). --preset takes a preset's shape (and its seq_len) instead
+of --dim/--layers; --device cuda runs on the GPU (bf16 autocast there too). The figures in benchmarks/NOTES.md (session 11) came
 from this at 4 x 256 (and 8 x 512 with --dim 512 --layers 8), one run per variant, two at a time on 2 cores.
 """
 
@@ -18,7 +21,7 @@ import time
 
 import torch
 
-from onebox.config import ModelConfig, TrainConfig
+from onebox.config import ModelConfig, TrainConfig, preset
 from onebox.data import BatchLoader, default_data_dir, find_shards, prepare_default_corpus
 from onebox.lowmem import LowMemAdamW, keep_vectors_fp32
 from onebox.model import build_model, cross_entropy_loss
@@ -28,22 +31,33 @@ from onebox.transforms import apply_activation_checkpointing, apply_compile
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("variant")
+    parser.add_argument("variants", help="comma-separated, run one after another")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--dim", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--preset", default="", help="a preset's shape instead of --dim/--layers")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
-    variant = args.variant
-    torch.set_num_threads(1)
-    config = ModelConfig(name="probe", dim=args.dim, hidden=3 * args.dim, layers=args.layers, heads=args.dim // 64, seq_len=128, vocab_size=8192)
-    train = TrainConfig(batch_size=16, max_steps=args.steps, lr=6e-4, warmup_steps=30, grad_clip=0.0 if "noclip" in variant else 1.0)
+    if args.device == "cpu":
+        torch.set_num_threads(1)
+    if args.preset:
+        config = preset(args.preset)
+    else:
+        config = ModelConfig(name="probe", dim=args.dim, hidden=3 * args.dim, layers=args.layers, heads=args.dim // 64, seq_len=128, vocab_size=8192)
     data = default_data_dir()
     if not data.is_dir():
         prepare_default_corpus(data)
+    for variant in args.variants.split(","):
+        run(variant, config, args.batch, args.steps, args.device, data)
+
+
+def run(variant: str, config: ModelConfig, batch: int, steps: int, device: str, data) -> None:
+    train = TrainConfig(batch_size=batch, max_steps=steps, lr=6e-4, warmup_steps=30, grad_clip=0.0 if "noclip" in variant else 1.0)
     train_shards, val_shards = find_shards(data)
-    loader = BatchLoader(train_shards, 16, 128, seed=1)
+    loader = BatchLoader(train_shards, batch, config.seq_len, seed=1)
     torch.manual_seed(0)
-    model = build_model(config, "cpu", torch.bfloat16 if "w16" in variant else torch.float32)
+    model = build_model(config, device, torch.bfloat16 if "w16" in variant else torch.float32)
     if "w16" in variant and "v16" not in variant:  # as the bf16 strategies do (v16: vectors in bf16 too, as before)
         keep_vectors_fp32(model)
     if variant == "ref":
@@ -57,19 +71,21 @@ def main() -> None:
         apply_compile(model)
     losses = []
     started = time.time()
-    for step in range(args.steps):
+    for step in range(steps):
         optimizer.set_lr_factor(lr_factor(step, train))
-        x, y = loader.next_batch()
-        with torch.autocast("cpu", torch.bfloat16):
+        x, y = (t.to(device) for t in loader.next_batch())
+        with torch.autocast(torch.device(device).type, torch.bfloat16):
             loss = cross_entropy_loss(model(x), y)
         loss.backward()
         optimizer.step(train.grad_clip)
         optimizer.zero_grad()
-        losses.append(loss.item())
-    val = BatchLoader(val_shards, 16, 128, shuffle=False)
-    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
-        val_loss = sum(cross_entropy_loss(model(a), b).item() for a, b in (val.next_batch() for _ in range(10))) / 10
-    print(f"{variant:18s} train(last50) {sum(losses[-50:]) / 50:.4f} val {val_loss:.4f} @100 {sum(losses[90:110]) / 20:.4f} ({time.time() - started:.0f}s)")
+        losses.append(loss.detach())
+    losses = torch.stack(losses).float().cpu().tolist()
+    val = BatchLoader(val_shards, batch, config.seq_len, shuffle=False)
+    with torch.no_grad(), torch.autocast(torch.device(device).type, torch.bfloat16):
+        val_loss = sum(cross_entropy_loss(model(a.to(device)), b.to(device)).item() for a, b in (val.next_batch() for _ in range(10))) / 10
+    windows = " ".join(f"@{s} {sum(losses[max(0, s - 5):s + 5]) / len(losses[max(0, s - 5):s + 5]):.4f}" for s in (10, 25, 50, 100, 200) if s < steps)
+    print(f"{variant:18s} train(last50) {sum(losses[-50:]) / len(losses[-50:]):.4f} val {val_loss:.4f} {windows} ({time.time() - started:.0f}s)", flush=True)
 
 
 if __name__ == "__main__":

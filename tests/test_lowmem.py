@@ -18,8 +18,8 @@ from onebox.model import Transformer, build_model, cross_entropy_loss
 from onebox.optim import build_optimizer
 from onebox.plan import (
     STRATEGIES,
-    build_for_training,
     MachineMemory,
+    build_for_training,
     fits,
     plan,
     predict,
