@@ -12,13 +12,18 @@ Three savings, each optional, composing with activation checkpointing and compil
 and the update of every block parameter runs inside backward, from a hook that fires as soon as
 its gradient is complete, so that gradient is freed at once and no full gradient buffer exists.
 
-Gradient clipping inside backward cannot know this step's global norm before the first update,
-so block parameters use the previous step's norm (or this step's norm so far, where that already asks
-for more: a gradient spike is clipped as it arrives), and the very first step only measures it: its
-gradients are dropped and nothing moves (an unclipped first gradient, often many times the clip
-norm, would swell the second moment for a hundred steps: on the CPU that was the whole gap to
-torch's AdamW, benchmarks/NOTES.md). Parameters updated at step() use the step's own norm; with
-every update at step() clipping is exact, as in torch.nn.utils.clip_grad_norm_. The arithmetic
+Gradient clipping inside backward cannot know this step's global norm before the first update, so
+each block parameter estimates it: backward completes the gradients in the same order every step,
+and what share of the squared norm has arrived by a given parameter changes slowly from step to
+step, while the norm's scale changes fast early in training. So the estimate is this step's squared
+norm so far divided by the share that had arrived at the same parameter in the previous step; it is
+exact when a step's gradients are a scaled copy of the previous step's, and a spike is clipped as
+it arrives. (Clipping with the previous step's norm instead trailed torch's AdamW by 3% at 600m-A
+after 300 steps on an H100: early, when norms fall fast, every update was scaled too small against
+Adam's history; benchmarks/NOTES.md.) The very first step only measures: its gradients are dropped
+and nothing moves (unclipped, a first gradient many times the clip norm swells the second moment for
+a hundred steps). Parameters updated at step() use the step's own norm; with every update at step()
+clipping is exact, as in torch.nn.utils.clip_grad_norm_. The arithmetic
 follows torch.optim.AdamW (decoupled weight decay, bias correction); with fp32 weights and moments
 it matches it (tested).
 """
@@ -141,13 +146,17 @@ class LowMemAdamW:
                 self.state[p] = {key: self._new_state(p, state_dtype, key) for key in ("exp_avg", "exp_avg_sq")}
         device = next(model.parameters()).device
         self._square_sum = torch.zeros((), device=device)  # this step's squared gradient norm, accumulated
-        self._clip = torch.ones((), device=device)  # the clip factor the hooks apply (from the previous step)
         self._measured = False  # whether a step's norm is known (before that, clipped hooks only measure)
         self._group_of = {p: group for group in self.param_groups for p in group["params"]}
         names = {p: name for name, p in model.named_parameters()}
         # Block parameters are updated in backward; the embedding (used twice when tied: its gradient
         # is complete only at the very end), the final norm and the output layer at step().
-        self._hooked = {p for p in self._group_of if in_backward and names[p].startswith("layers.")}
+        hooked = [p for p in self._group_of if in_backward and names[p].startswith("layers.")]
+        self._hooked = {p: i for i, p in enumerate(hooked)}
+        # Per hooked parameter: this step's squared norm so far when its hook ran, and the previous
+        # step's total over that (the factor from the norm so far to the estimated total).
+        self._so_far = torch.zeros(len(hooked), device=device)
+        self._scale_up = torch.ones(len(hooked), device=device)
         self._handles = [p.register_post_accumulate_grad_hook(self._hook) for p in self._hooked]
 
     def _new_state(self, p: Tensor, dtype: torch.dtype | str, key: str) -> Tensor | Int8State:
@@ -165,9 +174,11 @@ class LowMemAdamW:
         return bool(self._hooked) and self.max_grad_norm > 0 and not self._measured
 
     def _hook(self, p: Tensor) -> None:
+        i = self._hooked[p]
         self._square_sum += p.grad.float().square().sum()
-        if not self._probing():  # the previous step's clip, or more where this step's norm so far already asks for it (a spike)
-            self._update(p, self.steps + 1, torch.minimum(self._clip, self._clip_factor()))
+        self._so_far[i] = self._square_sum
+        if not self._probing():  # clip with the estimated total: the norm so far scaled by the previous step's shares
+            self._update(p, self.steps + 1, self._clip_factor(self._square_sum * self._scale_up[i]))
         p.grad = None
 
     @torch.no_grad()
@@ -198,19 +209,21 @@ class LowMemAdamW:
         rest = self._unhooked()
         for p in rest:
             self._square_sum += p.grad.float().square().sum()
-        clip = self._clip_factor()
         if not probing:
+            clip = self._clip_factor(self._square_sum)
             for p in rest:
                 self._update(p, self.steps + 1, clip)
             self.steps += 1
-        self._clip = clip
+        # Next step's estimates; a parameter with no gradient norm before it yet (all zero) is not scaled up.
+        self._scale_up = torch.where(self._so_far > 0, self._square_sum / self._so_far.clamp_min(1e-30), 1.0)
+        self._so_far.zero_()
         self._measured = True
         self._square_sum.zero_()
 
-    def _clip_factor(self) -> Tensor:
+    def _clip_factor(self, square_sum: Tensor) -> Tensor:
         if self.max_grad_norm <= 0:
-            return torch.ones_like(self._square_sum)
-        return torch.clamp(self.max_grad_norm / (self._square_sum.sqrt() + 1e-6), max=1.0)
+            return torch.ones_like(square_sum)
+        return torch.clamp(self.max_grad_norm / (square_sum.sqrt() + 1e-6), max=1.0)
 
     def zero_grad(self) -> None:
         for p in self._group_of:
@@ -221,11 +234,11 @@ class LowMemAdamW:
             group["lr"] = group["base_lr"] * factor
 
     def state_dict(self) -> dict[str, Any]:
-        """Moments by parameter index (in group order), step count and the pending clip factor."""
+        """Moments by parameter index (in group order), step count and the shares the next step's clipping estimates with."""
         order = [p for group in self.param_groups for p in group["params"]]
         if self._square_sum.is_cuda:  # moments in pinned host memory may still be arriving from the GPU
             torch.cuda.synchronize(self._square_sum.device)
-        return {"steps": self.steps, "clip": self._clip.cpu(), "measured": self._measured, "state": [{k: v.state() if isinstance(v, Int8State) else v.cpu() for k, v in self.state[p].items()} for p in order]}
+        return {"steps": self.steps, "scale_up": self._scale_up.cpu(), "measured": self._measured, "state": [{k: v.state() if isinstance(v, Int8State) else v.cpu() for k, v in self.state[p].items()} for p in order]}
 
     def load_state_dict(self, payload: dict[str, Any]) -> None:
         order = [p for group in self.param_groups for p in group["params"]]
@@ -241,5 +254,8 @@ class LowMemAdamW:
                 else:
                     target.copy_(value)
         self.steps = payload["steps"]
-        self._clip.copy_(payload["clip"])
-        self._measured = payload.get("measured", True)
+        if "scale_up" in payload and len(payload["scale_up"]) == len(self._scale_up):
+            self._scale_up.copy_(payload["scale_up"])
+            self._measured = payload.get("measured", True)
+        else:  # saved by an older onebox (which clipped with the previous step's norm): measure again first
+            self._measured = False
