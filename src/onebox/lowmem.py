@@ -5,7 +5,7 @@ Three savings, each optional, composing with activation checkpointing and compil
   stochastic rounding, so updates smaller than half a bf16 step are kept on average instead of lost.
   Vectors (norm scales) stay fp32 with fp32 moments (`keep_vectors_fp32`): near 1.0 a bf16 step is
   0.004-0.008, several times an AdamW update, so rounding noise would outweigh their updates, and
-  they are a few thousandths of a percent of the parameters;
+  they are about 0.01% of the parameters;
 - bf16 moments (4 bytes per parameter instead of 8), also stochastically rounded, or 8-bit moments
   (blockwise scales, about 2 bytes per parameter for both);
 - moments in pinned host memory, copied to the GPU for each parameter's update and back;
