@@ -193,3 +193,24 @@ def test_a_fresh_run_refuses_to_overwrite_an_existing_one(tmp_path, corpus_dir):
     train(micro_model(), config, show_progress=False)
     with pytest.raises(OneboxError, match="already holds the checkpoints of a run.*--resume"):
         train(micro_model(), config, show_progress=False)
+
+
+def test_training_collects_garbage_on_its_own_schedule():
+    import gc
+
+    from onebox.device import GC_EVERY, collect_young, steady_collection
+
+    assert gc.isenabled()
+    with steady_collection():
+        assert not gc.isenabled()  # no collector pauses of its own choosing inside the loop
+        for _ in range(1000):
+            cycle = []
+            cycle.append(cycle)
+        del cycle
+        pending = gc.get_count()[0]
+        assert pending > 0
+        collect_young(GC_EVERY + 1)  # not a scheduled step: nothing collected
+        assert gc.get_count()[0] >= pending
+        collect_young(2 * GC_EVERY)
+        assert gc.get_count()[0] < pending
+    assert gc.isenabled()

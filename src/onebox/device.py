@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import mmap
 import os
 import platform
@@ -100,6 +101,32 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
     elif device.type == "mps":
         torch.mps.synchronize()
+
+
+GC_EVERY = 50  # steps between the training loop's own collections of the young generations
+
+
+@contextlib.contextmanager
+def steady_collection() -> Any:
+    """Python's automatic garbage collection off for the block (a full collection first), as torchtitan
+    does: a collection of the oldest generation, over torch.compile's and FSDP2's many objects, can
+    pause the host for tens of milliseconds at a moment of its own choosing, and under several processes
+    every other rank then waits for the paused one. The training loop collects the young generations
+    itself every GC_EVERY steps, at the same step on every rank (`collect_young`)."""
+    enabled = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def collect_young(step: int) -> None:
+    """The loop's scheduled collection of generations 0 and 1 (see steady_collection)."""
+    if step % GC_EVERY == 0:
+        gc.collect(1)
 
 
 def pinned_zeros(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype) -> torch.Tensor:

@@ -45,11 +45,13 @@ from onebox.data import (
 from onebox.device import (
     autocast,
     autocast_dtype,
+    collect_young,
     format_bytes,
     peak_flops,
     peak_memory_bytes,
     pick_device,
     reset_peak_memory,
+    steady_collection,
     synchronize,
 )
 from onebox.display import ProgressDisplay
@@ -74,6 +76,7 @@ from onebox.plan import build_for_training, machine_memory, reshard_after_forwar
 from onebox.transforms import compile_scope, prepare_training
 
 PRECISION_NAMES = {"auto": "bf16 autocast", "bf16": "bf16 autocast", "fp8": "fp8 block products + bf16 autocast", "fp32": "fp32"}
+STOP_CHECK_EVERY = 10  # steps between the processes' votes on stopping (Ctrl-C) under torchrun
 
 
 class NonFiniteLoss(OneboxError):
@@ -367,7 +370,7 @@ def _train(model_config: ModelConfig, config: TrainConfig, resume: str | None, c
             )
 
     try:
-        with _stop_on_sigint() as stop, _memory_errors(model_config, config, dtype is not None, device):
+        with _stop_on_sigint() as stop, _memory_errors(model_config, config, dtype is not None, device), steady_collection():
             while step < config.max_steps:
                 optimizer.set_lr_factor(lr_factor(step, config))
                 for _ in range(config.grad_accum):
@@ -381,11 +384,15 @@ def _train(model_config: ModelConfig, config: TrainConfig, resume: str | None, c
                 optimizer.zero_grad()
                 step += 1
                 tokens_seen += tokens_per_step
-                if ranks.active:  # Ctrl-C reaches the ranks at different moments: stop together
-                    stop["stop"] = any_rank(stop["stop"], ranks)
+                collect_young(step)
                 window_steps += 1
                 final = step == config.max_steps
-                if step % config.log_every == 0 or final or stop["stop"]:
+                stopping = stop["stop"]
+                if ranks.active:  # Ctrl-C reaches the ranks at different moments: they agree to stop at the same step;
+                    # not every step, because the vote waits for the GPU and the host would lose its lead each time
+                    voting = step % STOP_CHECK_EVERY == 0 or step % config.log_every == 0 or final
+                    stopping = any_rank(stop["stop"], ranks) if voting else False
+                if step % config.log_every == 0 or final or stopping:
                     synchronize(device)
                     elapsed = time.perf_counter() - window_start
                     last_loss = mean_over_ranks(window_loss / window_steps, ranks).item()
@@ -404,12 +411,12 @@ def _train(model_config: ModelConfig, config: TrainConfig, resume: str | None, c
                     val_bpb = val_loss / math.log(2) / bytes_per_token if bytes_per_token else None
                     record({"step": step, "val_loss": val_loss, "val_bpb": val_bpb})
                     display.message(f"step {step}: val loss {val_loss:.4f} | val bits/byte {'n/a' if val_bpb is None else f'{val_bpb:.3f}'}")
-                if (config.ckpt_every and step % config.ckpt_every == 0) or final or stop["stop"]:
+                if (config.ckpt_every and step % config.ckpt_every == 0) or final or stopping:
                     if window_steps:  # never save weights that came from a non-finite loss
                         check_finite(mean_over_ranks(window_loss / window_steps, ranks).item(), step)
                     last_checkpoint = save(step, last_loss)
                 window_start += time.perf_counter() - paused
-                if stop["stop"] and not final:
+                if stopping and not final:
                     raise Interrupted(f"interrupted at step {step}; checkpoint saved to {last_checkpoint}. Continue with: onebox train --resume {out_dir}")
     finally:
         display.close()

@@ -28,6 +28,7 @@ from onebox.device import (
     peak_memory_bytes,
     quiet_optional_imports,
     reset_peak_memory,
+    steady_collection,
     synchronize,
 )
 from onebox.distributed import DistInfo, shard_model, sum_over_ranks
@@ -206,19 +207,20 @@ def _measure(kind: str, config: ModelConfig, device: torch.device, settings: Ben
         losses.append(loss.detach())
         return start, after_forward, after_backward, end
 
-    started = time.perf_counter()
-    step()
-    synchronize(device)
-    first_step_seconds = time.perf_counter() - started
-    for _ in range(settings.steps - 1):
+    with steady_collection():  # no collector pauses inside the timed steps (nor one rank's while the other waits)
+        started = time.perf_counter()
         step()
-    meter = EnergyMeter(device)
-    synchronize(device)
-    meter.start()
-    window_start = time.perf_counter()
-    marks = [step() for _ in range(settings.timed_steps)]
-    clock.finish()
-    window = time.perf_counter() - window_start
+        synchronize(device)
+        first_step_seconds = time.perf_counter() - started
+        for _ in range(settings.steps - 1):
+            step()
+        meter = EnergyMeter(device)
+        synchronize(device)
+        meter.start()
+        window_start = time.perf_counter()
+        marks = [step() for _ in range(settings.timed_steps)]
+        clock.finish()
+        window = time.perf_counter() - window_start
     joules = sum_over_ranks(meter.joules(), ranks)  # every GPU's energy
     trace = [float(loss) for loss in losses]
     # The median step (the lower one of an even count) and its own phases: the phases then add up
