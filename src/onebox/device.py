@@ -124,8 +124,11 @@ def steady_collection() -> Any:
 
 
 def collect_young(step: int) -> None:
-    """The loop's scheduled collection of generations 0 and 1 (see steady_collection)."""
-    if step % GC_EVERY == 0:
+    """The loop's scheduled collection of generations 0 and 1 (see steady_collection), and of all
+    generations every 20th time, so cycles that reached the oldest one are still freed in long runs."""
+    if step % (20 * GC_EVERY) == 0:
+        gc.collect()
+    elif step % GC_EVERY == 0:
         gc.collect(1)
 
 
