@@ -13,7 +13,7 @@ from conftest import micro_model, micro_train
 from onebox.cli import main
 from onebox.config import TrainConfig, preset
 from onebox.errors import OneboxError
-from onebox.lowmem import Int8State, LowMemAdamW, stochastic_round_bf16
+from onebox.lowmem import Int8State, LowMemAdamW, _load, stochastic_round_bf16
 from onebox.model import Transformer, build_model, cross_entropy_loss
 from onebox.optim import build_optimizer
 from onebox.plan import (
@@ -405,3 +405,41 @@ def test_bf16_weights_under_autocast_compute_what_fp32_weights_of_the_same_value
     assert torch.equal(losses[0], losses[1])
     for (name, a), b in zip(low.named_parameters(), high.parameters()):  # gradients: bf16 storage's rounding only (2^-8 relative)
         assert (a.grad.float() - b.grad).norm() <= 1e-2 * b.grad.norm(), name
+
+
+@pytest.mark.parametrize("dim", [256, 64])
+def test_moments_survive_a_sharded_checkpoint(tmp_path, dim):
+    """What a multi-process run writes through torch.distributed.checkpoint, read back (here in one
+    process). At dim 256 the 8-bit moments are stored as their codes and scales laid out like the rows
+    (exact); at 64 (rows not whole blocks of 256) as values, quantised again on load (within a level)."""
+    from onebox.distributed import load_sharded, save_sharded
+
+    config = micro_model(dim=dim, heads=dim // 16, kv_heads=dim // 32)
+    x, y = _batch(config)
+    torch.manual_seed(0)
+    model = Transformer(config)
+    optimizer = LowMemAdamW(model, TrainConfig(device="cpu", lr=1e-2), "int8", in_backward=True)
+    for _ in range(3):
+        cross_entropy_loss(model(x), y).backward()
+        optimizer.step(1.0)
+        optimizer.zero_grad()
+    save_sharded(tmp_path / "ckpt", model, optimizer)
+    torch.manual_seed(1)
+    again = Transformer(config)
+    restored = LowMemAdamW(again, TrainConfig(device="cpu", lr=1e-2), "int8", in_backward=True)
+    load_sharded(tmp_path / "ckpt", again, restored)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), again.parameters()))
+    assert restored.steps == optimizer.steps == 2 and not restored._measured  # the first step only measured; resumed, it measures again
+    up = model.layers[0].mlp.up_proj.weight
+    for p, q in zip(model.parameters(), again.parameters()):
+        for key in ("exp_avg", "exp_avg_sq"):
+            saved, loaded = optimizer.state[p][key], restored.state[q][key]
+            if isinstance(saved, Int8State) and p.ndim == 2 and p.shape[1] % 256 == 0:  # whole blocks per row
+                assert torch.equal(saved.q, loaded.q) and torch.equal(saved.scale, loaded.scale)
+            else:
+                a, b = _load(saved, "cpu"), _load(loaded, "cpu")
+                level = a.abs().max() / 127 if key == "exp_avg" else a.sqrt().max() ** 2 / 255 * 2
+                assert torch.allclose(a, b, atol=float(level) + 1e-12), (key, p.shape)
+    assert float(optimizer.state[up]["exp_avg_sq"].scale.abs().max()) > 0  # the moments were not all zero
+    exact = [p for p in model.parameters() if p.ndim == 2 and p.shape[1] % 256 == 0]
+    assert bool(exact) == (dim == 256)  # both layouts were exercised

@@ -89,7 +89,7 @@ def model_state(payload: dict[str, Any]) -> dict[str, Any]:
     with torch.device("meta"):
         model = Transformer(model_config_from_dict(payload["model_config"]))
     model.to_empty(device="cpu")
-    load_sharded(folder, model, [])
+    load_sharded(folder, model)
     return model.state_dict()
 
 

@@ -56,12 +56,14 @@ def init_distributed(device_setting: str) -> tuple[DistInfo, str]:
 
 
 def shard_model(model: torch.nn.Module, mixed: bool, reshard_after_forward: bool = True, keep_last: bool = True,
-                reduce_dtype: torch.dtype = torch.float32, prefetch: int = 0) -> None:
+                reduce_dtype: torch.dtype = torch.float32, prefetch: int = 0, vectors_apart: bool = False) -> None:
     """FSDP2 over each block and then the whole model; bf16 compute with `reduce_dtype` gradient reduction when mixed.
 
     Each block's gathered parameters are freed after its forward (`reshard_after_forward`) and gathered
     again in backward, except the last block's with `keep_last`: backward needs them at once (torchtitan's
-    default). `prefetch` > 0 issues the next blocks' all-gathers explicitly, that many ahead.
+    default). `prefetch` > 0 issues the next blocks' all-gathers explicitly, that many ahead. `vectors_apart`
+    shards each norm on its own first, for the bf16 strategies, whose norm scales stay fp32 beside bf16
+    matrices (FSDP2 wants one dtype per unit): two small extra all-gathers and reduce-scatters per block.
 
     The compiled training step calls `model.hidden_states` (then the head with the loss), not the
     model itself, so that method is registered with FSDP2: it gathers the root's parameters (the
@@ -71,6 +73,10 @@ def shard_model(model: torch.nn.Module, mixed: bool, reshard_after_forward: bool
 
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=reduce_dtype) if mixed else MixedPrecisionPolicy()
     blocks = list(model.layers)
+    if vectors_apart:
+        for module in model.modules():
+            if any(p.ndim < 2 for p in module.parameters(recurse=False)):
+                fully_shard(module, mp_policy=policy, reshard_after_forward=reshard_after_forward)
     for index, block in enumerate(blocks):
         fully_shard(block, mp_policy=policy, reshard_after_forward=reshard_after_forward and not (keep_last and index == len(blocks) - 1))
     fully_shard(model, mp_policy=policy)
@@ -125,35 +131,49 @@ def load_full_state(model: torch.nn.Module, optimizers: list[torch.optim.Optimiz
         set_optimizer_state_dict(model, opt, state, options=options)
 
 
-def save_sharded(folder: str | Path, model: torch.nn.Module, optimizers: list[torch.optim.Optimizer]) -> None:
+def _optimizer_state(model: torch.nn.Module, optimizer: Any) -> dict[str, Any]:
+    """The optimizer's part of a sharded checkpoint: torch optimizers' state by parameter name, or the
+    low-memory AdamW's own sharded moments; nothing for None (the model only)."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    if optimizer is None:
+        return {}
+    if hasattr(optimizer, "sharded_state"):
+        return {"lowmem": optimizer.sharded_state(model)}
+    return {"optimizer": {str(i): get_optimizer_state_dict(model, opt) for i, opt in enumerate(optimizer.optimizers)}}
+
+
+def save_sharded(folder: str | Path, model: torch.nn.Module, optimizer: Any) -> None:
     """Every process writes its own shards of the model and optimizer state (torch.distributed.checkpoint),
-    so no process ever holds the whole: what a model too large for one host's memory needs."""
+    so no process ever holds the whole: what a model too large for one host's memory needs. `optimizer`
+    is an OptimizerSet, a LowMemAdamW, or None."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-    state = {"model": get_model_state_dict(model), "optimizer": {str(i): get_optimizer_state_dict(model, opt) for i, opt in enumerate(optimizers)}}
-    dcp.save(state, checkpoint_id=str(folder))
+    dcp.save({"model": get_model_state_dict(model), **_optimizer_state(model, optimizer)}, checkpoint_id=str(folder))
 
 
-def load_sharded(folder: str | Path, model: torch.nn.Module, optimizers: list[torch.optim.Optimizer]) -> None:
+def load_sharded(folder: str | Path, model: torch.nn.Module, optimizer: Any = None) -> None:
     """Load a sharded checkpoint into a model sharded over any number of processes, or not sharded at all
-    (torch.distributed.checkpoint reshards as it reads), and into its optimizers (none: the model only)."""
+    (torch.distributed.checkpoint reshards as it reads), and into its optimizer (None: the model only)."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import (
-        get_model_state_dict,
-        get_optimizer_state_dict,
-        set_model_state_dict,
-        set_optimizer_state_dict,
-    )
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict, set_optimizer_state_dict
 
-    state: dict[str, Any] = {"model": get_model_state_dict(model)}
-    if optimizers:
-        state["optimizer"] = {str(i): get_optimizer_state_dict(model, opt) for i, opt in enumerate(optimizers)}
+    state: dict[str, Any] = {"model": get_model_state_dict(model), **_optimizer_state(model, optimizer)}
     with warnings.catch_warnings():  # in one process DCP says it reads "in a single process": that is the intent
         warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
-        dcp.load(state, checkpoint_id=str(folder))
+        try:
+            dcp.load(state, checkpoint_id=str(folder))
+        except Exception as error:  # DCP names the missing keys: the checkpoint holds another optimizer's state
+            if "lowmem" in str(error) or "optimizer" in str(error) or "Missing key" in str(error):
+                raise OneboxError(f"the sharded checkpoint in {folder} holds other optimizer state than this run's: resume with the --memory "
+                                  f"strategy that wrote it (standard or checkpointed hold torch's AdamW; bf16, offload and offload-int8 "
+                                  f"onebox's own).") from error
+            raise
     set_model_state_dict(model, state["model"])
-    for i, opt in enumerate(optimizers):
+    if "lowmem" in state:
+        optimizer.load_sharded_state(model, state["lowmem"])
+    for i, opt in enumerate(getattr(optimizer, "optimizers", None) or []):
         set_optimizer_state_dict(model, opt, state["optimizer"][str(i)])
 
 

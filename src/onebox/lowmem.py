@@ -33,7 +33,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 
 from onebox.config import TrainConfig
 from onebox.device import pinned_zeros
@@ -109,6 +111,18 @@ def keep_vectors_fp32(model: nn.Module, state: dict[str, Tensor] | None = None) 
     return model
 
 
+def _local(t: Tensor) -> Tensor:
+    """This process's part of a tensor sharded by FSDP2 (a DTensor); the tensor itself otherwise."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _like_param(p: Tensor, local: Tensor, shape: torch.Size) -> Tensor:
+    """`local` (this process's rows of a tensor of `shape`) sharded like parameter `p`: a DTensor when p is one."""
+    if not isinstance(p, DTensor):
+        return local
+    return DTensor.from_local(local, p.device_mesh, p.placements, run_check=False, shape=shape, stride=torch.empty(shape, device="meta").stride())
+
+
 def _load(state: Tensor | Int8State, device: torch.device) -> Tensor:
     """A moment as a fresh fp32 tensor on `device`."""
     if isinstance(state, Int8State):
@@ -144,7 +158,10 @@ class LowMemAdamW:
         for group in self.param_groups:
             for p in group["params"]:
                 self.state[p] = {key: self._new_state(p, state_dtype, key) for key in ("exp_avg", "exp_avg_sq")}
-        device = next(model.parameters()).device
+        device = _local(next(model.parameters())).device
+        # Under FSDP2 every parameter is a DTensor: each process updates its own shard, with moments of
+        # the shard's size; FSDP2 runs the hooks below on each shard's reduce-scattered gradient.
+        self._sharded = any(isinstance(p, DTensor) for p in model.parameters())
         self._square_sum = torch.zeros((), device=device)  # this step's squared gradient norm, accumulated
         self._measured = False  # whether a step's norm is known (before that, clipped hooks only measure)
         self._group_of = {p: group for group in self.param_groups for p in group["params"]}
@@ -160,6 +177,7 @@ class LowMemAdamW:
         self._handles = [p.register_post_accumulate_grad_hook(self._hook) for p in self._hooked]
 
     def _new_state(self, p: Tensor, dtype: torch.dtype | str, key: str) -> Tensor | Int8State:
+        p = _local(p)
         if p.dtype == torch.float32 and p.ndim < 2:  # fp32 vectors (keep_vectors_fp32): fp32 moments beside them, a few KB
             return torch.zeros_like(p)
         pin = self.offload and p.device.type == "cuda"
@@ -175,7 +193,7 @@ class LowMemAdamW:
 
     def _hook(self, p: Tensor) -> None:
         i = self._hooked[p]
-        self._square_sum += p.grad.float().square().sum()
+        self._square_sum += _local(p.grad).float().square().sum()
         self._so_far[i] = self._square_sum
         if not self._probing():  # clip with the estimated total: the norm so far scaled by the previous step's shares
             self._update(p, self.steps + 1, self._clip_factor(self._square_sum * self._scale_up[i]))
@@ -186,7 +204,7 @@ class LowMemAdamW:
         group, state = self._group_of[p], self.state[p]
         lr, decay = group["lr"], group["weight_decay"]
         beta1, beta2 = self.betas
-        grad = p.grad.float() * clip
+        p, grad = _local(p), _local(p.grad).float() * clip
         m, v = (_load(state[key], p.device) for key in ("exp_avg", "exp_avg_sq"))
         m.lerp_(grad, 1 - beta1)
         v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
@@ -208,7 +226,9 @@ class LowMemAdamW:
             self.max_grad_norm = max_grad_norm
         rest = self._unhooked()
         for p in rest:
-            self._square_sum += p.grad.float().square().sum()
+            self._square_sum += _local(p.grad).float().square().sum()
+        if self._sharded:  # the global norm: every process's shards (the hooks' estimates stay per process)
+            dist.all_reduce(self._square_sum)
         if not probing:
             clip = self._clip_factor(self._square_sum)
             for p in rest:
@@ -259,3 +279,47 @@ class LowMemAdamW:
             self._measured = payload.get("measured", True)
         else:  # saved by an older onebox (which clipped with the previous step's norm): measure again first
             self._measured = False
+
+    def sharded_state(self, model: nn.Module) -> dict[str, Tensor]:
+        """The moments for torch.distributed.checkpoint, by parameter name, each with its parameter's
+        sharding (a DTensor under FSDP2), so a run saved on N processes resumes on any number. Stored as
+        kept: bf16 as bf16; 8-bit as its codes and block scales laid out like the parameter's rows (when a
+        row is whole blocks of 256, as in every preset: the blocks then never straddle two processes),
+        otherwise as fp32 values. Nothing is gathered: each process writes its own shards."""
+        state: dict[str, Tensor] = {"steps": torch.tensor(self.steps)}
+        for name, p in model.named_parameters():
+            if p not in self.state:
+                continue
+            for key, value in self.state[p].items():
+                for suffix, local, shape in self._stored(p, value):
+                    state[f"{name}.{key}{suffix}"] = _like_param(p, local, shape)
+        return state
+
+    def load_sharded_state(self, model: nn.Module, state: dict[str, Tensor]) -> None:
+        """Restore what sharded_state saved (read back by torch.distributed.checkpoint into templates from
+        sharded_state itself). The next step measures the norm again before clipping in backward: the
+        clipping estimates are per process and do not survive a change in the number of processes."""
+        for name, p in model.named_parameters():
+            if p not in self.state:
+                continue
+            for key, value in self.state[p].items():
+                parts = {suffix: _local(state[f"{name}.{key}{suffix}"]) for suffix, _, _ in self._stored(p, value)}
+                if isinstance(value, Int8State) and ".q" in parts:
+                    value.q.copy_(parts[".q"].reshape(-1))
+                    value.scale.copy_(parts[".scale"].reshape(-1))
+                else:
+                    _store(value, parts[""].to(_local(p).device).float())
+        self.steps = int(state["steps"])
+        self._measured = False
+
+    @staticmethod
+    def _stored(p: Tensor, value: Tensor | Int8State) -> list[tuple[str, Tensor, torch.Size]]:
+        """How one moment is stored in a sharded checkpoint: (key suffix, local tensor, global shape) triples."""
+        local = _local(p)
+        if isinstance(value, Int8State):
+            if p.ndim == 2 and p.shape[1] % Int8State.BLOCK == 0:
+                rows, blocks = local.shape[0], p.shape[1] // Int8State.BLOCK
+                return [(".q", value.q.view(rows, p.shape[1]), p.shape), (".scale", value.scale.view(rows, blocks), torch.Size((p.shape[0], blocks)))]
+            return [("", value.load(local.device), p.shape)]
+        return [("", value, p.shape)]
+

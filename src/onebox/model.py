@@ -216,7 +216,7 @@ class Transformer(nn.Module):
         if param.dtype == torch.float32:
             param.normal_(0.0, std)
         else:  # drawn in fp32 and rounded: a bf16 model starts from the fp32 model's weights (same seed), one parameter at a time
-            param.copy_(torch.empty(param.shape, dtype=torch.float32, device=param.device).normal_(0.0, std))
+            param.copy_(torch.empty_like(param, dtype=torch.float32).normal_(0.0, std))  # a DTensor under FSDP2: drawn sharded alike
 
     @torch.no_grad()
     def reset_rope(self) -> None:

@@ -83,8 +83,6 @@ def predict(config: ModelConfig, batch: int, chosen: Strategy, compiled: bool = 
             e = dataclasses.replace(e, weights=e.weights // shards, gradients=e.gradients // shards, optimizer=e.optimizer // shards,
                                     low_precision_weights=min(e.low_precision_weights, blocks))
         return Prediction(chosen, e.total, 0, e.weights + e.low_precision_weights, e.optimizer, e.activations, e.gradients)
-    if shards > 1:
-        raise OneboxError(f"the {chosen.name} memory strategy does not compose with FSDP2 sharding in this version.")
     params = config.num_params()
     layer, loss = activation_bytes_per_token(config, True, compiled)  # bf16 weights: bf16 activations wherever the model runs
     per_token = (4 * config.dim * config.layers + layer + loss) if chosen.checkpointing else config.layers * layer + loss
@@ -95,8 +93,14 @@ def predict(config: ModelConfig, batch: int, chosen: Strategy, compiled: bool = 
     # parameter in its hook, plus that update's fp32 temporaries (gradient, two moments, weights, denominator).
     outside = config.vocab_size * config.dim * (1 if config.tie_embeddings else 2) + config.dim
     gradients = 2 * outside + 2 * largest + 20 * largest
+    weights = 2 * params
+    if shards > 1:  # each process: its shards, two blocks gathered at a time, and one block's reduce-scatter
+        block = (params - config.vocab_size * config.dim) // config.layers
+        weights = weights // shards + 2 * 2 * block
+        moments = moments // shards
+        gradients = gradients // shards + block * (2 + 4 + 4 // shards)  # bf16 gradients, their fp32 copy reduced, the output
     on_gpu = 0 if chosen.state_on_host else moments
-    return Prediction(chosen, 2 * params + on_gpu + activations + gradients, moments if chosen.state_on_host else 0, 2 * params, moments, activations, gradients)
+    return Prediction(chosen, weights + on_gpu + activations + gradients, moments if chosen.state_on_host else 0, weights, moments, activations, gradients)
 
 
 @dataclass
@@ -148,7 +152,11 @@ def resolve_strategy(setting: str, config: ModelConfig, batch: int, device: torc
     if setting == "auto":
         chosen, predictions = plan(config, batch, machine, compiled, optimizer, grad_accum, mixed)
         return chosen or predictions[-1].strategy  # nothing fits by the estimate: try the leanest rather than refuse
-    chosen = strategy(setting)
+    return usable(strategy(setting), machine, optimizer, grad_accum)
+
+
+def usable(chosen: Strategy, machine: MachineMemory, optimizer: str = "adamw", grad_accum: int = 1) -> Strategy:
+    """`chosen` itself, or a clear error where it cannot run on this machine or with these settings."""
     if chosen not in candidates(machine, optimizer, grad_accum):
         raise OneboxError(
             f"the {chosen.name} memory strategy cannot run here: bf16 strategies step with onebox's own AdamW inside backward "
@@ -158,13 +166,20 @@ def resolve_strategy(setting: str, config: ModelConfig, batch: int, device: torc
 
 
 def sharded_strategy(setting: str) -> Strategy:
-    """The strategy of a multi-process (FSDP2) run: sharding already divides weights, gradients and
-    optimizer state by the number of processes; the bf16 strategies update unsharded parameters
-    inside backward and do not compose with FSDP2 here."""
-    if setting in ("auto", "standard", "checkpointed"):
-        return strategy("checkpointed" if setting == "checkpointed" else "standard")
-    raise OneboxError(f"--memory {setting} does not compose with multi-process (FSDP2) training in this version: use --memory standard "
-                      f"or checkpointed (sharding already divides the memory by the number of processes).")
+    """The strategy of a multi-process (FSDP2) run. Sharding already divides weights, gradients and
+    optimizer state by the number of processes, so `auto` is standard; the bf16 strategies compose with
+    it (each process updates its own shards inside backward, from FSDP2's per-shard gradient hooks), so
+    a model too large for N processes' standard shards can still train."""
+    return strategy("standard" if setting == "auto" else setting)
+
+
+def build_optimizer_for(model: Transformer, train: TrainConfig, chosen: Strategy) -> Any:
+    """The strategy's optimizer over a model (sharded or not): onebox's low-memory AdamW for the bf16
+    strategies, torch's otherwise."""
+    if chosen.bf16_weights:
+        moments: torch.dtype | str = "int8" if chosen.int8_moments else torch.bfloat16
+        return LowMemAdamW(model, train, moments, chosen.state_on_host, chosen.in_backward)
+    return build_optimizer(model, train)
 
 
 def reshard_after_forward(config: ModelConfig, batch: int, chosen: Strategy, machine: MachineMemory, shards: int, compiled: bool = True,
@@ -190,6 +205,4 @@ def build_for_training(config: ModelConfig, train: TrainConfig, chosen: Strategy
     model = build_model(config, device, dtype) if state is None else model_from_state(config, state, device, dtype)
     if chosen.bf16_weights:
         keep_vectors_fp32(model, state)
-        moments: torch.dtype | str = "int8" if chosen.int8_moments else torch.bfloat16
-        return model, LowMemAdamW(model, train, moments, chosen.state_on_host, chosen.in_backward)
-    return model, build_optimizer(model, train)
+    return model, build_optimizer_for(model, train, chosen)

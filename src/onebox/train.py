@@ -69,10 +69,11 @@ from onebox.distributed import (
 )
 from onebox.errors import OneboxError
 from onebox.export import load_hf
+from onebox.lowmem import keep_vectors_fp32
 from onebox.memory import out_of_memory_message
 from onebox.model import build_model, cross_entropy_loss
-from onebox.optim import build_optimizer, lr_factor
-from onebox.plan import build_for_training, machine_memory, reshard_after_forward, resolve_strategy, sharded_strategy
+from onebox.optim import lr_factor
+from onebox.plan import build_for_training, build_optimizer_for, machine_memory, reshard_after_forward, resolve_strategy, sharded_strategy, strategy, usable
 from onebox.transforms import compile_scope, prepare_training
 
 PRECISION_NAMES = {"auto": "bf16 autocast", "bf16": "bf16 autocast", "fp8": "fp8 block products + bf16 autocast", "fp32": "fp32"}
@@ -116,6 +117,18 @@ def _rebatch(config: TrainConfig, saved_world: int, world: int, say: Any) -> Tra
                           f"them evenly: resume on a number of processes that divides {sequences}.")
     say(f"the run was saved on {saved_world} process(es), resuming on {world}: {sequences // world} sequences per process keep {sequences} per step")
     return apply_overrides(config, {"batch_size": sequences // world})
+
+
+def _resumed_memory(setting: str, payload: dict[str, Any]) -> str:
+    """The memory strategy a resumed run uses: the one asked for, or (auto) the one that wrote the
+    checkpoint; refused where their optimizer state differs (torch's AdamW against onebox's own)."""
+    saved = payload.get("memory", "standard")  # checkpoints from before this field held torch's AdamW state
+    wanted = saved if setting == "auto" else setting
+    if strategy(wanted).bf16_weights != strategy(saved).bf16_weights:
+        raise OneboxError(f"{payload['path']} holds the optimizer state of the {saved} memory strategy, which {wanted} cannot continue "
+                          f"(torch's AdamW for standard and checkpointed, onebox's low-memory AdamW for the bf16 ones): resume with "
+                          f"--memory {saved}, or leave --memory at auto.")
+    return wanted
 
 
 def _load_optimizer(model: torch.nn.Module, optimizer: Any, states: Any) -> None:
@@ -250,11 +263,12 @@ def _train(model_config: ModelConfig, config: TrainConfig, resume: str | None, c
 
     compiled = compile_scope(config.compile, device) is not None
     sharded = payload is not None and bool(payload.get("sharded"))
-    if sharded and not ranks.active and config.memory not in ("auto", "standard", "checkpointed"):
-        raise OneboxError(f"{payload['path']} was written by several processes (fp32 AdamW state in shards): resume it with --memory standard "
-                          f"or checkpointed, not {config.memory}.")
     if ranks.active or sharded:
-        chosen = sharded_strategy(config.memory)
+        chosen = sharded_strategy(_resumed_memory(config.memory, payload) if payload is not None else config.memory)
+        usable(chosen, machine_memory(device), config.optimizer, config.grad_accum)
+        if ranks.active and payload is not None and not sharded and chosen.bf16_weights:
+            raise OneboxError(f"{payload['path']} was written by one process; the {chosen.name} strategy resumes on several processes only "
+                              f"from a checkpoint they wrote. Resume it in one process, or on several with --memory standard or checkpointed.")
     else:
         chosen = resolve_strategy(config.memory, model_config, config.batch_size, device, config.optimizer, config.grad_accum, compiled, dtype is not None)
     checkpointing = config.activation_checkpointing or chosen.checkpointing
@@ -263,19 +277,21 @@ def _train(model_config: ModelConfig, config: TrainConfig, resume: str | None, c
     optimizer_states = payload["optimizer"] if payload is not None and not sharded else []
     reshard = True
     if ranks.active:  # transforms first, then FSDP2 (torchtitan's order), then the optimizer over the shards
-        model = build_model(model_config, device)
+        model = build_model(model_config, device, torch.bfloat16 if chosen.bf16_weights else torch.float32)
+        if chosen.bf16_weights:
+            keep_vectors_fp32(model)
         loss_fn = prepare_training(model, device, config.precision, config.compile, checkpointing)
         reshard = reshard_after_forward(model_config, config.batch_size, chosen, machine_memory(device), ranks.world, compiled, dtype is not None)
-        shard_model(model, dtype is not None, reshard_after_forward=reshard)
-        optimizer = build_optimizer(model, config)
+        shard_model(model, dtype is not None, reshard_after_forward=reshard, vectors_apart=chosen.bf16_weights)
+        optimizer = build_optimizer_for(model, config, chosen)
         if sharded:
-            load_sharded(sharded_folder(payload["path"]), model, optimizer.optimizers)
+            load_sharded(sharded_folder(payload["path"]), model, optimizer)
         elif state is not None:
             load_full_state(model, optimizer.optimizers, state, optimizer_states)
     else:
         model, optimizer = build_for_training(model_config, config, chosen, device, state)
         if sharded:
-            load_sharded(sharded_folder(payload["path"]), model, optimizer.optimizers)
+            load_sharded(sharded_folder(payload["path"]), model, optimizer)
         elif payload is not None:
             _load_optimizer(model, optimizer, optimizer_states)
         loss_fn = prepare_training(model, device, config.precision, config.compile, checkpointing)
@@ -311,7 +327,7 @@ def _train(model_config: ModelConfig, config: TrainConfig, resume: str | None, c
             if ranks.main:
                 shutil.rmtree(staging, ignore_errors=True)
             barrier(ranks)
-            save_sharded(staging, raw_model, optimizer.optimizers)
+            save_sharded(staging, raw_model, optimizer)
             barrier(ranks)
             if ranks.main:
                 shutil.rmtree(folder, ignore_errors=True)
@@ -327,6 +343,7 @@ def _train(model_config: ModelConfig, config: TrainConfig, resume: str | None, c
             {
                 "onebox_version": __version__,
                 "world": ranks.world,
+                "memory": chosen.name,
                 "step": step,
                 "tokens_seen": tokens_seen,
                 **weights,

@@ -45,13 +45,13 @@ from onebox.plan import (
     STRATEGIES,
     Strategy,
     build_for_training,
+    candidates,
     fits,
     machine_memory,
     plan,
     predict,
     resolve_strategy,
     sharded_strategy,
-    strategy,
 )
 from onebox.transforms import compile_scope, prepare_training
 
@@ -127,8 +127,9 @@ def climb_sharded(config: Any, chosen: Strategy, device_setting: str, batch: int
     memory leaves `out`.oom<rank> behind and stops, and torchrun stops the others."""
     from onebox.device import pick_device
     from onebox.distributed import init_distributed, mean_over_ranks, shard_model, shutdown
+    from onebox.lowmem import keep_vectors_fp32
     from onebox.model import Transformer
-    from onebox.optim import build_optimizer
+    from onebox.plan import build_optimizer_for
 
     ranks, device_name = init_distributed(device_setting)
     device = pick_device(device_name)
@@ -138,11 +139,13 @@ def climb_sharded(config: Any, chosen: Strategy, device_setting: str, batch: int
         try:
             with torch.device("meta"):
                 model = Transformer(config)
+            if chosen.bf16_weights:  # bf16 matrices, fp32 norm scales (sharded apart), onebox's AdamW on each process's shards
+                keep_vectors_fp32(model.to(torch.bfloat16))
             loss_fn = prepare_training(model, device, "auto", "auto", chosen.checkpointing)
-            shard_model(model, dtype is not None)
+            shard_model(model, dtype is not None, vectors_apart=chosen.bf16_weights)
             model.to_empty(device=device)
             model.init_weights()
-            optimizer = build_optimizer(model, TrainConfig(lr=lr, device=str(device), warmup_steps=0))
+            optimizer = build_optimizer_for(model, TrainConfig(lr=lr, device=str(device), warmup_steps=0), chosen)
             x, y = synthetic_batch(config, batch, device, seed=ranks.rank)
             losses, times = _train_steps(loss_fn, optimizer, x, y, device, dtype, steps, lambda loss: mean_over_ranks(loss, ranks))
         except torch.cuda.OutOfMemoryError:
@@ -191,8 +194,8 @@ def climb_isolated(config: Any, chosen: Strategy, device: torch.device, batch: i
 
 def _choices(config: Any, batch: int, machine: Any, compiled: bool, mixed: bool, processes: int) -> tuple[Strategy | None, list[Strategy], Any]:
     """The planned strategy, the leaner ones that also fit, and the leanest prediction (for a rung that fits none)."""
-    if processes > 1:  # FSDP2 composes with the standard strategies only (plan.sharded_strategy)
-        predictions = [predict(config, batch, strategy(n), compiled, mixed, processes) for n in ("standard", "checkpointed")]
+    if processes > 1:  # every strategy composes with FSDP2 (plan.sharded_strategy), each divided over the processes
+        predictions = [predict(config, batch, s, compiled, mixed, processes) for s in candidates(machine)]
     else:
         predictions = plan(config, batch, machine, compiled, mixed=mixed)[1]
     fitting = [p.strategy for p in predictions if fits(p, machine)]
