@@ -139,6 +139,7 @@ def test_low_memory_strategies_train_sharded_and_resume_on_one_or_two(tmp_path, 
         assert sorted(resumed) == [5, 6, 7, 8], resumed
         assert abs(resumed[5] - two[5]) / two[5] < 1e-3, (resumed, two)  # the same weights and batch: the same loss
         assert all(abs(resumed[s] - two[s]) / two[s] < 0.02 for s in resumed), (resumed, two)  # the first step measures again
+    assert main(["export", str(tmp_path / "two"), str(tmp_path / "hf")]) == 0  # bf16 shards export like any checkpoint
     # another strategy's optimizer state is refused with a reason, not a traceback
     assert main(["train", "--resume", str(tmp_path / "two"), "--out-dir", str(tmp_path / "std"), "--memory", "standard", "--max-steps", "10", "--quiet"]) != 0
     assert "holds the optimizer state of the" in capsys.readouterr().err
@@ -226,3 +227,18 @@ def test_a_rung_that_runs_out_of_memory_on_any_process_ends_the_sharded_climb(mo
     doc = run_ceiling(["tiny", "tiny"], torch.device("cpu"), lambda message: None, steps=2, processes=2, argv=["bench", "ceiling"])
     assert [e["result"]["status"] for e in doc["entries"]] == ["oom"]  # stopped after the first rung
     assert tried == ["standard", "checkpointed", "bf16", "bf16-checkpointed"]  # every leaner sharded strategy was tried before giving up (no offload on the CPU)
+
+
+def test_sharded_ceiling_counts_every_process_pinned_moments_against_the_one_host():
+    from onebox.bench.ceiling import _choices
+    from onebox.config import preset
+    from onebox.plan import MachineMemory, predict, strategy
+
+    config = preset("30b")
+    host = predict(config, 1, strategy("offload-int8"), True, True, 2).host  # one process's pinned 8-bit moments
+    machine = MachineMemory(gpu=80 * 10**9, host=int(host * 1.5 / 0.8), label="test")  # room for one process's, not two
+    chosen, others, _ = _choices(config, 1, machine, True, True, 2)
+    assert chosen is None or "offload-int8" not in [s.name for s in [chosen, *others]]
+    roomy = MachineMemory(gpu=80 * 10**9, host=int(host * 2.5 / 0.8), label="test")
+    chosen, others, _ = _choices(config, 1, roomy, True, True, 2)
+    assert "offload-int8" in [s.name for s in [chosen, *others]]

@@ -13,6 +13,7 @@ climb stops at the first rung that no strategy fits.
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import gc
 import json
 import math
@@ -198,7 +199,8 @@ def _choices(config: Any, batch: int, machine: Any, compiled: bool, mixed: bool,
         predictions = [predict(config, batch, s, compiled, mixed, processes) for s in candidates(machine)]
     else:
         predictions = plan(config, batch, machine, compiled, mixed=mixed)[1]
-    fitting = [p.strategy for p in predictions if fits(p, machine)]
+    # The processes share this host: pinned moments add up over them.
+    fitting = [p.strategy for p in predictions if fits(dataclasses.replace(p, host=p.host * processes), machine)]
     return (fitting[0] if fitting else None), fitting[1:], predictions[-1]
 
 
