@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from onebox.config import ModelConfig
 
@@ -199,7 +200,8 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        """Normal(0, init_std) weights; output projections of each block scaled by 1/sqrt(2L)."""
+        """Normal(0, init_std) weights; output projections of each block scaled by 1/sqrt(2L). The same
+        seed gives the same weights in any dtype and sharded over any number of processes."""
         for name, param in self.named_parameters():
             self.init_parameter(name, param)
         self.reset_rope()
@@ -207,6 +209,11 @@ class Transformer(nn.Module):
     @torch.no_grad()
     def init_parameter(self, name: str, param: Tensor) -> None:
         """Initialise one parameter (by its name in this model) in place; see init_weights."""
+        if isinstance(param, DTensor):  # a shard under FSDP2: the whole parameter drawn as one process draws it, this process's part kept
+            full = torch.empty(param.shape, dtype=torch.float32, device=param.to_local().device)  # one parameter at a time
+            self.init_parameter(name, full)
+            param.to_local().copy_(distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None).to_local())
+            return
         std = self.config.init_std
         if name.endswith("layernorm.weight") or name == "norm.weight":
             param.fill_(1.0)
@@ -216,7 +223,7 @@ class Transformer(nn.Module):
         if param.dtype == torch.float32:
             param.normal_(0.0, std)
         else:  # drawn in fp32 and rounded: a bf16 model starts from the fp32 model's weights (same seed), one parameter at a time
-            param.copy_(torch.empty_like(param, dtype=torch.float32).normal_(0.0, std))  # a DTensor under FSDP2: drawn sharded alike
+            param.copy_(torch.empty(param.shape, dtype=torch.float32, device=param.device).normal_(0.0, std))
 
     @torch.no_grad()
     def reset_rope(self) -> None:

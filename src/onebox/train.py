@@ -71,7 +71,7 @@ from onebox.errors import OneboxError
 from onebox.export import load_hf
 from onebox.lowmem import keep_vectors_fp32
 from onebox.memory import out_of_memory_message
-from onebox.model import build_model, cross_entropy_loss
+from onebox.model import Transformer, cross_entropy_loss
 from onebox.optim import lr_factor
 from onebox.plan import build_for_training, build_optimizer_for, machine_memory, reshard_after_forward, resolve_strategy, sharded_strategy, strategy, usable
 from onebox.transforms import compile_scope, prepare_training
@@ -276,13 +276,16 @@ def _train(model_config: ModelConfig, config: TrainConfig, resume: str | None, c
     state = payload["model"] if payload is not None and not sharded else init_state
     optimizer_states = payload["optimizer"] if payload is not None and not sharded else []
     reshard = True
-    if ranks.active:  # transforms first, then FSDP2 (torchtitan's order), then the optimizer over the shards
-        model = build_model(model_config, device, torch.bfloat16 if chosen.bf16_weights else torch.float32)
+    if ranks.active:  # on the meta device: transforms, then FSDP2 (torchtitan's order); memory only for the shards; then the optimizer
+        with torch.device("meta"):
+            model = Transformer(model_config)
         if chosen.bf16_weights:
-            keep_vectors_fp32(model)
+            keep_vectors_fp32(model.to(torch.bfloat16))
         loss_fn = prepare_training(model, device, config.precision, config.compile, checkpointing)
         reshard = reshard_after_forward(model_config, config.batch_size, chosen, machine_memory(device), ranks.world, compiled, dtype is not None)
         shard_model(model, dtype is not None, reshard_after_forward=reshard, vectors_apart=chosen.bf16_weights)
+        model.to_empty(device=device)
+        model.init_weights()  # the weights one process would draw from this seed, each process keeping its shards
         optimizer = build_optimizer_for(model, config, chosen)
         if sharded:
             load_sharded(sharded_folder(payload["path"]), model, optimizer)
