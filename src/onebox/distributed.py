@@ -56,14 +56,16 @@ def init_distributed(device_setting: str) -> tuple[DistInfo, str]:
 
 
 def shard_model(model: torch.nn.Module, mixed: bool, reshard_after_forward: bool = True, keep_last: bool = True,
-                reduce_dtype: torch.dtype = torch.float32, prefetch: int = 0, vectors_apart: bool = False) -> None:
+                reduce_dtype: torch.dtype = torch.float32, prefetch: int = 0, replicate_vectors: bool = False) -> None:
     """FSDP2 over each block and then the whole model; bf16 compute with `reduce_dtype` gradient reduction when mixed.
 
     Each block's gathered parameters are freed after its forward (`reshard_after_forward`) and gathered
     again in backward, except the last block's with `keep_last`: backward needs them at once (torchtitan's
-    default). `prefetch` > 0 issues the next blocks' all-gathers explicitly, that many ahead. `vectors_apart`
-    shards each norm on its own first, for the bf16 strategies, whose norm scales stay fp32 beside bf16
-    matrices (FSDP2 wants one dtype per unit): two small extra all-gathers and reduce-scatters per block.
+    default). `prefetch` > 0 issues the next blocks' all-gathers explicitly, that many ahead. `replicate_vectors`
+    leaves the norm scales whole on every process (FSDP2's ignored_params), for the bf16 strategies, whose
+    norm scales stay fp32 beside bf16 matrices (FSDP2 wants one dtype per unit): the low-memory AdamW
+    averages their gradients itself at step() (one small all-reduce), and compiled blocks stay whole
+    graphs (a norm in an FSDP2 unit of its own would cut them).
 
     The compiled training step calls `model.hidden_states` (then the head with the loss), not the
     model itself, so that method is registered with FSDP2: it gathers the root's parameters (the
@@ -71,15 +73,15 @@ def shard_model(model: torch.nn.Module, mixed: bool, reshard_after_forward: bool
     """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
-    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=reduce_dtype) if mixed else MixedPrecisionPolicy()
+    # Block inputs are not cast (FSDP2 would round them to bf16): under autocast the residual stream stays
+    # fp32 between blocks, as in one process (model.hidden_states).
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=reduce_dtype, cast_forward_inputs=False) if mixed else MixedPrecisionPolicy()
     blocks = list(model.layers)
-    if vectors_apart:
-        for module in model.modules():
-            if any(p.ndim < 2 for p in module.parameters(recurse=False)):
-                fully_shard(module, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+    ignored = {p for p in model.parameters() if p.ndim < 2} if replicate_vectors else None
     for index, block in enumerate(blocks):
-        fully_shard(block, mp_policy=policy, reshard_after_forward=reshard_after_forward and not (keep_last and index == len(blocks) - 1))
-    fully_shard(model, mp_policy=policy)
+        fully_shard(block, mp_policy=policy, reshard_after_forward=reshard_after_forward and not (keep_last and index == len(blocks) - 1),
+                    ignored_params=ignored)
+    fully_shard(model, mp_policy=policy, ignored_params=ignored)
     register_fsdp_forward_method(model, "hidden_states")
     if prefetch > 0:
         for index, block in enumerate(blocks):

@@ -168,7 +168,9 @@ class LowMemAdamW:
         names = {p: name for name, p in model.named_parameters()}
         # Block parameters are updated in backward; the embedding (used twice when tied: its gradient
         # is complete only at the very end), the final norm and the output layer at step().
-        hooked = [p for p in self._group_of if in_backward and names[p].startswith("layers.")]
+        # Under FSDP2 only sharded parameters: FSDP2 runs their hooks once their gradient is reduced; the
+        # parameters it leaves whole on every process (shard_model's replicated vectors) wait for step().
+        hooked = [p for p in self._group_of if in_backward and names[p].startswith("layers.") and (not self._sharded or isinstance(p, DTensor))]
         self._hooked = {p: i for i, p in enumerate(hooked)}
         # Per hooked parameter: this step's squared norm so far when its hook ran, and the previous
         # step's total over that (the factor from the norm so far to the estimated total).
@@ -225,10 +227,20 @@ class LowMemAdamW:
         if max_grad_norm is not None:
             self.max_grad_norm = max_grad_norm
         rest = self._unhooked()
+        replicated = [p for p in rest if self._sharded and not isinstance(p, DTensor)]
+        whole = {id(p) for p in replicated}
         for p in rest:
-            self._square_sum += _local(p.grad).float().square().sum()
+            if id(p) not in whole:
+                self._square_sum += _local(p.grad).float().square().sum()
         if self._sharded:  # the global norm: every process's shards (the hooks' estimates stay per process)
             dist.all_reduce(self._square_sum)
+        if replicated:  # parameters FSDP2 leaves whole on every process (the norm scales): their mean gradient, counted once
+            grads = torch.cat([p.grad.float().flatten() for p in replicated])
+            dist.all_reduce(grads)
+            grads /= dist.get_world_size()
+            self._square_sum += grads.square().sum()
+            for p, g in zip(replicated, grads.split([p.numel() for p in replicated])):
+                p.grad.copy_(g.view_as(p.grad))
         if not probing:
             clip = self._clip_factor(self._square_sum)
             for p in rest:

@@ -283,7 +283,7 @@ def _train(model_config: ModelConfig, config: TrainConfig, resume: str | None, c
             keep_vectors_fp32(model.to(torch.bfloat16))
         loss_fn = prepare_training(model, device, config.precision, config.compile, checkpointing)
         reshard = reshard_after_forward(model_config, config.batch_size, chosen, machine_memory(device), ranks.world, compiled, dtype is not None)
-        shard_model(model, dtype is not None, reshard_after_forward=reshard, vectors_apart=chosen.bf16_weights)
+        shard_model(model, dtype is not None, reshard_after_forward=reshard, replicate_vectors=chosen.bf16_weights)
         model.to_empty(device=device)
         model.init_weights()  # the weights one process would draw from this seed, each process keeping its shards
         optimizer = build_optimizer_for(model, config, chosen)

@@ -143,7 +143,7 @@ def climb_sharded(config: Any, chosen: Strategy, device_setting: str, batch: int
             if chosen.bf16_weights:  # bf16 matrices, fp32 norm scales (sharded apart), onebox's AdamW on each process's shards
                 keep_vectors_fp32(model.to(torch.bfloat16))
             loss_fn = prepare_training(model, device, "auto", "auto", chosen.checkpointing)
-            shard_model(model, dtype is not None, vectors_apart=chosen.bf16_weights)
+            shard_model(model, dtype is not None, replicate_vectors=chosen.bf16_weights)
             model.to_empty(device=device)
             model.init_weights()
             optimizer = build_optimizer_for(model, TrainConfig(lr=lr, device=str(device), warmup_steps=0), chosen)
