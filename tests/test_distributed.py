@@ -242,3 +242,15 @@ def test_sharded_ceiling_counts_every_process_pinned_moments_against_the_one_hos
     roomy = MachineMemory(gpu=80 * 10**9, host=int(host * 2.5 / 0.8), label="test")
     chosen, others, _ = _choices(config, 1, roomy, True, True, 2)
     assert "offload-int8" in [s.name for s in [chosen, *others]]
+
+
+def test_plan_for_several_gpus_divides_the_model_and_shares_the_host(capsys):
+    machine = ["--gpu-memory", "80", "--host-memory", "256"]
+    assert main(["plan", "--preset", "50b", *machine]) == 1  # 100 GB of bf16 weights alone: not on one 80 GB GPU
+    assert "nothing fits" in capsys.readouterr().out
+    assert main(["plan", "--preset", "50b", *machine, "--gpus", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "per process of 2" in out and "planned: offload," in out
+    assert main(["plan", "--preset", "50b", "--gpu-memory", "80", "--host-memory", "200", "--gpus", "2"]) == 0  # 2 x 100 GB of bf16 moments: no
+    assert "planned: offload-int8" in capsys.readouterr().out
+    assert main(["plan", "--preset", "tiny", "--gpus", "0"]) == 1

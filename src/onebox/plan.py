@@ -121,11 +121,12 @@ def machine_memory(device: torch.device) -> MachineMemory:
     return MachineMemory(None, host, f"{device.type}, {host / 1e9:.0f} GB RAM")
 
 
-def fits(p: Prediction, machine: MachineMemory) -> bool:
-    """Whether a prediction fits the machine with headroom."""
+def fits(p: Prediction, machine: MachineMemory, processes: int = 1) -> bool:
+    """Whether a prediction (per process) fits the machine with headroom: each process has a GPU of its
+    own, while all of them share the host."""
     if machine.gpu is None:  # on the CPU the moments "on the host" are in the same RAM
-        return p.gpu + p.host <= HOST_HEADROOM * machine.host
-    return p.gpu <= GPU_HEADROOM * machine.gpu and p.host <= HOST_HEADROOM * machine.host
+        return processes * (p.gpu + p.host) <= HOST_HEADROOM * machine.host
+    return p.gpu <= GPU_HEADROOM * machine.gpu and processes * p.host <= HOST_HEADROOM * machine.host
 
 
 def candidates(machine: MachineMemory, optimizer: str = "adamw", grad_accum: int = 1) -> list[Strategy]:
@@ -138,19 +139,21 @@ def candidates(machine: MachineMemory, optimizer: str = "adamw", grad_accum: int
 
 
 def plan(config: ModelConfig, batch: int, machine: MachineMemory, compiled: bool = True, optimizer: str = "adamw",
-         grad_accum: int = 1, mixed: bool = True) -> tuple[Strategy | None, list[Prediction]]:
-    """Every usable strategy's prediction, and the first (fastest) one that fits, or None."""
-    predictions = [predict(config, batch, s, compiled, mixed) for s in candidates(machine, optimizer, grad_accum)]
-    chosen = next((p.strategy for p in predictions if fits(p, machine)), None)
+         grad_accum: int = 1, mixed: bool = True, shards: int = 1) -> tuple[Strategy | None, list[Prediction]]:
+    """Every usable strategy's prediction (per process, over `shards` FSDP2 processes on this machine),
+    and the first (fastest) one that fits, or None."""
+    predictions = [predict(config, batch, s, compiled, mixed, shards) for s in candidates(machine, optimizer, grad_accum)]
+    chosen = next((p.strategy for p in predictions if fits(p, machine, shards)), None)
     return chosen, predictions
 
 
 def resolve_strategy(setting: str, config: ModelConfig, batch: int, device: torch.device, optimizer: str = "adamw", grad_accum: int = 1,
-                     compiled: bool = True, mixed: bool = True) -> Strategy:
-    """The strategy a run uses: the named one, or (auto) the planner's choice on this machine."""
+                     compiled: bool = True, mixed: bool = True, shards: int = 1) -> Strategy:
+    """The strategy a run uses: the named one, or (auto) the planner's choice on this machine for
+    `shards` FSDP2 processes."""
     machine = machine_memory(device)
     if setting == "auto":
-        chosen, predictions = plan(config, batch, machine, compiled, optimizer, grad_accum, mixed)
+        chosen, predictions = plan(config, batch, machine, compiled, optimizer, grad_accum, mixed, shards)
         return chosen or predictions[-1].strategy  # nothing fits by the estimate: try the leanest rather than refuse
     return usable(strategy(setting), machine, optimizer, grad_accum)
 
@@ -166,10 +169,9 @@ def usable(chosen: Strategy, machine: MachineMemory, optimizer: str = "adamw", g
 
 
 def sharded_strategy(setting: str) -> Strategy:
-    """The strategy of a multi-process (FSDP2) run. Sharding already divides weights, gradients and
-    optimizer state by the number of processes, so `auto` is standard; the bf16 strategies compose with
-    it (each process updates its own shards inside backward, from FSDP2's per-shard gradient hooks), so
-    a model too large for N processes' standard shards can still train."""
+    """A named strategy for a multi-process (FSDP2) run, where every strategy composes with sharding (the
+    bf16 ones update each process's own shards inside backward, from FSDP2's per-shard gradient hooks);
+    `auto` without a model to plan for is standard (resolve_strategy(..., shards=N) plans one)."""
     return strategy("standard" if setting == "auto" else setting)
 
 

@@ -73,7 +73,7 @@ from onebox.lowmem import keep_vectors_fp32
 from onebox.memory import out_of_memory_message
 from onebox.model import Transformer, cross_entropy_loss
 from onebox.optim import lr_factor
-from onebox.plan import build_for_training, build_optimizer_for, machine_memory, reshard_after_forward, resolve_strategy, sharded_strategy, strategy, usable
+from onebox.plan import build_for_training, build_optimizer_for, machine_memory, reshard_after_forward, resolve_strategy, strategy
 from onebox.transforms import compile_scope, prepare_training
 
 PRECISION_NAMES = {"auto": "bf16 autocast", "bf16": "bf16 autocast", "fp8": "fp8 block products + bf16 autocast", "fp32": "fp32"}
@@ -263,9 +263,10 @@ def _train(model_config: ModelConfig, config: TrainConfig, resume: str | None, c
 
     compiled = compile_scope(config.compile, device) is not None
     sharded = payload is not None and bool(payload.get("sharded"))
-    if ranks.active or sharded:
-        chosen = sharded_strategy(_resumed_memory(config.memory, payload) if payload is not None else config.memory)
-        usable(chosen, machine_memory(device), config.optimizer, config.grad_accum)
+    if ranks.active or sharded:  # planned for this many processes, or the one that wrote the checkpoint
+        setting = _resumed_memory(config.memory, payload) if payload is not None else config.memory
+        chosen = resolve_strategy(setting, model_config, config.batch_size, device, config.optimizer, config.grad_accum, compiled,
+                                  dtype is not None, ranks.world)
         if ranks.active and payload is not None and not sharded and chosen.bf16_weights:
             raise OneboxError(f"{payload['path']} was written by one process; the {chosen.name} strategy resumes on several processes only "
                               f"from a checkpoint they wrote. Resume it in one process, or on several with --memory standard or checkpointed.")

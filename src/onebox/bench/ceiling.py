@@ -13,7 +13,6 @@ climb stops at the first rung that no strategy fits.
 from __future__ import annotations
 
 import concurrent.futures
-import dataclasses
 import gc
 import json
 import math
@@ -46,7 +45,6 @@ from onebox.plan import (
     STRATEGIES,
     Strategy,
     build_for_training,
-    candidates,
     fits,
     machine_memory,
     plan,
@@ -195,12 +193,8 @@ def climb_isolated(config: Any, chosen: Strategy, device: torch.device, batch: i
 
 def _choices(config: Any, batch: int, machine: Any, compiled: bool, mixed: bool, processes: int) -> tuple[Strategy | None, list[Strategy], Any]:
     """The planned strategy, the leaner ones that also fit, and the leanest prediction (for a rung that fits none)."""
-    if processes > 1:  # every strategy composes with FSDP2 (plan.sharded_strategy), each divided over the processes
-        predictions = [predict(config, batch, s, compiled, mixed, processes) for s in candidates(machine)]
-    else:
-        predictions = plan(config, batch, machine, compiled, mixed=mixed)[1]
-    # The processes share this host: pinned moments add up over them.
-    fitting = [p.strategy for p in predictions if fits(dataclasses.replace(p, host=p.host * processes), machine)]
+    predictions = plan(config, batch, machine, compiled, mixed=mixed, shards=processes)[1]  # every strategy composes with FSDP2
+    fitting = [p.strategy for p in predictions if fits(p, machine, processes)]
     return (fitting[0] if fitting else None), fitting[1:], predictions[-1]
 
 
@@ -233,7 +227,7 @@ def run_ceiling(names: list[str] | None, device: torch.device, say: Say, batch: 
         for option in [chosen] + [f for f in fallbacks if STRATEGIES.index(f) > STRATEGIES.index(chosen)]:
             predicted = predict(config, batch, option, compiled, mixed, processes)
             say(f"{config.name:<5} {config.num_params() / 1e9:5.1f}B  {option.name}: predicted {format_bytes(predicted.gpu)} device, "
-                f"{format_bytes(predicted.host)} host{'' if fits(predicted, machine) else ' (over the planner limit)'}"
+                f"{format_bytes(predicted.host)} host{'' if fits(predicted, machine, processes) else ' (over the planner limit)'}"
                 f"{f' per process x {processes}' if processes > 1 else ''}; training {steps} steps ...")
             if processes > 1:
                 result = _climb_processes(config, option, processes, argv or [])
