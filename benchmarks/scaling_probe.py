@@ -6,7 +6,8 @@
 A variant joins options with '+': base (what `onebox train` does: every block but the last resharded
 after forward, fp32 gradient reduction), lastreshard (the last block resharded too), noreshard (no block
 resharded: no all-gather in backward, the gathered bf16 weights held from forward to backward),
-bf16reduce (gradients reduce-scattered in bf16), prefetchN (all-gathers issued N blocks ahead).
+bf16reduce (gradients reduce-scattered in bf16), prefetchN (all-gathers issued N blocks ahead), groupN
+(N blocks per FSDP2 unit), autogc (Python's collector left on during the steps, as before b098900).
 Rank 0 prints one row per variant: ms per step by phase, tokens/s per process, the efficiency against
 `--one` (one GPU's tokens/s from `onebox bench validate` in the same call), and peak memory.
 `--profile VARIANT,...` then profiles 3 steps of each on every rank (GPU kernels on CUDA; on the CPU all is idle) and prints one line per rank:
@@ -17,6 +18,7 @@ overlapped by compute), and idle: where the ranks wait on each other or on the h
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import re
 import time
@@ -36,18 +38,21 @@ from onebox.transforms import prepare_training
 def builder(variant: str):
     options = set(variant.split("+"))
     prefetch = next((int(m.group(1)) for o in options if (m := re.fullmatch(r"prefetch(\d+)", o))), 0)
+    group = next((int(m.group(1)) for o in options if (m := re.fullmatch(r"group(\d+)", o))), 1)
 
     def build(config: ModelConfig, device: torch.device, settings: BenchSettings) -> Contender:
         model = build_model(config, device)
         loss = prepare_training(model, device, settings.precision, settings.compile)
         shard_model(model, autocast_dtype(device, settings.precision) is not None, reshard_after_forward="noreshard" not in options,
                     keep_last="lastreshard" not in options, reduce_dtype=torch.bfloat16 if "bf16reduce" in options else torch.float32,
-                    prefetch=prefetch)
+                    prefetch=prefetch, group=group)
         optimizer = build_optimizer(model, TrainConfig(lr=settings.lr, device=str(device)))
 
         def update() -> None:
             optimizer.step(max_grad_norm=1.0)
             optimizer.zero_grad()
+            if "autogc" in options:  # Python's collector left on (the benchmarks turn it off around the steps)
+                gc.enable()
 
         return Contender(loss, update, True, variant)
 

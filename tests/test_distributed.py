@@ -90,7 +90,7 @@ model = build_model(ModelConfig(name="m", vocab_size=512, dim=64, hidden=160, la
 x = torch.randint(0, 512, (2, 32))
 y = torch.roll(x, -1, 1)
 whole = cross_entropy_loss(model(x), y).item()
-shard_model(model, False)
+shard_model(model, False, group=int(sys.argv[2]))
 loss = cross_entropy_loss(model.logits(model.hidden_states(x)), y)  # the compiled step's path
 loss.backward()
 grad = model.embed_tokens.weight.grad.full_tensor()
@@ -100,11 +100,13 @@ dist.destroy_process_group()
 """
 
 
-def test_the_compiled_steps_hidden_states_path_works_on_a_sharded_model(tmp_path):
+@pytest.mark.parametrize("group", [1, 2])
+def test_the_compiled_steps_hidden_states_path_works_on_a_sharded_model(tmp_path, group):
     # the GPU path calls model.hidden_states and then the head: FSDP2 must gather the root's parameters for it
+    # (group 2: both blocks in one FSDP2 unit)
     script = tmp_path / "head.py"
     script.write_text(SHARDED_HEAD)
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script), str(tmp_path)],
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script), str(tmp_path), str(group)],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = [(tmp_path / f"rank{rank}.txt").read_text().split() for rank in (0, 1)]

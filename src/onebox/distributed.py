@@ -56,7 +56,7 @@ def init_distributed(device_setting: str) -> tuple[DistInfo, str]:
 
 
 def shard_model(model: torch.nn.Module, mixed: bool, reshard_after_forward: bool = True, keep_last: bool = True,
-                reduce_dtype: torch.dtype = torch.float32, prefetch: int = 0, replicate_vectors: bool = False) -> None:
+                reduce_dtype: torch.dtype = torch.float32, prefetch: int = 0, replicate_vectors: bool = False, group: int = 1) -> None:
     """FSDP2 over each block and then the whole model; bf16 compute with `reduce_dtype` gradient reduction when mixed.
 
     Each block's gathered parameters are freed after its forward (`reshard_after_forward`) and gathered
@@ -65,7 +65,8 @@ def shard_model(model: torch.nn.Module, mixed: bool, reshard_after_forward: bool
     leaves the norm scales whole on every process (FSDP2's ignored_params), for the bf16 strategies, whose
     norm scales stay fp32 beside bf16 matrices (FSDP2 wants one dtype per unit): the low-memory AdamW
     averages their gradients itself at step() (one small all-reduce), and compiled blocks stay whole
-    graphs (a norm in an FSDP2 unit of its own would cut them).
+    graphs (a norm in an FSDP2 unit of its own would cut them). `group` > 1 puts that many consecutive
+    blocks in one FSDP2 unit: fewer, larger collectives and fewer hooks on the host, more memory gathered.
 
     The compiled training step calls `model.hidden_states` (then the head with the loss), not the
     model itself, so that method is registered with FSDP2: it gathers the root's parameters (the
@@ -78,8 +79,12 @@ def shard_model(model: torch.nn.Module, mixed: bool, reshard_after_forward: bool
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=reduce_dtype, cast_forward_inputs=False) if mixed else MixedPrecisionPolicy()
     blocks = list(model.layers)
     ignored = {p for p in model.parameters() if p.ndim < 2} if replicate_vectors else None
-    for index, block in enumerate(blocks):
-        fully_shard(block, mp_policy=policy, reshard_after_forward=reshard_after_forward and not (keep_last and index == len(blocks) - 1),
+    if group > 1 and prefetch > 0:
+        raise OneboxError("explicit prefetch is set per block: use it with one block per FSDP2 unit (group 1).")
+    units = [blocks[i : i + group] for i in range(0, len(blocks), group)]
+    for index, unit in enumerate(units):
+        last = keep_last and index == len(units) - 1
+        fully_shard(unit if len(unit) > 1 else unit[0], mp_policy=policy, reshard_after_forward=reshard_after_forward and not last,
                     ignored_params=ignored)
     fully_shard(model, mp_policy=policy, ignored_params=ignored)
     register_fsdp_forward_method(model, "hidden_states")
