@@ -175,6 +175,32 @@ def sharded_strategy(setting: str) -> Strategy:
     return strategy("standard" if setting == "auto" else setting)
 
 
+def build_sharded_for_training(config: ModelConfig, train: TrainConfig, chosen: Strategy, device: torch.device, world: int,
+                               checkpointing: bool | None = None, reshard: bool | None = None) -> tuple[Transformer, Any, Any, bool]:
+    """A model sharded over `world` FSDP2 processes, as `onebox train` under torchrun, `bench validate
+    --gpus` and `bench ceiling --gpus` build it: on the meta device, the strategy's dtypes, the transforms
+    (fp8, checkpointing, compile: torchtitan's order), FSDP2, and only then memory for this process's
+    shards, initialised as one process would from the same seed; then the strategy's optimizer.
+    Returns (model, loss function, optimizer, whether blocks regather their weights in backward)."""
+    from onebox.device import autocast_dtype
+    from onebox.distributed import shard_model
+    from onebox.transforms import compile_scope, prepare_training
+
+    with torch.device("meta"):
+        model = Transformer(config)
+    if chosen.bf16_weights:  # bf16 matrices, fp32 norm scales kept whole on every process
+        keep_vectors_fp32(model.to(torch.bfloat16))
+    mixed = autocast_dtype(device, train.precision) is not None
+    compiled = compile_scope(train.compile, device) is not None
+    loss = prepare_training(model, device, train.precision, train.compile, chosen.checkpointing if checkpointing is None else checkpointing)
+    if reshard is None:
+        reshard = reshard_after_forward(config, train.batch_size, chosen, machine_memory(device), world, compiled, mixed)
+    shard_model(model, mixed, reshard_after_forward=reshard, replicate_vectors=chosen.bf16_weights)
+    model.to_empty(device=device)
+    model.init_weights()
+    return model, loss, build_optimizer_for(model, train, chosen), reshard
+
+
 def build_optimizer_for(model: Transformer, train: TrainConfig, chosen: Strategy) -> Any:
     """The strategy's optimizer over a model (sharded or not): onebox's low-memory AdamW for the bf16
     strategies, torch's otherwise."""

@@ -64,16 +64,14 @@ from onebox.distributed import (
     load_sharded,
     mean_over_ranks,
     save_sharded,
-    shard_model,
     shutdown,
 )
 from onebox.errors import OneboxError
 from onebox.export import load_hf
-from onebox.lowmem import keep_vectors_fp32
 from onebox.memory import out_of_memory_message
-from onebox.model import Transformer, cross_entropy_loss
+from onebox.model import cross_entropy_loss
 from onebox.optim import lr_factor
-from onebox.plan import build_for_training, build_optimizer_for, machine_memory, reshard_after_forward, resolve_strategy, strategy
+from onebox.plan import build_for_training, build_sharded_for_training, resolve_strategy, strategy
 from onebox.transforms import compile_scope, prepare_training
 
 PRECISION_NAMES = {"auto": "bf16 autocast", "bf16": "bf16 autocast", "fp8": "fp8 block products + bf16 autocast", "fp32": "fp32"}
@@ -277,21 +275,12 @@ def _train(model_config: ModelConfig, config: TrainConfig, resume: str | None, c
     state = payload["model"] if payload is not None and not sharded else init_state
     optimizer_states = payload["optimizer"] if payload is not None and not sharded else []
     reshard = True
-    if ranks.active:  # on the meta device: transforms, then FSDP2 (torchtitan's order); memory only for the shards; then the optimizer
-        with torch.device("meta"):
-            model = Transformer(model_config)
-        if chosen.bf16_weights:
-            keep_vectors_fp32(model.to(torch.bfloat16))
-        loss_fn = prepare_training(model, device, config.precision, config.compile, checkpointing)
-        reshard = reshard_after_forward(model_config, config.batch_size, chosen, machine_memory(device), ranks.world, compiled, dtype is not None)
-        shard_model(model, dtype is not None, reshard_after_forward=reshard, replicate_vectors=chosen.bf16_weights)
-        model.to_empty(device=device)
-        model.init_weights()  # the weights one process would draw from this seed, each process keeping its shards
-        optimizer = build_optimizer_for(model, config, chosen)
+    if ranks.active:
+        model, loss_fn, optimizer, reshard = build_sharded_for_training(model_config, config, chosen, device, ranks.world, checkpointing)
         if sharded:
             load_sharded(sharded_folder(payload["path"]), model, optimizer)
         elif state is not None:
-            load_full_state(model, optimizer.optimizers, state, optimizer_states)
+            load_full_state(model, getattr(optimizer, "optimizers", []), state, optimizer_states)  # the low-memory AdamW starts fresh (--init-from)
     else:
         model, optimizer = build_for_training(model_config, config, chosen, device, state)
         if sharded:

@@ -45,6 +45,7 @@ from onebox.plan import (
     STRATEGIES,
     Strategy,
     build_for_training,
+    build_sharded_for_training,
     fits,
     machine_memory,
     plan,
@@ -125,10 +126,7 @@ def climb_sharded(config: Any, chosen: Strategy, device_setting: str, batch: int
     rank 0 writes the result (the largest peak of any process) to `out`. A process that runs out of
     memory leaves `out`.oom<rank> behind and stops, and torchrun stops the others."""
     from onebox.device import pick_device
-    from onebox.distributed import init_distributed, mean_over_ranks, shard_model, shutdown
-    from onebox.lowmem import keep_vectors_fp32
-    from onebox.model import Transformer
-    from onebox.plan import build_optimizer_for
+    from onebox.distributed import init_distributed, mean_over_ranks, shutdown
 
     ranks, device_name = init_distributed(device_setting)
     device = pick_device(device_name)
@@ -136,15 +134,8 @@ def climb_sharded(config: Any, chosen: Strategy, device_setting: str, batch: int
         reset_peak_memory(device)
         dtype = autocast_dtype(device, "auto")
         try:
-            with torch.device("meta"):
-                model = Transformer(config)
-            if chosen.bf16_weights:  # bf16 matrices, fp32 norm scales (sharded apart), onebox's AdamW on each process's shards
-                keep_vectors_fp32(model.to(torch.bfloat16))
-            loss_fn = prepare_training(model, device, "auto", "auto", chosen.checkpointing)
-            shard_model(model, dtype is not None, replicate_vectors=chosen.bf16_weights)
-            model.to_empty(device=device)
-            model.init_weights()
-            optimizer = build_optimizer_for(model, TrainConfig(lr=lr, device=str(device), warmup_steps=0), chosen)
+            train = TrainConfig(lr=lr, device=str(device), warmup_steps=0, batch_size=batch)
+            model, loss_fn, optimizer, _ = build_sharded_for_training(config, train, chosen, device, ranks.world, reshard=True)  # the lean choice
             x, y = synthetic_batch(config, batch, device, seed=ranks.rank)
             losses, times = _train_steps(loss_fn, optimizer, x, y, device, dtype, steps, lambda loss: mean_over_ranks(loss, ranks))
         except torch.cuda.OutOfMemoryError:

@@ -31,12 +31,11 @@ from onebox.device import (
     steady_collection,
     synchronize,
 )
-from onebox.distributed import DistInfo, shard_model, sum_over_ranks
+from onebox.distributed import DistInfo, sum_over_ranks
 from onebox.errors import OneboxError
 from onebox.memory import estimate_training_memory
-from onebox.model import build_model, cross_entropy_loss
-from onebox.optim import build_optimizer
-from onebox.plan import build_for_training, machine_memory, reshard_after_forward, resolve_strategy, sharded_strategy
+from onebox.model import cross_entropy_loss
+from onebox.plan import build_for_training, build_sharded_for_training, resolve_strategy
 from onebox.transforms import compile_scope, prepare_training
 
 BASELINES = ("hf", "hf-compile")
@@ -145,21 +144,19 @@ Builder = Callable[[ModelConfig, torch.device, BenchSettings], Contender]
 
 
 def build_sharded(config: ModelConfig, device: torch.device, settings: BenchSettings) -> Contender:
-    """onebox's multi-process path, as `onebox train` under torchrun builds it: transforms, FSDP2, optimizer."""
-    chosen = sharded_strategy(settings.memory)
-    model = build_model(config, device)
-    loss = prepare_training(model, device, settings.precision, settings.compile, chosen.checkpointing)
+    """onebox's multi-process path, as `onebox train` under torchrun builds it (plan.build_sharded_for_training)."""
+    compiled = compile_scope(settings.compile, device) is not None
     mixed = autocast_dtype(device, settings.precision) is not None
     world = torch.distributed.get_world_size()
-    compiled = compile_scope(settings.compile, device) is not None
-    shard_model(model, mixed, reshard_after_forward=reshard_after_forward(config, settings.batch, chosen, machine_memory(device), world, compiled, mixed))
-    optimizer = build_optimizer(model, TrainConfig(lr=settings.lr, device=str(device)))
+    chosen = resolve_strategy(settings.memory, config, settings.batch, device, compiled=compiled, mixed=mixed, shards=world)
+    train = TrainConfig(lr=settings.lr, device=str(device), precision=settings.precision, compile=settings.compile, batch_size=settings.batch)
+    _, loss, optimizer, _ = build_sharded_for_training(config, train, chosen, device, world)
 
     def update() -> None:
         optimizer.step(max_grad_norm=1.0)
         optimizer.zero_grad()
 
-    return Contender(loss, update, compile_scope(settings.compile, device) is not None, chosen.name)
+    return Contender(loss, update, compiled, chosen.name)
 
 
 def measure_training(kind: str, config: ModelConfig, device: torch.device, settings: BenchSettings, build: Builder | None = None,
