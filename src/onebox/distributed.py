@@ -20,6 +20,15 @@ import torch.distributed as dist
 
 from onebox.errors import OneboxError
 
+try:
+    from torch.distributed.tensor import DTensor, distribute_tensor
+except ImportError:  # a torch built without distributed support: nothing is ever sharded
+
+    class DTensor:  # type: ignore[no-redef]
+        pass
+
+    distribute_tensor = None  # type: ignore[assignment]
+
 
 @dataclass(frozen=True)
 class DistInfo:

@@ -35,10 +35,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.distributed.tensor import DTensor
 
 from onebox.config import TrainConfig
 from onebox.device import pinned_zeros
+from onebox.distributed import DTensor
 from onebox.errors import OneboxError
 from onebox.optim import param_groups
 

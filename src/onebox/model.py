@@ -14,9 +14,9 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.distributed.tensor import DTensor, distribute_tensor
 
 from onebox.config import ModelConfig
+from onebox.distributed import DTensor, distribute_tensor
 
 
 def rope_tables(seq_len: int, head_dim: int, base: float, device: torch.device | None = None) -> tuple[Tensor, Tensor]:
