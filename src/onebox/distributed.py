@@ -178,14 +178,7 @@ def load_sharded(folder: str | Path, model: torch.nn.Module, optimizer: Any = No
     state: dict[str, Any] = {"model": get_model_state_dict(model), **_optimizer_state(model, optimizer)}
     with warnings.catch_warnings():  # in one process DCP says it reads "in a single process": that is the intent
         warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
-        try:
-            dcp.load(state, checkpoint_id=str(folder))
-        except Exception as error:  # DCP names the missing keys: the checkpoint holds another optimizer's state
-            if "lowmem" in str(error) or "optimizer" in str(error) or "Missing key" in str(error):
-                raise OneboxError(f"the sharded checkpoint in {folder} holds other optimizer state than this run's: resume with the --memory "
-                                  f"strategy that wrote it (standard or checkpointed hold torch's AdamW; bf16, offload and offload-int8 "
-                                  f"onebox's own).") from error
-            raise
+        dcp.load(state, checkpoint_id=str(folder))  # train checks first that the strategy wrote this optimizer's state (_resumed_memory)
     set_model_state_dict(model, state["model"])
     if "lowmem" in state:
         optimizer.load_sharded_state(model, state["lowmem"])

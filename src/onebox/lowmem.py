@@ -170,13 +170,17 @@ class LowMemAdamW:
         # is complete only at the very end), the final norm and the output layer at step().
         # Under FSDP2 only sharded parameters: FSDP2 runs their hooks once their gradient is reduced; the
         # parameters it leaves whole on every process (shard_model's replicated vectors) wait for step().
-        hooked = [p for p in self._group_of if in_backward and names[p].startswith("layers.") and (not self._sharded or isinstance(p, DTensor))]
+        hooked = [p for p in self._group_of if in_backward and names[p].startswith("layers.") and not self._whole(p)]
         self._hooked = {p: i for i, p in enumerate(hooked)}
         # Per hooked parameter: this step's squared norm so far when its hook ran, and the previous
         # step's total over that (the factor from the norm so far to the estimated total).
         self._so_far = torch.zeros(len(hooked), device=device)
         self._scale_up = torch.ones(len(hooked), device=device)
         self._handles = [p.register_post_accumulate_grad_hook(self._hook) for p in self._hooked]
+
+    def _whole(self, p: Tensor) -> bool:
+        """Left whole on every process in a sharded model (shard_model's replicated vectors): averaged at step()."""
+        return self._sharded and not isinstance(p, DTensor)
 
     def _new_state(self, p: Tensor, dtype: torch.dtype | str, key: str) -> Tensor | Int8State:
         p = _local(p)
@@ -227,10 +231,9 @@ class LowMemAdamW:
         if max_grad_norm is not None:
             self.max_grad_norm = max_grad_norm
         rest = self._unhooked()
-        replicated = [p for p in rest if self._sharded and not isinstance(p, DTensor)]
-        whole = {id(p) for p in replicated}
+        replicated = [p for p in rest if self._whole(p)]
         for p in rest:
-            if id(p) not in whole:
+            if not self._whole(p):
                 self._square_sum += _local(p.grad).float().square().sum()
         if self._sharded:  # the global norm: every process's shards (the hooks' estimates stay per process)
             dist.all_reduce(self._square_sum)

@@ -16,12 +16,15 @@ from typing import Any
 import torch
 
 from onebox.config import ModelConfig, TrainConfig
+from onebox.device import autocast_dtype
+from onebox.distributed import shard_model
 from onebox.errors import OneboxError
 from onebox.export import model_from_state
 from onebox.lowmem import LowMemAdamW, keep_vectors_fp32
 from onebox.memory import activation_bytes_per_token, estimate_training_memory
 from onebox.model import Transformer, build_model
 from onebox.optim import build_optimizer
+from onebox.transforms import compile_scope, prepare_training
 
 GPU_HEADROOM = 0.92  # of the card's memory: the allocator's fragmentation and the CUDA context (5b-A peaked at 94% of an H100)
 HOST_HEADROOM = 0.8  # of host RAM: pinned pages, the process itself, the data loader
@@ -182,10 +185,6 @@ def build_sharded_for_training(config: ModelConfig, train: TrainConfig, chosen: 
     (fp8, checkpointing, compile: torchtitan's order), FSDP2, and only then memory for this process's
     shards, initialised as one process would from the same seed; then the strategy's optimizer.
     Returns (model, loss function, optimizer, whether blocks regather their weights in backward)."""
-    from onebox.device import autocast_dtype
-    from onebox.distributed import shard_model
-    from onebox.transforms import compile_scope, prepare_training
-
     with torch.device("meta"):
         model = Transformer(config)
     if chosen.bf16_weights:  # bf16 matrices, fp32 norm scales kept whole on every process

@@ -51,7 +51,6 @@ from onebox.plan import (
     plan,
     predict,
     resolve_strategy,
-    sharded_strategy,
 )
 from onebox.transforms import compile_scope, prepare_training
 
@@ -206,7 +205,7 @@ def run_ceiling(names: list[str] | None, device: torch.device, say: Say, batch: 
         if memory == "auto":
             chosen, fallbacks, leanest = _choices(config, batch, machine, compiled, mixed, processes)
         else:
-            chosen = sharded_strategy(memory) if processes > 1 else resolve_strategy(memory, config, batch, device, compiled=compiled, mixed=mixed)
+            chosen = resolve_strategy(memory, config, batch, device, compiled=compiled, mixed=mixed, shards=processes)
         if chosen is None:  # no strategy fits by the planner's arithmetic: the leanest one's numbers say why
             doc["entries"].append({"config": config_record(config), "batch": batch * processes, "strategy": leanest.strategy.name,
                                    "predicted": {"gpu_bytes": leanest.gpu, "host_bytes": leanest.host},
