@@ -6,7 +6,7 @@
 # three ways (eager bf16 reference, compiled bf16, compiled fp8) and prints the losses side by side;
 # memcmp does the same for the memory strategies (standard = reference, bf16, offload, offload-int8; memcmp:<runs> picks
 # them, e.g. memcmp:standard,bf16,bf16@off,bf16-checkpointed,bf16#7 with @ the --compile setting and # the seed); ceiling climbs the ladder
-# (ceiling:<rungs> a part of it; ceiling-gpus:<rungs> on $GPUS processes with FSDP2);
+# (ceiling:<rungs> a part of it; ceiling-gpus:<rungs> on $GPUS processes with FSDP2; CEILING_ARGS e.g. "--gpu-memory 80");
 # scaling:<preset>:<batch> measures 1 GPU then $GPUS (default 2) with FSDP2 (multi-GPU kinds); probe-scaling:<preset>:<batch>:<v1,v2>
 # then puts FSDP2 settings side by side (scaling_probe.py; $PROFILE variants profiled per rank);
 # decode:<preset> times prefill/decode against the bandwidth bound and transformers; serve:<preset> drives 1/8/32 clients.
@@ -47,7 +47,7 @@ for step in $steps; do
     serve:*) timeout 300 ob bench serve --preset "${step#serve:}" --clients 1,8,32 --out "$OUT/serve-${step#serve:}.json" ;;
     ceiling) timeout ${CEILING_TIMEOUT:-540} ob bench ceiling --out "$OUT/ceiling.json" ;;
     ceiling:*) timeout ${CEILING_TIMEOUT:-540} ob bench ceiling --ladder "${step#ceiling:}" --out "$OUT/ceiling-${step#ceiling:}.json" ;;
-    ceiling-gpus:*) timeout ${CEILING_TIMEOUT:-540} ob bench ceiling --ladder "${step#ceiling-gpus:}" --gpus "${GPUS:-2}" --out "$OUT/ceiling-gpus.json" ;;
+    ceiling-gpus:*) timeout ${CEILING_TIMEOUT:-540} ob bench ceiling --ladder "${step#ceiling-gpus:}" --gpus "${GPUS:-2}" ${CEILING_ARGS:-} --out "$OUT/ceiling-gpus.json" ;;
     memcmp|memcmp:*) runs=""  # memcmp:<memory>[@<compile>][#<seed>],... (the first is the reference; default standard,bf16,offload,offload-int8)
              spec=${step#memcmp}; spec=${spec#:}; spec=${spec:-standard,bf16,offload,offload-int8}
              for run in ${spec//,/ }; do

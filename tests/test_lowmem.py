@@ -314,6 +314,42 @@ def test_ceiling_falls_back_to_a_leaner_strategy_when_the_planned_one_runs_out(m
     assert validate_document(seal(doc)) == []
 
 
+def test_ceiling_within_a_gpu_memory_limit_plans_and_trains_for_the_smaller_card(monkeypatch):
+    import onebox.bench.ceiling as ceiling
+
+    h200 = MachineMemory(141 * GB, 128 * GB, "H200")
+    monkeypatch.setattr(ceiling, "machine_memory", lambda device: h200)
+    real_document = ceiling.new_document
+    monkeypatch.setattr(ceiling, "new_document", lambda kind, device, params: real_document(kind, torch.device("cpu"), params))  # no CUDA here
+    limits = []
+
+    def climbed(config, chosen, device, batch, steps, lr, gpu_limit=None):
+        limits.append(gpu_limit)
+        return {"status": "ok", "ms_per_step": 1.0, "tokens_per_second": 1.0, "peak_memory_bytes": 1, "host_peak_bytes": 1,
+                "loss_start": 2.0, "loss_end": 1.0}
+
+    monkeypatch.setattr(ceiling, "climb_isolated", climbed)
+    whole = ceiling.run_ceiling(["20b"], torch.device("cuda"), lambda message: None)
+    limited = ceiling.run_ceiling(["20b", "30b", "50b"], torch.device("cuda"), lambda message: None, gpu_limit=80 * GB)
+    assert whole["entries"][0]["strategy"] == "bf16-checkpointed"  # 141 GB holds 20b's moments on the GPU
+    assert [e["strategy"] for e in limited["entries"]] == ["offload", "offload-int8", "offload-int8"]  # as on an 80 GB H100
+    assert limited["entries"][-1]["result"]["status"] == "does not fit" and limits == [None, 80 * GB, 80 * GB]
+    assert limited["settings"]["gpu_memory_limit_bytes"] == 80 * GB
+    with pytest.raises(OneboxError, match="more than this GPU has"):
+        ceiling.run_ceiling(["20b"], torch.device("cuda"), lambda message: None, gpu_limit=200 * GB)
+    monkeypatch.undo()
+    with pytest.raises(OneboxError, match="limits each GPU"):
+        ceiling.run_ceiling(["tiny"], torch.device("cpu"), lambda message: None, gpu_limit=80 * GB)
+
+
+def test_the_60b_rung_is_twice_the_one_gpu_ceiling_and_fits_two_80_gb_gpus_only():
+    one, two = preset("30b").num_params(), preset("60b").num_params()
+    assert two >= 2 * one
+    machine = MachineMemory(80 * GB, 256 * GB, "2 x H100")
+    assert plan(preset("60b"), 1, machine)[0] is None
+    assert plan(preset("60b"), 1, machine, shards=2)[0].name == "offload-int8"
+
+
 def test_bench_ceiling_command_writes_a_valid_document(tmp_path):
     from onebox.bench.schema import read_document, validate_document
 

@@ -144,9 +144,10 @@ _LADDER = {
     "30b": (6144, 16384, 64),
     "40b": (8192, 22016, 50),
     "50b": (8192, 22016, 62),
+    "60b": (8192, 22016, 72),  # 58.3B: twice the one-H100 training ceiling (30b, 29.0B), for the 2-GPU ceiling
 }
 LADDER = tuple(_LADDER)[:8]  # 5b .. 30b: Rustane's ladder, the training ceiling's rungs
-FORWARD_LADDER = tuple(_LADDER)  # and on to 50b for forward passes streamed past GPU memory
+FORWARD_LADDER = tuple(_LADDER)[:10]  # and on to 50b for forward passes streamed past GPU memory
 
 
 def _build_presets() -> dict[str, ModelConfig]:

@@ -156,6 +156,16 @@ def pinned_zeros(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype) -> tor
     return out
 
 
+def cap_gpu_memory(device: torch.device, limit_bytes: int | None) -> None:
+    """Let this process's allocator take at most `limit_bytes` of the GPU (a smaller card on a larger
+    one, e.g. 80 GB on a 141 GB H200). Memory outside the caching allocator (the CUDA context, NCCL's
+    buffers) is not counted, as it is not on the smaller card either. No-op off CUDA or without a limit."""
+    if limit_bytes is None or device.type != "cuda":
+        return
+    total = torch.cuda.get_device_properties(device).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, limit_bytes / total), device)
+
+
 def reset_peak_memory(device: torch.device) -> None:
     """Start a new peak-memory window where the backend allows it."""
     if device.type == "cuda":

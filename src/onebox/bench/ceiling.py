@@ -34,6 +34,7 @@ from onebox.config import LADDER, TrainConfig, preset
 from onebox.device import (
     autocast,
     autocast_dtype,
+    cap_gpu_memory,
     format_bytes,
     memory_kind,
     peak_memory_bytes,
@@ -43,6 +44,7 @@ from onebox.device import (
 from onebox.errors import OneboxError
 from onebox.plan import (
     STRATEGIES,
+    MachineMemory,
     Strategy,
     build_for_training,
     build_sharded_for_training,
@@ -86,8 +88,10 @@ def _train_steps(loss_fn: Any, optimizer: Any, x: torch.Tensor, y: torch.Tensor,
     return losses, times
 
 
-def climb(config: Any, chosen: Strategy, device: torch.device, batch: int, steps: int, lr: float) -> dict[str, Any]:
-    """Train one rung for `steps` steps; status 'ok', 'failed' (the loss did not fall) or 'oom'."""
+def climb(config: Any, chosen: Strategy, device: torch.device, batch: int, steps: int, lr: float, gpu_limit: int | None = None) -> dict[str, Any]:
+    """Train one rung for `steps` steps (within `gpu_limit` bytes of the GPU when given); status 'ok',
+    'failed' (the loss did not fall) or 'oom'."""
+    cap_gpu_memory(device, gpu_limit)
     torch._dynamo.reset()
     _release()
     reset_peak_memory(device)
@@ -119,7 +123,8 @@ def _result(config: Any, sequences: int, losses: list[float], times: list[float]
             "loss_trace": losses, "loss_start": losses[0], "loss_end": losses[-1]}
 
 
-def climb_sharded(config: Any, chosen: Strategy, device_setting: str, batch: int, steps: int, lr: float, out: str) -> int:
+def climb_sharded(config: Any, chosen: Strategy, device_setting: str, batch: int, steps: int, lr: float, out: str,
+                  gpu_limit: int | None = None) -> int:
     """One process of `bench ceiling --gpus N` under torchrun: the rung is built on the meta device and
     sharded with FSDP2 before any memory is taken, then each process trains on its own fixed batch;
     rank 0 writes the result (the largest peak of any process) to `out`. A process that runs out of
@@ -130,6 +135,7 @@ def climb_sharded(config: Any, chosen: Strategy, device_setting: str, batch: int
     ranks, device_name = init_distributed(device_setting)
     device = pick_device(device_name)
     try:
+        cap_gpu_memory(device, gpu_limit)
         reset_peak_memory(device)
         dtype = autocast_dtype(device, "auto")
         try:
@@ -170,13 +176,14 @@ def _climb_processes(config: Any, chosen: Strategy, processes: int, argv: list[s
         return json.loads(out.read_text())
 
 
-def climb_isolated(config: Any, chosen: Strategy, device: torch.device, batch: int, steps: int, lr: float) -> dict[str, Any]:
+def climb_isolated(config: Any, chosen: Strategy, device: torch.device, batch: int, steps: int, lr: float,
+                   gpu_limit: int | None = None) -> dict[str, Any]:
     """climb() in a fresh process on a GPU (in this one on the CPU, where tests run it)."""
     if device.type != "cuda":
         return climb(config, chosen, device, batch, steps, lr)
     with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
         try:
-            return pool.submit(climb, config, chosen, device, batch, steps, lr).result()
+            return pool.submit(climb, config, chosen, device, batch, steps, lr, gpu_limit).result()
         except concurrent.futures.process.BrokenProcessPool:
             return {"status": "oom", "error": "the rung's process was killed (host memory ran out)"}
 
@@ -189,17 +196,26 @@ def _choices(config: Any, batch: int, machine: Any, compiled: bool, mixed: bool,
 
 
 def run_ceiling(names: list[str] | None, device: torch.device, say: Say, batch: int = 1, steps: int = 10, memory: str = "auto",
-                lr: float = 3e-4, processes: int = 1, argv: list[str] | None = None) -> dict[str, Any]:
+                lr: float = 3e-4, processes: int = 1, argv: list[str] | None = None, gpu_limit: int | None = None) -> dict[str, Any]:
     """The `ceiling` document: one entry per rung climbed, the last being the first that did not fit.
     processes > 1: each rung on that many processes (torchrun + FSDP2, `batch` sequences each; an entry's
-    batch is then all processes' sequences per step), launched by running `argv` (this command) again."""
+    batch is then all processes' sequences per step), launched by running `argv` (this command) again.
+    gpu_limit: plan and train within this many bytes of each GPU (a smaller card's ceiling on a larger one)."""
     names = names or list(LADDER)
     configs = [preset(n) for n in names]  # unknown names fail before anything runs
     machine = machine_memory(device)
+    if gpu_limit is not None:
+        if machine.gpu is None:
+            raise OneboxError(f"--gpu-memory limits each GPU, but this ceiling runs on {device.type}: leave it out there, or run on a GPU.")
+        if gpu_limit > machine.gpu:
+            raise OneboxError(f"--gpu-memory {gpu_limit / 1e9:g} GB is more than this GPU has ({machine.gpu / 1e9:.0f} GB): "
+                              "give a limit at or below it, or leave it out to use the whole GPU.")
+        machine = MachineMemory(gpu_limit, machine.host, f"{machine.label}, limited to {gpu_limit / 1e9:g} GB")
     compiled = compile_scope("auto", device) is not None
     mixed = autocast_dtype(device, "auto") is not None
     doc = new_document("ceiling", device, {"batch": batch, "steps": steps, "memory": memory, "lr": lr, "ladder": names,
-                                           "tokens": "fixed synthetic batch", "processes": processes})
+                                           "tokens": "fixed synthetic batch", "processes": processes,
+                                           "gpu_memory_limit_bytes": gpu_limit})
     for config in configs:
         fallbacks: list[Strategy] = []
         if memory == "auto":
@@ -222,7 +238,7 @@ def run_ceiling(names: list[str] | None, device: torch.device, say: Say, batch: 
             if processes > 1:
                 result = _climb_processes(config, option, processes, argv or [])
             else:
-                result = climb_isolated(config, option, device, batch, steps, lr)
+                result = climb_isolated(config, option, device, batch, steps, lr, gpu_limit)
             attempts.append({"strategy": option.name, "status": result["status"], **({"error": result["error"]} if "error" in result else {})})
             if result["status"] != "oom":
                 break

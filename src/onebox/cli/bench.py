@@ -83,16 +83,20 @@ def cmd_bench_ceiling(args: argparse.Namespace) -> int:
 
     if args.steps < 2 or args.batch < 1:
         raise OneboxError("bench ceiling needs --steps >= 2 (the loss must be seen to fall) and --batch >= 1.")
+    if args.gpu_memory is not None and args.gpu_memory <= 0:
+        raise OneboxError(f"--gpu-memory {args.gpu_memory:g}: give the GB of each GPU to train within, more than 0.")
+    limit = None if args.gpu_memory is None else int(args.gpu_memory * 1e9)
     ladder = [s.strip() for s in args.ladder.split(",")] if args.ladder else None
     if os.environ.get("WORLD_SIZE", "1") != "1" and "ONEBOX_CEILING_OUT" in os.environ:  # one process of a --gpus N rung
         from onebox.bench.ceiling import climb_sharded
         from onebox.config import preset
         from onebox.plan import sharded_strategy
 
-        return climb_sharded(preset(ladder[-1]), sharded_strategy(args.memory), args.device, args.batch, args.steps, args.lr, os.environ["ONEBOX_CEILING_OUT"])
+        return climb_sharded(preset(ladder[-1]), sharded_strategy(args.memory), args.device, args.batch, args.steps, args.lr, os.environ["ONEBOX_CEILING_OUT"],
+                             limit)
     processes = args.gpus or 1
     doc = run_ceiling(ladder, pick_device(args.device), say, batch=args.batch, steps=args.steps, memory=args.memory, lr=args.lr,
-                      processes=processes, argv=args.argv)
+                      processes=processes, argv=args.argv, gpu_limit=limit)
     _write_result(doc, args.out, "ladder")
     return 0
 
@@ -333,6 +337,8 @@ def add_bench_parsers(sub: Any) -> None:
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--device", default="auto")
     p.add_argument("--gpus", type=int, help="train each rung on this many processes (torchrun + FSDP2, --batch each)")
+    p.add_argument("--gpu-memory", type=float, metavar="GB", help="plan and train within this many GB of each GPU (a smaller card's ceiling, "
+                   "e.g. 80 on a 141 GB H200); memory outside PyTorch's allocator is not counted")
     p.add_argument("--out", help="result JSON path (default results/ceiling-ladder-<device>-<time>.json)")
     p.set_defaults(func=cmd_bench_ceiling)
 
