@@ -3,7 +3,7 @@
   python benchmarks/decode_probe.py --preset 600m-A --batch 1 --variants plain,fused,fused+autotune --out $OUT
 
 A variant is plain (separate q/k/v and gate/up products) or fused, optionally +autotune (torch.compile
-mode max-autotune instead of reduce-overhead) and +math/+efficient/+cudnn (the SDPA kernel, forced), +gemvsum (o_proj and down as multiply + sum),
+mode max-autotune instead of reduce-overhead) and +math/+efficient/+cudnn (the SDPA kernel, forced), +triton (one-row products through onebox's Triton GEMV, infer/gemv.py; without it cuBLAS),
 +window (attention over the cache up to the next power of two past the furthest position). For each it prints: whether CUDA graphs were skipped (inductor's counters), the engine's tokens/s (as bench decode
 measures it), the compiled step alone in a loop of back-to-back launches (no host work: the floor of
 this design), and a profile of a few engine steps (host time per step, GPU busy time per step).
@@ -20,7 +20,6 @@ import torch
 from onebox.bench.decode import memory_bandwidth, time_decode, weight_bytes
 from onebox.config import PRESETS
 from onebox.infer.engine import Engine, Request
-from onebox.infer.gemv import use_reduction_gemv
 from onebox.model import build_model
 
 
@@ -31,9 +30,8 @@ def probe(preset: str, batch: int, variant: str, out: Path) -> str:
     model = build_model(PRESETS[preset], device, torch.bfloat16).eval()
     bound = batch * memory_bandwidth(device) / weight_bytes(model)
     mode = "max-autotune" if "autotune" in variant else "reduce-overhead"
-    if "+gemvsum" in variant:  # o_proj and down as multiply + sum reductions (infer/gemv.py)
-        use_reduction_gemv(model)
-    engine = Engine(model, max_batch=batch, prefix_entries=0, compile=mode, fuse=variant.startswith("fused"), windows="+window" in variant)
+    engine = Engine(model, max_batch=batch, prefix_entries=0, compile=mode, fuse=variant.startswith("fused"), windows="+window" in variant,
+                    gemv="+triton" in variant)
     backend = next((b for b in ("math", "efficient", "flash", "cudnn") if f"+{b}" in variant), None)
     if backend:  # the attention kernel SDPA picks for the decode step, forced
         from torch.nn.attention import SDPBackend, sdpa_kernel

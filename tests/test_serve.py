@@ -355,25 +355,23 @@ def test_serve_command_starts_a_server_for_a_run_folder(tmp_path, corpus_dir):
         server.wait(timeout=20)
 
 
-def test_reduction_gemv_equals_the_linear_layer_it_replaces(model):
-    """The decode-time multiply-and-sum product against F.linear: 1e-5 in fp32 for few rows; above ROWS it is F.linear."""
-    from onebox.infer.gemv import ROWS, ReductionLinear, use_reduction_gemv
+def test_triton_gemv_routing_falls_back_to_f_linear_off_cuda(model):
+    """use_triton_gemv reroutes every product of a decode step (fused q/k/v and gate/up, o_proj, down, the
+    output layer); where the kernel does not apply (here: the CPU) each one is F.linear, bit for bit.
+    The kernel itself is compared with F.linear on CUDA (tests/test_gpu.py)."""
+    from onebox.infer import gemv
+    from onebox.model import fuse_projections
 
-    layer = torch.nn.Linear(48, 40, bias=True)
-    x = torch.randn(2, 3, 48)
-    expected = layer(x)
-    layer.__class__ = ReductionLinear
-    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
-    many = torch.randn(ROWS + 1, 1, 48)
-    assert torch.equal(layer(many), torch.nn.functional.linear(many, layer.weight, layer.bias))
-    clone = Transformer(model.config).eval()
+    clone = fuse_projections(Transformer(model.config).eval())
     clone.load_state_dict(model.state_dict())
     ids = torch.randint(0, 512, (1, 12))
     with torch.no_grad():
-        before = clone(ids, torch.arange(12), clone.new_kv_caches(1))[:, -1:]
-        use_reduction_gemv(clone)
-        assert type(clone.layers[0].self_attn.o_proj) is ReductionLinear and type(clone.layers[0].mlp.down_proj) is ReductionLinear
-        caches = clone.new_kv_caches(1)
-        clone(ids[:, :11], torch.arange(11), caches)  # 11 rows: F.linear
-        after = clone(ids[:, 11:], torch.arange(11, 12), caches)  # 1 row: the reduction
-    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-5)
+        before = clone(ids, torch.arange(12), clone.new_kv_caches(1))
+        gemv.use_triton_gemv(clone)
+        block = clone.layers[0]
+        assert clone.project is gemv.linear and block.self_attn.project is gemv.linear and block.mlp.project is gemv.linear
+        assert type(block.self_attn.o_proj) is gemv.GemvLinear and type(block.mlp.down_proj) is gemv.GemvLinear
+        after = clone(ids, torch.arange(12), clone.new_kv_caches(1))
+    assert torch.equal(after, before)
+    row = torch.randn(1, 1, 8, dtype=torch.bfloat16)
+    assert not gemv.available(torch.device("cpu")) and not gemv.usable(row, torch.randn(4, 8, dtype=torch.bfloat16))

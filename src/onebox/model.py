@@ -117,6 +117,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(config.dim, config.kv_dim, bias=False)
         self.o_proj = nn.Linear(config.dim, config.dim, bias=False)
         self.register_buffer("qkv_weight", None, persistent=False)  # set by fuse_projections (inference)
+        self.project = F.linear  # the fused product's function (infer.gemv.use_triton_gemv swaps it for decode)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | KVRows | None = None, input_pos: Tensor | None = None) -> Tensor:
         batch, seq, dim = x.shape
@@ -124,7 +125,7 @@ class Attention(nn.Module):
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         else:
             kv_dim = self.kv_heads * self.head_dim
-            q, k, v = F.linear(x, self.qkv_weight).split([dim, kv_dim, kv_dim], dim=-1)
+            q, k, v = self.project(x, self.qkv_weight).split([dim, kv_dim, kv_dim], dim=-1)
         q = q.view(batch, seq, self.heads, self.head_dim).transpose(1, 2)
         k = k.view(batch, seq, self.kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(batch, seq, self.kv_heads, self.head_dim).transpose(1, 2)
@@ -152,12 +153,13 @@ class FeedForward(nn.Module):
         self.up_proj = nn.Linear(config.dim, config.hidden, bias=False)
         self.down_proj = nn.Linear(config.hidden, config.dim, bias=False)
         self.register_buffer("gate_up_weight", None, persistent=False)  # set by fuse_projections (inference)
+        self.project = F.linear  # as in Attention
 
     def forward(self, x: Tensor) -> Tensor:
         if self.gate_up_weight is None:
             gate, up = self.gate_proj(x), self.up_proj(x)
         else:
-            gate, up = F.linear(x, self.gate_up_weight).chunk(2, dim=-1)
+            gate, up = self.project(x, self.gate_up_weight).chunk(2, dim=-1)
         gate = F.silu(gate) if self.activation == "swiglu" else F.relu(gate).square()
         return self.down_proj(gate * up)
 
@@ -191,6 +193,7 @@ class Transformer(nn.Module):
         cos, sin = rope_tables(config.seq_len, config.head_dim, config.rope_base)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        self.project = F.linear  # the output layer's function (as in Attention)
         self.init_weights()
 
     @property
@@ -249,7 +252,7 @@ class Transformer(nn.Module):
 
     def logits(self, hidden: Tensor) -> Tensor:
         """Project hidden states to vocabulary logits, soft-capped when the config asks."""
-        out = F.linear(hidden, self.output_weight)
+        out = self.project(hidden, self.output_weight)
         cap = self.config.logit_softcap
         return cap * torch.tanh(out / cap) if cap > 0 else out
 
