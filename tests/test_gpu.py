@@ -123,46 +123,77 @@ def test_sharded_low_memory_strategies_on_two_gpus_track_one_and_resume(tmp_path
 
 
 @pytest.mark.parametrize("n,k", [(4608, 1536), (1536, 1536), (8192, 2560), (2560, 6912), (1000, 777)])
-def test_triton_gemv_matches_f_linear_in_bf16(n, k):
-    """The decode GEMV against an fp32 reference on random bf16 inputs: within one bf16 rounding of the
-    output (2^-8 relative) plus accumulation-order noise, and as close as cuBLAS's F.linear (both round the
-    fp32 sum to bf16 once). Odd sizes exercise the row and column masks."""
-    from onebox.infer import gemv
+def test_triton_gemv_and_norm_gemv_match_the_reference_in_bf16(n, k):
+    """The decode GEMV (and with RMSNorm folded in) against an fp32 reference on random bf16 inputs:
+    within one bf16 rounding of the output (2^-8 relative) plus accumulation-order noise, and as close as
+    cuBLAS's F.linear (both round the fp32 sum to bf16 once). Odd sizes exercise the row and column masks."""
+    from onebox.infer import kernels
+    from onebox.model import RMSNorm
 
     torch.manual_seed(n + k)
     x = torch.randn(1, 1, k, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
-    assert gemv.usable(x, w)
-    ref = x.float() @ w.float().T
-    ours, cublas = gemv.gemv(x, w).float(), torch.nn.functional.linear(x, w).float()
-    scale = ref.abs().max()
-    torch.testing.assert_close(ours, ref, rtol=2**-7, atol=1e-3 * scale)
-    assert (ours - ref).norm() <= 1.5 * (cublas - ref).norm() + 1e-6 * scale
+    assert kernels.usable(x, w)
+    norm = RMSNorm(k, 1e-5).cuda().to(torch.bfloat16)
+    norm.weight.data = torch.rand(k, device="cuda", dtype=torch.bfloat16) + 0.5
+    cases = [(kernels.gemv(x, w), x),  # (ours, the row the reference multiplies)
+             (kernels.norm_gemv(x * 3, norm.weight, norm.eps, w), norm(x * 3))]  # the norm folded in: RMSNorm's own roundings first
+    for got, row in cases:
+        ref = row.float() @ w.float().T
+        got, cublas = got.float(), torch.nn.functional.linear(row, w).float()
+        scale = ref.abs().max()
+        torch.testing.assert_close(got, ref, rtol=2**-7, atol=2e-3 * scale)
+        assert (got - ref).norm() <= 1.5 * (cublas - ref).norm() + 1e-6 * scale
 
 
-def test_triton_gemv_inside_a_compiled_cuda_graph_decode_step():
-    """The kernel under torch.compile with CUDA graphs (reduce-overhead, fullgraph), as the engine runs it:
-    a bf16 model's one-token logits equal the cuBLAS path's within bf16 tolerance, and prefill (many rows)
-    is untouched (F.linear)."""
-    from onebox.infer import gemv
+@pytest.mark.parametrize("batch,heads,kv_heads,slots", [(1, 20, 20, 512), (8, 12, 12, 512), (3, 8, 2, 200)])
+def test_decode_attention_matches_sdpa_under_the_mask(batch, heads, kv_heads, slots):
+    """Flash-decoding over each row's filled cache against SDPA over the whole cache under the causal mask
+    (onebox.model.cached_attention), bf16 inputs: within 2e-2 of the output's scale (bf16 probabilities in
+    SDPA's kernel, fp32 here). Rows at different positions, one at position 0, one in the last slot; grouped
+    heads; a cache length that is not a multiple of the chunk."""
+    from onebox.infer import kernels
+    from onebox.model import cached_attention
+
+    torch.manual_seed(batch * heads + slots)
+    q = torch.randn(batch, 1, heads, 128, device="cuda", dtype=torch.bfloat16).transpose(1, 2)  # the model's layout
+    k = torch.randn(batch, kv_heads, slots, 128, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(batch, kv_heads, slots, 128, device="cuda", dtype=torch.bfloat16)
+    positions = torch.randint(0, slots, (batch, 1), device="cuda")
+    positions[0, 0] = 0
+    positions[-1, 0] = slots - 1
+    assert kernels.attention_usable(q, k)
+    for input_pos in (positions, positions[0, :]):  # per row, and one position for all rows
+        ref = cached_attention(q, k, v, input_pos).float()
+        got = kernels.decode_attention(q, k, v, input_pos).float()
+        assert got.shape == ref.shape
+        torch.testing.assert_close(got, ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item())
+
+
+def test_decode_kernels_inside_a_compiled_cuda_graph_decode_step():
+    """The kernels under torch.compile with CUDA graphs (reduce-overhead, fullgraph), as the engine runs them:
+    a bf16 model's one-token logits equal the reference path's within bf16 tolerance, at two positions of
+    two rows, and prefill (many rows) is untouched."""
+    from onebox.infer import kernels
     from onebox.model import fuse_projections
 
     torch.manual_seed(3)
-    config = micro_model(dim=256, heads=2, kv_heads=2, seq_len=64, hidden=768)
+    config = micro_model(dim=256, heads=2, kv_heads=1, seq_len=160, hidden=768)
     ref_model = fuse_projections(Transformer(config).cuda().to(torch.bfloat16).eval())
     model = fuse_projections(Transformer(config).cuda().to(torch.bfloat16).eval())
     model.load_state_dict(ref_model.state_dict())
-    gemv.use_triton_gemv(model)
-    ids = torch.randint(0, 512, (1, 17), device="cuda")
+    kernels.use_decode_kernels(model)
+    ids = torch.randint(0, 512, (2, 100), device="cuda")
     with torch.inference_mode():
-        caches, ref_caches = model.new_kv_caches(1), ref_model.new_kv_caches(1)
-        assert torch.equal(model(ids[:, :16], torch.arange(16, device="cuda"), caches), ref_model(ids[:, :16], torch.arange(16, device="cuda"), ref_caches))
+        caches, ref_caches = model.new_kv_caches(2), ref_model.new_kv_caches(2)
+        prompt = torch.arange(90, device="cuda")
+        assert torch.equal(model(ids[:, :90], prompt, caches), ref_model(ids[:, :90], prompt, ref_caches))
         for cache in caches:
             torch._dynamo.mark_static_address(cache.k)
             torch._dynamo.mark_static_address(cache.v)
         step = torch.compile(lambda t, p: model(t, p, caches), mode="reduce-overhead", fullgraph=True)
-        pos = torch.tensor([16], device="cuda")
-        for _ in range(3):  # warm-up and capture, then replays
-            out = step(ids[:, 16:], pos).clone()
-        ref = ref_model(ids[:, 16:], pos, ref_caches)
-    torch.testing.assert_close(out.float(), ref.float(), rtol=3e-2, atol=3e-2 * ref.abs().max().item())
+        for position in (90, 91, 92, 93, 94):  # warm-up and capture, then replays
+            pos = torch.tensor([[position], [position - 20]], device="cuda")
+            out = step(ids[:, position : position + 1], pos).clone()
+            ref = ref_model(ids[:, position : position + 1], pos, ref_caches)
+            torch.testing.assert_close(out.float(), ref.float(), rtol=3e-2, atol=3e-2 * ref.abs().max().item())

@@ -355,23 +355,33 @@ def test_serve_command_starts_a_server_for_a_run_folder(tmp_path, corpus_dir):
         server.wait(timeout=20)
 
 
-def test_triton_gemv_routing_falls_back_to_f_linear_off_cuda(model):
-    """use_triton_gemv reroutes every product of a decode step (fused q/k/v and gate/up, o_proj, down, the
-    output layer); where the kernel does not apply (here: the CPU) each one is F.linear, bit for bit.
-    The kernel itself is compared with F.linear on CUDA (tests/test_gpu.py)."""
-    from onebox.infer import gemv
+def test_decode_kernel_routing_falls_back_to_the_reference_off_cuda(model):
+    """use_decode_kernels reroutes a decode step's work (fused q/k/v and gate/up with their norms folded in,
+    o_proj, down, the output layer, attention over the cache) and keeps the state dict; where the kernels
+    do not apply (here: the CPU) each part is the reference computation, bit for bit. The kernels themselves
+    are compared with the reference on CUDA (tests/test_gpu.py)."""
+    from onebox.infer import kernels
+    from onebox.infer.engine import Engine
     from onebox.model import fuse_projections
 
     clone = fuse_projections(Transformer(model.config).eval())
     clone.load_state_dict(model.state_dict())
-    ids = torch.randint(0, 512, (1, 12))
+    keys = set(clone.state_dict())
+    ids = torch.randint(0, 512, (2, 12))
     with torch.no_grad():
-        before = clone(ids, torch.arange(12), clone.new_kv_caches(1))
-        gemv.use_triton_gemv(clone)
+        caches = clone.new_kv_caches(2)
+        before = [clone(ids[:, :11], torch.arange(11), caches), clone(ids[:, 11:], torch.tensor([[11], [11]]), caches)]
+        kernels.use_decode_kernels(clone)
+        kernels.use_decode_kernels(clone)  # idempotent
         block = clone.layers[0]
-        assert clone.project is gemv.linear and block.self_attn.project is gemv.linear and block.mlp.project is gemv.linear
-        assert type(block.self_attn.o_proj) is gemv.GemvLinear and type(block.mlp.down_proj) is gemv.GemvLinear
-        after = clone(ids, torch.arange(12), clone.new_kv_caches(1))
-    assert torch.equal(after, before)
+        assert clone.project is kernels.linear and type(block.self_attn.o_proj) is kernels.GemvLinear and type(block.mlp.down_proj) is kernels.GemvLinear
+        assert isinstance(block.input_layernorm, kernels.DeferredRMSNorm) and block.self_attn.project.func is kernels.normed_linear
+        assert block.self_attn.attend.func is kernels.attend and set(clone.state_dict()) == keys
+        caches = clone.new_kv_caches(2)
+        after = [clone(ids[:, :11], torch.arange(11), caches), clone(ids[:, 11:], torch.tensor([[11], [11]]), caches)]
+    assert all(torch.equal(a, b) for a, b in zip(after, before))
     row = torch.randn(1, 1, 8, dtype=torch.bfloat16)
-    assert not gemv.available(torch.device("cpu")) and not gemv.usable(row, torch.randn(4, 8, dtype=torch.bfloat16))
+    assert not kernels.available(torch.device("cpu")) and not kernels.usable(row, torch.randn(4, 8, dtype=torch.bfloat16))
+    assert Engine(Transformer(model.config), max_batch=1, compile=False).kernels == []  # none on the CPU by default
+    with pytest.raises(OneboxError, match="unknown decode kernels"):
+        Engine(Transformer(model.config), max_batch=1, compile=False, kernels="gemv,flash")

@@ -106,6 +106,15 @@ class KVRows:
         return cache.k[self.rows], cache.v[self.rows]
 
 
+def cached_attention(q: Tensor, k: Tensor, v: Tensor, input_pos: Tensor) -> Tensor:
+    """q (B, H, T, D) at positions input_pos ((T,), or (B, T) per row) against a whole cache k, v
+    (B, KV, S, D): the query at position p sees the cached keys at positions <= p; later slots are masked."""
+    mask = torch.arange(k.shape[2], device=q.device) <= input_pos[..., None]  # (T, S), or (B, T, S) per row
+    if mask.dim() == 3:
+        mask = mask[:, None]
+    return F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, enable_gqa=k.shape[1] != q.shape[1])
+
+
 class Attention(nn.Module):
     """Causal multi-head attention with grouped-query key/value heads, through SDPA."""
 
@@ -117,7 +126,8 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(config.dim, config.kv_dim, bias=False)
         self.o_proj = nn.Linear(config.dim, config.dim, bias=False)
         self.register_buffer("qkv_weight", None, persistent=False)  # set by fuse_projections (inference)
-        self.project = F.linear  # the fused product's function (infer.gemv.use_triton_gemv swaps it for decode)
+        self.project = F.linear  # the fused product's function (infer.kernels.use_decode_kernels swaps it for decode)
+        self.attend = cached_attention  # attention over a KV cache (swapped the same way)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | KVRows | None = None, input_pos: Tensor | None = None) -> Tensor:
         batch, seq, dim = x.shape
@@ -135,11 +145,7 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         else:
             k, v = cache.update(input_pos, k, v)
-            # Query at position p sees cached keys at positions <= p; later slots are masked.
-            mask = torch.arange(k.shape[2], device=x.device) <= input_pos[..., None]  # (T, S), or (B, T, S) per row
-            if mask.dim() == 3:
-                mask = mask[:, None]
-            out = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, enable_gqa=gqa)
+            out = self.attend(q, k, v, input_pos)
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq, dim))
 
 

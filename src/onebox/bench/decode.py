@@ -137,7 +137,7 @@ def run_decode(model: Transformer, device: torch.device, say: Say, batches: list
         decode = time_decode(engine, batch, prompt_len, new_tokens)
         bound = batch * bandwidth / nbytes if bandwidth else None
         result = {"status": "ok", "prefill_tokens_per_second": prefill, "decode_tokens_per_second": decode, "bound_tokens_per_second": bound,
-                  "bound_fraction": decode / bound if bound else None, "matvec": "onebox triton" if engine.gemv else "torch"}
+                  "bound_fraction": decode / bound if bound else None, "kernels": ",".join(engine.kernels) or "torch"}
         line = f"  batch {batch}: decode {decode:,.0f} tok/s" + (f" = {result['bound_fraction']:.1%} of the bound ({bound:,.0f} tok/s)" if bound else "")
         if baseline:
             hf = hf_generate_speed(model, batch, prompt_len, new_tokens)

@@ -26,8 +26,8 @@ import torch
 from torch import Tensor
 
 from onebox.errors import OneboxError
-from onebox.infer.gemv import available as gemv_available
-from onebox.infer.gemv import use_triton_gemv
+from onebox.infer.kernels import available as kernels_available
+from onebox.infer.kernels import use_decode_kernels
 from onebox.infer.sampling import sample_next
 from onebox.model import Transformer, fuse_projections
 
@@ -126,19 +126,26 @@ class Engine:
     """Continuous-batching decoder over one model."""
 
     def __init__(self, model: Transformer, max_batch: int = 8, prefix_entries: int = 16, compile: bool | str | None = None,
-                 prefill_tokens: int = 8192, fuse: bool = True, windows: bool = False, gemv: bool | None = None) -> None:
+                 prefill_tokens: int = 8192, fuse: bool = True, windows: bool = False, kernels: bool | str | None = None) -> None:
         """compile: True, False, None (on CUDA only) or a torch.compile mode (default reduce-overhead: CUDA graphs).
-        gemv: one-row products (batch-1 decode steps) through onebox's Triton kernel (infer/gemv.py) instead
-        of cuBLAS; None: wherever it applies (CUDA with Triton). Other products are not affected.
+        kernels: decode work through onebox's Triton kernels (infer/kernels.py): True for all of them, or a
+        comma-separated choice of gemv (one-row products), norm (RMSNorm folded into the product after it),
+        attention (over each row's filled cache only); None: all of them wherever they run (CUDA with
+        Triton); False: none (cuBLAS and SDPA).
         windows: attention in a decode step reads only the cache up to the next power of two past the
         furthest active position (from 64 or a 32nd of the context, so at most 6 windows), one compiled
         graph per window, instead of the whole context. Off by default: measured on H100 at 600m-A (bench
         decode, prompt 128 + 128 tokens) it gains 3% at batch 1 (870 -> 896 tok/s) but loses 23% at batch 8
         (6,870 -> 5,276): benchmarks/NOTES.md. `warmup()` compiles every graph up front."""
         self.model = fuse_projections(model.eval()) if fuse else model.eval()
-        self.gemv = bool(gemv or (gemv is None and gemv_available(self.model.embed_tokens.weight.device)))
-        if self.gemv:
-            use_triton_gemv(self.model)
+        if kernels is None:
+            kernels = kernels_available(self.model.embed_tokens.weight.device)
+        chosen = {"gemv", "norm", "attention"} if kernels is True else set(kernels.split(",")) if kernels else set()
+        if chosen - {"gemv", "norm", "attention"}:
+            raise OneboxError(f"unknown decode kernels {sorted(chosen - {'gemv', 'norm', 'attention'})}: choose among gemv, norm, attention.")
+        self.kernels = sorted(chosen)  # what the decode steps use (for the record)
+        if chosen:
+            use_decode_kernels(self.model, gemv="gemv" in chosen, norm="norm" in chosen, attention="attention" in chosen)
         self.config = model.config
         self.max_batch = max_batch
         self.prefill_tokens = prefill_tokens  # the most (padded) prompt tokens one batched prefill takes

@@ -1,0 +1,247 @@
+"""Triton kernels for decode steps (one token per row), where every weight matrix is read whole to
+multiply it by one row and attention reads a short stretch of the KV cache.
+
+- `gemv`: the one-row matrix-vector product. At batch 1 the H100's cuBLAS kernels read 600m-A's weights
+  at 0.9-2.3 TB/s of the card's ~3 TB/s (benchmarks/NOTES.md, session 11: q/k/v 2.0, o_proj 0.9, gate/up
+  2.3, down 1.5): a GEMM library tiles for many rows, and a (1 x K) by (K x N) product has too few tiles
+  to keep the card busy. Here each program owns 4 output rows and reads them 512 columns per load with
+  fp32 accumulation. One fixed configuration, chosen by `benchmarks/gemv_probe.py` on an H100 (best or
+  within 3% of the best for every decode shape of 600m-A and 3b-A, 5-20% faster than cuBLAS with L2
+  defeated). Not autotuned: under triton.autotune the decode step's products took 11.9 us each against
+  cuBLAS's 7.9 at 600m-A, most likely because the autotuner times each candidate on one weight again and
+  again, i.e. from L2, where the decode step reads every weight once from HBM.
+- `norm_gemv`: the block's RMSNorm folded into the product that follows it (q/k/v, gate/up): each
+  program computes the row's norm itself (the row is a few KB, read from L2), so the norm's own kernel
+  and its output's round trip go; roundings as RMSNorm's (normed to the row's dtype, then scaled).
+- `decode_attention`: one query token per row against the cache up to that row's position
+  (flash-decoding: the positions split in chunks of 64, each program one (row, head, chunk) with an
+  online softmax, then one small kernel merges the chunks), where SDPA reads the whole cache under a
+  materialised mask (cuDNN 9.6 us per layer at 600m-A, plus the mask and layout kernels).
+
+`use_decode_kernels(model)` routes a model's decode products through them; `torch.compile` takes the
+kernels into its graph (and so into the decode step's CUDA graph). Anything they do not take (more
+than one row: prefill, other devices, other dtypes, no Triton) goes the reference way (F.linear,
+RMSNorm then F.linear, SDPA under a mask), which the GPU tests compare them with.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+BLOCK_N, BLOCK_K = 4, 512  # rows per program, columns per load (gemv, norm_gemv)
+ATTN_CHUNK = 64  # cache positions per decode-attention program
+
+try:  # Triton comes with PyTorch's CUDA builds; CPU builds have none
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the install
+    triton = None
+
+if triton is not None:
+
+    @triton.jit
+    def _gemv_kernel(x_ptr, w_ptr, y_ptr, N, K, stride_w, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_mask = rows < N
+        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        for start in range(0, K, BLOCK_K):
+            cols = start + tl.arange(0, BLOCK_K)
+            col_mask = cols < K
+            x = tl.load(x_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+            w = tl.load(w_ptr + rows[:, None] * stride_w + cols[None, :], mask=row_mask[:, None] & col_mask[None, :], other=0.0,
+                        eviction_policy="evict_first").to(tl.float32)  # read once: keep it out of L2's way
+            acc += w * x[None, :]
+        tl.store(y_ptr + rows, tl.sum(acc, axis=1).to(y_ptr.dtype.element_ty), mask=row_mask)
+
+    @triton.jit
+    def _norm_gemv_kernel(x_ptr, g_ptr, w_ptr, y_ptr, N, K, stride_w, eps, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        squares = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        for start in range(0, K, BLOCK_K):
+            cols = start + tl.arange(0, BLOCK_K)
+            x = tl.load(x_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
+            squares += x * x
+        rstd = 1.0 / tl.sqrt(tl.sum(squares, axis=0) / K + eps)
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_mask = rows < N
+        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        for start in range(0, K, BLOCK_K):
+            cols = start + tl.arange(0, BLOCK_K)
+            col_mask = cols < K
+            x = tl.load(x_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+            g = tl.load(g_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+            normed = (x * rstd).to(x_ptr.dtype.element_ty).to(tl.float32)  # RMSNorm: normed in the row's dtype, then scaled
+            normed = (normed * g).to(x_ptr.dtype.element_ty).to(tl.float32)
+            w = tl.load(w_ptr + rows[:, None] * stride_w + cols[None, :], mask=row_mask[:, None] & col_mask[None, :], other=0.0,
+                        eviction_policy="evict_first").to(tl.float32)
+            acc += w * normed[None, :]
+        tl.store(y_ptr + rows, tl.sum(acc, axis=1).to(y_ptr.dtype.element_ty), mask=row_mask)
+
+    @triton.jit
+    def _attention_chunk_kernel(q_ptr, k_ptr, v_ptr, length_ptr, part_ptr, stat_ptr, HEADS, GROUP, CHUNKS, scale,
+                                sq_b, sq_h, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, D: tl.constexpr, CHUNK: tl.constexpr):
+        row_head = tl.program_id(0)  # row * HEADS + head
+        chunk = tl.program_id(1)
+        row, head = row_head // HEADS, row_head % HEADS
+        kv_head = head // GROUP
+        length = tl.load(length_ptr + row)
+        out = row_head * CHUNKS + chunk
+        dims = tl.arange(0, D)
+        start = chunk * CHUNK
+        if start < length:
+            q = tl.load(q_ptr + row * sq_b + head * sq_h + dims).to(tl.float32) * scale
+            pos = start + tl.arange(0, CHUNK)
+            valid = pos < length
+            k = tl.load(k_ptr + row * sk_b + kv_head * sk_h + pos[:, None] * sk_s + dims[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
+            scores = tl.where(valid, tl.sum(k * q[None, :], axis=1), float("-inf"))
+            top = tl.max(scores, axis=0)
+            weights = tl.exp(scores - top)
+            v = tl.load(v_ptr + row * sv_b + kv_head * sv_h + pos[:, None] * sv_s + dims[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
+            tl.store(part_ptr + out * D + dims, tl.sum(weights[:, None] * v, axis=0))
+            tl.store(stat_ptr + out * 2, top)
+            tl.store(stat_ptr + out * 2 + 1, tl.sum(weights, axis=0))
+        else:  # past this row's position: weighs nothing in the merge
+            tl.store(stat_ptr + out * 2, float("-inf"))
+            tl.store(stat_ptr + out * 2 + 1, 0.0)
+
+    @triton.jit
+    def _attention_merge_kernel(part_ptr, stat_ptr, o_ptr, HEADS, CHUNKS, so_b, so_h, D: tl.constexpr, CHUNKS_P2: tl.constexpr):
+        row_head = tl.program_id(0)
+        row, head = row_head // HEADS, row_head % HEADS
+        chunks = tl.arange(0, CHUNKS_P2)
+        live = chunks < CHUNKS
+        tops = tl.load(stat_ptr + (row_head * CHUNKS + chunks) * 2, mask=live, other=float("-inf"))
+        sums = tl.load(stat_ptr + (row_head * CHUNKS + chunks) * 2 + 1, mask=live, other=0.0)
+        top = tl.max(tops, axis=0)  # chunk 0 always holds position 0: finite
+        scale = tl.where(tops > float("-inf"), tl.exp(tops - top), 0.0)
+        dims = tl.arange(0, D)
+        parts = tl.load(part_ptr + (row_head * CHUNKS + chunks)[:, None] * D + dims[None, :], mask=(live & (tops > float("-inf")))[:, None], other=0.0)
+        merged = tl.sum(parts * scale[:, None], axis=0) / tl.sum(sums * scale, axis=0)
+        tl.store(o_ptr + row * so_b + head * so_h + dims, merged.to(o_ptr.dtype.element_ty))
+
+
+def available(device: torch.device) -> bool:
+    """Whether the kernels can run on `device` (CUDA, with Triton installed)."""
+    return triton is not None and device.type == "cuda"
+
+
+def usable(x: Tensor, weight: Tensor) -> bool:
+    """Whether `gemv` takes this product: one row, on CUDA, half or bf16, contiguous, Triton present."""
+    return (triton is not None and x.is_cuda and x.shape[:-1].numel() == 1 and x.dtype == weight.dtype
+            and x.dtype in (torch.bfloat16, torch.float16) and weight.dim() == 2 and weight.is_contiguous())
+
+
+def gemv(x: Tensor, weight: Tensor) -> Tensor:
+    """x (..., K) holding one row, weight (N, K): x @ weight.T as (..., N), accumulated in fp32."""
+    n, k = weight.shape
+    x = x.contiguous()
+    y = torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=x.device)
+    _gemv_kernel[(triton.cdiv(n, BLOCK_N),)](x, weight, y, n, k, weight.stride(0), BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+                                             num_warps=8 if n <= 1536 else 4)  # more warps where there are few row blocks
+    return y
+
+
+def norm_gemv(x: Tensor, norm_weight: Tensor, eps: float, weight: Tensor) -> Tensor:
+    """RMSNorm(x) (scale `norm_weight`) @ weight.T for one row x (..., K), in one kernel."""
+    n, k = weight.shape
+    x = x.contiguous()
+    y = torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=x.device)
+    _norm_gemv_kernel[(triton.cdiv(n, BLOCK_N),)](x, norm_weight, weight, y, n, k, weight.stride(0), eps, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+                                                  num_warps=8 if n <= 1536 else 4)
+    return y
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """F.linear, through `gemv` where it applies (one row on CUDA)."""
+    if bias is None and usable(x, weight):
+        return gemv(x, weight)
+    return F.linear(x, weight, bias)
+
+
+def normed_linear(x: Tensor, weight: Tensor, norm: nn.Module) -> Tensor:
+    """F.linear(norm(x), weight) for an RMSNorm `norm`, through `norm_gemv` where it applies."""
+    if usable(x, weight) and norm.weight.dtype == x.dtype:
+        return norm_gemv(x, norm.weight, norm.eps, weight)
+    return F.linear(norm(x), weight)
+
+
+def decode_attention(q: Tensor, k: Tensor, v: Tensor, input_pos: Tensor) -> Tensor:
+    """Attention of one query token per row, q (B, H, 1, D), over the cache k, v (B, KV, S, D) up to each
+    row's position (input_pos: (B, 1) per row, or (1,) for all): what SDPA computes under the causal mask
+    (the reference, `onebox.model.cached_attention`), for the rows' filled positions only."""
+    batch, heads, _, dim = q.shape
+    kv_heads, slots = k.shape[1], k.shape[2]
+    lengths = (input_pos.reshape(-1, 1)[:, -1] + 1).expand(batch).to(torch.int32).contiguous()
+    chunks = triton.cdiv(slots, ATTN_CHUNK)
+    parts = torch.empty(batch * heads * chunks, dim, dtype=torch.float32, device=q.device)
+    stats = torch.empty(batch * heads * chunks, 2, dtype=torch.float32, device=q.device)
+    out = torch.empty(batch, 1, heads, dim, dtype=q.dtype, device=q.device)  # the layout o_proj reads: no copy after
+    _attention_chunk_kernel[(batch * heads, chunks)](q, k, v, lengths, parts, stats, heads, heads // kv_heads, chunks, 1.0 / math.sqrt(dim),
+                                                     q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2),
+                                                     v.stride(0), v.stride(1), v.stride(2), D=dim, CHUNK=ATTN_CHUNK, num_warps=4)
+    _attention_merge_kernel[(batch * heads,)](parts, stats, out, heads, chunks, out.stride(0), out.stride(2), D=dim,
+                                              CHUNKS_P2=triton.next_power_of_2(chunks), num_warps=4)
+    return out.transpose(1, 2)
+
+
+def attention_usable(q: Tensor, k: Tensor) -> bool:
+    """Whether `decode_attention` takes this step: one token, on CUDA, half or bf16, a power-of-two head size."""
+    dim = q.shape[-1]
+    return (triton is not None and q.is_cuda and q.shape[2] == 1 and q.dtype == k.dtype and q.dtype in (torch.bfloat16, torch.float16)
+            and dim >= 16 and dim & (dim - 1) == 0 and q.stride(-1) == 1 and k.stride(-1) == 1)
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, input_pos: Tensor, reference: Callable[..., Tensor]) -> Tensor:
+    """decode_attention where it applies, else `reference` (same arguments)."""
+    if attention_usable(q, k):
+        return decode_attention(q, k, v, input_pos)
+    return reference(q, k, v, input_pos)
+
+
+class GemvLinear(nn.Linear):
+    """nn.Linear whose one-row products go through `gemv`."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return linear(x, self.weight, self.bias)
+
+
+class DeferredRMSNorm(nn.Module):
+    """Stands in a block for an RMSNorm whose work the next product does (`normed_linear`): passes x
+    through, holding the norm's own weight (so the state dict keeps its keys)."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.weight, self.eps = inner.weight, inner.eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x
+
+
+def use_decode_kernels(model: nn.Module, gemv: bool = True, norm: bool = True, attention: bool = True) -> nn.Module:
+    """Route a Transformer's decode work through the kernels above, in place (same weights, same state
+    dict; idempotent): the one-row products (fused q/k/v and gate/up,
+    o_proj, down, the output layer; `gemv`), each block's two norms into the products after them (`norm`;
+    needs the fused q/k/v and gate/up weights, `onebox.model.fuse_projections`), and attention over the
+    cache (`attention`)."""
+    for module in model.modules():
+        if gemv and hasattr(module, "project") and not isinstance(module.project, functools.partial):  # not a norm folded in already
+            module.project = linear
+        if gemv and type(module) is nn.Linear:
+            module.__class__ = GemvLinear
+        if attention and hasattr(module, "attend") and not isinstance(module.attend, functools.partial):
+            module.attend = functools.partial(attend, reference=module.attend)
+    if norm:
+        for block in getattr(model, "layers", []):
+            pairs = ((block, "input_layernorm", block.self_attn, "qkv_weight"), (block, "post_attention_layernorm", block.mlp, "gate_up_weight"))
+            for owner, name, user, fused in pairs:
+                inner = getattr(owner, name)
+                if getattr(user, fused) is None or isinstance(inner, DeferredRMSNorm):
+                    continue
+                setattr(owner, name, DeferredRMSNorm(inner))
+                user.project = functools.partial(normed_linear, norm=inner)
+    return model
