@@ -119,8 +119,8 @@ def hf_generate_speed(model: Transformer, batch: int, prompt_len: int, new_token
 
 
 def run_decode(model: Transformer, device: torch.device, say: Say, batches: list[int], prompt_len: int = 128, new_tokens: int = 128,
-               baseline: bool = False) -> dict[str, Any]:
-    """The `decode` document: one entry per batch size."""
+               baseline: bool = False, kernels: bool | str | None = None) -> dict[str, Any]:
+    """The `decode` document: one entry per batch size (`kernels` as Engine takes it)."""
     config = model.config
     if prompt_len + new_tokens > config.seq_len:
         raise OneboxError(f"prompt {prompt_len} + new tokens {new_tokens} exceed the model's context of {config.seq_len}: lower --prompt-len or --new-tokens.")
@@ -133,7 +133,7 @@ def run_decode(model: Transformer, device: torch.device, say: Say, batches: list
     say(f"{config.name}: {nbytes / 1e9:.2f} GB of weights | prefill {prefill:,.0f} tok/s ({prompt_len} tokens) | "
         f"memory bandwidth {'n/a' if bandwidth is None else f'{bandwidth / 1e12:.2f} TB/s'}")
     for batch in batches:
-        engine = Engine(model, max_batch=batch, prefix_entries=0)
+        engine = Engine(model, max_batch=batch, prefix_entries=0, kernels=kernels)
         decode = time_decode(engine, batch, prompt_len, new_tokens)
         bound = batch * bandwidth / nbytes if bandwidth else None
         result = {"status": "ok", "prefill_tokens_per_second": prefill, "decode_tokens_per_second": decode, "bound_tokens_per_second": bound,

@@ -146,7 +146,9 @@ def cmd_bench_decode(args: argparse.Namespace) -> int:
 
     batches = _int_list(args.batches, "--batches")
     model = _inference_model(args, "decode")
-    doc = run_decode(model, model.embed_tokens.weight.device, say, batches, args.prompt_len, args.new_tokens, baseline=args.baseline == "hf")
+    kernels = {"auto": None, "none": False}.get(args.kernels, args.kernels)
+    doc = run_decode(model, model.embed_tokens.weight.device, say, batches, args.prompt_len, args.new_tokens, baseline=args.baseline == "hf",
+                     kernels=kernels)
     _write_result(doc, args.out, model.config.name)
     return 0
 
@@ -354,6 +356,8 @@ def add_bench_parsers(sub: Any) -> None:
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--baseline", choices=["hf"], help="also time transformers' generate() on the same weights")
+    p.add_argument("--kernels", default="auto", help="onebox's decode kernels: auto (gemv,attention on CUDA), none (cuBLAS and SDPA), "
+                   "or a comma list of gemv, norm, attention")
     p.set_defaults(func=cmd_bench_decode)
 
     p = bench.add_parser("serve", help="concurrent streaming clients against a live server: latency percentiles and aggregate tokens/s")

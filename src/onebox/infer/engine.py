@@ -130,8 +130,10 @@ class Engine:
         """compile: True, False, None (on CUDA only) or a torch.compile mode (default reduce-overhead: CUDA graphs).
         kernels: decode work through onebox's Triton kernels (infer/kernels.py): True for all of them, or a
         comma-separated choice of gemv (one-row products), norm (RMSNorm folded into the product after it),
-        attention (over each row's filled cache only); None: all of them wherever they run (CUDA with
-        Triton); False: none (cuBLAS and SDPA).
+        attention (over each row's filled cache only); None: gemv and attention wherever they run (CUDA
+        with Triton); False: none (cuBLAS and SDPA). Measured on H100 (benchmarks/NOTES.md, session 13),
+        batch 1: gemv 600m-A 869 -> 933 tok/s, 3b-A 272 -> 283; attention on top 600m-A +3%, 3b-A -1%
+        (noise); norm on top of both -3% at 600m-A (its kernel costs more than the norm it saves): not default.
         windows: attention in a decode step reads only the cache up to the next power of two past the
         furthest active position (from 64 or a 32nd of the context, so at most 6 windows), one compiled
         graph per window, instead of the whole context. Off by default: measured on H100 at 600m-A (bench
@@ -139,7 +141,7 @@ class Engine:
         (6,870 -> 5,276): benchmarks/NOTES.md. `warmup()` compiles every graph up front."""
         self.model = fuse_projections(model.eval()) if fuse else model.eval()
         if kernels is None:
-            kernels = kernels_available(self.model.embed_tokens.weight.device)
+            kernels = "gemv,attention" if kernels_available(self.model.embed_tokens.weight.device) else False
         chosen = {"gemv", "norm", "attention"} if kernels is True else set(kernels.split(",")) if kernels else set()
         if chosen - {"gemv", "norm", "attention"}:
             raise OneboxError(f"unknown decode kernels {sorted(chosen - {'gemv', 'norm', 'attention'})}: choose among gemv, norm, attention.")
