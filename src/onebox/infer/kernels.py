@@ -12,12 +12,15 @@ multiply it by one row and attention reads a short stretch of the KV cache.
   again, i.e. from L2, where the decode step reads every weight once from HBM.
 - `norm_gemv`: the block's RMSNorm folded into the product that follows it (q/k/v, gate/up): each
   program computes the row's norm itself (the row is a few KB, read from L2), so the norm's own kernel
-  and its output's round trip go; roundings as RMSNorm's (normed to the row's dtype, then scaled).
+  goes; roundings as RMSNorm's (normed to the row's dtype, then scaled). Measured slower than the norm's
+  kernel plus `gemv` (H100, 600m-A: +24 us per step): off by default (the Engine's `kernels`).
 - `decode_attention`: one query token per row against the cache up to that row's position
   (flash-decoding: the positions split in chunks of 64, each program one (row, head, chunk) with an
   online softmax, then one small kernel merges the chunks), where SDPA reads the whole cache under a
   materialised mask (cuDNN 9.6 us per layer at 600m-A, plus the mask and layout kernels).
 
+Measured (benchmarks/NOTES.md, session 13): `gemv` + `decode_attention` take 600m-A from 869 to 958
+tok/s at batch 1 on an H100 (34% -> 37.6% of the bandwidth bound), 3b-A from 272 to 281 (58.9% -> 61.1%).
 `use_decode_kernels(model)` routes a model's decode products through them; `torch.compile` takes the
 kernels into its graph (and so into the decode step's CUDA graph). Anything they do not take (more
 than one row: prefill, other devices, other dtypes, no Triton) goes the reference way (F.linear,
