@@ -3,9 +3,11 @@
   torchrun --standalone --nproc-per-node 2 benchmarks/scaling_probe.py --preset 3b-A --batch 8 \
       --variants base,noreshard,bf16reduce,prefetch2 --one 21965
 
-A variant joins options with '+': base (what `onebox train` does: every block but the last resharded
-after forward, fp32 gradient reduction), lastreshard (the last block resharded too), noreshard (no block
-resharded: no all-gather in backward, the gathered bf16 weights held from forward to backward),
+A variant joins options with '+': base (what `onebox train` does, built the same way: blocks resharded
+after forward or not as planned for the memory, the last one kept, fp32 gradient reduction), reshard
+(every block but the last resharded after forward), lastreshard (the last block resharded too),
+noreshard (no block resharded: no all-gather in backward, the gathered bf16 weights held from forward
+to backward),
 bf16reduce (gradients reduce-scattered in bf16), prefetchN (all-gathers issued N blocks ahead), groupN
 (N blocks per FSDP2 unit), autogc (Python's collector left on during the steps, as before b098900).
 Rank 0 prints one row per variant: ms per step by phase, tokens/s per process, the efficiency against
@@ -26,35 +28,31 @@ from pathlib import Path
 
 import torch
 
-from onebox.bench.training import BenchSettings, Contender, contender_step, measure_training, synthetic_batch
-from onebox.config import PRESETS, ModelConfig, TrainConfig
+from onebox.bench.training import BenchSettings, Contender, build_sharded, contender_step, measure_training, synthetic_batch
+from onebox.config import PRESETS, ModelConfig
 from onebox.device import autocast_dtype, pick_device, synchronize
-from onebox.distributed import init_distributed, shard_model, shutdown
-from onebox.model import build_model
-from onebox.optim import build_optimizer
-from onebox.transforms import prepare_training
+from onebox.distributed import init_distributed, shutdown
 
 
 def builder(variant: str):
+    """The probe's build of one variant: onebox's own multi-process build (bench.training.build_sharded, as
+    `onebox train` under torchrun) with the variant's FSDP2 settings."""
     options = set(variant.split("+"))
     prefetch = next((int(m.group(1)) for o in options if (m := re.fullmatch(r"prefetch(\d+)", o))), 0)
     group = next((int(m.group(1)) for o in options if (m := re.fullmatch(r"group(\d+)", o))), 1)
+    reshard = False if "noreshard" in options else True if "reshard" in options else None  # None: as planned
 
     def build(config: ModelConfig, device: torch.device, settings: BenchSettings) -> Contender:
-        model = build_model(config, device)
-        loss = prepare_training(model, device, settings.precision, settings.compile)
-        shard_model(model, autocast_dtype(device, settings.precision) is not None, reshard_after_forward="noreshard" not in options,
-                    keep_last="lastreshard" not in options, reduce_dtype=torch.bfloat16 if "bf16reduce" in options else torch.float32,
-                    prefetch=prefetch, group=group)
-        optimizer = build_optimizer(model, TrainConfig(lr=settings.lr, device=str(device)))
+        contender = build_sharded(config, device, settings, reshard=reshard, keep_last="lastreshard" not in options,
+                                  reduce_dtype=torch.bfloat16 if "bf16reduce" in options else torch.float32, prefetch=prefetch, group=group)
+        if "autogc" not in options:
+            return contender
 
         def update() -> None:
-            optimizer.step(max_grad_norm=1.0)
-            optimizer.zero_grad()
-            if "autogc" in options:  # Python's collector left on (the benchmarks turn it off around the steps)
-                gc.enable()
+            contender.update()
+            gc.enable()  # Python's collector left on (the benchmarks turn it off around the steps)
 
-        return Contender(loss, update, True, variant)
+        return Contender(contender.loss, update, contender.compiled, contender.strategy)
 
     return build
 

@@ -179,11 +179,12 @@ def sharded_strategy(setting: str) -> Strategy:
 
 
 def build_sharded_for_training(config: ModelConfig, train: TrainConfig, chosen: Strategy, device: torch.device, world: int,
-                               checkpointing: bool | None = None, reshard: bool | None = None) -> tuple[Transformer, Any, Any, bool]:
+                               checkpointing: bool | None = None, reshard: bool | None = None, **shard_options: Any) -> tuple[Transformer, Any, Any, bool]:
     """A model sharded over `world` FSDP2 processes, as `onebox train` under torchrun, `bench validate
     --gpus` and `bench ceiling --gpus` build it: on the meta device, the strategy's dtypes, the transforms
     (fp8, checkpointing, compile: torchtitan's order), FSDP2, and only then memory for this process's
     shards, initialised as one process would from the same seed; then the strategy's optimizer.
+    `shard_options` go to `distributed.shard_model` (what benchmarks/scaling_probe.py varies).
     Returns (model, loss function, optimizer, whether blocks regather their weights in backward)."""
     with torch.device("meta"):
         model = Transformer(config)
@@ -194,7 +195,7 @@ def build_sharded_for_training(config: ModelConfig, train: TrainConfig, chosen: 
     loss = prepare_training(model, device, train.precision, train.compile, chosen.checkpointing if checkpointing is None else checkpointing)
     if reshard is None:
         reshard = reshard_after_forward(config, train.batch_size, chosen, machine_memory(device), world, compiled, mixed)
-    shard_model(model, mixed, reshard_after_forward=reshard, replicate_vectors=chosen.bf16_weights)
+    shard_model(model, mixed, reshard_after_forward=reshard, replicate_vectors=chosen.bf16_weights, **shard_options)
     model.to_empty(device=device)
     model.init_weights()
     return model, loss, build_optimizer_for(model, train, chosen), reshard

@@ -143,14 +143,15 @@ def _oom_result(config: ModelConfig, settings: BenchSettings, mixed: bool) -> di
 Builder = Callable[[ModelConfig, torch.device, BenchSettings], Contender]
 
 
-def build_sharded(config: ModelConfig, device: torch.device, settings: BenchSettings) -> Contender:
-    """onebox's multi-process path, as `onebox train` under torchrun builds it (plan.build_sharded_for_training)."""
+def build_sharded(config: ModelConfig, device: torch.device, settings: BenchSettings, reshard: bool | None = None, **shard_options: Any) -> Contender:
+    """onebox's multi-process path, as `onebox train` under torchrun builds it (plan.build_sharded_for_training;
+    `reshard` None: as planned; it and `shard_options` are what benchmarks/scaling_probe.py varies)."""
     compiled = compile_scope(settings.compile, device) is not None
     mixed = autocast_dtype(device, settings.precision) is not None
     world = torch.distributed.get_world_size()
     chosen = resolve_strategy(settings.memory, config, settings.batch, device, compiled=compiled, mixed=mixed, shards=world)
     train = TrainConfig(lr=settings.lr, device=str(device), precision=settings.precision, compile=settings.compile, batch_size=settings.batch)
-    _, loss, optimizer, _ = build_sharded_for_training(config, train, chosen, device, world)
+    _, loss, optimizer, _ = build_sharded_for_training(config, train, chosen, device, world, reshard=reshard, **shard_options)
 
     def update() -> None:
         optimizer.step(max_grad_norm=1.0)
