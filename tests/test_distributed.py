@@ -255,4 +255,8 @@ def test_plan_for_several_gpus_divides_the_model_and_shares_the_host(capsys):
     assert "per process of 2" in out and "planned: offload," in out
     assert main(["plan", "--preset", "50b", "--gpu-memory", "80", "--host-memory", "200", "--gpus", "2"]) == 0  # 2 x 100 GB of bf16 moments: no
     assert "planned: offload-int8" in capsys.readouterr().out
+    assert main(["plan", "--ladder", *machine, "--gpus", "2"]) == 0  # the ladder goes on past one GPU's 30b
+    assert "predicted training ceiling: 60b (the top of the ladder)" in capsys.readouterr().out
+    assert main(["plan", "--ladder", "--gpu-memory", "80", "--host-memory", "128", "--gpus", "2"]) == 0  # 2 x 59 GB of 8-bit moments: no
+    assert "predicted training ceiling: 50b" in capsys.readouterr().out
     assert main(["plan", "--preset", "tiny", "--gpus", "0"]) == 1

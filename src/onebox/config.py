@@ -148,6 +148,7 @@ _LADDER = {
 }
 LADDER = tuple(_LADDER)[:8]  # 5b .. 30b: Rustane's ladder, the training ceiling's rungs
 FORWARD_LADDER = tuple(_LADDER)[:10]  # and on to 50b for forward passes streamed past GPU memory
+SHARDED_LADDER = tuple(_LADDER)  # 5b .. 60b: the training ceiling's rungs on several GPUs
 
 
 def _build_presets() -> dict[str, ModelConfig]:

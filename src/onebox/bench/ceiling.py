@@ -30,7 +30,7 @@ import torch
 
 from onebox.bench.schema import config_record, new_document
 from onebox.bench.training import synthetic_batch
-from onebox.config import LADDER, TrainConfig, preset
+from onebox.config import LADDER, SHARDED_LADDER, TrainConfig, preset
 from onebox.device import (
     autocast,
     autocast_dtype,
@@ -201,7 +201,7 @@ def run_ceiling(names: list[str] | None, device: torch.device, say: Say, batch: 
     processes > 1: each rung on that many processes (torchrun + FSDP2, `batch` sequences each; an entry's
     batch is then all processes' sequences per step), launched by running `argv` (this command) again.
     gpu_limit: plan and train within this many bytes of each GPU (a smaller card's ceiling on a larger one)."""
-    names = names or list(LADDER)
+    names = names or list(LADDER if processes == 1 else SHARDED_LADDER)
     configs = [preset(n) for n in names]  # unknown names fail before anything runs
     machine = machine_memory(device)
     if gpu_limit is not None:

@@ -221,21 +221,23 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def _plan_ladder(machine: Any, batch: int, on_gpu: bool, gpus: int) -> int:
-    from onebox.config import LADDER, preset
+    from onebox.config import LADDER, SHARDED_LADDER, preset
     from onebox.plan import plan
 
     table = Table(title=f"training ceiling by the planner, batch {batch}, on {machine.label}{_per_process(gpus)}")
     for column in ("rung", "params", "strategy", "GPU GB" if on_gpu else "RAM GB", "host GB"):
         table.add_column(column, justify="left" if column in ("rung", "strategy") else "right")
     ceiling = None
-    for name in LADDER:
+    ladder = LADDER if gpus == 1 else SHARDED_LADDER
+    for name in ladder:
         config = preset(name)
         chosen, predictions = plan(config, batch, machine, compiled=on_gpu, mixed=on_gpu, shards=gpus)
         shown = next((p for p in predictions if p.strategy == chosen), predictions[-1])
         table.add_row(name, f"{config.num_params() / 1e9:.1f}B", chosen.name if chosen else "does not fit", f"{shown.gpu / 1e9:.1f}", f"{shown.host / 1e9:.1f}")
         ceiling = name if chosen else ceiling
     console.print(table)
-    console.print(f"predicted training ceiling: {ceiling or 'below the ladder (5b)'} (an estimate: `onebox bench ceiling` measures it)", highlight=False)
+    top = " (the top of the ladder)" if ceiling == ladder[-1] else ""
+    console.print(f"predicted training ceiling: {ceiling or 'below the ladder (5b)'}{top} (an estimate: `onebox bench ceiling` measures it)", highlight=False)
     return 0
 
 
@@ -332,7 +334,7 @@ def add_bench_parsers(sub: Any) -> None:
     p.set_defaults(func=cmd_bench_forward)
 
     p = bench.add_parser("ceiling", help="the largest model this machine trains: rung by rung, each with its planned memory strategy")
-    p.add_argument("--ladder", help="comma-separated presets (default 5b,7b,10b,13b,15b,20b,25b,30b)")
+    p.add_argument("--ladder", help="comma-separated presets (default 5b,7b,10b,13b,15b,20b,25b,30b; with --gpus on to 40b,50b,60b)")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--steps", type=int, default=10, help="training steps per rung on one fixed batch (default 10)")
     p.add_argument("--memory", default="auto", help="memory strategy for every rung (default: planned per rung; see onebox plan)")
@@ -395,7 +397,7 @@ def add_bench_parsers(sub: Any) -> None:
 def add_plan_parser(sub: Any) -> None:
     p = sub.add_parser("plan", help="predicted GPU and host memory of each training memory strategy, and the one training would use")
     p.add_argument("--preset", help="the model to plan for")
-    p.add_argument("--ladder", action="store_true", help="plan every rung of the ladder (5b..30b): the predicted training ceiling")
+    p.add_argument("--ladder", action="store_true", help="plan every rung of the ladder (5b..30b; with --gpus N > 1 on to 60b): the predicted training ceiling")
     p.add_argument("--batch", type=int, default=1, help="sequences per micro-batch (default 1)")
     p.add_argument("--seq-len", type=int, help="override the preset's sequence length")
     p.add_argument("--optimizer", default="adamw", choices=["adamw", "muon"])
