@@ -358,6 +358,8 @@ def test_bench_ceiling_command_writes_a_valid_document(tmp_path):
     doc = read_document(out)
     assert doc["benchmark"] == "ceiling" and doc["entries"][0]["strategy"] == "bf16-checkpointed" and validate_document(doc) == []
     assert main(["bench", "ceiling", "--ladder", "tiny", "--steps", "1"]) == 1
+    assert main(["bench", "ceiling", "--ladder", "tiny", "--gpu-memory", "0"]) == 1  # a limit must be positive
+    assert main(["bench", "ceiling", "--ladder", "tiny", "--gpu-memory", "80", "--device", "cpu"]) == 1  # and limits a GPU
 
 
 def test_bench_validate_runs_the_named_memory_strategy(tmp_path):
