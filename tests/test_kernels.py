@@ -1,0 +1,69 @@
+"""onebox's Triton decode kernels (infer/kernels.py) against their reference computations on random
+inputs, on the CPU through Triton's interpreter (TRITON_INTERPRET=1, in a fresh process: the variable
+is read when the kernels are defined). The same comparisons run compiled on CUDA in tests/test_gpu.py;
+this one keeps them in CI, which has no GPU. Tolerances (bf16 inputs): products within one bf16
+rounding of the output (2^-7 relative) plus 2e-3 of the output's scale for accumulation order;
+attention within 2e-2 of the output's scale (SDPA's kernels round probabilities to bf16); and the
+error's norm under 6e-3 of the output's (a bias of a few tenths of a percent passes the element-wise
+bounds, not this). The interpreter rounds fp32 to bf16 toward zero where GPUs round to nearest, so the
+reference of the norm folded into a product rounds its two bf16 steps toward zero too."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+triton = pytest.importorskip("triton", reason="Triton is not installed (it comes with the dev extras on Linux x86-64)")
+if tuple(int(p) for p in triton.__version__.split(".")[:2]) < (3, 7):
+    pytest.skip(f"Triton {triton.__version__}'s interpreter fails under numpy 2.3+ (3.7 or later needed)", allow_module_level=True)
+
+SCRIPT = textwrap.dedent('''
+    import torch
+    from onebox.infer import kernels
+    from onebox.model import RMSNorm, cached_attention
+
+    def close(got, ref, rtol, atol, what):
+        torch.testing.assert_close(got, ref, rtol=rtol, atol=atol, msg=lambda m: f"{what}: {m}")
+        share = ((got - ref).norm() / ref.norm()).item()
+        assert share <= 6e-3, f"{what}: error {share:.2e} of the output's norm (at most 6e-3)"
+
+    def toward_zero(t):  # fp32 -> bf16 -> fp32 as the interpreter rounds: the low 16 bits dropped
+        return (t.float().view(torch.int32) & -65536).view(torch.float32)
+
+    def rms_norm_toward_zero(x, norm):
+        normed = toward_zero(x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + norm.eps))
+        return toward_zero(normed * norm.weight.float())
+
+    torch.manual_seed(0)
+    for n, k in [(100, 777), (64, 1536), (7, 2048)]:  # ragged rows and columns, several column blocks
+        x = torch.randn(1, 1, k, dtype=torch.bfloat16)
+        w = torch.randn(n, k, dtype=torch.bfloat16)
+        norm = RMSNorm(k, 1e-5).to(torch.bfloat16)
+        norm.weight.data = torch.rand(k, dtype=torch.bfloat16) + 0.5
+        for got, row, what in [(kernels.gemv(x, w), x, "gemv"), (kernels.norm_gemv(x * 3, norm.weight, norm.eps, w), rms_norm_toward_zero(x * 3, norm), "norm_gemv")]:
+            ref = row.float() @ w.float().T
+            assert got.shape == ref.shape and got.dtype == torch.bfloat16, what
+            close(got.float(), ref, 2**-7, 2e-3 * ref.abs().max().item(), f"{what} {n}x{k}")
+    for batch, heads, kv_heads, slots in [(1, 4, 4, 130), (3, 8, 2, 200)]:
+        q = torch.randn(batch, 1, heads, 64, dtype=torch.bfloat16).transpose(1, 2)  # the model's layout
+        k = torch.randn(batch, kv_heads, slots, 64, dtype=torch.bfloat16)
+        v = torch.randn(batch, kv_heads, slots, 64, dtype=torch.bfloat16)
+        positions = torch.randint(0, slots, (batch, 1))
+        positions[0, 0], positions[-1, 0] = 0, slots - 1  # the first position alone, and the last slot
+        for input_pos in (positions, positions[-1, :]):  # per row, and one position for all rows
+            ref = cached_attention(q, k, v, input_pos).float()
+            got = kernels.decode_attention(q, k, v, input_pos).float()
+            assert got.shape == ref.shape
+            close(got, ref, 2e-2, 2e-2 * ref.abs().max().item(), f"attention {batch}x{heads}/{kv_heads}x{slots}")
+    print("kernels match")
+''')
+
+
+def test_decode_kernels_match_their_references_in_the_triton_interpreter():
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and "kernels match" in done.stdout, done.stdout[-2000:] + done.stderr[-4000:]
