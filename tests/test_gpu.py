@@ -124,7 +124,7 @@ def test_sharded_low_memory_strategies_on_two_gpus_track_one_and_resume(tmp_path
 
 @pytest.mark.parametrize("n,k", [(4608, 1536), (1536, 1536), (8192, 2560), (2560, 6912), (1000, 777)])
 def test_triton_gemv_and_norm_gemv_match_the_reference_in_bf16(n, k):
-    """The decode GEMV (and with RMSNorm folded in) against an fp32 reference on random bf16 inputs:
+    """The decode GEMV (and with RMSNorm or SwiGLU folded in) against an fp32 reference on random bf16 inputs:
     within one bf16 rounding of the output (2^-8 relative) plus accumulation-order noise, and as close as
     cuBLAS's F.linear (both round the fp32 sum to bf16 once). Odd sizes exercise the row and column masks."""
     from onebox.infer import kernels
@@ -136,8 +136,10 @@ def test_triton_gemv_and_norm_gemv_match_the_reference_in_bf16(n, k):
     assert kernels.usable(x, w)
     norm = RMSNorm(k, 1e-5).cuda().to(torch.bfloat16)
     norm.weight.data = torch.rand(k, device="cuda", dtype=torch.bfloat16) + 0.5
+    gate_up = torch.randn(1, 1, 2 * k, device="cuda", dtype=torch.bfloat16) * 2
     cases = [(kernels.gemv(x, w), x),  # (ours, the row the reference multiplies)
-             (kernels.norm_gemv(x * 3, norm.weight, norm.eps, w), norm(x * 3))]  # the norm folded in: RMSNorm's own roundings first
+             (kernels.norm_gemv(x * 3, norm.weight, norm.eps, w), norm(x * 3)),  # the norm folded in: RMSNorm's own roundings first
+             (kernels.swiglu_gemv(gate_up, w), torch.nn.functional.silu(gate_up[..., :k]) * gate_up[..., k:])]  # SwiGLU folded in
     for got, row in cases:
         ref = row.float() @ w.float().T
         got, cublas = got.float(), torch.nn.functional.linear(row, w).float()

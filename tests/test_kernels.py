@@ -44,7 +44,11 @@ SCRIPT = textwrap.dedent('''
         w = torch.randn(n, k, dtype=torch.bfloat16)
         norm = RMSNorm(k, 1e-5).to(torch.bfloat16)
         norm.weight.data = torch.rand(k, dtype=torch.bfloat16) + 0.5
-        for got, row, what in [(kernels.gemv(x, w), x, "gemv"), (kernels.norm_gemv(x * 3, norm.weight, norm.eps, w), rms_norm_toward_zero(x * 3, norm), "norm_gemv")]:
+        gate_up = torch.randn(1, 1, 2 * k, dtype=torch.bfloat16) * 2
+        swiglu_row = toward_zero(toward_zero(torch.nn.functional.silu(gate_up[..., :k].float())) * gate_up[..., k:].float())
+        cases = [(kernels.gemv(x, w), x, "gemv"), (kernels.norm_gemv(x * 3, norm.weight, norm.eps, w), rms_norm_toward_zero(x * 3, norm), "norm_gemv"),
+                 (kernels.swiglu_gemv(gate_up, w), swiglu_row, "swiglu_gemv")]
+        for got, row, what in cases:
             ref = row.float() @ w.float().T
             assert got.shape == ref.shape and got.dtype == torch.bfloat16, what
             close(got.float(), ref, 2**-7, 2e-3 * ref.abs().max().item(), f"{what} {n}x{k}")

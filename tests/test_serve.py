@@ -376,7 +376,7 @@ def test_decode_kernel_routing_falls_back_to_the_reference_off_cuda(model):
         block = clone.layers[0]
         assert clone.project is kernels.linear and type(block.self_attn.o_proj) is kernels.GemvLinear and type(block.mlp.down_proj) is kernels.GemvLinear
         assert isinstance(block.input_layernorm, kernels.DeferredRMSNorm) and block.self_attn.project.func is kernels.normed_linear
-        assert block.self_attn.attend.func is kernels.attend and set(clone.state_dict()) == keys
+        assert block.self_attn.attend.func is kernels.attend and block.mlp.gated_down is kernels.swiglu_down and set(clone.state_dict()) == keys
         caches = clone.new_kv_caches(2)
         after = [clone(ids[:, :11], torch.arange(11), caches), clone(ids[:, 11:], torch.tensor([[11], [11]]), caches)]
     assert all(torch.equal(a, b) for a, b in zip(after, before))

@@ -9,7 +9,7 @@ training: compile, activation checkpointing and fused losses are applied from ou
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -160,12 +160,16 @@ class FeedForward(nn.Module):
         self.down_proj = nn.Linear(config.hidden, config.dim, bias=False)
         self.register_buffer("gate_up_weight", None, persistent=False)  # set by fuse_projections (inference)
         self.project = F.linear  # as in Attention
+        self.gated_down: Callable[[Tensor, nn.Linear], Tensor] | None = None  # (gate|up, down_proj) -> output, for decode (infer.kernels)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.gate_up_weight is None:
             gate, up = self.gate_proj(x), self.up_proj(x)
         else:
-            gate, up = self.project(x, self.gate_up_weight).chunk(2, dim=-1)
+            gate_up = self.project(x, self.gate_up_weight)
+            if self.gated_down is not None:
+                return self.gated_down(gate_up, self.down_proj)
+            gate, up = gate_up.chunk(2, dim=-1)
         gate = F.silu(gate) if self.activation == "swiglu" else F.relu(gate).square()
         return self.down_proj(gate * up)
 

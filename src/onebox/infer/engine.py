@@ -130,7 +130,8 @@ class Engine:
         """compile: True, False, None (on CUDA only) or a torch.compile mode (default reduce-overhead: CUDA graphs).
         kernels: decode work through onebox's Triton kernels (infer/kernels.py): True for all of them, or a
         comma-separated choice of gemv (one-row products), norm (RMSNorm folded into the product after it),
-        attention (over each row's filled cache only); None: gemv and attention wherever they run (CUDA
+        attention (over each row's filled cache only), swiglu (the activation folded into the down
+        product; not measured yet); None: gemv and attention wherever they run (CUDA
         with Triton); False: none (cuBLAS and SDPA). Measured on H100 (benchmarks/NOTES.md, session 13),
         batch 1: gemv 600m-A 869 -> 933 tok/s, 3b-A 272 -> 283; attention on top 600m-A +3%, 3b-A -1%
         (noise); norm on top of both -3% at 600m-A (its kernel costs more than the norm it saves): not default.
@@ -142,12 +143,13 @@ class Engine:
         self.model = fuse_projections(model.eval()) if fuse else model.eval()
         if kernels is None:
             kernels = "gemv,attention" if kernels_available(self.model.embed_tokens.weight.device) else False
-        chosen = {"gemv", "norm", "attention"} if kernels is True else set(kernels.split(",")) if kernels else set()
-        if chosen - {"gemv", "norm", "attention"}:
-            raise OneboxError(f"unknown decode kernels {sorted(chosen - {'gemv', 'norm', 'attention'})}: choose among gemv, norm, attention.")
+        known = {"gemv", "norm", "attention", "swiglu"}
+        chosen = set(known) if kernels is True else set(kernels.split(",")) if kernels else set()
+        if chosen - known:
+            raise OneboxError(f"unknown decode kernels {sorted(chosen - known)}: choose among {', '.join(sorted(known))}.")
         self.kernels = sorted(chosen)  # what the decode steps use (for the record)
         if chosen:
-            use_decode_kernels(self.model, gemv="gemv" in chosen, norm="norm" in chosen, attention="attention" in chosen)
+            use_decode_kernels(self.model, **{name: name in chosen for name in known})
         self.config = model.config
         self.max_batch = max_batch
         self.prefill_tokens = prefill_tokens  # the most (padded) prompt tokens one batched prefill takes

@@ -14,6 +14,8 @@ multiply it by one row and attention reads a short stretch of the KV cache.
   program computes the row's norm itself (the row is a few KB, read from L2), so the norm's own kernel
   goes; roundings as RMSNorm's (normed to the row's dtype, then scaled). Measured slower than the norm's
   kernel plus `gemv` (H100, 600m-A: +24 us per step): off by default (the Engine's `kernels`).
+- `swiglu_gemv`: SwiGLU's silu(gate) * up computed as the down product loads it (one kernel where
+  there were two; roundings as torch's). Not measured yet: off by default.
 - `decode_attention`: one query token per row against the cache up to that row's position
   (flash-decoding: the positions split in chunks of 64, each program one (row, head, chunk) with an
   online softmax, then one small kernel merges the chunks), where SDPA reads the whole cache under a
@@ -83,6 +85,23 @@ if triton is not None:
             w = tl.load(w_ptr + rows[:, None] * stride_w + cols[None, :], mask=row_mask[:, None] & col_mask[None, :], other=0.0,
                         eviction_policy="evict_first").to(tl.float32)
             acc += w * normed[None, :]
+        tl.store(y_ptr + rows, tl.sum(acc, axis=1).to(y_ptr.dtype.element_ty), mask=row_mask)
+
+    @triton.jit
+    def _swiglu_gemv_kernel(gu_ptr, w_ptr, y_ptr, N, K, stride_w, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_mask = rows < N
+        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        for start in range(0, K, BLOCK_K):
+            cols = start + tl.arange(0, BLOCK_K)
+            col_mask = cols < K
+            gate = tl.load(gu_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+            up = tl.load(gu_ptr + K + cols, mask=col_mask, other=0.0).to(tl.float32)
+            act = (gate / (1.0 + tl.exp(-gate))).to(gu_ptr.dtype.element_ty).to(tl.float32)  # F.silu, rounded as torch rounds it
+            x = (act * up).to(gu_ptr.dtype.element_ty).to(tl.float32)
+            w = tl.load(w_ptr + rows[:, None] * stride_w + cols[None, :], mask=row_mask[:, None] & col_mask[None, :], other=0.0,
+                        eviction_policy="evict_first").to(tl.float32)
+            acc += w * x[None, :]
         tl.store(y_ptr + rows, tl.sum(acc, axis=1).to(y_ptr.dtype.element_ty), mask=row_mask)
 
     @triton.jit
@@ -159,6 +178,24 @@ def norm_gemv(x: Tensor, norm_weight: Tensor, eps: float, weight: Tensor) -> Ten
     return y
 
 
+def swiglu_gemv(gate_up: Tensor, weight: Tensor) -> Tensor:
+    """(silu(gate) * up) @ weight.T for one row gate_up (..., 2K) = [gate | up], weight (N, K), in one kernel."""
+    n, k = weight.shape
+    gate_up = gate_up.contiguous()
+    y = torch.empty((*gate_up.shape[:-1], n), dtype=gate_up.dtype, device=gate_up.device)
+    _swiglu_gemv_kernel[(triton.cdiv(n, BLOCK_N),)](gate_up, weight, y, n, k, weight.stride(0), BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+                                                    num_warps=8 if n <= 1536 else 4)
+    return y
+
+
+def swiglu_down(gate_up: Tensor, down: nn.Linear) -> Tensor:
+    """down(silu(gate) * up) of a SwiGLU block's fused gate|up output, through `swiglu_gemv` where it applies."""
+    if down.bias is None and usable(gate_up, down.weight) and gate_up.shape[-1] == 2 * down.weight.shape[1]:
+        return swiglu_gemv(gate_up, down.weight)
+    gate, up = gate_up.chunk(2, dim=-1)
+    return down(F.silu(gate) * up)
+
+
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """F.linear, through `gemv` where it applies (one row on CUDA)."""
     if bias is None and usable(x, weight):
@@ -225,12 +262,13 @@ class DeferredRMSNorm(nn.Module):
         return x
 
 
-def use_decode_kernels(model: nn.Module, gemv: bool = True, norm: bool = True, attention: bool = True) -> nn.Module:
+def use_decode_kernels(model: nn.Module, gemv: bool = True, norm: bool = True, attention: bool = True, swiglu: bool = True) -> nn.Module:
     """Route a Transformer's decode work through the kernels above, in place (same weights, same state
     dict; idempotent): the one-row products (fused q/k/v and gate/up,
     o_proj, down, the output layer; `gemv`), each block's two norms into the products after them (`norm`;
-    needs the fused q/k/v and gate/up weights, `onebox.model.fuse_projections`), and attention over the
-    cache (`attention`)."""
+    needs the fused q/k/v and gate/up weights, `onebox.model.fuse_projections`), attention over the
+    cache (`attention`), and SwiGLU's activation and product folded into the down product (`swiglu`;
+    fused gate/up weights too)."""
     for module in model.modules():
         if gemv and hasattr(module, "project") and not isinstance(module.project, functools.partial):  # not a norm folded in already
             module.project = linear
@@ -238,6 +276,8 @@ def use_decode_kernels(model: nn.Module, gemv: bool = True, norm: bool = True, a
             module.__class__ = GemvLinear
         if attention and hasattr(module, "attend") and not isinstance(module.attend, functools.partial):
             module.attend = functools.partial(attend, reference=module.attend)
+        if swiglu and getattr(module, "gate_up_weight", None) is not None and getattr(module, "activation", None) == "swiglu":
+            module.gated_down = swiglu_down
     if norm:
         for block in getattr(model, "layers", []):
             pairs = ((block, "input_layernorm", block.self_attn, "qkv_weight"), (block, "post_attention_layernorm", block.mlp, "gate_up_weight"))
