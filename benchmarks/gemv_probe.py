@@ -1,6 +1,6 @@
 """GEMV probe (issue 6): one-row bf16 products of the decode step's shapes, cuBLAS against Triton designs.
 
-  python benchmarks/gemv_probe.py --presets 600m-A,3b-A
+  python benchmarks/gemv_probe.py --presets 600m-A,3b-A [--attention]
 
 Each design is checked against an fp32 reference, then timed inside one CUDA graph that runs it over
 COPIES distinct weight matrices (more bytes than L2 holds, as in a decode step where every weight is
@@ -8,6 +8,8 @@ read once), and reported as TB/s of weight bytes. Designs: `tile` (a BLOCK_N x B
 accumulated, summed at the end: infer/gemv.py), `rowsum` (summed every iteration: fewer registers, more
 programs per SM), `splitk` (SPLIT programs share each row block's columns and write fp32 partials that a
 second small kernel sums). For each design every config of a small grid is timed; the best is printed.
+--attention times decode attention instead: SDPA under the mask against onebox's chunked kernel
+(infer/kernels.py) per chunk size and warp count.
 """
 
 from __future__ import annotations
@@ -104,11 +106,45 @@ def time_it(fn) -> float:
     return do_bench_cudagraph(fn, rep=10) * 1e-3 / COPIES  # seconds per product
 
 
+def attention_rows(name: str, batch: int, position: int) -> list[str]:
+    """Decode attention at one position: SDPA over the whole cache under the mask (the reference) against
+    onebox's chunked kernel for several chunk sizes and warp counts, each over COPIES layers' caches."""
+    from onebox.infer.kernels import decode_attention
+    from onebox.model import cached_attention
+
+    c = PRESETS[name]
+    shape = (batch, c.kv_heads, c.seq_len, c.head_dim)
+    caches = [(torch.randn(shape, device="cuda", dtype=torch.bfloat16), torch.randn(shape, device="cuda", dtype=torch.bfloat16)) for _ in range(COPIES)]
+    q = torch.randn(batch, 1, c.heads, c.head_dim, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+    pos = torch.full((batch, 1), position, device="cuda")
+    read = 2 * batch * c.kv_heads * (position + 1) * c.head_dim * 2  # the bytes a step must read
+    ref = cached_attention(q, *caches[0], pos).float()
+    t = time_it(lambda: [cached_attention(q, k, v, pos) for k, v in caches])
+    line = [f"{name:7} attention batch {batch} at {position}: {read / 1e6:5.2f} MB | sdpa {t * 1e6:6.2f} us"]
+    best = None
+    for chunk, warps in itertools.product((16, 32, 64, 128), (2, 4, 8)):
+        got = decode_attention(q, *caches[0], pos, chunk=chunk, warps=warps).float()
+        if not torch.allclose(got, ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item()):
+            print(f"  attention chunk {chunk} warps {warps}: WRONG")
+            continue
+        t = time_it(lambda: [decode_attention(q, k, v, pos, chunk=chunk, warps=warps) for k, v in caches])
+        line.append(f"c{chunk}/w{warps} {t * 1e6:5.2f}")
+        if best is None or t < best[0]:
+            best = (t, chunk, warps)
+    line.append(f"best chunk {best[1]} warps {best[2]}: {best[0] * 1e6:.2f} us ({read / best[0] / 1e12:.2f} TB/s)")
+    return [" | ".join(line)]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--presets", default="600m-A,3b-A")
     parser.add_argument("--designs", default="tile,rowsum,splitk")
+    parser.add_argument("--attention", action="store_true", help="time decode attention instead (batch 1 and 8 at position 255)")
     args = parser.parse_args()
+    if args.attention:
+        rows = [row for name in args.presets.split(",") for batch in (1, 8) for row in attention_rows(name, batch, 255)]
+        print("\n".join(rows))
+        return
     torch.manual_seed(0)
     rows = []
     for name in args.presets.split(","):

@@ -60,9 +60,10 @@ SCRIPT = textwrap.dedent('''
         positions[0, 0], positions[-1, 0] = 0, slots - 1  # the first position alone, and the last slot
         for input_pos in (positions, positions[-1, :]):  # per row, and one position for all rows
             ref = cached_attention(q, k, v, input_pos).float()
-            got = kernels.decode_attention(q, k, v, input_pos).float()
-            assert got.shape == ref.shape
-            close(got, ref, 2e-2, 2e-2 * ref.abs().max().item(), f"attention {batch}x{heads}/{kv_heads}x{slots}")
+            for chunk in (16, kernels.ATTN_CHUNK):  # the default, and a size the probe sweeps
+                got = kernels.decode_attention(q, k, v, input_pos, chunk=chunk).float()
+                assert got.shape == ref.shape
+                close(got, ref, 2e-2, 2e-2 * ref.abs().max().item(), f"attention {batch}x{heads}/{kv_heads}x{slots} chunk {chunk}")
     print("kernels match")
 ''')
 

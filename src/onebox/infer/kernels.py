@@ -210,20 +210,21 @@ def normed_linear(x: Tensor, weight: Tensor, norm: nn.Module) -> Tensor:
     return F.linear(norm(x), weight)
 
 
-def decode_attention(q: Tensor, k: Tensor, v: Tensor, input_pos: Tensor) -> Tensor:
+def decode_attention(q: Tensor, k: Tensor, v: Tensor, input_pos: Tensor, chunk: int = ATTN_CHUNK, warps: int = 4) -> Tensor:
     """Attention of one query token per row, q (B, H, 1, D), over the cache k, v (B, KV, S, D) up to each
     row's position (input_pos: (B, 1) per row, or (1,) for all): what SDPA computes under the causal mask
-    (the reference, `onebox.model.cached_attention`), for the rows' filled positions only."""
+    (the reference, `onebox.model.cached_attention`), for the rows' filled positions only. `chunk`
+    (positions per program, a power of two) and `warps` are what benchmarks/gemv_probe.py sweeps."""
     batch, heads, _, dim = q.shape
     kv_heads, slots = k.shape[1], k.shape[2]
     lengths = (input_pos.reshape(-1, 1)[:, -1] + 1).expand(batch).to(torch.int32).contiguous()
-    chunks = triton.cdiv(slots, ATTN_CHUNK)
+    chunks = triton.cdiv(slots, chunk)
     parts = torch.empty(batch * heads * chunks, dim, dtype=torch.float32, device=q.device)
     stats = torch.empty(batch * heads * chunks, 2, dtype=torch.float32, device=q.device)
     out = torch.empty(batch, 1, heads, dim, dtype=q.dtype, device=q.device)  # the layout o_proj reads: no copy after
     _attention_chunk_kernel[(batch * heads, chunks)](q, k, v, lengths, parts, stats, heads, heads // kv_heads, chunks, 1.0 / math.sqrt(dim),
                                                      q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2),
-                                                     v.stride(0), v.stride(1), v.stride(2), D=dim, CHUNK=ATTN_CHUNK, num_warps=4)
+                                                     v.stride(0), v.stride(1), v.stride(2), D=dim, CHUNK=chunk, num_warps=warps)
     _attention_merge_kernel[(batch * heads,)](parts, stats, out, heads, chunks, out.stride(0), out.stride(2), D=dim,
                                               CHUNKS_P2=triton.next_power_of_2(chunks), num_warps=4)
     return out.transpose(1, 2)
