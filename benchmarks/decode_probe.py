@@ -4,7 +4,8 @@
 
 A variant is plain (separate q/k/v and gate/up products) or fused, optionally +autotune (torch.compile
 mode max-autotune instead of reduce-overhead) and +math/+efficient/+cudnn (the SDPA kernel, forced), +gemv/+norm/+attention/+swiglu/+kernels (onebox's Triton decode kernels, infer/kernels.py, one or all; without them cuBLAS and SDPA),
-+window (attention over the cache up to the next power of two past the furthest position). For each it prints: whether CUDA graphs were skipped (inductor's counters), the engine's tokens/s (as bench decode
++window (attention over the cache up to the next power of two past the furthest position), +pdl (inductor's
+kernels with programmatic dependent launch). For each it prints: whether CUDA graphs were skipped (inductor's counters), the engine's tokens/s (as bench decode
 measures it), the compiled step alone in a loop of back-to-back launches (no host work: the floor of
 this design), and a profile of a few engine steps (host time per step, GPU busy time per step).
 """
@@ -27,6 +28,12 @@ def probe(preset: str, batch: int, variant: str, out: Path) -> str:
     device = torch.device("cuda")
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
+    # +pdl: inductor's kernels launched with programmatic dependent launch (Hopper), so each can be
+    # scheduled while the one before it finishes (torch's triton.enable_pdl; onebox's own kernels are not).
+    if hasattr(torch._inductor.config.triton, "enable_pdl"):
+        torch._inductor.config.triton.enable_pdl = "+pdl" in variant
+    elif "+pdl" in variant:
+        print(f"[{variant}] this torch's inductor has no triton.enable_pdl: measured without it")
     model = build_model(PRESETS[preset], device, torch.bfloat16).eval()
     bound = batch * memory_bandwidth(device) / weight_bytes(model)
     mode = "max-autotune" if "autotune" in variant else "reduce-overhead"
