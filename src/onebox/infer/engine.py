@@ -134,7 +134,8 @@ class Engine:
         product; not measured yet); None: gemv and attention wherever they run (CUDA
         with Triton); False: none (cuBLAS and SDPA). Measured on H100 (benchmarks/NOTES.md, session 13),
         batch 1: gemv 600m-A 869 -> 933 tok/s, 3b-A 272 -> 283; attention on top 600m-A +3%, 3b-A -1%
-        (noise); norm on top of both -3% at 600m-A (its kernel costs more than the norm it saves): not default.
+        (noise); all three with norm 906 tok/s against gemv alone 933 in one run at 600m-A (the folded
+        norm's kernel costs more than the norm kernel it saves): not default.
         windows: attention in a decode step reads only the cache up to the next power of two past the
         furthest active position (from 64 or a 32nd of the context, so at most 6 windows), one compiled
         graph per window, instead of the whole context. Off by default: measured on H100 at 600m-A (bench
