@@ -5,7 +5,7 @@
 Each design is checked against an fp32 reference, then timed inside one CUDA graph that runs it over
 COPIES distinct weight matrices (more bytes than L2 holds, as in a decode step where every weight is
 read once), and reported as TB/s of weight bytes. Designs: `tile` (a BLOCK_N x BLOCK_K fp32 tile
-accumulated, summed at the end: infer/gemv.py), `rowsum` (summed every iteration: fewer registers, more
+accumulated, summed at the end: onebox's kernel in infer/kernels.py), `rowsum` (summed every iteration: fewer registers, more
 programs per SM), `splitk` (SPLIT programs share each row block's columns and write fp32 partials that a
 second small kernel sums). For each design every config of a small grid is timed; the best is printed.
 --attention times decode attention instead: SDPA under the mask against onebox's chunked kernel
@@ -24,21 +24,9 @@ import triton.language as tl
 from triton.testing import do_bench_cudagraph
 
 from onebox.config import PRESETS
+from onebox.infer import kernels
 
 COPIES = 24
-
-
-@triton.jit
-def tile_kernel(x_ptr, w_ptr, y_ptr, N, K, stride_w, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    for start in range(0, K, BLOCK_K):
-        cols = start + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
-        w = tl.load(w_ptr + rows[:, None] * stride_w + cols[None, :], mask=(rows[:, None] < N) & (cols[None, :] < K), other=0.0,
-                    eviction_policy="evict_first").to(tl.float32)
-        acc += w * x[None, :]
-    tl.store(y_ptr + rows, tl.sum(acc, axis=1).to(y_ptr.dtype.element_ty), mask=rows < N)
 
 
 @triton.jit
@@ -85,9 +73,11 @@ def run(design: str, cfg: dict, x: torch.Tensor, w: torch.Tensor, y: torch.Tenso
         chunk = triton.cdiv(triton.cdiv(k, split), bk) * bk
         splitk_kernel[(triton.cdiv(n, bn), split)](x, w, part, n, k, w.stride(0), chunk, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
         splitk_sum_kernel[(triton.cdiv(n, 256),)](part, y, n, SPLIT=split, BLOCK=256, num_warps=4)
+    elif design == "tile":  # onebox's own kernel (infer/kernels.py), plain rows
+        kernels._gemv_kernel[(triton.cdiv(n, bn),)](x, x, w, y, n, k, w.stride(0), 0.0, ROW=kernels.PLAIN, BLOCK_N=bn, BLOCK_K=bk,
+                                                    num_warps=warps, num_stages=stages)
     else:
-        kernel = tile_kernel if design == "tile" else rowsum_kernel
-        kernel[(triton.cdiv(n, bn),)](x, w, y, n, k, w.stride(0), BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
+        rowsum_kernel[(triton.cdiv(n, bn),)](x, w, y, n, k, w.stride(0), BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
 
 
 def configs(design: str) -> list[dict]:

@@ -41,6 +41,7 @@ from torch import Tensor, nn
 
 BLOCK_N, BLOCK_K = 4, 512  # rows per program, columns per load (gemv, norm_gemv)
 ATTN_CHUNK = 64  # cache positions per decode-attention program
+PLAIN, NORM, SWIGLU = 0, 1, 2  # the GEMV kernel's ROW: x itself, RMSNorm(x) with scale g, silu(x[:K]) * x[K:]
 
 try:  # Triton comes with PyTorch's CUDA builds; CPU builds have none
     import triton
@@ -51,7 +52,15 @@ except ImportError:  # pragma: no cover - depends on the install
 if triton is not None:
 
     @triton.jit
-    def _gemv_kernel(x_ptr, w_ptr, y_ptr, N, K, stride_w, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    def _gemv_kernel(x_ptr, g_ptr, w_ptr, y_ptr, N, K, stride_w, eps, ROW: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        dtype = x_ptr.dtype.element_ty
+        if ROW == 1:  # NORM: RMSNorm's reciprocal root mean square, computed by every program (the row is a few KB, from L2)
+            squares = tl.zeros((BLOCK_K,), dtype=tl.float32)
+            for start in range(0, K, BLOCK_K):
+                cols = start + tl.arange(0, BLOCK_K)
+                x = tl.load(x_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
+                squares += x * x
+            rstd = 1.0 / tl.sqrt(tl.sum(squares, axis=0) / K + eps)
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_mask = rows < N
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
@@ -59,48 +68,14 @@ if triton is not None:
             cols = start + tl.arange(0, BLOCK_K)
             col_mask = cols < K
             x = tl.load(x_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+            if ROW == 1:  # NORM: roundings as RMSNorm's: normed in the row's dtype, then scaled
+                g = tl.load(g_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+                x = ((x * rstd).to(dtype).to(tl.float32) * g).to(dtype).to(tl.float32)
+            if ROW == 2:  # SWIGLU: x is the gate; F.silu(gate) * up, rounded as torch rounds them
+                up = tl.load(x_ptr + K + cols, mask=col_mask, other=0.0).to(tl.float32)
+                x = ((x / (1.0 + tl.exp(-x))).to(dtype).to(tl.float32) * up).to(dtype).to(tl.float32)
             w = tl.load(w_ptr + rows[:, None] * stride_w + cols[None, :], mask=row_mask[:, None] & col_mask[None, :], other=0.0,
                         eviction_policy="evict_first").to(tl.float32)  # read once: keep it out of L2's way
-            acc += w * x[None, :]
-        tl.store(y_ptr + rows, tl.sum(acc, axis=1).to(y_ptr.dtype.element_ty), mask=row_mask)
-
-    @triton.jit
-    def _norm_gemv_kernel(x_ptr, g_ptr, w_ptr, y_ptr, N, K, stride_w, eps, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        squares = tl.zeros((BLOCK_K,), dtype=tl.float32)
-        for start in range(0, K, BLOCK_K):
-            cols = start + tl.arange(0, BLOCK_K)
-            x = tl.load(x_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
-            squares += x * x
-        rstd = 1.0 / tl.sqrt(tl.sum(squares, axis=0) / K + eps)
-        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        row_mask = rows < N
-        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-        for start in range(0, K, BLOCK_K):
-            cols = start + tl.arange(0, BLOCK_K)
-            col_mask = cols < K
-            x = tl.load(x_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
-            g = tl.load(g_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
-            normed = (x * rstd).to(x_ptr.dtype.element_ty).to(tl.float32)  # RMSNorm: normed in the row's dtype, then scaled
-            normed = (normed * g).to(x_ptr.dtype.element_ty).to(tl.float32)
-            w = tl.load(w_ptr + rows[:, None] * stride_w + cols[None, :], mask=row_mask[:, None] & col_mask[None, :], other=0.0,
-                        eviction_policy="evict_first").to(tl.float32)
-            acc += w * normed[None, :]
-        tl.store(y_ptr + rows, tl.sum(acc, axis=1).to(y_ptr.dtype.element_ty), mask=row_mask)
-
-    @triton.jit
-    def _swiglu_gemv_kernel(gu_ptr, w_ptr, y_ptr, N, K, stride_w, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        row_mask = rows < N
-        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-        for start in range(0, K, BLOCK_K):
-            cols = start + tl.arange(0, BLOCK_K)
-            col_mask = cols < K
-            gate = tl.load(gu_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
-            up = tl.load(gu_ptr + K + cols, mask=col_mask, other=0.0).to(tl.float32)
-            act = (gate / (1.0 + tl.exp(-gate))).to(gu_ptr.dtype.element_ty).to(tl.float32)  # F.silu, rounded as torch rounds it
-            x = (act * up).to(gu_ptr.dtype.element_ty).to(tl.float32)
-            w = tl.load(w_ptr + rows[:, None] * stride_w + cols[None, :], mask=row_mask[:, None] & col_mask[None, :], other=0.0,
-                        eviction_policy="evict_first").to(tl.float32)
             acc += w * x[None, :]
         tl.store(y_ptr + rows, tl.sum(acc, axis=1).to(y_ptr.dtype.element_ty), mask=row_mask)
 
@@ -158,34 +133,30 @@ def usable(x: Tensor, weight: Tensor) -> bool:
             and x.dtype in (torch.bfloat16, torch.float16) and weight.dim() == 2 and weight.is_contiguous())
 
 
-def gemv(x: Tensor, weight: Tensor) -> Tensor:
-    """x (..., K) holding one row, weight (N, K): x @ weight.T as (..., N), accumulated in fp32."""
+def _product(row: Tensor, weight: Tensor, kind: int, scale: Tensor | None = None, eps: float = 0.0) -> Tensor:
+    """One launch of the GEMV kernel: `row` (..., K or 2K) as `kind` says (PLAIN, NORM, SWIGLU), weight (N, K)."""
     n, k = weight.shape
-    x = x.contiguous()
-    y = torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=x.device)
-    _gemv_kernel[(triton.cdiv(n, BLOCK_N),)](x, weight, y, n, k, weight.stride(0), BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+    row = row.contiguous()
+    y = torch.empty((*row.shape[:-1], n), dtype=row.dtype, device=row.device)
+    _gemv_kernel[(triton.cdiv(n, BLOCK_N),)](row, row if scale is None else scale, weight, y, n, k, weight.stride(0), eps, ROW=kind,
+                                             BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
                                              num_warps=8 if n <= 1536 else 4)  # more warps where there are few row blocks
     return y
 
 
+def gemv(x: Tensor, weight: Tensor) -> Tensor:
+    """x (..., K) holding one row, weight (N, K): x @ weight.T as (..., N), accumulated in fp32."""
+    return _product(x, weight, PLAIN)
+
+
 def norm_gemv(x: Tensor, norm_weight: Tensor, eps: float, weight: Tensor) -> Tensor:
     """RMSNorm(x) (scale `norm_weight`) @ weight.T for one row x (..., K), in one kernel."""
-    n, k = weight.shape
-    x = x.contiguous()
-    y = torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=x.device)
-    _norm_gemv_kernel[(triton.cdiv(n, BLOCK_N),)](x, norm_weight, weight, y, n, k, weight.stride(0), eps, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
-                                                  num_warps=8 if n <= 1536 else 4)
-    return y
+    return _product(x, weight, NORM, norm_weight, eps)
 
 
 def swiglu_gemv(gate_up: Tensor, weight: Tensor) -> Tensor:
     """(silu(gate) * up) @ weight.T for one row gate_up (..., 2K) = [gate | up], weight (N, K), in one kernel."""
-    n, k = weight.shape
-    gate_up = gate_up.contiguous()
-    y = torch.empty((*gate_up.shape[:-1], n), dtype=gate_up.dtype, device=gate_up.device)
-    _swiglu_gemv_kernel[(triton.cdiv(n, BLOCK_N),)](gate_up, weight, y, n, k, weight.stride(0), BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
-                                                    num_warps=8 if n <= 1536 else 4)
-    return y
+    return _product(gate_up, weight, SWIGLU)
 
 
 def swiglu_down(gate_up: Tensor, down: nn.Linear) -> Tensor:
