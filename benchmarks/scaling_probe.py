@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import re
 import time
 from pathlib import Path
@@ -67,8 +68,26 @@ def covered(intervals: list[tuple[float, float]]) -> float:
     return total
 
 
+SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy", "cudaStreamWaitEvent")
+
+
+def cpu_set(cpus: set[int]) -> str:
+    """A CPU set as ranges: {0,1,2,5} -> '0-2,5'."""
+    ranges, run = [], []
+    for cpu in sorted(cpus):
+        if run and cpu != run[-1] + 1:
+            ranges.append(run)
+            run = []
+        run.append(cpu)
+    ranges.append(run)
+    return ",".join(f"{r[0]}-{r[-1]}" if len(r) > 1 else str(r[0]) for r in ranges if r)
+
+
 def profile_ranks(variant: str, config: ModelConfig, device: torch.device, settings: BenchSettings, rank: int) -> str:
-    """This rank's line: wall ms per step and the GPU's busy time by kind over 3 profiled steps."""
+    """This rank's lines: wall ms per step and the GPU's busy time by kind over 3 profiled steps; then the
+    host's side: the time it took to issue a step (no sync inside a step, so a host that keeps ahead of its
+    GPU issues faster than the step's wall time), its time blocked in CUDA calls that wait, the CPUs it may
+    run on, and its largest CPU costs by self time."""
     torch._dynamo.reset()
     torch.manual_seed(settings.seed)
     contender = builder(variant)(config, device, settings)
@@ -78,10 +97,13 @@ def profile_ranks(variant: str, config: ModelConfig, device: torch.device, setti
         contender_step(contender, x, y, device, dtype)
     synchronize(device)
     activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    issue = 0.0
     with torch.profiler.profile(activities=activities) as prof:
         start = time.perf_counter()
         for _ in range(3):
+            begun = time.perf_counter()
             contender_step(contender, x, y, device, dtype)
+            issue += time.perf_counter() - begun
         synchronize(device)
         wall = (time.perf_counter() - start) / 3 * 1e6
     kernels = [(e.name, e.time_range.start, e.time_range.end) for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
@@ -89,8 +111,16 @@ def profile_ranks(variant: str, config: ModelConfig, device: torch.device, setti
     compute = [(a, b) for name, a, b in kernels if "nccl" not in name.lower()]
     every = covered(nccl + compute) / 3
     busy_compute, busy_nccl = covered(compute) / 3, covered(nccl) / 3
+    averages = [a for a in prof.key_averages() if a.device_type == torch.autograd.DeviceType.CPU]
+    blocked = sum(a.self_cpu_time_total for a in averages if a.key.startswith(SYNC_CALLS)) / 3
+    top = sorted(averages, key=lambda a: a.self_cpu_time_total, reverse=True)[:8]
+    costs = ", ".join(f"{a.key[:40]} {a.self_cpu_time_total / 3e3:.1f} ({a.count // 3})" for a in top)
+    affinity = cpu_set(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else "n/a"
     return (f"{variant} rank {rank}: step {wall / 1e3:.1f} ms | compute {busy_compute / 1e3:.1f} ms | nccl {busy_nccl / 1e3:.1f} ms "
-            f"(alone {(every - busy_compute) / 1e3:.1f}) | idle {(wall - every) / 1e3:.1f} ms")
+            f"(alone {(every - busy_compute) / 1e3:.1f}) | idle {(wall - every) / 1e3:.1f} ms\n"
+            f"  host: issued a step in {issue / 3 * 1e3:.1f} ms, blocked {blocked / 1e3:.1f} ms, cpus {affinity} "
+            f"(visible GPUs {os.environ.get('CUDA_VISIBLE_DEVICES', 'all')}, GPU {device})\n"
+            f"  host self-time per step, ms (calls): {costs}")
 
 
 def main() -> None:
