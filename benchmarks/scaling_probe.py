@@ -4,12 +4,13 @@
       --variants base,noreshard,bf16reduce,prefetch2 --one 21965
 
 A variant joins options with '+': base (what `onebox train` does, built the same way: blocks resharded
-after forward or not as planned for the memory, the last one kept, fp32 gradient reduction), reshard
+after forward or not as planned for the memory, the last one kept, blocks per FSDP2 unit as planned
+(plan.units_of), fp32 gradient reduction), reshard
 (every block but the last resharded after forward), lastreshard (the last block resharded too),
 noreshard (no block resharded: no all-gather in backward, the gathered bf16 weights held from forward
 to backward),
-bf16reduce (gradients reduce-scattered in bf16), prefetchN (all-gathers issued N blocks ahead), groupN
-(N blocks per FSDP2 unit), autogc (Python's collector left on during the steps, as before b098900).
+bf16reduce (gradients reduce-scattered in bf16), prefetchN (all-gathers issued N blocks ahead; one block per
+unit), groupN (N blocks per FSDP2 unit; group1 as before session 14), autogc (Python's collector left on during the steps, as before b098900).
 Rank 0 prints one row per variant: ms per step by phase, tokens/s per process, the efficiency against
 `--one` (one GPU's tokens/s from `onebox bench validate` in the same call), and peak memory.
 `--profile VARIANT,...` then profiles 3 steps of each on every rank (GPU kernels on CUDA; on the CPU all is idle) and prints one line per rank:
@@ -40,12 +41,13 @@ def builder(variant: str):
     `onebox train` under torchrun) with the variant's FSDP2 settings."""
     options = set(variant.split("+"))
     prefetch = next((int(m.group(1)) for o in options if (m := re.fullmatch(r"prefetch(\d+)", o))), 0)
-    group = next((int(m.group(1)) for o in options if (m := re.fullmatch(r"group(\d+)", o))), 1)
+    group = next((int(m.group(1)) for o in options if (m := re.fullmatch(r"group(\d+)", o))), None)  # None: as planned
     reshard = False if "noreshard" in options else True if "reshard" in options else None  # None: as planned
 
     def build(config: ModelConfig, device: torch.device, settings: BenchSettings) -> Contender:
         contender = build_sharded(config, device, settings, reshard=reshard, keep_last="lastreshard" not in options,
-                                  reduce_dtype=torch.bfloat16 if "bf16reduce" in options else torch.float32, prefetch=prefetch, group=group)
+                                  reduce_dtype=torch.bfloat16 if "bf16reduce" in options else torch.float32, prefetch=prefetch,
+                                  **({} if group is None else {"group": group}))
         if "autogc" not in options:
             return contender
 

@@ -195,6 +195,8 @@ def build_sharded_for_training(config: ModelConfig, train: TrainConfig, chosen: 
     loss = prepare_training(model, device, train.precision, train.compile, chosen.checkpointing if checkpointing is None else checkpointing)
     if reshard is None:
         reshard = reshard_after_forward(config, train.batch_size, chosen, machine_memory(device), world, compiled, mixed)
+    if not shard_options.get("prefetch"):
+        shard_options.setdefault("group", units_of(reshard))
     shard_model(model, mixed, reshard_after_forward=reshard, replicate_vectors=chosen.bf16_weights, **shard_options)
     model.to_empty(device=device)
     model.init_weights()
@@ -208,6 +210,16 @@ def build_optimizer_for(model: Transformer, train: TrainConfig, chosen: Strategy
         moments: torch.dtype | str = "int8" if chosen.int8_moments else torch.bfloat16
         return LowMemAdamW(model, train, moments, chosen.state_on_host, chosen.in_backward)
     return build_optimizer(model, train)
+
+
+def units_of(reshard: bool) -> int:
+    """Blocks per FSDP2 unit: two where the gathered weights are kept from forward to backward (every block
+    is gathered by the end of forward anyway, so a larger unit costs no peak memory), one where they are
+    resharded (a unit's gathered weights are what the lean plans budget for). Each unit costs the host its
+    hooks, copy-in/copy-out and collective launches every step, and the 2-process step is bound by its
+    host: 3b-A batch 8 on 2 x H200 issued a step in ~235 ms against ~185 ms of GPU work, and two blocks
+    per unit gave 94.4% scaling against 80.1% in the same call (benchmarks/NOTES.md, session 14)."""
+    return 1 if reshard else 2
 
 
 def reshard_after_forward(config: ModelConfig, batch: int, chosen: Strategy, machine: MachineMemory, shards: int, compiled: bool = True,
