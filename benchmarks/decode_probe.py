@@ -5,7 +5,7 @@
 A variant is plain (separate q/k/v and gate/up products) or fused, optionally +autotune (torch.compile
 mode max-autotune instead of reduce-overhead) and +math/+efficient/+cudnn (the SDPA kernel, forced), +gemv/+norm/+attention/+swiglu/+kernels (onebox's Triton decode kernels, infer/kernels.py, one or all; without them cuBLAS and SDPA),
 +window (attention over the cache up to the next power of two past the furthest position), +pdl (inductor's
-kernels with programmatic dependent launch). For each it prints: whether CUDA graphs were skipped (inductor's counters), the engine's tokens/s (as bench decode
+kernels with programmatic dependent launch), +kpdl (onebox's GEMVs with it: the Engine's `pdl` kernel option). For each it prints: whether CUDA graphs were skipped (inductor's counters), the engine's tokens/s (as bench decode
 measures it), the compiled step alone in a loop of back-to-back launches (no host work: the floor of
 this design), and a profile of a few engine steps (host time per step, GPU busy time per step).
 """
@@ -38,7 +38,8 @@ def probe(preset: str, batch: int, variant: str, out: Path) -> str:
     bound = batch * memory_bandwidth(device) / weight_bytes(model)
     mode = "max-autotune" if "autotune" in variant else "reduce-overhead"
     engine = Engine(model, max_batch=batch, prefix_entries=0, compile=mode, fuse=variant.startswith("fused"), windows="+window" in variant,
-                    kernels=True if "+kernels" in variant else ",".join(k for k in ("gemv", "norm", "attention", "swiglu") if f"+{k}" in variant) or False)
+                    kernels=True if "+kernels" in variant else ",".join(k for k in ("gemv", "norm", "attention", "swiglu") if f"+{k}" in variant)
+                    + (",pdl" if "+kpdl" in variant else "") or False)
     backend = next((b for b in ("math", "efficient", "flash", "cudnn") if f"+{b}" in variant), None)
     if backend:  # the attention kernel SDPA picks for the decode step, forced
         from torch.nn.attention import SDPBackend, sdpa_kernel

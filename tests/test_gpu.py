@@ -140,6 +140,9 @@ def test_triton_gemv_and_norm_gemv_match_the_reference_in_bf16(n, k):
     cases = [(kernels.gemv(x, w), x),  # (ours, the row the reference multiplies)
              (kernels.norm_gemv(x * 3, norm.weight, norm.eps, w), norm(x * 3)),  # the norm folded in: RMSNorm's own roundings first
              (kernels.swiglu_gemv(gate_up, w), torch.nn.functional.silu(gate_up[..., :k]) * gate_up[..., k:])]  # SwiGLU folded in
+    if kernels.pdl_available(x.device):  # the same kernels launched with programmatic dependent launch (Hopper and later)
+        cases += [(kernels.gemv(x, w, pdl=True), x), (kernels.norm_gemv(x * 3, norm.weight, norm.eps, w, pdl=True), norm(x * 3)),
+                  (kernels.swiglu_gemv(gate_up, w, pdl=True), cases[2][1])]
     for got, row in cases:
         ref = row.float() @ w.float().T
         got, cublas = got.float(), torch.nn.functional.linear(row, w).float()
@@ -172,10 +175,12 @@ def test_decode_attention_matches_sdpa_under_the_mask(batch, heads, kv_heads, sl
         torch.testing.assert_close(got, ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item())
 
 
-def test_decode_kernels_inside_a_compiled_cuda_graph_decode_step():
+@pytest.mark.parametrize("rows,options", [(2, {}), (1, {}), (1, {"swiglu": True, "pdl": True})])
+def test_decode_kernels_inside_a_compiled_cuda_graph_decode_step(rows, options):
     """The kernels under torch.compile with CUDA graphs (reduce-overhead, fullgraph), as the engine runs them:
-    a bf16 model's one-token logits equal the reference path's within bf16 tolerance, at two positions of
-    two rows, and prefill (many rows) is untouched."""
+    a bf16 model's one-token logits equal the reference path's within bf16 tolerance, at five positions
+    (two rows: attention only; one row: the GEMVs too, and with SwiGLU folded in and programmatic
+    dependent launch), and prefill (many rows) is untouched."""
     from onebox.infer import kernels
     from onebox.model import fuse_projections
 
@@ -184,10 +189,12 @@ def test_decode_kernels_inside_a_compiled_cuda_graph_decode_step():
     ref_model = fuse_projections(Transformer(config).cuda().to(torch.bfloat16).eval())
     model = fuse_projections(Transformer(config).cuda().to(torch.bfloat16).eval())
     model.load_state_dict(ref_model.state_dict())
-    kernels.use_decode_kernels(model)
-    ids = torch.randint(0, 512, (2, 100), device="cuda")
+    if options.get("pdl") and not kernels.pdl_available(torch.device("cuda")):
+        pytest.skip("programmatic dependent launch needs a Hopper or later GPU")
+    kernels.use_decode_kernels(model, **options)
+    ids = torch.randint(0, 512, (rows, 100), device="cuda")
     with torch.inference_mode():
-        caches, ref_caches = model.new_kv_caches(2), ref_model.new_kv_caches(2)
+        caches, ref_caches = model.new_kv_caches(rows), ref_model.new_kv_caches(rows)
         prompt = torch.arange(90, device="cuda")
         assert torch.equal(model(ids[:, :90], prompt, caches), ref_model(ids[:, :90], prompt, ref_caches))
         for cache in caches:
@@ -195,7 +202,7 @@ def test_decode_kernels_inside_a_compiled_cuda_graph_decode_step():
             torch._dynamo.mark_static_address(cache.v)
         step = torch.compile(lambda t, p: model(t, p, caches), mode="reduce-overhead", fullgraph=True)
         for position in (90, 91, 92, 93, 94):  # warm-up and capture, then replays
-            pos = torch.tensor([[position], [position - 20]], device="cuda")
+            pos = torch.tensor([[position], [position - 20]][:rows], device="cuda")
             out = step(ids[:, position : position + 1], pos).clone()
             ref = ref_model(ids[:, position : position + 1], pos, ref_caches)
             torch.testing.assert_close(out.float(), ref.float(), rtol=3e-2, atol=3e-2 * ref.abs().max().item())

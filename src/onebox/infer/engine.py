@@ -27,7 +27,7 @@ from torch import Tensor
 
 from onebox.errors import OneboxError
 from onebox.infer.kernels import available as kernels_available
-from onebox.infer.kernels import use_decode_kernels
+from onebox.infer.kernels import pdl_available, use_decode_kernels
 from onebox.infer.sampling import sample_next
 from onebox.model import Transformer, fuse_projections
 
@@ -131,7 +131,8 @@ class Engine:
         kernels: decode work through onebox's Triton kernels (infer/kernels.py): True for all of them, or a
         comma-separated choice of gemv (one-row products), norm (RMSNorm folded into the product after it),
         attention (over each row's filled cache only), swiglu (the activation folded into the down
-        product; not measured yet); None: gemv and attention wherever they run (CUDA
+        product; not measured yet), pdl (the products launched with programmatic dependent launch, on
+        Hopper and later: each loads its first weights while the kernel before it finishes); None: gemv and attention wherever they run (CUDA
         with Triton); False: none (cuBLAS and SDPA). Measured on H100 (benchmarks/NOTES.md, session 13),
         batch 1: gemv 600m-A 869 -> 933 tok/s, 3b-A 272 -> 283; attention on top 600m-A +3%, 3b-A -1%
         (noise); all three with norm 906 tok/s against gemv alone 933 in one run at 600m-A (the folded
@@ -144,10 +145,12 @@ class Engine:
         self.model = fuse_projections(model.eval()) if fuse else model.eval()
         if kernels is None:
             kernels = "gemv,attention" if kernels_available(self.model.embed_tokens.weight.device) else False
-        known = {"gemv", "norm", "attention", "swiglu"}
+        known = {"gemv", "norm", "attention", "swiglu", "pdl"}
         chosen = set(known) if kernels is True else set(kernels.split(",")) if kernels else set()
         if chosen - known:
             raise OneboxError(f"unknown decode kernels {sorted(chosen - known)}: choose among {', '.join(sorted(known))}.")
+        if not pdl_available(self.model.embed_tokens.weight.device):
+            chosen.discard("pdl")  # needs Hopper or later: the kernels launch the ordinary way
         self.kernels = sorted(chosen)  # what the decode steps use (for the record)
         if chosen:
             use_decode_kernels(self.model, **{name: name in chosen for name in known})

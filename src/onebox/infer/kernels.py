@@ -52,8 +52,30 @@ except ImportError:  # pragma: no cover - depends on the install
 if triton is not None:
 
     @triton.jit
-    def _gemv_kernel(x_ptr, g_ptr, w_ptr, y_ptr, N, K, stride_w, eps, ROW: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    def _row_tile(x_ptr, g_ptr, cols, col_mask, K, rstd, ROW: tl.constexpr):
+        """Columns `cols` of the row the product multiplies, in fp32: x, RMSNorm(x) or silu(gate) * up (ROW)."""
         dtype = x_ptr.dtype.element_ty
+        x = tl.load(x_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+        if ROW == 1:  # NORM: roundings as RMSNorm's: normed in the row's dtype, then scaled
+            g = tl.load(g_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+            x = ((x * rstd).to(dtype).to(tl.float32) * g).to(dtype).to(tl.float32)
+        if ROW == 2:  # SWIGLU: x is the gate; F.silu(gate) * up, rounded as torch rounds them
+            up = tl.load(x_ptr + K + cols, mask=col_mask, other=0.0).to(tl.float32)
+            x = ((x / (1.0 + tl.exp(-x))).to(dtype).to(tl.float32) * up).to(dtype).to(tl.float32)
+        return x
+
+    @triton.jit
+    def _gemv_kernel(x_ptr, g_ptr, w_ptr, y_ptr, N, K, stride_w, eps, ROW: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     PDL: tl.constexpr):
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_mask = rows < N
+        begin = 0
+        if PDL:  # launched while the kernel before still runs: load the first weight tile (no kernel writes weights), then wait for x
+            cols = tl.arange(0, BLOCK_K)
+            first = tl.load(w_ptr + rows[:, None] * stride_w + cols[None, :], mask=row_mask[:, None] & (cols < K)[None, :], other=0.0,
+                            eviction_policy="evict_first")
+            tl.extra.cuda.gdc_wait()
+        rstd = 0.0
         if ROW == 1:  # NORM: RMSNorm's reciprocal root mean square, computed by every program (the row is a few KB, from L2)
             squares = tl.zeros((BLOCK_K,), dtype=tl.float32)
             for start in range(0, K, BLOCK_K):
@@ -61,19 +83,15 @@ if triton is not None:
                 x = tl.load(x_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
                 squares += x * x
             rstd = 1.0 / tl.sqrt(tl.sum(squares, axis=0) / K + eps)
-        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        row_mask = rows < N
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-        for start in range(0, K, BLOCK_K):
+        if PDL:
+            cols = tl.arange(0, BLOCK_K)
+            acc += first.to(tl.float32) * _row_tile(x_ptr, g_ptr, cols, cols < K, K, rstd, ROW)[None, :]
+            begin = BLOCK_K
+        for start in range(begin, K, BLOCK_K):
             cols = start + tl.arange(0, BLOCK_K)
             col_mask = cols < K
-            x = tl.load(x_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
-            if ROW == 1:  # NORM: roundings as RMSNorm's: normed in the row's dtype, then scaled
-                g = tl.load(g_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
-                x = ((x * rstd).to(dtype).to(tl.float32) * g).to(dtype).to(tl.float32)
-            if ROW == 2:  # SWIGLU: x is the gate; F.silu(gate) * up, rounded as torch rounds them
-                up = tl.load(x_ptr + K + cols, mask=col_mask, other=0.0).to(tl.float32)
-                x = ((x / (1.0 + tl.exp(-x))).to(dtype).to(tl.float32) * up).to(dtype).to(tl.float32)
+            x = _row_tile(x_ptr, g_ptr, cols, col_mask, K, rstd, ROW)
             w = tl.load(w_ptr + rows[:, None] * stride_w + cols[None, :], mask=row_mask[:, None] & col_mask[None, :], other=0.0,
                         eviction_policy="evict_first").to(tl.float32)  # read once: keep it out of L2's way
             acc += w * x[None, :]
@@ -127,57 +145,84 @@ def available(device: torch.device) -> bool:
     return triton is not None and device.type == "cuda"
 
 
+def pdl_available(device: torch.device) -> bool:
+    """Whether the GEMVs can be launched with programmatic dependent launch on `device` (Hopper, sm_90, and later)."""
+    return available(device) and torch.cuda.get_device_capability(device)[0] >= 9
+
+
 def usable(x: Tensor, weight: Tensor) -> bool:
     """Whether `gemv` takes this product: one row, on CUDA, half or bf16, contiguous, Triton present."""
     return (triton is not None and x.is_cuda and x.shape[:-1].numel() == 1 and x.dtype == weight.dtype
             and x.dtype in (torch.bfloat16, torch.float16) and weight.dim() == 2 and weight.is_contiguous())
 
 
-def _product(row: Tensor, weight: Tensor, kind: int, scale: Tensor | None = None, eps: float = 0.0) -> Tensor:
-    """One launch of the GEMV kernel: `row` (..., K or 2K) as `kind` says (PLAIN, NORM, SWIGLU), weight (N, K)."""
+def _product(row: Tensor, weight: Tensor, kind: int, scale: Tensor | None = None, eps: float = 0.0, pdl: bool = False) -> Tensor:
+    """One launch of the GEMV kernel: `row` (..., K or 2K) as `kind` says (PLAIN, NORM, SWIGLU), weight (N, K);
+    `pdl`: through the `onebox::gemv_pdl` operator (programmatic dependent launch)."""
+    if pdl:
+        return torch.ops.onebox.gemv_pdl(row, weight, kind, scale, eps)
+    return _launch(row, weight, kind, scale, eps, False)
+
+
+def _launch(row: Tensor, weight: Tensor, kind: int, scale: Tensor | None, eps: float, pdl: bool) -> Tensor:
     n, k = weight.shape
     row = row.contiguous()
     y = torch.empty((*row.shape[:-1], n), dtype=row.dtype, device=row.device)
+    options = {"launch_pdl": True} if pdl else {}
     _gemv_kernel[(triton.cdiv(n, BLOCK_N),)](row, row if scale is None else scale, weight, y, n, k, weight.stride(0), eps, ROW=kind,
-                                             BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
-                                             num_warps=8 if n <= 1536 else 4)  # more warps where there are few row blocks
+                                             BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, PDL=pdl,
+                                             num_warps=8 if n <= 1536 else 4, **options)  # more warps where there are few row blocks
     return y
 
 
-def gemv(x: Tensor, weight: Tensor) -> Tensor:
+# Programmatic dependent launch (Hopper and later): the kernel may start while the one before it finishes,
+# loading its first weight tile before it waits for its input (`gdc_wait`). torch.compile launches
+# user-defined Triton kernels without `launch_pdl`, so this path is an operator of its own, opaque to
+# the compiler, whose launches CUDA-graph capture records with their programmatic edges.
+@torch.library.custom_op("onebox::gemv_pdl", mutates_args=(), device_types="cuda")
+def _gemv_pdl(row: Tensor, weight: Tensor, kind: int, scale: Tensor | None, eps: float) -> Tensor:
+    return _launch(row, weight, kind, scale, eps, True)
+
+
+@_gemv_pdl.register_fake
+def _(row: Tensor, weight: Tensor, kind: int, scale: Tensor | None, eps: float) -> Tensor:
+    return row.new_empty((*row.shape[:-1], weight.shape[0]))
+
+
+def gemv(x: Tensor, weight: Tensor, pdl: bool = False) -> Tensor:
     """x (..., K) holding one row, weight (N, K): x @ weight.T as (..., N), accumulated in fp32."""
-    return _product(x, weight, PLAIN)
+    return _product(x, weight, PLAIN, pdl=pdl)
 
 
-def norm_gemv(x: Tensor, norm_weight: Tensor, eps: float, weight: Tensor) -> Tensor:
+def norm_gemv(x: Tensor, norm_weight: Tensor, eps: float, weight: Tensor, pdl: bool = False) -> Tensor:
     """RMSNorm(x) (scale `norm_weight`) @ weight.T for one row x (..., K), in one kernel."""
-    return _product(x, weight, NORM, norm_weight, eps)
+    return _product(x, weight, NORM, norm_weight, eps, pdl=pdl)
 
 
-def swiglu_gemv(gate_up: Tensor, weight: Tensor) -> Tensor:
+def swiglu_gemv(gate_up: Tensor, weight: Tensor, pdl: bool = False) -> Tensor:
     """(silu(gate) * up) @ weight.T for one row gate_up (..., 2K) = [gate | up], weight (N, K), in one kernel."""
-    return _product(gate_up, weight, SWIGLU)
+    return _product(gate_up, weight, SWIGLU, pdl=pdl)
 
 
-def swiglu_down(gate_up: Tensor, down: nn.Linear) -> Tensor:
+def swiglu_down(gate_up: Tensor, down: nn.Linear, pdl: bool = False) -> Tensor:
     """down(silu(gate) * up) of a SwiGLU block's fused gate|up output, through `swiglu_gemv` where it applies."""
     if down.bias is None and usable(gate_up, down.weight) and gate_up.shape[-1] == 2 * down.weight.shape[1]:
-        return swiglu_gemv(gate_up, down.weight)
+        return swiglu_gemv(gate_up, down.weight, pdl)
     gate, up = gate_up.chunk(2, dim=-1)
     return down(F.silu(gate) * up)
 
 
-def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, pdl: bool = False) -> Tensor:
     """F.linear, through `gemv` where it applies (one row on CUDA)."""
     if bias is None and usable(x, weight):
-        return gemv(x, weight)
+        return gemv(x, weight, pdl)
     return F.linear(x, weight, bias)
 
 
-def normed_linear(x: Tensor, weight: Tensor, norm: nn.Module) -> Tensor:
+def normed_linear(x: Tensor, weight: Tensor, norm: nn.Module, pdl: bool = False) -> Tensor:
     """F.linear(norm(x), weight) for an RMSNorm `norm`, through `norm_gemv` where it applies."""
     if usable(x, weight) and norm.weight.dtype == x.dtype:
-        return norm_gemv(x, norm.weight, norm.eps, weight)
+        return norm_gemv(x, norm.weight, norm.eps, weight, pdl)
     return F.linear(norm(x), weight)
 
 
@@ -216,10 +261,12 @@ def attend(q: Tensor, k: Tensor, v: Tensor, input_pos: Tensor, reference: Callab
 
 
 class GemvLinear(nn.Linear):
-    """nn.Linear whose one-row products go through `gemv`."""
+    """nn.Linear whose one-row products go through `gemv` (`pdl`: with programmatic dependent launch)."""
+
+    pdl = False
 
     def forward(self, x: Tensor) -> Tensor:
-        return linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias, self.pdl)
 
 
 class DeferredRMSNorm(nn.Module):
@@ -234,22 +281,29 @@ class DeferredRMSNorm(nn.Module):
         return x
 
 
-def use_decode_kernels(model: nn.Module, gemv: bool = True, norm: bool = True, attention: bool = True, swiglu: bool = True) -> nn.Module:
+def _folded(project: Callable[..., Tensor]) -> bool:
+    return isinstance(project, functools.partial) and project.func is normed_linear
+
+
+def use_decode_kernels(model: nn.Module, gemv: bool = True, norm: bool = True, attention: bool = True, swiglu: bool = True,
+                       pdl: bool = False) -> nn.Module:
     """Route a Transformer's decode work through the kernels above, in place (same weights, same state
     dict; idempotent): the one-row products (fused q/k/v and gate/up,
     o_proj, down, the output layer; `gemv`), each block's two norms into the products after them (`norm`;
     needs the fused q/k/v and gate/up weights, `onebox.model.fuse_projections`), attention over the
     cache (`attention`), and SwiGLU's activation and product folded into the down product (`swiglu`;
-    fused gate/up weights too)."""
+    fused gate/up weights too). `pdl`: the products launched with programmatic dependent launch (Hopper
+    and later; each starts loading its weights while the kernel before it finishes)."""
     for module in model.modules():
-        if gemv and hasattr(module, "project") and not isinstance(module.project, functools.partial):  # not a norm folded in already
-            module.project = linear
-        if gemv and type(module) is nn.Linear:
+        if gemv and hasattr(module, "project") and not _folded(module.project):  # not a norm folded in already
+            module.project = functools.partial(linear, pdl=True) if pdl else linear
+        if gemv and type(module) in (nn.Linear, GemvLinear):
             module.__class__ = GemvLinear
+            module.pdl = pdl
         if attention and hasattr(module, "attend") and not isinstance(module.attend, functools.partial):
             module.attend = functools.partial(attend, reference=module.attend)
         if swiglu and getattr(module, "gate_up_weight", None) is not None and getattr(module, "activation", None) == "swiglu":
-            module.gated_down = swiglu_down
+            module.gated_down = functools.partial(swiglu_down, pdl=True) if pdl else swiglu_down
     if norm:
         for block in getattr(model, "layers", []):
             pairs = ((block, "input_layernorm", block.self_attn, "qkv_weight"), (block, "post_attention_layernorm", block.mlp, "gate_up_weight"))
@@ -258,5 +312,5 @@ def use_decode_kernels(model: nn.Module, gemv: bool = True, norm: bool = True, a
                 if getattr(user, fused) is None or isinstance(inner, DeferredRMSNorm):
                     continue
                 setattr(owner, name, DeferredRMSNorm(inner))
-                user.project = functools.partial(normed_linear, norm=inner)
+                user.project = functools.partial(normed_linear, norm=inner, pdl=pdl)
     return model
