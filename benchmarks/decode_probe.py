@@ -5,7 +5,8 @@
 A variant is plain (separate q/k/v and gate/up products) or fused, optionally +autotune (torch.compile
 mode max-autotune instead of reduce-overhead) and +math/+efficient/+cudnn (the SDPA kernel, forced), +gemv/+norm/+attention/+swiglu/+kernels (onebox's Triton decode kernels, infer/kernels.py, one or all; without them cuBLAS and SDPA),
 +window (attention over the cache up to the next power of two past the furthest position), +pdl (inductor's
-kernels with programmatic dependent launch), +kpdl (onebox's GEMVs with it: the Engine's `pdl` kernel option). For each it prints: whether CUDA graphs were skipped (inductor's counters), the engine's tokens/s (as bench decode
+kernels with programmatic dependent launch), +kpdl (the Engine's `pdl` kernel option: onebox's GEMVs with it and, since
+session 14's measurements, inductor's kernels too; at 49ade89 it was the GEMVs only). For each it prints: whether CUDA graphs were skipped (inductor's counters), the engine's tokens/s (as bench decode
 measures it), the compiled step alone in a loop of back-to-back launches (no host work: the floor of
 this design), and a profile of a few engine steps (host time per step, GPU busy time per step).
 """

@@ -385,3 +385,36 @@ def test_decode_kernel_routing_falls_back_to_the_reference_off_cuda(model):
     assert Engine(Transformer(model.config), max_batch=1, compile=False).kernels == []  # none on the CPU by default
     with pytest.raises(OneboxError, match="unknown decode kernels"):
         Engine(Transformer(model.config), max_batch=1, compile=False, kernels="gemv,flash")
+
+
+def test_programmatic_dependent_launch_routes_and_compile_options(model):
+    """`pdl` routes the products through the launch-attribute operator (on CUDA; here the reference runs,
+    bit for bit), is dropped where no Hopper GPU is (the record says so), and adds inductor's PDL to the
+    decode step's compile options without losing the mode's own (CUDA graphs); the compiled step with
+    those options computes what the eager one does."""
+    import torch._inductor.config as inductor_config
+
+    from onebox.infer import kernels
+    from onebox.infer.engine import Engine, compile_options
+    from onebox.model import fuse_projections
+
+    clone = fuse_projections(Transformer(model.config).eval())
+    clone.load_state_dict(model.state_dict())
+    ids = torch.randint(0, 512, (1, 9))
+    with torch.no_grad():
+        before = clone(ids, torch.arange(9), clone.new_kv_caches(1))
+        kernels.use_decode_kernels(clone, norm=False, pdl=True)
+        assert clone.project.func is kernels.linear and clone.project.keywords == {"pdl": True}
+        assert clone.layers[0].self_attn.o_proj.pdl and clone.layers[0].mlp.gated_down.keywords == {"pdl": True}
+        assert torch.equal(clone(ids, torch.arange(9), clone.new_kv_caches(1)), before)
+    assert not kernels.pdl_available(torch.device("cpu"))
+    assert Engine(Transformer(model.config), max_batch=1, compile=False, kernels="gemv,pdl").kernels == ["gemv"]
+    assert compile_options("reduce-overhead", False) == {"mode": "reduce-overhead"}
+    options = compile_options("reduce-overhead", True)
+    if hasattr(inductor_config.triton, "enable_pdl"):
+        assert options["options"]["triton.cudagraphs"] is True and options["options"]["triton.enable_pdl"] is True
+    else:
+        assert options == {"mode": "reduce-overhead"}
+    fn = torch.compile(lambda x: torch.nn.functional.silu(x) * 3, fullgraph=True, **options)
+    x = torch.randn(64)
+    torch.testing.assert_close(fn(x), torch.nn.functional.silu(x) * 3)

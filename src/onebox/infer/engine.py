@@ -122,6 +122,16 @@ class PrefixCache:
             self.entries.popitem(last=False)
 
 
+def compile_options(mode: str, pdl: bool) -> dict:
+    """torch.compile's arguments for the decode step: the mode, or with `pdl` the mode's inductor options
+    plus programmatic dependent launch for inductor's own kernels (where this torch has it)."""
+    import torch._inductor.config as inductor_config
+
+    if not pdl or not hasattr(inductor_config.triton, "enable_pdl"):
+        return {"mode": mode}
+    return {"options": {**torch._inductor.list_mode_options(mode), "triton.enable_pdl": True}}
+
+
 class Engine:
     """Continuous-batching decoder over one model."""
 
@@ -131,12 +141,15 @@ class Engine:
         kernels: decode work through onebox's Triton kernels (infer/kernels.py): True for all of them, or a
         comma-separated choice of gemv (one-row products), norm (RMSNorm folded into the product after it),
         attention (over each row's filled cache only), swiglu (the activation folded into the down
-        product; not measured yet), pdl (the products launched with programmatic dependent launch, on
-        Hopper and later: each loads its first weights while the kernel before it finishes); None: gemv and attention wherever they run (CUDA
-        with Triton); False: none (cuBLAS and SDPA). Measured on H100 (benchmarks/NOTES.md, session 13),
-        batch 1: gemv 600m-A 869 -> 933 tok/s, 3b-A 272 -> 283; attention on top 600m-A +3%, 3b-A -1%
-        (noise); all three with norm 906 tok/s against gemv alone 933 in one run at 600m-A (the folded
-        norm's kernel costs more than the norm kernel it saves): not default.
+        product), pdl (programmatic dependent launch, Hopper and later, for the products and for
+        inductor's kernels in the step: each kernel is launched while the one before it finishes, and the
+        products load their first weights before they wait for their input); None: gemv, attention and pdl
+        wherever they run (CUDA with Triton); False: none (cuBLAS and SDPA). Measured on H100, batch 1
+        (benchmarks/NOTES.md, sessions 13-14): gemv 600m-A 869 -> 933 tok/s, 3b-A 272 -> 283; attention
+        on top 600m-A +3%, 3b-A -1% (noise); pdl on top 600m-A 957 -> 1,050, 3b-A 280 -> 293 (inductor's
+        kernels alone with it: 1,035 and 277). Not default: norm (906 against gemv alone 933: the folded
+        norm costs more than the kernel it saves) and swiglu (973 against 957 without pdl, but 962-967
+        against 1,050 with it).
         windows: attention in a decode step reads only the cache up to the next power of two past the
         furthest active position (from 64 or a 32nd of the context, so at most 6 windows), one compiled
         graph per window, instead of the whole context. Off by default: measured on H100 at 600m-A (bench
@@ -144,7 +157,7 @@ class Engine:
         (6,870 -> 5,276): benchmarks/NOTES.md. `warmup()` compiles every graph up front."""
         self.model = fuse_projections(model.eval()) if fuse else model.eval()
         if kernels is None:
-            kernels = "gemv,attention" if kernels_available(self.model.embed_tokens.weight.device) else False
+            kernels = "gemv,attention,pdl" if kernels_available(self.model.embed_tokens.weight.device) else False
         known = {"gemv", "norm", "attention", "swiglu", "pdl"}
         chosen = set(known) if kernels is True else set(kernels.split(",")) if kernels else set()
         if chosen - known:
@@ -181,7 +194,7 @@ class Engine:
             for buffer in [self.tokens, self.positions] + [t for cache in self.caches for t in (cache.k, cache.v)]:
                 torch._dynamo.mark_static_address(buffer)
         mode = compile if isinstance(compile, str) else "reduce-overhead"
-        self._decode = torch.compile(self._decode_eager, mode=mode, fullgraph=True) if compile else self._decode_eager
+        self._decode = torch.compile(self._decode_eager, fullgraph=True, **compile_options(mode, "pdl" in chosen)) if compile else self._decode_eager
 
     def _decode_eager(self) -> Tensor:
         """One token for every row: logits (max_batch, vocab); the greedy choice becomes each row's next input."""
