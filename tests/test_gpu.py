@@ -175,12 +175,43 @@ def test_decode_attention_matches_sdpa_under_the_mask(batch, heads, kv_heads, sl
         torch.testing.assert_close(got, ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item())
 
 
-@pytest.mark.parametrize("rows,options", [(2, {}), (1, {}), (1, {"swiglu": True, "pdl": True})])
+@pytest.mark.parametrize("batch,heads,kv_heads,slots", [(1, 20, 20, 512), (3, 8, 2, 200)])
+def test_rope_decode_attention_matches_rotate_write_attend(batch, heads, kv_heads, slots):
+    """RoPE and the cache write folded into the attention kernel against model.rope_cached_attention (rotate
+    in bf16, write, SDPA under the mask): output within 2e-2 of its scale, the cache written at each row's
+    position with the same rounding (within one bf16 unit) and nowhere else; per-row and shared positions."""
+    from onebox.infer import kernels
+    from onebox.model import KVCache, rope_cached_attention, rope_tables
+
+    torch.manual_seed(batch * heads + slots)
+    dim = 128
+    cos_table, sin_table = rope_tables(slots, dim, 10000.0, torch.device("cuda"))
+    for shared in (False, True):
+        qkv = torch.randn(batch, 1, (heads + 2 * kv_heads) * dim, device="cuda", dtype=torch.bfloat16)
+        q, k, v = (t.view(batch, 1, -1, dim).transpose(1, 2) for t in qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1))
+        positions = torch.randint(1, slots, (batch, 1), device="cuda")
+        positions[0, 0], positions[-1, 0] = 0, slots - 1
+        input_pos = positions[-1, :] if shared else positions
+        ours, ref = (KVCache(batch, kv_heads, slots, dim, torch.bfloat16, "cuda") for _ in range(2))
+        ours.k.normal_(), ours.v.normal_()
+        ref.k.copy_(ours.k), ref.v.copy_(ours.v)
+        before = ours.k.clone()
+        cos, sin = cos_table[input_pos], sin_table[input_pos]
+        want = rope_cached_attention(q, k, v, cos, sin, ref, input_pos).float()
+        got = kernels.rope_attend(q, k, v, cos, sin, ours, input_pos, None, reference=None).float()  # the kernel, no fallback
+        torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2 * want.abs().max().item())
+        assert torch.equal(ours.v, ref.v)
+        torch.testing.assert_close(ours.k.float(), ref.k.float(), rtol=2**-8, atol=0)
+        changed = (ours.k != before).any(dim=-1)  # (batch, kv_heads, slots): only each row's own position
+        assert all(set(changed[row].nonzero()[:, 1].tolist()) <= {int(input_pos.reshape(-1)[min(row, input_pos.numel() - 1)])} for row in range(batch))
+
+
+@pytest.mark.parametrize("rows,options", [(2, {}), (1, {}), (1, {"swiglu": True, "pdl": True}), (2, {"rope": True}), (1, {"rope": True, "pdl": True})])
 def test_decode_kernels_inside_a_compiled_cuda_graph_decode_step(rows, options):
     """The kernels under torch.compile with CUDA graphs (reduce-overhead, fullgraph), as the engine runs them:
     a bf16 model's one-token logits equal the reference path's within bf16 tolerance, at five positions
-    (two rows: attention only; one row: the GEMVs too, and with SwiGLU folded in and programmatic
-    dependent launch), and prefill (many rows) is untouched."""
+    (two rows: attention only; one row: the GEMVs too; with SwiGLU folded in, programmatic dependent
+    launch, RoPE and the cache write folded into attention), and prefill (many rows) is untouched."""
     from onebox.infer import kernels
     from onebox.model import fuse_projections
 

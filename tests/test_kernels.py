@@ -24,7 +24,7 @@ if tuple(int(p) for p in triton.__version__.split(".")[:2]) < (3, 7):
 SCRIPT = textwrap.dedent('''
     import torch
     from onebox.infer import kernels
-    from onebox.model import RMSNorm, cached_attention
+    from onebox.model import KVCache, RMSNorm, cached_attention, rope_cached_attention, rope_tables
 
     def close(got, ref, rtol, atol, what):
         torch.testing.assert_close(got, ref, rtol=rtol, atol=atol, msg=lambda m: f"{what}: {m}")
@@ -64,6 +64,34 @@ SCRIPT = textwrap.dedent('''
                 got = kernels.decode_attention(q, k, v, input_pos, chunk=chunk).float()
                 assert got.shape == ref.shape
                 close(got, ref, 2e-2, 2e-2 * ref.abs().max().item(), f"attention {batch}x{heads}/{kv_heads}x{slots} chunk {chunk}")
+    def rope_toward_zero(x, cos, sin):  # model.apply_rope with the interpreter's roundings
+        cos, sin = toward_zero(cos), toward_zero(sin)
+        if cos.dim() == 3:
+            cos, sin = cos[:, None], sin[:, None]
+        first, second = x.float().chunk(2, dim=-1)
+        rotated = torch.cat((-second, first), dim=-1)
+        return toward_zero(toward_zero(x.float() * cos) + toward_zero(rotated * sin)).to(x.dtype)
+
+    for batch, heads, kv_heads, slots, shared in [(1, 4, 4, 130, False), (3, 8, 2, 200, False), (2, 4, 2, 96, True)]:
+        # RoPE and the cache write folded into attention, against rotate, write, attend (model.rope_cached_attention)
+        dim = 64
+        qkv = torch.randn(batch, 1, (heads + 2 * kv_heads) * dim, dtype=torch.bfloat16)
+        q, k, v = (t.view(batch, 1, -1, dim).transpose(1, 2) for t in qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1))
+        cos_table, sin_table = rope_tables(slots, dim, 10000.0)
+        positions = torch.randint(1, slots, (batch, 1))
+        positions[0, 0], positions[-1, 0] = 0, slots - 1  # the first position alone, and the last slot
+        input_pos = positions[-1, :] if shared else positions
+        ours, ref = KVCache(batch, kv_heads, slots, dim, torch.bfloat16, "cpu"), KVCache(batch, kv_heads, slots, dim, torch.bfloat16, "cpu")
+        ours.k.normal_(), ours.v.normal_()
+        ref.k.copy_(ours.k), ref.v.copy_(ours.v)
+        cos, sin = cos_table[input_pos], sin_table[input_pos]
+        got = kernels.rope_decode_attention(q, k, v, cos, sin, ours.k, ours.v, input_pos).float()
+        cached_k, cached_v = ref.update(input_pos, rope_toward_zero(k, cos, sin), v)
+        want = cached_attention(rope_toward_zero(q, cos, sin), cached_k, cached_v, input_pos).float()
+        what = f"rope attention {batch}x{heads}/{kv_heads}x{slots}{' shared' if shared else ''}"
+        close(got, want, 2e-2, 2e-2 * want.abs().max().item(), what)
+        # the cache: this step's k (rotated) and v written where the reference writes them, bit for bit, nothing else touched
+        assert torch.equal(ours.k, ref.k) and torch.equal(ours.v, ref.v), what
     print("kernels match")
 ''')
 

@@ -388,8 +388,8 @@ def test_decode_kernel_routing_falls_back_to_the_reference_off_cuda(model):
 
 
 def test_programmatic_dependent_launch_routes_and_compile_options(model):
-    """`pdl` routes the products through the launch-attribute operator (on CUDA; here the reference runs,
-    bit for bit), is dropped where no Hopper GPU is (the record says so), and adds inductor's PDL to the
+    """`pdl` routes the products through the launch-attribute operator and `rope` attention through the
+    kernel with RoPE and the cache write folded in (on CUDA; here the references run, bit for bit), is dropped where no Hopper GPU is (the record says so), and adds inductor's PDL to the
     decode step's compile options without losing the mode's own (CUDA graphs); the compiled step with
     those options computes what the eager one does."""
     import torch._inductor.config as inductor_config
@@ -403,8 +403,9 @@ def test_programmatic_dependent_launch_routes_and_compile_options(model):
     ids = torch.randint(0, 512, (1, 9))
     with torch.no_grad():
         before = clone(ids, torch.arange(9), clone.new_kv_caches(1))
-        kernels.use_decode_kernels(clone, norm=False, pdl=True)
+        kernels.use_decode_kernels(clone, norm=False, pdl=True, rope=True)
         assert clone.project.func is kernels.linear and clone.project.keywords == {"pdl": True}
+        assert clone.layers[0].self_attn.cached.func is kernels.rope_attend  # RoPE and the cache write folded into attention
         assert clone.layers[0].self_attn.o_proj.pdl and clone.layers[0].mlp.gated_down.keywords == {"pdl": True}
         assert torch.equal(clone(ids, torch.arange(9), clone.new_kv_caches(1)), before)
     assert not kernels.pdl_available(torch.device("cpu"))

@@ -115,6 +115,15 @@ def cached_attention(q: Tensor, k: Tensor, v: Tensor, input_pos: Tensor) -> Tens
     return F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, enable_gqa=k.shape[1] != q.shape[1])
 
 
+def rope_cached_attention(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | KVRows, input_pos: Tensor,
+                          attend: Callable[..., Tensor] = cached_attention) -> Tensor:
+    """Attention with a cache: q and k (B, H or KV, T, D) rotated, k and v written into the cache at
+    input_pos, then `attend` over the cache (the reference of infer.kernels.rope_decode_attention)."""
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    k, v = cache.update(input_pos, k, v)
+    return attend(q, k, v, input_pos)
+
+
 class Attention(nn.Module):
     """Causal multi-head attention with grouped-query key/value heads, through SDPA."""
 
@@ -128,6 +137,7 @@ class Attention(nn.Module):
         self.register_buffer("qkv_weight", None, persistent=False)  # set by fuse_projections (inference)
         self.project = F.linear  # the fused product's function (infer.kernels.use_decode_kernels swaps it for decode)
         self.attend = cached_attention  # attention over a KV cache (swapped the same way)
+        self.cached = rope_cached_attention  # RoPE, the cache write and `attend` (swapped the same way)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | KVRows | None = None, input_pos: Tensor | None = None) -> Tensor:
         batch, seq, dim = x.shape
@@ -139,13 +149,11 @@ class Attention(nn.Module):
         q = q.view(batch, seq, self.heads, self.head_dim).transpose(1, 2)
         k = k.view(batch, seq, self.kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(batch, seq, self.kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        gqa = self.kv_heads != self.heads
         if cache is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.kv_heads != self.heads)
         else:
-            k, v = cache.update(input_pos, k, v)
-            out = self.attend(q, k, v, input_pos)
+            out = self.cached(q, k, v, cos, sin, cache, input_pos, self.attend)
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq, dim))
 
 

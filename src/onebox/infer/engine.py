@@ -143,13 +143,15 @@ class Engine:
         attention (over each row's filled cache only), swiglu (the activation folded into the down
         product), pdl (programmatic dependent launch, Hopper and later, for the products and for
         inductor's kernels in the step: each kernel is launched while the one before it finishes, and the
-        products load their first weights before they wait for their input); None: gemv, attention and pdl
+        products load their first weights before they wait for their input), rope (q and k rotated and k, v
+        written into the cache by the attention kernel); None: gemv, attention and pdl
         wherever they run (CUDA with Triton); False: none (cuBLAS and SDPA). Measured on H100, batch 1
         (benchmarks/NOTES.md, sessions 13-14): gemv 600m-A 869 -> 933 tok/s, 3b-A 272 -> 283; attention
         on top 600m-A +3%, 3b-A -1% (noise); pdl on top 600m-A 957 -> 1,050, 3b-A 280 -> 293 (inductor's
         kernels alone with it: 1,035 and 277). Not default: norm (906 against gemv alone 933: the folded
         norm costs more than the kernel it saves) and swiglu (973 against 957 without pdl, but 962-967
-        against 1,050 with it).
+        against 1,050 with it). rope (RoPE and the cache write folded into the attention kernel): not
+        measured yet.
         windows: attention in a decode step reads only the cache up to the next power of two past the
         furthest active position (from 64 or a 32nd of the context, so at most 6 windows), one compiled
         graph per window, instead of the whole context. Off by default: measured on H100 at 600m-A (bench
@@ -158,7 +160,7 @@ class Engine:
         self.model = fuse_projections(model.eval()) if fuse else model.eval()
         if kernels is None:
             kernels = "gemv,attention,pdl" if kernels_available(self.model.embed_tokens.weight.device) else False
-        known = {"gemv", "norm", "attention", "swiglu", "pdl"}
+        known = {"gemv", "norm", "attention", "swiglu", "pdl", "rope"}
         chosen = set(known) if kernels is True else set(kernels.split(",")) if kernels else set()
         if chosen - known:
             raise OneboxError(f"unknown decode kernels {sorted(chosen - known)}: choose among {', '.join(sorted(known))}.")

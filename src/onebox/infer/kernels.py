@@ -98,8 +98,19 @@ if triton is not None:
         tl.store(y_ptr + rows, tl.sum(acc, axis=1).to(y_ptr.dtype.element_ty), mask=row_mask)
 
     @triton.jit
+    def _rope_row(ptr, dims, partner, sign, cos, sin):
+        """One head's row rotated by its position's angles, rounded as `onebox.model.apply_rope` rounds in
+        the row's dtype (each product, then the sum): x * cos + rotate_half(x) * sin."""
+        dtype = ptr.dtype.element_ty
+        x = tl.load(ptr + dims).to(tl.float32)
+        other = tl.load(ptr + partner).to(tl.float32) * sign
+        return ((x * cos).to(dtype).to(tl.float32) + (other * sin).to(dtype).to(tl.float32)).to(dtype)
+
+    @triton.jit
     def _attention_chunk_kernel(q_ptr, k_ptr, v_ptr, length_ptr, part_ptr, stat_ptr, HEADS, GROUP, CHUNKS, scale,
-                                sq_b, sq_h, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, D: tl.constexpr, CHUNK: tl.constexpr):
+                                sq_b, sq_h, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s,
+                                kn_ptr, vn_ptr, cos_ptr, sin_ptr, skn_b, skn_h, svn_b, svn_h, scos_b,
+                                D: tl.constexpr, CHUNK: tl.constexpr, ROPE: tl.constexpr):
         row_head = tl.program_id(0)  # row * HEADS + head
         chunk = tl.program_id(1)
         row, head = row_head // HEADS, row_head % HEADS
@@ -109,14 +120,35 @@ if triton is not None:
         dims = tl.arange(0, D)
         start = chunk * CHUNK
         if start < length:
-            q = tl.load(q_ptr + row * sq_b + head * sq_h + dims).to(tl.float32) * scale
-            pos = start + tl.arange(0, CHUNK)
-            valid = pos < length
-            k = tl.load(k_ptr + row * sk_b + kv_head * sk_h + pos[:, None] * sk_s + dims[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
+            positions = start + tl.arange(0, CHUNK)
+            valid = positions < length
+            if ROPE:  # q, and this step's k, still unrotated: rotate them here; this step's k and v go into the cache here
+                dtype = q_ptr.dtype.element_ty
+                partner = (dims + D // 2) % D
+                sign = tl.where(dims < D // 2, -1.0, 1.0)
+                cos = tl.load(cos_ptr + row * scos_b + dims).to(dtype).to(tl.float32)
+                sin = tl.load(sin_ptr + row * scos_b + dims).to(dtype).to(tl.float32)
+                q = _rope_row(q_ptr + row * sq_b + head * sq_h, dims, partner, sign, cos, sin).to(tl.float32) * scale
+                last = length - 1  # this step's position: its slot is not read from the cache
+                cached = valid & (positions != last)
+            else:
+                q = tl.load(q_ptr + row * sq_b + head * sq_h + dims).to(tl.float32) * scale
+                cached = valid
+            k = tl.load(k_ptr + row * sk_b + kv_head * sk_h + positions[:, None] * sk_s + dims[None, :], mask=cached[:, None], other=0.0).to(tl.float32)
+            v = tl.load(v_ptr + row * sv_b + kv_head * sv_h + positions[:, None] * sv_s + dims[None, :], mask=cached[:, None], other=0.0).to(tl.float32)
+            if ROPE:
+                if last < start + CHUNK:  # the chunk that holds this step's position
+                    k_new = _rope_row(kn_ptr + row * skn_b + kv_head * skn_h, dims, partner, sign, cos, sin)
+                    v_new = tl.load(vn_ptr + row * svn_b + kv_head * svn_h + dims)
+                    fresh = (positions == last)[:, None]
+                    k = tl.where(fresh, k_new.to(tl.float32)[None, :], k)
+                    v = tl.where(fresh, v_new.to(tl.float32)[None, :], v)
+                    if head % GROUP == 0:  # one program per key/value head writes them
+                        tl.store(k_ptr + row * sk_b + kv_head * sk_h + last * sk_s + dims, k_new.to(k_ptr.dtype.element_ty))
+                        tl.store(v_ptr + row * sv_b + kv_head * sv_h + last * sv_s + dims, v_new.to(v_ptr.dtype.element_ty))
             scores = tl.where(valid, tl.sum(k * q[None, :], axis=1), float("-inf"))
             top = tl.max(scores, axis=0)
             weights = tl.exp(scores - top)
-            v = tl.load(v_ptr + row * sv_b + kv_head * sv_h + pos[:, None] * sv_s + dims[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
             tl.store(part_ptr + out * D + dims, tl.sum(weights[:, None] * v, axis=0))
             tl.store(stat_ptr + out * 2, top)
             tl.store(stat_ptr + out * 2 + 1, tl.sum(weights, axis=0))
@@ -231,6 +263,22 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, input_pos: Tensor, chunk: 
     row's position (input_pos: (B, 1) per row, or (1,) for all): what SDPA computes under the causal mask
     (the reference, `onebox.model.cached_attention`), for the rows' filled positions only. `chunk`
     (positions per program, a power of two) and `warps` are what benchmarks/gemv_probe.py sweeps."""
+    return _attention(q, k, v, input_pos, None, chunk, warps)
+
+
+def rope_decode_attention(q: Tensor, k_new: Tensor, v_new: Tensor, cos: Tensor, sin: Tensor, cache_k: Tensor, cache_v: Tensor,
+                          input_pos: Tensor, chunk: int = ATTN_CHUNK, warps: int = 4) -> Tensor:
+    """`decode_attention` with the two steps before it folded in: q and this step's k (B, H or KV, 1, D) still
+    unrotated, rotated by cos, sin (B, 1, D) or (1, D), fp32 (`onebox.model.apply_rope`), and this step's k
+    and v written into the cache at each row's position (`KVCache.update`), in the same kernel: the
+    reference is `onebox.model.rope_cached_attention`."""
+    dim = q.shape[-1]
+    cos, sin = cos.reshape(-1, dim), sin.reshape(-1, dim)
+    fresh = (k_new, v_new, cos.contiguous(), sin.contiguous())
+    return _attention(q, cache_k, cache_v, input_pos, fresh, chunk, warps)
+
+
+def _attention(q: Tensor, k: Tensor, v: Tensor, input_pos: Tensor, fresh: tuple[Tensor, Tensor, Tensor, Tensor] | None, chunk: int, warps: int) -> Tensor:
     batch, heads, _, dim = q.shape
     kv_heads, slots = k.shape[1], k.shape[2]
     lengths = (input_pos.reshape(-1, 1)[:, -1] + 1).expand(batch).to(torch.int32).contiguous()
@@ -238,9 +286,16 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, input_pos: Tensor, chunk: 
     parts = torch.empty(batch * heads * chunks, dim, dtype=torch.float32, device=q.device)
     stats = torch.empty(batch * heads * chunks, 2, dtype=torch.float32, device=q.device)
     out = torch.empty(batch, 1, heads, dim, dtype=q.dtype, device=q.device)  # the layout o_proj reads: no copy after
+    if fresh is None:
+        k_new = v_new = cos = sin = q  # not read
+        fresh_strides = (0, 0, 0, 0, 0)
+    else:
+        k_new, v_new, cos, sin = fresh
+        fresh_strides = (k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1), dim if cos.shape[0] > 1 else 0)
     _attention_chunk_kernel[(batch * heads, chunks)](q, k, v, lengths, parts, stats, heads, heads // kv_heads, chunks, 1.0 / math.sqrt(dim),
                                                      q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2),
-                                                     v.stride(0), v.stride(1), v.stride(2), D=dim, CHUNK=chunk, num_warps=warps)
+                                                     v.stride(0), v.stride(1), v.stride(2), k_new, v_new, cos, sin, *fresh_strides,
+                                                     D=dim, CHUNK=chunk, ROPE=fresh is not None, num_warps=warps)
     _attention_merge_kernel[(batch * heads,)](parts, stats, out, heads, chunks, out.stride(0), out.stride(2), D=dim,
                                               CHUNKS_P2=triton.next_power_of_2(chunks), num_warps=4)
     return out.transpose(1, 2)
@@ -258,6 +313,16 @@ def attend(q: Tensor, k: Tensor, v: Tensor, input_pos: Tensor, reference: Callab
     if attention_usable(q, k):
         return decode_attention(q, k, v, input_pos)
     return reference(q, k, v, input_pos)
+
+
+def rope_attend(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, cache: nn.Module, input_pos: Tensor, attend: Callable[..., Tensor],
+                reference: Callable[..., Tensor]) -> Tensor:
+    """rope_decode_attention where it applies (one token into a whole KVCache of q's dtype, no window), else
+    `reference` (same arguments: `onebox.model.rope_cached_attention`)."""
+    if (getattr(cache, "window", 0) is None and cache.k.dtype == q.dtype and attention_usable(q, cache.k) and k.stride(-1) == 1
+            and v.stride(-1) == 1 and cache.k.is_contiguous() and cache.v.is_contiguous()):
+        return rope_decode_attention(q, k, v, cos, sin, cache.k, cache.v, input_pos)
+    return reference(q, k, v, cos, sin, cache, input_pos, attend)
 
 
 class GemvLinear(nn.Linear):
@@ -286,14 +351,15 @@ def _folded(project: Callable[..., Tensor]) -> bool:
 
 
 def use_decode_kernels(model: nn.Module, gemv: bool = True, norm: bool = True, attention: bool = True, swiglu: bool = True,
-                       pdl: bool = False) -> nn.Module:
+                       pdl: bool = False, rope: bool = False) -> nn.Module:
     """Route a Transformer's decode work through the kernels above, in place (same weights, same state
     dict; idempotent): the one-row products (fused q/k/v and gate/up,
     o_proj, down, the output layer; `gemv`), each block's two norms into the products after them (`norm`;
     needs the fused q/k/v and gate/up weights, `onebox.model.fuse_projections`), attention over the
     cache (`attention`), and SwiGLU's activation and product folded into the down product (`swiglu`;
     fused gate/up weights too). `pdl`: the products launched with programmatic dependent launch (Hopper
-    and later; each starts loading its weights while the kernel before it finishes)."""
+    and later; each starts loading its weights while the kernel before it finishes). `rope`: RoPE and the
+    cache write folded into the attention kernel (`rope_decode_attention`)."""
     for module in model.modules():
         if gemv and hasattr(module, "project") and not _folded(module.project):  # not a norm folded in already
             module.project = functools.partial(linear, pdl=True) if pdl else linear
@@ -302,6 +368,8 @@ def use_decode_kernels(model: nn.Module, gemv: bool = True, norm: bool = True, a
             module.pdl = pdl
         if attention and hasattr(module, "attend") and not isinstance(module.attend, functools.partial):
             module.attend = functools.partial(attend, reference=module.attend)
+        if rope and hasattr(module, "cached") and not isinstance(module.cached, functools.partial):
+            module.cached = functools.partial(rope_attend, reference=module.cached)
         if swiglu and getattr(module, "gate_up_weight", None) is not None and getattr(module, "activation", None) == "swiglu":
             module.gated_down = functools.partial(swiglu_down, pdl=True) if pdl else swiglu_down
     if norm:
