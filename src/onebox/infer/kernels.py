@@ -20,6 +20,13 @@ multiply it by one row and attention reads a short stretch of the KV cache.
   (flash-decoding: the positions split in chunks of 64, each program one (row, head, chunk) with an
   online softmax, then one small kernel merges the chunks), where SDPA reads the whole cache under a
   materialised mask (cuDNN 9.6 us per layer at 600m-A, plus the mask and layout kernels).
+- `rope_decode_attention`: the same with RoPE and the cache write folded in: q and this step's k
+  rotated in the kernel, this step's k and v written into the cache by the programs that hold their
+  position, where inductor ran four small kernels per layer for them (~90 us of a 600m-A step on an
+  H100, session 14's profile). Opt-in (`rope`) until measured.
+- Programmatic dependent launch (`pdl`, Hopper and later): the GEMVs launched while the kernel before
+  them finishes, loading their first weight tile before they wait for their input; with inductor's
+  kernels launched the same way (the Engine does both) 600m-A decodes 957 -> 1,050 tok/s on an H100.
 
 Measured (benchmarks/NOTES.md, session 13): `gemv` + `decode_attention` take 600m-A from 869 to 958
 tok/s at batch 1 on an H100 (34% -> 37.6% of the bandwidth bound), 3b-A from 272 to 281 (58.9% -> 61.1%).
@@ -135,20 +142,23 @@ if triton is not None:
                 q = tl.load(q_ptr + row * sq_b + head * sq_h + dims).to(tl.float32) * scale
                 cached = valid
             k = tl.load(k_ptr + row * sk_b + kv_head * sk_h + positions[:, None] * sk_s + dims[None, :], mask=cached[:, None], other=0.0).to(tl.float32)
-            v = tl.load(v_ptr + row * sv_b + kv_head * sv_h + positions[:, None] * sv_s + dims[None, :], mask=cached[:, None], other=0.0).to(tl.float32)
             if ROPE:
-                if last < start + CHUNK:  # the chunk that holds this step's position
+                if last < start + CHUNK:  # the chunk that holds this step's position: k from this step, rotated
                     k_new = _rope_row(kn_ptr + row * skn_b + kv_head * skn_h, dims, partner, sign, cos, sin)
-                    v_new = tl.load(vn_ptr + row * svn_b + kv_head * svn_h + dims)
-                    fresh = (positions == last)[:, None]
-                    k = tl.where(fresh, k_new.to(tl.float32)[None, :], k)
-                    v = tl.where(fresh, v_new.to(tl.float32)[None, :], v)
-                    if head % GROUP == 0:  # one program per key/value head writes them
+                    k = tl.where((positions == last)[:, None], k_new.to(tl.float32)[None, :], k)
+                    if head % GROUP == 0:  # one program per key/value head writes this step's k and v into the cache
                         tl.store(k_ptr + row * sk_b + kv_head * sk_h + last * sk_s + dims, k_new.to(k_ptr.dtype.element_ty))
+                        v_new = tl.load(vn_ptr + row * svn_b + kv_head * svn_h + dims)
                         tl.store(v_ptr + row * sv_b + kv_head * sv_h + last * sv_s + dims, v_new.to(v_ptr.dtype.element_ty))
             scores = tl.where(valid, tl.sum(k * q[None, :], axis=1), float("-inf"))
             top = tl.max(scores, axis=0)
             weights = tl.exp(scores - top)
+            # V after K's scores (as before the RoPE folding; both tiles at once would double the registers)
+            v = tl.load(v_ptr + row * sv_b + kv_head * sv_h + positions[:, None] * sv_s + dims[None, :], mask=cached[:, None], other=0.0).to(tl.float32)
+            if ROPE:
+                if last < start + CHUNK:
+                    v_new = tl.load(vn_ptr + row * svn_b + kv_head * svn_h + dims)
+                    v = tl.where((positions == last)[:, None], v_new.to(tl.float32)[None, :], v)
             tl.store(part_ptr + out * D + dims, tl.sum(weights[:, None] * v, axis=0))
             tl.store(stat_ptr + out * 2, top)
             tl.store(stat_ptr + out * 2 + 1, tl.sum(weights, axis=0))
