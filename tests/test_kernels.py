@@ -100,3 +100,52 @@ def test_decode_kernels_match_their_references_in_the_triton_interpreter():
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     done = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0 and "kernels match" in done.stdout, done.stdout[-2000:] + done.stderr[-4000:]
+
+
+def _signature(kernel, pointers: dict[str, str], constexprs: dict) -> dict[str, str]:
+    """Every argument of a Triton kernel typed: the named pointers as given, constexprs as such, the rest i32 (fp32 for eps/scale)."""
+    names = kernel.arg_names
+    return {n: "constexpr" if n in constexprs else pointers.get(n, "fp32" if n in ("eps", "scale") else "i32") for n in names}
+
+
+def test_decode_kernels_compile_for_hopper_without_spilling():
+    """The paths the interpreter cannot run (programmatic dependent launch: `gdc_wait`, `gdc_launch_dependents`)
+    compile for an H100 (sm_90) on this CPU-only machine with Triton's own ptxas, in every configuration the
+    launchers use, and no kernel spills registers to the stack (the folded RoPE attention did at 4 warps)."""
+    import tempfile
+    from pathlib import Path
+
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from onebox.infer import kernels as K
+
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    if not tool.exists():
+        pytest.skip("this Triton has no bundled CUDA tools")
+
+    def compiled(kernel, pointers, constexprs, **options):
+        source = ASTSource(fn=kernel, signature=_signature(kernel, pointers, constexprs), constexprs=constexprs)
+        binary = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+            cubin.write(binary.asm["cubin"])
+            cubin.flush()
+            usage = subprocess.run([str(tool), "--dump-resource-usage", cubin.name], capture_output=True, text=True, check=True).stdout
+        assert "STACK:0" in usage and "LOCAL:0" in usage, f"{kernel.fn.__name__} {constexprs} spills: {usage}"
+        return binary.asm["ptx"]
+
+    bf16 = {"x_ptr": "*bf16", "g_ptr": "*bf16", "w_ptr": "*bf16", "y_ptr": "*bf16"}
+    for row in (K.PLAIN, K.NORM, K.SWIGLU):
+        for n in (1536, 4608):  # both warp counts
+            for pdl, whole in ((False, 0), (True, 0), (True, K.PREFETCH_COLUMNS)):
+                ptx = compiled(K._gemv_kernel, bf16, {"ROW": row, "BLOCK_N": K.BLOCK_N, "BLOCK_K": K.BLOCK_K, "PDL": pdl, "WHOLE": whole},
+                               num_warps=K.gemv_warps(n), launch_pdl=pdl)
+                assert ("griddepcontrol.wait" in ptx) == pdl and ("griddepcontrol.launch_dependents" in ptx) == pdl
+    pointers = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "kn_ptr": "*bf16", "vn_ptr": "*bf16", "length_ptr": "*i32",
+                "part_ptr": "*fp32", "stat_ptr": "*fp32", "cos_ptr": "*fp32", "sin_ptr": "*fp32", "o_ptr": "*bf16"}
+    for dim in (64, 128):
+        for rope, warps in ((False, K.ATTN_WARPS), (True, K.ROPE_ATTN_WARPS)):
+            compiled(K._attention_chunk_kernel, pointers, {"D": dim, "CHUNK": K.ATTN_CHUNK, "ROPE": rope}, num_warps=warps)
+    for pdl in (False, True):
+        ptx = compiled(K._attention_merge_kernel, pointers, {"D": 128, "CHUNKS_P2": 8, "PDL": pdl}, num_warps=4)
+        assert ("griddepcontrol.launch_dependents" in ptx) == pdl

@@ -25,8 +25,12 @@ multiply it by one row and attention reads a short stretch of the KV cache.
   position, where inductor ran four small kernels per layer for them (~90 us of a 600m-A step on an
   H100, session 14's profile). Opt-in (`rope`) until measured.
 - Programmatic dependent launch (`pdl`, Hopper and later): the GEMVs launched while the kernel before
-  them finishes, loading their first weight tile before they wait for their input; with inductor's
-  kernels launched the same way (the Engine does both) 600m-A decodes 957 -> 1,050 tok/s on an H100.
+  them finishes, loading weights before they wait for their input; with inductor's kernels launched
+  the same way (the Engine does both) 600m-A decodes 957 -> 1,050 tok/s on an H100 (49ade89: the first
+  weight tile only). Since then (not measured yet) products of up to PREFETCH_COLUMNS columns load all
+  their weights before the wait, and the GEMVs and the attention's merge kernel let the next kernel
+  launch once their loads are issued (`gdc_launch_dependents`, as inductor's kernels do): the small
+  products (600m-A's o_proj: 4.7 MB at 1.1 TB/s) are bound by latency, which the overlap hides.
 
 Measured (benchmarks/NOTES.md, session 13): `gemv` + `decode_attention` take 600m-A from 869 to 958
 tok/s at batch 1 on an H100 (34% -> 37.6% of the bandwidth bound), 3b-A from 272 to 281 (58.9% -> 61.1%).
@@ -48,6 +52,10 @@ from torch import Tensor, nn
 
 BLOCK_N, BLOCK_K = 4, 512  # rows per program, columns per load (gemv, norm_gemv)
 ATTN_CHUNK = 64  # cache positions per decode-attention program
+ATTN_WARPS, ROPE_ATTN_WARPS = 4, 8  # warps per decode-attention program (with RoPE folded in, 4 warps spill registers at chunk 64)
+# With pdl, products of up to this many columns load all their weights before waiting for their input:
+# at 2048 (K's next power of two) a program holds 4 x 2048 bf16 in 48-95 registers; 4096 took 91-168.
+PREFETCH_COLUMNS = 2048
 PLAIN, NORM, SWIGLU = 0, 1, 2  # the GEMV kernel's ROW: x itself, RMSNorm(x) with scale g, silu(x[:K]) * x[K:]
 
 try:  # Triton comes with PyTorch's CUDA builds; CPU builds have none
@@ -73,14 +81,18 @@ if triton is not None:
 
     @triton.jit
     def _gemv_kernel(x_ptr, g_ptr, w_ptr, y_ptr, N, K, stride_w, eps, ROW: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     PDL: tl.constexpr):
+                     PDL: tl.constexpr, WHOLE: tl.constexpr):
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_mask = rows < N
-        begin = 0
-        if PDL:  # launched while the kernel before still runs: load the first weight tile (no kernel writes weights), then wait for x
-            cols = tl.arange(0, BLOCK_K)
-            first = tl.load(w_ptr + rows[:, None] * stride_w + cols[None, :], mask=row_mask[:, None] & (cols < K)[None, :], other=0.0,
-                            eviction_policy="evict_first")
+        if PDL:  # launched while the kernel before still runs: load weights (no kernel writes them), then wait for x
+            if WHOLE > 0:  # all of this program's rows at once (WHOLE: K's next power of two)
+                spread = tl.arange(0, WHOLE)
+                slab = tl.load(w_ptr + rows[:, None] * stride_w + spread[None, :], mask=row_mask[:, None] & (spread < K)[None, :], other=0.0,
+                               eviction_policy="evict_first")
+            else:  # the first tile
+                head = tl.arange(0, BLOCK_K)
+                first = tl.load(w_ptr + rows[:, None] * stride_w + head[None, :], mask=row_mask[:, None] & (head < K)[None, :], other=0.0,
+                                eviction_policy="evict_first")
             tl.extra.cuda.gdc_wait()
         rstd = 0.0
         if ROW == 1:  # NORM: RMSNorm's reciprocal root mean square, computed by every program (the row is a few KB, from L2)
@@ -90,19 +102,29 @@ if triton is not None:
                 x = tl.load(x_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
                 squares += x * x
             rstd = 1.0 / tl.sqrt(tl.sum(squares, axis=0) / K + eps)
-        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-        if PDL:
-            cols = tl.arange(0, BLOCK_K)
-            acc += first.to(tl.float32) * _row_tile(x_ptr, g_ptr, cols, cols < K, K, rstd, ROW)[None, :]
-            begin = BLOCK_K
-        for start in range(begin, K, BLOCK_K):
-            cols = start + tl.arange(0, BLOCK_K)
-            col_mask = cols < K
-            x = _row_tile(x_ptr, g_ptr, cols, col_mask, K, rstd, ROW)
-            w = tl.load(w_ptr + rows[:, None] * stride_w + cols[None, :], mask=row_mask[:, None] & col_mask[None, :], other=0.0,
-                        eviction_policy="evict_first").to(tl.float32)  # read once: keep it out of L2's way
-            acc += w * x[None, :]
-        tl.store(y_ptr + rows, tl.sum(acc, axis=1).to(y_ptr.dtype.element_ty), mask=row_mask)
+        if WHOLE > 0:  # (only with PDL)
+            spread = tl.arange(0, WHOLE)
+            x = _row_tile(x_ptr, g_ptr, spread, spread < K, K, rstd, ROW)
+            tl.extra.cuda.gdc_launch_dependents()  # every load issued: the next kernel may launch (it waits for this one's end)
+            total = tl.sum(slab.to(tl.float32) * x[None, :], axis=1)
+        else:
+            acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+            begin = 0
+            if PDL:
+                head = tl.arange(0, BLOCK_K)
+                acc += first.to(tl.float32) * _row_tile(x_ptr, g_ptr, head, head < K, K, rstd, ROW)[None, :]
+                begin = BLOCK_K
+            for start in range(begin, K, BLOCK_K):
+                cols = start + tl.arange(0, BLOCK_K)
+                col_mask = cols < K
+                x = _row_tile(x_ptr, g_ptr, cols, col_mask, K, rstd, ROW)
+                w = tl.load(w_ptr + rows[:, None] * stride_w + cols[None, :], mask=row_mask[:, None] & col_mask[None, :], other=0.0,
+                            eviction_policy="evict_first").to(tl.float32)  # read once: keep it out of L2's way
+                acc += w * x[None, :]
+            if PDL:
+                tl.extra.cuda.gdc_launch_dependents()
+            total = tl.sum(acc, axis=1)
+        tl.store(y_ptr + rows, total.to(y_ptr.dtype.element_ty), mask=row_mask)
 
     @triton.jit
     def _rope_row(ptr, dims, partner, sign, cos, sin):
@@ -167,7 +189,7 @@ if triton is not None:
             tl.store(stat_ptr + out * 2 + 1, 0.0)
 
     @triton.jit
-    def _attention_merge_kernel(part_ptr, stat_ptr, o_ptr, HEADS, CHUNKS, so_b, so_h, D: tl.constexpr, CHUNKS_P2: tl.constexpr):
+    def _attention_merge_kernel(part_ptr, stat_ptr, o_ptr, HEADS, CHUNKS, so_b, so_h, D: tl.constexpr, CHUNKS_P2: tl.constexpr, PDL: tl.constexpr):
         row_head = tl.program_id(0)
         row, head = row_head // HEADS, row_head % HEADS
         chunks = tl.arange(0, CHUNKS_P2)
@@ -178,6 +200,8 @@ if triton is not None:
         scale = tl.where(tops > float("-inf"), tl.exp(tops - top), 0.0)
         dims = tl.arange(0, D)
         parts = tl.load(part_ptr + (row_head * CHUNKS + chunks)[:, None] * D + dims[None, :], mask=(live & (tops > float("-inf")))[:, None], other=0.0)
+        if PDL:  # the product after attention (o_proj) may launch and load its weights while this kernel ends
+            tl.extra.cuda.gdc_launch_dependents()
         merged = tl.sum(parts * scale[:, None], axis=0) / tl.sum(sums * scale, axis=0)
         tl.store(o_ptr + row * so_b + head * so_h + dims, merged.to(o_ptr.dtype.element_ty))
 
@@ -211,10 +235,16 @@ def _launch(row: Tensor, weight: Tensor, kind: int, scale: Tensor | None, eps: f
     row = row.contiguous()
     y = torch.empty((*row.shape[:-1], n), dtype=row.dtype, device=row.device)
     options = {"launch_pdl": True} if pdl else {}
+    whole = triton.next_power_of_2(k) if pdl and k <= PREFETCH_COLUMNS else 0
     _gemv_kernel[(triton.cdiv(n, BLOCK_N),)](row, row if scale is None else scale, weight, y, n, k, weight.stride(0), eps, ROW=kind,
-                                             BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, PDL=pdl,
-                                             num_warps=8 if n <= 1536 else 4, **options)  # more warps where there are few row blocks
+                                             BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, PDL=pdl, WHOLE=whole,
+                                             num_warps=gemv_warps(n), **options)
     return y
+
+
+def gemv_warps(n: int) -> int:
+    """Warps per GEMV program for a product of n rows: more where there are few row blocks."""
+    return 8 if n <= 1536 else 4
 
 
 # Programmatic dependent launch (Hopper and later): the kernel may start while the one before it finishes,
@@ -268,16 +298,17 @@ def normed_linear(x: Tensor, weight: Tensor, norm: nn.Module, pdl: bool = False)
     return F.linear(norm(x), weight)
 
 
-def decode_attention(q: Tensor, k: Tensor, v: Tensor, input_pos: Tensor, chunk: int = ATTN_CHUNK, warps: int = 4) -> Tensor:
+def decode_attention(q: Tensor, k: Tensor, v: Tensor, input_pos: Tensor, chunk: int = ATTN_CHUNK, warps: int = ATTN_WARPS, pdl: bool = False) -> Tensor:
     """Attention of one query token per row, q (B, H, 1, D), over the cache k, v (B, KV, S, D) up to each
     row's position (input_pos: (B, 1) per row, or (1,) for all): what SDPA computes under the causal mask
     (the reference, `onebox.model.cached_attention`), for the rows' filled positions only. `chunk`
-    (positions per program, a power of two) and `warps` are what benchmarks/gemv_probe.py sweeps."""
-    return _attention(q, k, v, input_pos, None, chunk, warps)
+    (positions per program, a power of two) and `warps` are what benchmarks/gemv_probe.py sweeps; `pdl`: the
+    kernel after it (a product launched with programmatic dependent launch) may start before it ends."""
+    return _attention(q, k, v, input_pos, None, chunk, warps, pdl)
 
 
 def rope_decode_attention(q: Tensor, k_new: Tensor, v_new: Tensor, cos: Tensor, sin: Tensor, cache_k: Tensor, cache_v: Tensor,
-                          input_pos: Tensor, chunk: int = ATTN_CHUNK, warps: int = 4) -> Tensor:
+                          input_pos: Tensor, chunk: int = ATTN_CHUNK, warps: int = ROPE_ATTN_WARPS, pdl: bool = False) -> Tensor:
     """`decode_attention` with the two steps before it folded in: q and this step's k (B, H or KV, 1, D) still
     unrotated, rotated by cos, sin (B, 1, D) or (1, D), fp32 (`onebox.model.apply_rope`), and this step's k
     and v written into the cache at each row's position (`KVCache.update`), in the same kernel: the
@@ -285,10 +316,11 @@ def rope_decode_attention(q: Tensor, k_new: Tensor, v_new: Tensor, cos: Tensor, 
     dim = q.shape[-1]
     cos, sin = cos.reshape(-1, dim), sin.reshape(-1, dim)
     fresh = (k_new, v_new, cos.contiguous(), sin.contiguous())
-    return _attention(q, cache_k, cache_v, input_pos, fresh, chunk, warps)
+    return _attention(q, cache_k, cache_v, input_pos, fresh, chunk, warps, pdl)
 
 
-def _attention(q: Tensor, k: Tensor, v: Tensor, input_pos: Tensor, fresh: tuple[Tensor, Tensor, Tensor, Tensor] | None, chunk: int, warps: int) -> Tensor:
+def _attention(q: Tensor, k: Tensor, v: Tensor, input_pos: Tensor, fresh: tuple[Tensor, Tensor, Tensor, Tensor] | None, chunk: int, warps: int,
+               pdl: bool) -> Tensor:
     batch, heads, _, dim = q.shape
     kv_heads, slots = k.shape[1], k.shape[2]
     lengths = (input_pos.reshape(-1, 1)[:, -1] + 1).expand(batch).to(torch.int32).contiguous()
@@ -307,7 +339,7 @@ def _attention(q: Tensor, k: Tensor, v: Tensor, input_pos: Tensor, fresh: tuple[
                                                      v.stride(0), v.stride(1), v.stride(2), k_new, v_new, cos, sin, *fresh_strides,
                                                      D=dim, CHUNK=chunk, ROPE=fresh is not None, num_warps=warps)
     _attention_merge_kernel[(batch * heads,)](parts, stats, out, heads, chunks, out.stride(0), out.stride(2), D=dim,
-                                              CHUNKS_P2=triton.next_power_of_2(chunks), num_warps=4)
+                                              CHUNKS_P2=triton.next_power_of_2(chunks), PDL=pdl, num_warps=4)
     return out.transpose(1, 2)
 
 
@@ -318,20 +350,20 @@ def attention_usable(q: Tensor, k: Tensor) -> bool:
             and dim >= 16 and dim & (dim - 1) == 0 and q.stride(-1) == 1 and k.stride(-1) == 1)
 
 
-def attend(q: Tensor, k: Tensor, v: Tensor, input_pos: Tensor, reference: Callable[..., Tensor]) -> Tensor:
+def attend(q: Tensor, k: Tensor, v: Tensor, input_pos: Tensor, reference: Callable[..., Tensor], pdl: bool = False) -> Tensor:
     """decode_attention where it applies, else `reference` (same arguments)."""
     if attention_usable(q, k):
-        return decode_attention(q, k, v, input_pos)
+        return decode_attention(q, k, v, input_pos, pdl=pdl)
     return reference(q, k, v, input_pos)
 
 
 def rope_attend(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, cache: nn.Module, input_pos: Tensor, attend: Callable[..., Tensor],
-                reference: Callable[..., Tensor]) -> Tensor:
+                reference: Callable[..., Tensor], pdl: bool = False) -> Tensor:
     """rope_decode_attention where it applies (one token into a whole KVCache of q's dtype, no window), else
     `reference` (same arguments: `onebox.model.rope_cached_attention`)."""
     if (getattr(cache, "window", 0) is None and cache.k.dtype == q.dtype and attention_usable(q, cache.k) and k.stride(-1) == 1
             and v.stride(-1) == 1 and cache.k.is_contiguous() and cache.v.is_contiguous()):
-        return rope_decode_attention(q, k, v, cos, sin, cache.k, cache.v, input_pos)
+        return rope_decode_attention(q, k, v, cos, sin, cache.k, cache.v, input_pos, pdl=pdl)
     return reference(q, k, v, cos, sin, cache, input_pos, attend)
 
 
@@ -377,9 +409,9 @@ def use_decode_kernels(model: nn.Module, gemv: bool = True, norm: bool = True, a
             module.__class__ = GemvLinear
             module.pdl = pdl
         if attention and hasattr(module, "attend") and not isinstance(module.attend, functools.partial):
-            module.attend = functools.partial(attend, reference=module.attend)
+            module.attend = functools.partial(attend, reference=module.attend, pdl=pdl)
         if rope and hasattr(module, "cached") and not isinstance(module.cached, functools.partial):
-            module.cached = functools.partial(rope_attend, reference=module.cached)
+            module.cached = functools.partial(rope_attend, reference=module.cached, pdl=pdl)
         if swiglu and getattr(module, "gate_up_weight", None) is not None and getattr(module, "activation", None) == "swiglu":
             module.gated_down = functools.partial(swiglu_down, pdl=True) if pdl else swiglu_down
     if norm:
