@@ -141,8 +141,9 @@ def test_triton_gemv_and_norm_gemv_match_the_reference_in_bf16(n, k):
              (kernels.norm_gemv(x * 3, norm.weight, norm.eps, w), norm(x * 3)),  # the norm folded in: RMSNorm's own roundings first
              (kernels.swiglu_gemv(gate_up, w), torch.nn.functional.silu(gate_up[..., :k]) * gate_up[..., k:])]  # SwiGLU folded in
     if kernels.pdl_available(x.device):  # the same kernels launched with programmatic dependent launch (Hopper and later)
-        cases += [(kernels.gemv(x, w, pdl=True), x), (kernels.norm_gemv(x * 3, norm.weight, norm.eps, w, pdl=True), norm(x * 3)),
-                  (kernels.swiglu_gemv(gate_up, w, pdl=True), cases[2][1])]
+        for level in (kernels.LAUNCH, kernels.PREFETCH):
+            cases += [(kernels.gemv(x, w, pdl=level), x), (kernels.norm_gemv(x * 3, norm.weight, norm.eps, w, pdl=level), norm(x * 3)),
+                      (kernels.swiglu_gemv(gate_up, w, pdl=level), cases[2][1])]
     for got, row in cases:
         ref = row.float() @ w.float().T
         got, cublas = got.float(), torch.nn.functional.linear(row, w).float()
@@ -206,7 +207,8 @@ def test_rope_decode_attention_matches_rotate_write_attend(batch, heads, kv_head
         assert all(set(changed[row].nonzero()[:, 1].tolist()) <= {int(input_pos.reshape(-1)[min(row, input_pos.numel() - 1)])} for row in range(batch))
 
 
-@pytest.mark.parametrize("rows,options", [(2, {}), (1, {}), (1, {"swiglu": True, "pdl": True}), (2, {"rope": True}), (1, {"rope": True, "pdl": True})])
+@pytest.mark.parametrize("rows,options", [(2, {}), (1, {}), (1, {"swiglu": True, "pdl": True}), (2, {"rope": True}), (1, {"rope": True, "pdl": True}),
+                                          (2, {"rope": True, "pdl": 2}), (1, {"pdl": 2})])
 def test_decode_kernels_inside_a_compiled_cuda_graph_decode_step(rows, options):
     """The kernels under torch.compile with CUDA graphs (reduce-overhead, fullgraph), as the engine runs them:
     a bf16 model's one-token logits equal the reference path's within bf16 tolerance, at five positions

@@ -137,15 +137,15 @@ def test_decode_kernels_compile_for_hopper_without_spilling():
     bf16 = {"x_ptr": "*bf16", "g_ptr": "*bf16", "w_ptr": "*bf16", "y_ptr": "*bf16"}
     for row in (K.PLAIN, K.NORM, K.SWIGLU):
         for n in (1536, 4608):  # both warp counts
-            for pdl, whole in ((False, 0), (True, 0), (True, K.PREFETCH_COLUMNS)):
-                ptx = compiled(K._gemv_kernel, bf16, {"ROW": row, "BLOCK_N": K.BLOCK_N, "BLOCK_K": K.BLOCK_K, "PDL": pdl, "WHOLE": whole},
-                               num_warps=K.gemv_warps(n), launch_pdl=pdl)
-                assert ("griddepcontrol.wait" in ptx) == pdl and ("griddepcontrol.launch_dependents" in ptx) == pdl
+            for pdl, whole, trigger in ((False, 0, False), (True, 0, False), (True, K.PREFETCH_COLUMNS, True), (True, 0, True)):  # off, LAUNCH, PREFETCH
+                ptx = compiled(K._gemv_kernel, bf16, {"ROW": row, "BLOCK_N": K.BLOCK_N, "BLOCK_K": K.BLOCK_K, "PDL": pdl, "WHOLE": whole,
+                                                      "TRIGGER": trigger}, num_warps=K.gemv_warps(n), launch_pdl=pdl)
+                assert ("griddepcontrol.wait" in ptx) == pdl and ("griddepcontrol.launch_dependents" in ptx) == trigger
     pointers = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "kn_ptr": "*bf16", "vn_ptr": "*bf16", "length_ptr": "*i32",
                 "part_ptr": "*fp32", "stat_ptr": "*fp32", "cos_ptr": "*fp32", "sin_ptr": "*fp32", "o_ptr": "*bf16"}
     for dim in (64, 128):
         for rope, warps in ((False, K.ATTN_WARPS), (True, K.ROPE_ATTN_WARPS)):
             compiled(K._attention_chunk_kernel, pointers, {"D": dim, "CHUNK": K.ATTN_CHUNK, "ROPE": rope}, num_warps=warps)
-    for pdl in (False, True):
-        ptx = compiled(K._attention_merge_kernel, pointers, {"D": 128, "CHUNKS_P2": 8, "PDL": pdl}, num_warps=4)
-        assert ("griddepcontrol.launch_dependents" in ptx) == pdl
+    for trigger in (False, True):
+        ptx = compiled(K._attention_merge_kernel, pointers, {"D": 128, "CHUNKS_P2": 8, "TRIGGER": trigger}, num_warps=4)
+        assert ("griddepcontrol.launch_dependents" in ptx) == trigger

@@ -409,7 +409,8 @@ def test_programmatic_dependent_launch_routes_and_compile_options(model):
         assert clone.layers[0].self_attn.o_proj.pdl and clone.layers[0].mlp.gated_down.keywords == {"pdl": True}
         assert torch.equal(clone(ids, torch.arange(9), clone.new_kv_caches(1)), before)
     assert not kernels.pdl_available(torch.device("cpu"))
-    assert Engine(Transformer(model.config), max_batch=1, compile=False, kernels="gemv,pdl").kernels == ["gemv"]
+    for asked in ("gemv,pdl", "gemv,prefetch"):
+        assert Engine(Transformer(model.config), max_batch=1, compile=False, kernels=asked).kernels == ["gemv"]
     assert compile_options("reduce-overhead", False) == {"mode": "reduce-overhead"}
     options = compile_options("reduce-overhead", True)
     if hasattr(inductor_config.triton, "enable_pdl"):

@@ -26,8 +26,8 @@ import torch
 from torch import Tensor
 
 from onebox.errors import OneboxError
+from onebox.infer.kernels import LAUNCH, PREFETCH, pdl_available, use_decode_kernels
 from onebox.infer.kernels import available as kernels_available
-from onebox.infer.kernels import pdl_available, use_decode_kernels
 from onebox.infer.sampling import sample_next
 from onebox.model import Transformer, fuse_projections
 
@@ -143,15 +143,16 @@ class Engine:
         attention (over each row's filled cache only), swiglu (the activation folded into the down
         product), pdl (programmatic dependent launch, Hopper and later, for the products and for
         inductor's kernels in the step: each kernel is launched while the one before it finishes, and the
-        products load their first weights before they wait for their input), rope (q and k rotated and k, v
-        written into the cache by the attention kernel); None: gemv, attention and pdl
+        products load their first weights before they wait for their input), prefetch (pdl, and products
+        of up to 2048 columns load all their weights before the wait; the next kernel launches once a
+        product's or the attention's loads are issued), rope (q and k rotated and k, v written into the
+        cache by the attention kernel); None: gemv, attention and pdl
         wherever they run (CUDA with Triton); False: none (cuBLAS and SDPA). Measured on H100, batch 1
         (benchmarks/NOTES.md, sessions 13-14): gemv 600m-A 869 -> 933 tok/s, 3b-A 272 -> 283; attention
         on top 600m-A +3%, 3b-A -1% (noise); pdl on top 600m-A 957 -> 1,050, 3b-A 280 -> 293 (inductor's
         kernels alone with it: 1,035 and 277). Not default: norm (906 against gemv alone 933: the folded
         norm costs more than the kernel it saves) and swiglu (973 against 957 without pdl, but 962-967
-        against 1,050 with it). rope (RoPE and the cache write folded into the attention kernel): not
-        measured yet.
+        against 1,050 with it). prefetch and rope: not measured yet.
         windows: attention in a decode step reads only the cache up to the next power of two past the
         furthest active position (from 64 or a 32nd of the context, so at most 6 windows), one compiled
         graph per window, instead of the whole context. Off by default: measured on H100 at 600m-A (bench
@@ -160,15 +161,18 @@ class Engine:
         self.model = fuse_projections(model.eval()) if fuse else model.eval()
         if kernels is None:
             kernels = "gemv,attention,pdl" if kernels_available(self.model.embed_tokens.weight.device) else False
-        known = {"gemv", "norm", "attention", "swiglu", "pdl", "rope"}
+        known = {"gemv", "norm", "attention", "swiglu", "pdl", "prefetch", "rope"}
         chosen = set(known) if kernels is True else set(kernels.split(",")) if kernels else set()
         if chosen - known:
             raise OneboxError(f"unknown decode kernels {sorted(chosen - known)}: choose among {', '.join(sorted(known))}.")
+        if "prefetch" in chosen:
+            chosen.add("pdl")
         if not pdl_available(self.model.embed_tokens.weight.device):
-            chosen.discard("pdl")  # needs Hopper or later: the kernels launch the ordinary way
+            chosen -= {"pdl", "prefetch"}  # needs Hopper or later: the kernels launch the ordinary way
         self.kernels = sorted(chosen)  # what the decode steps use (for the record)
         if chosen:
-            use_decode_kernels(self.model, **{name: name in chosen for name in known})
+            level = PREFETCH if "prefetch" in chosen else LAUNCH if "pdl" in chosen else 0
+            use_decode_kernels(self.model, **{name: name in chosen for name in known - {"pdl", "prefetch"}}, pdl=level)
         self.config = model.config
         self.max_batch = max_batch
         self.prefill_tokens = prefill_tokens  # the most (padded) prompt tokens one batched prefill takes

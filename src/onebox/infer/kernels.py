@@ -25,12 +25,12 @@ multiply it by one row and attention reads a short stretch of the KV cache.
   position, where inductor ran four small kernels per layer for them (~90 us of a 600m-A step on an
   H100, session 14's profile). Opt-in (`rope`) until measured.
 - Programmatic dependent launch (`pdl`, Hopper and later): the GEMVs launched while the kernel before
-  them finishes, loading weights before they wait for their input; with inductor's kernels launched
-  the same way (the Engine does both) 600m-A decodes 957 -> 1,050 tok/s on an H100 (49ade89: the first
-  weight tile only). Since then (not measured yet) products of up to PREFETCH_COLUMNS columns load all
+  them finishes, loading their first weight tile before they wait for their input (LAUNCH); with
+  inductor's kernels launched the same way (the Engine does both) 600m-A decodes 957 -> 1,050 tok/s on
+  an H100. PREFETCH (opt-in, not measured yet): products of up to PREFETCH_COLUMNS columns load all
   their weights before the wait, and the GEMVs and the attention's merge kernel let the next kernel
   launch once their loads are issued (`gdc_launch_dependents`, as inductor's kernels do): the small
-  products (600m-A's o_proj: 4.7 MB at 1.1 TB/s) are bound by latency, which the overlap hides.
+  products (600m-A's o_proj: 4.7 MB at 1.1 TB/s) are bound by latency, which the overlap could hide.
 
 Measured (benchmarks/NOTES.md, session 13): `gemv` + `decode_attention` take 600m-A from 869 to 958
 tok/s at batch 1 on an H100 (34% -> 37.6% of the bandwidth bound), 3b-A from 272 to 281 (58.9% -> 61.1%).
@@ -56,6 +56,8 @@ ATTN_WARPS, ROPE_ATTN_WARPS = 4, 8  # warps per decode-attention program (with R
 # With pdl, products of up to this many columns load all their weights before waiting for their input:
 # at 2048 (K's next power of two) a program holds 4 x 2048 bf16 in 48-95 registers; 4096 took 91-168.
 PREFETCH_COLUMNS = 2048
+LAUNCH, PREFETCH = 1, 2  # `pdl` levels: launched with PDL (the first weight tile loaded before the wait); and all weights up to
+# PREFETCH_COLUMNS loaded before it, the next kernel let launch once the loads are issued (the GEMVs, the attention's merge)
 PLAIN, NORM, SWIGLU = 0, 1, 2  # the GEMV kernel's ROW: x itself, RMSNorm(x) with scale g, silu(x[:K]) * x[K:]
 
 try:  # Triton comes with PyTorch's CUDA builds; CPU builds have none
@@ -81,7 +83,7 @@ if triton is not None:
 
     @triton.jit
     def _gemv_kernel(x_ptr, g_ptr, w_ptr, y_ptr, N, K, stride_w, eps, ROW: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     PDL: tl.constexpr, WHOLE: tl.constexpr):
+                     PDL: tl.constexpr, WHOLE: tl.constexpr, TRIGGER: tl.constexpr):
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_mask = rows < N
         if PDL:  # launched while the kernel before still runs: load weights (no kernel writes them), then wait for x
@@ -105,7 +107,8 @@ if triton is not None:
         if WHOLE > 0:  # (only with PDL)
             spread = tl.arange(0, WHOLE)
             x = _row_tile(x_ptr, g_ptr, spread, spread < K, K, rstd, ROW)
-            tl.extra.cuda.gdc_launch_dependents()  # every load issued: the next kernel may launch (it waits for this one's end)
+            if TRIGGER:  # every load issued: the next kernel may launch (it waits for this one's end)
+                tl.extra.cuda.gdc_launch_dependents()
             total = tl.sum(slab.to(tl.float32) * x[None, :], axis=1)
         else:
             acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
@@ -121,7 +124,7 @@ if triton is not None:
                 w = tl.load(w_ptr + rows[:, None] * stride_w + cols[None, :], mask=row_mask[:, None] & col_mask[None, :], other=0.0,
                             eviction_policy="evict_first").to(tl.float32)  # read once: keep it out of L2's way
                 acc += w * x[None, :]
-            if PDL:
+            if TRIGGER:
                 tl.extra.cuda.gdc_launch_dependents()
             total = tl.sum(acc, axis=1)
         tl.store(y_ptr + rows, total.to(y_ptr.dtype.element_ty), mask=row_mask)
@@ -189,7 +192,7 @@ if triton is not None:
             tl.store(stat_ptr + out * 2 + 1, 0.0)
 
     @triton.jit
-    def _attention_merge_kernel(part_ptr, stat_ptr, o_ptr, HEADS, CHUNKS, so_b, so_h, D: tl.constexpr, CHUNKS_P2: tl.constexpr, PDL: tl.constexpr):
+    def _attention_merge_kernel(part_ptr, stat_ptr, o_ptr, HEADS, CHUNKS, so_b, so_h, D: tl.constexpr, CHUNKS_P2: tl.constexpr, TRIGGER: tl.constexpr):
         row_head = tl.program_id(0)
         row, head = row_head // HEADS, row_head % HEADS
         chunks = tl.arange(0, CHUNKS_P2)
@@ -200,7 +203,7 @@ if triton is not None:
         scale = tl.where(tops > float("-inf"), tl.exp(tops - top), 0.0)
         dims = tl.arange(0, D)
         parts = tl.load(part_ptr + (row_head * CHUNKS + chunks)[:, None] * D + dims[None, :], mask=(live & (tops > float("-inf")))[:, None], other=0.0)
-        if PDL:  # the product after attention (o_proj) may launch and load its weights while this kernel ends
+        if TRIGGER:  # the product after attention (o_proj) may launch and load its weights while this kernel ends
             tl.extra.cuda.gdc_launch_dependents()
         merged = tl.sum(parts * scale[:, None], axis=0) / tl.sum(sums * scale, axis=0)
         tl.store(o_ptr + row * so_b + head * so_h + dims, merged.to(o_ptr.dtype.element_ty))
@@ -222,22 +225,22 @@ def usable(x: Tensor, weight: Tensor) -> bool:
             and x.dtype in (torch.bfloat16, torch.float16) and weight.dim() == 2 and weight.is_contiguous())
 
 
-def _product(row: Tensor, weight: Tensor, kind: int, scale: Tensor | None = None, eps: float = 0.0, pdl: bool = False) -> Tensor:
+def _product(row: Tensor, weight: Tensor, kind: int, scale: Tensor | None = None, eps: float = 0.0, pdl: int = 0) -> Tensor:
     """One launch of the GEMV kernel: `row` (..., K or 2K) as `kind` says (PLAIN, NORM, SWIGLU), weight (N, K);
-    `pdl`: through the `onebox::gemv_pdl` operator (programmatic dependent launch)."""
+    `pdl` (LAUNCH or PREFETCH): through the `onebox::gemv_pdl` operator (programmatic dependent launch)."""
     if pdl:
-        return torch.ops.onebox.gemv_pdl(row, weight, kind, scale, eps)
-    return _launch(row, weight, kind, scale, eps, False)
+        return torch.ops.onebox.gemv_pdl(row, weight, kind, scale, eps, int(pdl))
+    return _launch(row, weight, kind, scale, eps, 0)
 
 
-def _launch(row: Tensor, weight: Tensor, kind: int, scale: Tensor | None, eps: float, pdl: bool) -> Tensor:
+def _launch(row: Tensor, weight: Tensor, kind: int, scale: Tensor | None, eps: float, pdl: int) -> Tensor:
     n, k = weight.shape
     row = row.contiguous()
     y = torch.empty((*row.shape[:-1], n), dtype=row.dtype, device=row.device)
     options = {"launch_pdl": True} if pdl else {}
-    whole = triton.next_power_of_2(k) if pdl and k <= PREFETCH_COLUMNS else 0
+    whole = triton.next_power_of_2(k) if pdl >= PREFETCH and k <= PREFETCH_COLUMNS else 0
     _gemv_kernel[(triton.cdiv(n, BLOCK_N),)](row, row if scale is None else scale, weight, y, n, k, weight.stride(0), eps, ROW=kind,
-                                             BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, PDL=pdl, WHOLE=whole,
+                                             BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, PDL=pdl > 0, WHOLE=whole, TRIGGER=pdl >= PREFETCH,
                                              num_warps=gemv_warps(n), **options)
     return y
 
@@ -252,31 +255,31 @@ def gemv_warps(n: int) -> int:
 # user-defined Triton kernels without `launch_pdl`, so this path is an operator of its own, opaque to
 # the compiler, whose launches CUDA-graph capture records with their programmatic edges.
 @torch.library.custom_op("onebox::gemv_pdl", mutates_args=(), device_types="cuda")
-def _gemv_pdl(row: Tensor, weight: Tensor, kind: int, scale: Tensor | None, eps: float) -> Tensor:
-    return _launch(row, weight, kind, scale, eps, True)
+def _gemv_pdl(row: Tensor, weight: Tensor, kind: int, scale: Tensor | None, eps: float, pdl: int) -> Tensor:
+    return _launch(row, weight, kind, scale, eps, pdl)
 
 
 @_gemv_pdl.register_fake
-def _(row: Tensor, weight: Tensor, kind: int, scale: Tensor | None, eps: float) -> Tensor:
+def _(row: Tensor, weight: Tensor, kind: int, scale: Tensor | None, eps: float, pdl: int) -> Tensor:
     return row.new_empty((*row.shape[:-1], weight.shape[0]))
 
 
-def gemv(x: Tensor, weight: Tensor, pdl: bool = False) -> Tensor:
+def gemv(x: Tensor, weight: Tensor, pdl: int = 0) -> Tensor:
     """x (..., K) holding one row, weight (N, K): x @ weight.T as (..., N), accumulated in fp32."""
     return _product(x, weight, PLAIN, pdl=pdl)
 
 
-def norm_gemv(x: Tensor, norm_weight: Tensor, eps: float, weight: Tensor, pdl: bool = False) -> Tensor:
+def norm_gemv(x: Tensor, norm_weight: Tensor, eps: float, weight: Tensor, pdl: int = 0) -> Tensor:
     """RMSNorm(x) (scale `norm_weight`) @ weight.T for one row x (..., K), in one kernel."""
     return _product(x, weight, NORM, norm_weight, eps, pdl=pdl)
 
 
-def swiglu_gemv(gate_up: Tensor, weight: Tensor, pdl: bool = False) -> Tensor:
+def swiglu_gemv(gate_up: Tensor, weight: Tensor, pdl: int = 0) -> Tensor:
     """(silu(gate) * up) @ weight.T for one row gate_up (..., 2K) = [gate | up], weight (N, K), in one kernel."""
     return _product(gate_up, weight, SWIGLU, pdl=pdl)
 
 
-def swiglu_down(gate_up: Tensor, down: nn.Linear, pdl: bool = False) -> Tensor:
+def swiglu_down(gate_up: Tensor, down: nn.Linear, pdl: int = 0) -> Tensor:
     """down(silu(gate) * up) of a SwiGLU block's fused gate|up output, through `swiglu_gemv` where it applies."""
     if down.bias is None and usable(gate_up, down.weight) and gate_up.shape[-1] == 2 * down.weight.shape[1]:
         return swiglu_gemv(gate_up, down.weight, pdl)
@@ -284,21 +287,21 @@ def swiglu_down(gate_up: Tensor, down: nn.Linear, pdl: bool = False) -> Tensor:
     return down(F.silu(gate) * up)
 
 
-def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, pdl: bool = False) -> Tensor:
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, pdl: int = 0) -> Tensor:
     """F.linear, through `gemv` where it applies (one row on CUDA)."""
     if bias is None and usable(x, weight):
         return gemv(x, weight, pdl)
     return F.linear(x, weight, bias)
 
 
-def normed_linear(x: Tensor, weight: Tensor, norm: nn.Module, pdl: bool = False) -> Tensor:
+def normed_linear(x: Tensor, weight: Tensor, norm: nn.Module, pdl: int = 0) -> Tensor:
     """F.linear(norm(x), weight) for an RMSNorm `norm`, through `norm_gemv` where it applies."""
     if usable(x, weight) and norm.weight.dtype == x.dtype:
         return norm_gemv(x, norm.weight, norm.eps, weight, pdl)
     return F.linear(norm(x), weight)
 
 
-def decode_attention(q: Tensor, k: Tensor, v: Tensor, input_pos: Tensor, chunk: int = ATTN_CHUNK, warps: int = ATTN_WARPS, pdl: bool = False) -> Tensor:
+def decode_attention(q: Tensor, k: Tensor, v: Tensor, input_pos: Tensor, chunk: int = ATTN_CHUNK, warps: int = ATTN_WARPS, pdl: int = 0) -> Tensor:
     """Attention of one query token per row, q (B, H, 1, D), over the cache k, v (B, KV, S, D) up to each
     row's position (input_pos: (B, 1) per row, or (1,) for all): what SDPA computes under the causal mask
     (the reference, `onebox.model.cached_attention`), for the rows' filled positions only. `chunk`
@@ -308,7 +311,7 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, input_pos: Tensor, chunk: 
 
 
 def rope_decode_attention(q: Tensor, k_new: Tensor, v_new: Tensor, cos: Tensor, sin: Tensor, cache_k: Tensor, cache_v: Tensor,
-                          input_pos: Tensor, chunk: int = ATTN_CHUNK, warps: int = ROPE_ATTN_WARPS, pdl: bool = False) -> Tensor:
+                          input_pos: Tensor, chunk: int = ATTN_CHUNK, warps: int = ROPE_ATTN_WARPS, pdl: int = 0) -> Tensor:
     """`decode_attention` with the two steps before it folded in: q and this step's k (B, H or KV, 1, D) still
     unrotated, rotated by cos, sin (B, 1, D) or (1, D), fp32 (`onebox.model.apply_rope`), and this step's k
     and v written into the cache at each row's position (`KVCache.update`), in the same kernel: the
@@ -320,7 +323,7 @@ def rope_decode_attention(q: Tensor, k_new: Tensor, v_new: Tensor, cos: Tensor, 
 
 
 def _attention(q: Tensor, k: Tensor, v: Tensor, input_pos: Tensor, fresh: tuple[Tensor, Tensor, Tensor, Tensor] | None, chunk: int, warps: int,
-               pdl: bool) -> Tensor:
+               pdl: int) -> Tensor:
     batch, heads, _, dim = q.shape
     kv_heads, slots = k.shape[1], k.shape[2]
     lengths = (input_pos.reshape(-1, 1)[:, -1] + 1).expand(batch).to(torch.int32).contiguous()
@@ -339,7 +342,7 @@ def _attention(q: Tensor, k: Tensor, v: Tensor, input_pos: Tensor, fresh: tuple[
                                                      v.stride(0), v.stride(1), v.stride(2), k_new, v_new, cos, sin, *fresh_strides,
                                                      D=dim, CHUNK=chunk, ROPE=fresh is not None, num_warps=warps)
     _attention_merge_kernel[(batch * heads,)](parts, stats, out, heads, chunks, out.stride(0), out.stride(2), D=dim,
-                                              CHUNKS_P2=triton.next_power_of_2(chunks), PDL=pdl, num_warps=4)
+                                              CHUNKS_P2=triton.next_power_of_2(chunks), TRIGGER=pdl >= PREFETCH, num_warps=4)
     return out.transpose(1, 2)
 
 
@@ -350,7 +353,7 @@ def attention_usable(q: Tensor, k: Tensor) -> bool:
             and dim >= 16 and dim & (dim - 1) == 0 and q.stride(-1) == 1 and k.stride(-1) == 1)
 
 
-def attend(q: Tensor, k: Tensor, v: Tensor, input_pos: Tensor, reference: Callable[..., Tensor], pdl: bool = False) -> Tensor:
+def attend(q: Tensor, k: Tensor, v: Tensor, input_pos: Tensor, reference: Callable[..., Tensor], pdl: int = 0) -> Tensor:
     """decode_attention where it applies, else `reference` (same arguments)."""
     if attention_usable(q, k):
         return decode_attention(q, k, v, input_pos, pdl=pdl)
@@ -358,7 +361,7 @@ def attend(q: Tensor, k: Tensor, v: Tensor, input_pos: Tensor, reference: Callab
 
 
 def rope_attend(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, cache: nn.Module, input_pos: Tensor, attend: Callable[..., Tensor],
-                reference: Callable[..., Tensor], pdl: bool = False) -> Tensor:
+                reference: Callable[..., Tensor], pdl: int = 0) -> Tensor:
     """rope_decode_attention where it applies (one token into a whole KVCache of q's dtype, no window), else
     `reference` (same arguments: `onebox.model.rope_cached_attention`)."""
     if (getattr(cache, "window", 0) is None and cache.k.dtype == q.dtype and attention_usable(q, cache.k) and k.stride(-1) == 1
@@ -370,7 +373,7 @@ def rope_attend(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, cache
 class GemvLinear(nn.Linear):
     """nn.Linear whose one-row products go through `gemv` (`pdl`: with programmatic dependent launch)."""
 
-    pdl = False
+    pdl = 0
 
     def forward(self, x: Tensor) -> Tensor:
         return linear(x, self.weight, self.bias, self.pdl)
@@ -393,18 +396,19 @@ def _folded(project: Callable[..., Tensor]) -> bool:
 
 
 def use_decode_kernels(model: nn.Module, gemv: bool = True, norm: bool = True, attention: bool = True, swiglu: bool = True,
-                       pdl: bool = False, rope: bool = False) -> nn.Module:
+                       pdl: int = 0, rope: bool = False) -> nn.Module:
     """Route a Transformer's decode work through the kernels above, in place (same weights, same state
     dict; idempotent): the one-row products (fused q/k/v and gate/up,
     o_proj, down, the output layer; `gemv`), each block's two norms into the products after them (`norm`;
     needs the fused q/k/v and gate/up weights, `onebox.model.fuse_projections`), attention over the
     cache (`attention`), and SwiGLU's activation and product folded into the down product (`swiglu`;
-    fused gate/up weights too). `pdl`: the products launched with programmatic dependent launch (Hopper
-    and later; each starts loading its weights while the kernel before it finishes). `rope`: RoPE and the
+    fused gate/up weights too). `pdl` (LAUNCH or PREFETCH; 0 off): the products launched with programmatic
+    dependent launch (Hopper and later; each starts loading its weights while the kernel before it
+    finishes; PREFETCH: all of them, and the next kernel launches early). `rope`: RoPE and the
     cache write folded into the attention kernel (`rope_decode_attention`)."""
     for module in model.modules():
         if gemv and hasattr(module, "project") and not _folded(module.project):  # not a norm folded in already
-            module.project = functools.partial(linear, pdl=True) if pdl else linear
+            module.project = functools.partial(linear, pdl=pdl) if pdl else linear
         if gemv and type(module) in (nn.Linear, GemvLinear):
             module.__class__ = GemvLinear
             module.pdl = pdl
@@ -413,7 +417,7 @@ def use_decode_kernels(model: nn.Module, gemv: bool = True, norm: bool = True, a
         if rope and hasattr(module, "cached") and not isinstance(module.cached, functools.partial):
             module.cached = functools.partial(rope_attend, reference=module.cached, pdl=pdl)
         if swiglu and getattr(module, "gate_up_weight", None) is not None and getattr(module, "activation", None) == "swiglu":
-            module.gated_down = functools.partial(swiglu_down, pdl=True) if pdl else swiglu_down
+            module.gated_down = functools.partial(swiglu_down, pdl=pdl) if pdl else swiglu_down
     if norm:
         for block in getattr(model, "layers", []):
             pairs = ((block, "input_layernorm", block.self_attn, "qkv_weight"), (block, "post_attention_layernorm", block.mlp, "gate_up_weight"))
