@@ -81,17 +81,20 @@ SCRIPT = textwrap.dedent('''
         positions = torch.randint(1, slots, (batch, 1))
         positions[0, 0], positions[-1, 0] = 0, slots - 1  # the first position alone, and the last slot
         input_pos = positions[-1, :] if shared else positions
-        ours, ref = KVCache(batch, kv_heads, slots, dim, torch.bfloat16, "cpu"), KVCache(batch, kv_heads, slots, dim, torch.bfloat16, "cpu")
-        ours.k.normal_(), ours.v.normal_()
-        ref.k.copy_(ours.k), ref.v.copy_(ours.v)
         cos, sin = cos_table[input_pos], sin_table[input_pos]
-        got = kernels.rope_decode_attention(q, k, v, cos, sin, ours.k, ours.v, input_pos).float()
+        start = KVCache(batch, kv_heads, slots, dim, torch.bfloat16, "cpu")
+        start.k.normal_(), start.v.normal_()
+        ref = KVCache(batch, kv_heads, slots, dim, torch.bfloat16, "cpu")
+        ref.k.copy_(start.k), ref.v.copy_(start.v)
         cached_k, cached_v = ref.update(input_pos, rope_toward_zero(k, cos, sin), v)
         want = cached_attention(rope_toward_zero(q, cos, sin), cached_k, cached_v, input_pos).float()
-        what = f"rope attention {batch}x{heads}/{kv_heads}x{slots}{' shared' if shared else ''}"
-        close(got, want, 2e-2, 2e-2 * want.abs().max().item(), what)
-        # the cache: this step's k (rotated) and v written where the reference writes them, bit for bit, nothing else touched
-        assert torch.equal(ours.k, ref.k) and torch.equal(ours.v, ref.v), what
+        for chunk in (16, kernels.ATTN_CHUNK):  # V loaded with K, and after its scores
+            cache_k, cache_v = start.k.clone(), start.v.clone()
+            got = kernels.rope_decode_attention(q, k, v, cos, sin, cache_k, cache_v, input_pos, chunk=chunk).float()
+            what = f"rope attention {batch}x{heads}/{kv_heads}x{slots}{' shared' if shared else ''} chunk {chunk}"
+            close(got, want, 2e-2, 2e-2 * want.abs().max().item(), what)
+            # the cache: this step's k (rotated) and v written where the reference writes them, bit for bit, nothing else touched
+            assert torch.equal(cache_k, ref.k) and torch.equal(cache_v, ref.v), what
     print("kernels match")
 ''')
 
@@ -144,8 +147,9 @@ def test_decode_kernels_compile_for_hopper_without_spilling():
     pointers = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "kn_ptr": "*bf16", "vn_ptr": "*bf16", "length_ptr": "*i32",
                 "part_ptr": "*fp32", "stat_ptr": "*fp32", "cos_ptr": "*fp32", "sin_ptr": "*fp32", "o_ptr": "*bf16"}
     for dim in (64, 128):
-        for rope, warps in ((False, K.ATTN_WARPS), (True, K.ROPE_ATTN_WARPS)):
-            compiled(K._attention_chunk_kernel, pointers, {"D": dim, "CHUNK": K.ATTN_CHUNK, "ROPE": rope}, num_warps=warps)
+        for chunk in (16, 32, K.ATTN_CHUNK):  # the default, and smaller chunks (V loaded with K) that gemv_probe sweeps
+            for rope, warps in ((False, K.ATTN_WARPS), (True, K.ROPE_ATTN_WARPS)):
+                compiled(K._attention_chunk_kernel, pointers, {"D": dim, "CHUNK": chunk, "ROPE": rope, "EARLY_V": K.early_v(chunk, dim)}, num_warps=warps)
     for trigger in (False, True):
         ptx = compiled(K._attention_merge_kernel, pointers, {"D": 128, "CHUNKS_P2": 8, "TRIGGER": trigger}, num_warps=4)
         assert ("griddepcontrol.launch_dependents" in ptx) == trigger

@@ -142,7 +142,7 @@ if triton is not None:
     def _attention_chunk_kernel(q_ptr, k_ptr, v_ptr, length_ptr, part_ptr, stat_ptr, HEADS, GROUP, CHUNKS, scale,
                                 sq_b, sq_h, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s,
                                 kn_ptr, vn_ptr, cos_ptr, sin_ptr, skn_b, skn_h, svn_b, svn_h, scos_b,
-                                D: tl.constexpr, CHUNK: tl.constexpr, ROPE: tl.constexpr):
+                                D: tl.constexpr, CHUNK: tl.constexpr, ROPE: tl.constexpr, EARLY_V: tl.constexpr):
         row_head = tl.program_id(0)  # row * HEADS + head
         chunk = tl.program_id(1)
         row, head = row_head // HEADS, row_head % HEADS
@@ -167,6 +167,8 @@ if triton is not None:
                 q = tl.load(q_ptr + row * sq_b + head * sq_h + dims).to(tl.float32) * scale
                 cached = valid
             k = tl.load(k_ptr + row * sk_b + kv_head * sk_h + positions[:, None] * sk_s + dims[None, :], mask=cached[:, None], other=0.0).to(tl.float32)
+            if EARLY_V:  # small tiles: V's load in flight with K's (one memory round trip instead of two)
+                v = tl.load(v_ptr + row * sv_b + kv_head * sv_h + positions[:, None] * sv_s + dims[None, :], mask=cached[:, None], other=0.0).to(tl.float32)
             if ROPE:
                 if last < start + CHUNK:  # the chunk that holds this step's position: k from this step, rotated
                     k_new = _rope_row(kn_ptr + row * skn_b + kv_head * skn_h, dims, partner, sign, cos, sin)
@@ -178,8 +180,8 @@ if triton is not None:
             scores = tl.where(valid, tl.sum(k * q[None, :], axis=1), float("-inf"))
             top = tl.max(scores, axis=0)
             weights = tl.exp(scores - top)
-            # V after K's scores (as before the RoPE folding; both tiles at once would double the registers)
-            v = tl.load(v_ptr + row * sv_b + kv_head * sv_h + positions[:, None] * sv_s + dims[None, :], mask=cached[:, None], other=0.0).to(tl.float32)
+            if not EARLY_V:  # large tiles: V after K's scores (both at once would double the registers: 195 at chunk 64, 4 warps)
+                v = tl.load(v_ptr + row * sv_b + kv_head * sv_h + positions[:, None] * sv_s + dims[None, :], mask=cached[:, None], other=0.0).to(tl.float32)
             if ROPE:
                 if last < start + CHUNK:
                     v_new = tl.load(vn_ptr + row * svn_b + kv_head * svn_h + dims)
@@ -340,10 +342,15 @@ def _attention(q: Tensor, k: Tensor, v: Tensor, input_pos: Tensor, fresh: tuple[
     _attention_chunk_kernel[(batch * heads, chunks)](q, k, v, lengths, parts, stats, heads, heads // kv_heads, chunks, 1.0 / math.sqrt(dim),
                                                      q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2),
                                                      v.stride(0), v.stride(1), v.stride(2), k_new, v_new, cos, sin, *fresh_strides,
-                                                     D=dim, CHUNK=chunk, ROPE=fresh is not None, num_warps=warps)
+                                                     D=dim, CHUNK=chunk, ROPE=fresh is not None, EARLY_V=early_v(chunk, dim), num_warps=warps)
     _attention_merge_kernel[(batch * heads,)](parts, stats, out, heads, chunks, out.stride(0), out.stride(2), D=dim,
                                               CHUNKS_P2=triton.next_power_of_2(chunks), TRIGGER=pdl >= PREFETCH, num_warps=4)
     return out.transpose(1, 2)
+
+
+def early_v(chunk: int, dim: int) -> bool:
+    """Whether the attention kernel loads V together with K: for tiles of up to 4096 values (chunk 32 at head size 128)."""
+    return chunk * dim <= 4096
 
 
 def attention_usable(q: Tensor, k: Tensor) -> bool:
