@@ -217,8 +217,10 @@ def available(device: torch.device) -> bool:
 
 
 def pdl_available(device: torch.device) -> bool:
-    """Whether the GEMVs can be launched with programmatic dependent launch on `device` (Hopper, sm_90, and later)."""
-    return available(device) and torch.cuda.get_device_capability(device)[0] >= 9
+    """Whether the GEMVs can be launched with programmatic dependent launch on `device` (Hopper, sm_90, and
+    later, with a Triton that has grid dependency control: 3.3 onwards)."""
+    return (available(device) and torch.cuda.get_device_capability(device)[0] >= 9
+            and hasattr(getattr(getattr(tl, "extra", None), "cuda", None), "gdc_wait"))
 
 
 def usable(x: Tensor, weight: Tensor) -> bool:
