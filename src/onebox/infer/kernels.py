@@ -173,10 +173,8 @@ if triton is not None:
                 if last < start + CHUNK:  # the chunk that holds this step's position: k from this step, rotated
                     k_new = _rope_row(kn_ptr + row * skn_b + kv_head * skn_h, dims, partner, sign, cos, sin)
                     k = tl.where((positions == last)[:, None], k_new.to(tl.float32)[None, :], k)
-                    if head % GROUP == 0:  # one program per key/value head writes this step's k and v into the cache
+                    if head % GROUP == 0:  # one program per key/value head writes this step's k (and v, below) into the cache
                         tl.store(k_ptr + row * sk_b + kv_head * sk_h + last * sk_s + dims, k_new.to(k_ptr.dtype.element_ty))
-                        v_new = tl.load(vn_ptr + row * svn_b + kv_head * svn_h + dims)
-                        tl.store(v_ptr + row * sv_b + kv_head * sv_h + last * sv_s + dims, v_new.to(v_ptr.dtype.element_ty))
             scores = tl.where(valid, tl.sum(k * q[None, :], axis=1), float("-inf"))
             top = tl.max(scores, axis=0)
             weights = tl.exp(scores - top)
@@ -186,6 +184,8 @@ if triton is not None:
                 if last < start + CHUNK:
                     v_new = tl.load(vn_ptr + row * svn_b + kv_head * svn_h + dims)
                     v = tl.where((positions == last)[:, None], v_new.to(tl.float32)[None, :], v)
+                    if head % GROUP == 0:  # (no program reads the cache at this position: see `cached`)
+                        tl.store(v_ptr + row * sv_b + kv_head * sv_h + last * sv_s + dims, v_new.to(v_ptr.dtype.element_ty))
             tl.store(part_ptr + out * D + dims, tl.sum(weights[:, None] * v, axis=0))
             tl.store(stat_ptr + out * 2, top)
             tl.store(stat_ptr + out * 2 + 1, tl.sum(weights, axis=0))
