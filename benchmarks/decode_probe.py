@@ -6,7 +6,8 @@ A variant is plain (separate q/k/v and gate/up products) or fused, optionally +a
 mode max-autotune instead of reduce-overhead) and +math/+efficient/+cudnn (the SDPA kernel, forced), +gemv/+norm/+attention/+swiglu/+rope/+prefetch/+kernels (onebox's Triton decode kernels, infer/kernels.py, one or all; without them cuBLAS and SDPA),
 +window (attention over the cache up to the next power of two past the furthest position), +pdl (inductor's
 kernels with programmatic dependent launch), +kpdl (the Engine's `pdl` kernel option: onebox's GEMVs with it and, since
-session 14's measurements, inductor's kernels too; at 49ade89 it was the GEMVs only). For each it prints: whether CUDA graphs were skipped (inductor's counters), the engine's tokens/s (as bench decode
+session 14's measurements, inductor's kernels too; at 49ade89 it was the GEMVs only), +sepmerge (with +rope: a merge kernel
+after the attention's chunks, as before session 15, instead of the last chunk merging). For each it prints: whether CUDA graphs were skipped (inductor's counters), the engine's tokens/s (as bench decode
 measures it), the compiled step alone in a loop of back-to-back launches (no host work: the floor of
 this design), and a profile of a few engine steps (host time per step, GPU busy time per step).
 """
@@ -41,6 +42,9 @@ def probe(preset: str, batch: int, variant: str, out: Path) -> str:
     engine = Engine(model, max_batch=batch, prefix_entries=0, compile=mode, fuse=variant.startswith("fused"), windows="+window" in variant,
                     kernels=True if "+kernels" in variant else ",".join(k for k in ("gemv", "norm", "attention", "swiglu", "rope", "prefetch") if f"+{k}" in variant)
                     + (",pdl" if "+kpdl" in variant else "") or False)
+    if "+sepmerge" in variant:  # +rope with the merge kernel after the chunks (session 14's design) instead of the chunks merging themselves
+        for cache in engine.caches:
+            cache.counts = torch.zeros(0, dtype=torch.int32, device=device)
     backend = next((b for b in ("math", "efficient", "flash", "cudnn") if f"+{b}" in variant), None)
     if backend:  # the attention kernel SDPA picks for the decode step, forced
         from torch.nn.attention import SDPBackend, sdpa_kernel

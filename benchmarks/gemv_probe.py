@@ -99,7 +99,8 @@ def time_it(fn) -> float:
 def attention_rows(name: str, batch: int, position: int) -> list[str]:
     """Decode attention at one position: SDPA over the whole cache under the mask (the reference) against
     onebox's chunked kernel for several chunk sizes and warp counts, each over COPIES layers' caches; then
-    the kernel with RoPE and the cache write folded in (timed only; tests/test_gpu.py checks it)."""
+    the kernel with RoPE and the cache write folded in (timed only; tests/test_gpu.py checks it). cN/wW: chunk
+    N, W warps, a merge kernel after; mN/wW: the chunks merge themselves (the last to finish, by an atomic ticket)."""
     from onebox.infer.kernels import decode_attention, rope_decode_attention
     from onebox.model import cached_attention
 
@@ -123,14 +124,21 @@ def attention_rows(name: str, batch: int, position: int) -> list[str]:
         if best is None or t < best[0]:
             best = (t, chunk, warps)
     line.append(f"best chunk {best[1]} warps {best[2]}: {best[0] * 1e6:.2f} us ({read / best[0] / 1e12:.2f} TB/s)")
+    counts = torch.zeros(batch, c.heads, dtype=torch.int32, device="cuda")  # the chunks merge themselves (m): no merge kernel
+    for chunk, warps in itertools.product((16, 32), (2, 4)):
+        got = decode_attention(q, *caches[0], pos, chunk=chunk, warps=warps, counts=counts).float()
+        ok = torch.allclose(got, ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item()) and not counts.any()
+        t = time_it(lambda: [decode_attention(q, k, v, pos, chunk=chunk, warps=warps, counts=counts) for k, v in caches])
+        line.append(f"m{chunk}/w{warps} {t * 1e6:5.2f}{'' if ok else ' WRONG'}")
     # RoPE and the cache write folded in (rope_decode_attention): this step's q, k, v unrotated, written at `position`
     qkv = torch.randn(batch, 1, (c.heads + 2 * c.kv_heads) * c.head_dim, device="cuda", dtype=torch.bfloat16)
     q_raw, k_new, v_new = (t.view(batch, 1, -1, c.head_dim).transpose(1, 2) for t in qkv.split([c.dim, c.kv_dim, c.kv_dim], dim=-1))
     cos, sin = (torch.randn(batch, 1, c.head_dim, device="cuda") for _ in range(2))
     rope = [f"{name:7} rope attention batch {batch} at {position}"]
-    for chunk, warps in itertools.product((16, 32, 64), (4, 8)):
-        t = time_it(lambda: [rope_decode_attention(q_raw, k_new, v_new, cos, sin, k, v, pos, chunk=chunk, warps=warps) for k, v in caches])
-        rope.append(f"c{chunk}/w{warps} {t * 1e6:5.2f}")
+    for merged, chunk, warps in [(False, c, w) for c, w in itertools.product((16, 32, 64), (2, 4, 8))] + [(True, c, w) for c, w in ((16, 2), (16, 4), (32, 2), (32, 4))]:
+        t = time_it(lambda: [rope_decode_attention(q_raw, k_new, v_new, cos, sin, k, v, pos, chunk=chunk, warps=warps, counts=counts if merged else None)
+                             for k, v in caches])
+        rope.append(f"{'m' if merged else 'c'}{chunk}/w{warps} {t * 1e6:5.2f}")
     return [" | ".join(line), " | ".join(rope)]
 
 

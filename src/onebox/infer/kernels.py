@@ -51,8 +51,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 BLOCK_N, BLOCK_K = 4, 512  # rows per program, columns per load (gemv, norm_gemv)
-ATTN_CHUNK = 64  # cache positions per decode-attention program
-ATTN_WARPS, ROPE_ATTN_WARPS = 4, 8  # warps per decode-attention program (with RoPE folded in, 4 warps spill registers at chunk 64)
+ATTN_CHUNK = 32  # cache positions per decode-attention program (attention_launch)
 # With pdl, products of up to this many columns load all their weights before waiting for their input:
 # at 2048 (K's next power of two) a program holds 4 x 2048 bf16 in 48-95 registers; 4096 took 91-168.
 PREFETCH_COLUMNS = 2048
@@ -142,7 +141,9 @@ if triton is not None:
     def _attention_chunk_kernel(q_ptr, k_ptr, v_ptr, length_ptr, part_ptr, stat_ptr, HEADS, GROUP, CHUNKS, scale,
                                 sq_b, sq_h, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s,
                                 kn_ptr, vn_ptr, cos_ptr, sin_ptr, skn_b, skn_h, svn_b, svn_h, scos_b,
-                                D: tl.constexpr, CHUNK: tl.constexpr, ROPE: tl.constexpr, EARLY_V: tl.constexpr):
+                                count_ptr, o_ptr, so_b, so_h,
+                                D: tl.constexpr, CHUNK: tl.constexpr, ROPE: tl.constexpr, EARLY_V: tl.constexpr, MERGE: tl.constexpr,
+                                MERGE_BLOCK: tl.constexpr, TRIGGER: tl.constexpr):
         row_head = tl.program_id(0)  # row * HEADS + head
         chunk = tl.program_id(1)
         row, head = row_head // HEADS, row_head % HEADS
@@ -192,23 +193,43 @@ if triton is not None:
         else:  # past this row's position: weighs nothing in the merge
             tl.store(stat_ptr + out * 2, float("-inf"))
             tl.store(stat_ptr + out * 2 + 1, 0.0)
+        if MERGE:  # the last of this (row, head)'s programs to finish merges them all: no second kernel
+            tl.debug_barrier()  # every thread's stores above come before the ticket (released with it)
+            ticket = tl.atomic_add(count_ptr + row_head, 1, sem="acq_rel")
+            if ticket == CHUNKS - 1:
+                tl.store(count_ptr + row_head, 0)  # every program has taken its ticket: zero for the next step
+                _merge_row(part_ptr, stat_ptr, o_ptr, row_head, HEADS, CHUNKS, so_b, so_h, D, MERGE_BLOCK, TRIGGER)
 
     @triton.jit
-    def _attention_merge_kernel(part_ptr, stat_ptr, o_ptr, HEADS, CHUNKS, so_b, so_h, D: tl.constexpr, CHUNKS_P2: tl.constexpr, TRIGGER: tl.constexpr):
-        row_head = tl.program_id(0)
+    def _merge_row(part_ptr, stat_ptr, o_ptr, row_head, HEADS, CHUNKS, so_b, so_h, D: tl.constexpr, BLOCK: tl.constexpr, TRIGGER: tl.constexpr):
+        """One (row, head)'s chunk results merged (their softmax rescaled to one maximum), BLOCK chunks at a time;
+        read from L2 (.cg): other programs wrote them during this kernel."""
         row, head = row_head // HEADS, row_head % HEADS
-        chunks = tl.arange(0, CHUNKS_P2)
-        live = chunks < CHUNKS
-        tops = tl.load(stat_ptr + (row_head * CHUNKS + chunks) * 2, mask=live, other=float("-inf"))
-        sums = tl.load(stat_ptr + (row_head * CHUNKS + chunks) * 2 + 1, mask=live, other=0.0)
-        top = tl.max(tops, axis=0)  # chunk 0 always holds position 0: finite
-        scale = tl.where(tops > float("-inf"), tl.exp(tops - top), 0.0)
         dims = tl.arange(0, D)
-        parts = tl.load(part_ptr + (row_head * CHUNKS + chunks)[:, None] * D + dims[None, :], mask=(live & (tops > float("-inf")))[:, None], other=0.0)
+        top = tl.max(tl.full((BLOCK,), float("-inf"), tl.float32), axis=0)
+        total = tl.sum(tl.zeros((BLOCK,), tl.float32), axis=0)
+        acc = tl.zeros((D,), tl.float32)
+        for first in range(0, CHUNKS, BLOCK):
+            chunks = first + tl.arange(0, BLOCK)
+            live = chunks < CHUNKS
+            tops = tl.load(stat_ptr + (row_head * CHUNKS + chunks) * 2, mask=live, other=float("-inf"), cache_modifier=".cg")
+            sums = tl.load(stat_ptr + (row_head * CHUNKS + chunks) * 2 + 1, mask=live, other=0.0, cache_modifier=".cg")
+            filled = tops > float("-inf")
+            parts = tl.load(part_ptr + (row_head * CHUNKS + chunks)[:, None] * D + dims[None, :], mask=filled[:, None], other=0.0,
+                            cache_modifier=".cg")
+            new_top = tl.maximum(top, tl.max(tops, axis=0))  # the first block holds chunk 0, which holds position 0: finite from here
+            scale = tl.where(filled, tl.exp(tops - new_top), 0.0)
+            carry = tl.exp(top - new_top)  # 0 on the first block
+            acc = acc * carry + tl.sum(parts * scale[:, None], axis=0)
+            total = total * carry + tl.sum(sums * scale, axis=0)
+            top = new_top
         if TRIGGER:  # the product after attention (o_proj) may launch and load its weights while this kernel ends
             tl.extra.cuda.gdc_launch_dependents()
-        merged = tl.sum(parts * scale[:, None], axis=0) / tl.sum(sums * scale, axis=0)
-        tl.store(o_ptr + row * so_b + head * so_h + dims, merged.to(o_ptr.dtype.element_ty))
+        tl.store(o_ptr + row * so_b + head * so_h + dims, (acc / total).to(o_ptr.dtype.element_ty))
+
+    @triton.jit
+    def _attention_merge_kernel(part_ptr, stat_ptr, o_ptr, HEADS, CHUNKS, so_b, so_h, D: tl.constexpr, MERGE_BLOCK: tl.constexpr, TRIGGER: tl.constexpr):
+        _merge_row(part_ptr, stat_ptr, o_ptr, tl.program_id(0), HEADS, CHUNKS, so_b, so_h, D, MERGE_BLOCK, TRIGGER)
 
 
 def available(device: torch.device) -> bool:
@@ -305,17 +326,20 @@ def normed_linear(x: Tensor, weight: Tensor, norm: nn.Module, pdl: int = 0) -> T
     return F.linear(norm(x), weight)
 
 
-def decode_attention(q: Tensor, k: Tensor, v: Tensor, input_pos: Tensor, chunk: int = ATTN_CHUNK, warps: int = ATTN_WARPS, pdl: int = 0) -> Tensor:
+def decode_attention(q: Tensor, k: Tensor, v: Tensor, input_pos: Tensor, chunk: int | None = None, warps: int | None = None, pdl: int = 0,
+                     counts: Tensor | None = None) -> Tensor:
     """Attention of one query token per row, q (B, H, 1, D), over the cache k, v (B, KV, S, D) up to each
     row's position (input_pos: (B, 1) per row, or (1,) for all): what SDPA computes under the causal mask
     (the reference, `onebox.model.cached_attention`), for the rows' filled positions only. `chunk`
-    (positions per program, a power of two) and `warps` are what benchmarks/gemv_probe.py sweeps; `pdl`: the
-    kernel after it (a product launched with programmatic dependent launch) may start before it ends."""
-    return _attention(q, k, v, input_pos, None, chunk, warps, pdl)
+    (positions per program, a power of two) and `warps` are what benchmarks/gemv_probe.py sweeps (None:
+    `attention_launch`'s); `pdl`: the kernel after it (a product launched with programmatic dependent launch)
+    may start before it ends. `counts`: int32 zeros, one per (row, head) (`KVCache.counts`), for the chunks to
+    merge themselves (the last to finish merges; left at zero); None: a second kernel merges them."""
+    return _attention(q, k, v, input_pos, None, chunk, warps, pdl, counts)
 
 
 def rope_decode_attention(q: Tensor, k_new: Tensor, v_new: Tensor, cos: Tensor, sin: Tensor, cache_k: Tensor, cache_v: Tensor,
-                          input_pos: Tensor, chunk: int = ATTN_CHUNK, warps: int = ROPE_ATTN_WARPS, pdl: int = 0) -> Tensor:
+                          input_pos: Tensor, chunk: int | None = None, warps: int | None = None, pdl: int = 0, counts: Tensor | None = None) -> Tensor:
     """`decode_attention` with the two steps before it folded in: q and this step's k (B, H or KV, 1, D) still
     unrotated, rotated by cos, sin (B, 1, D) or (1, D), fp32 (`onebox.model.apply_rope`), and this step's k
     and v written into the cache at each row's position (`KVCache.update`), in the same kernel: the
@@ -323,13 +347,24 @@ def rope_decode_attention(q: Tensor, k_new: Tensor, v_new: Tensor, cos: Tensor, 
     dim = q.shape[-1]
     cos, sin = cos.reshape(-1, dim), sin.reshape(-1, dim)
     fresh = (k_new, v_new, cos.contiguous(), sin.contiguous())
-    return _attention(q, cache_k, cache_v, input_pos, fresh, chunk, warps, pdl)
+    return _attention(q, cache_k, cache_v, input_pos, fresh, chunk, warps, pdl, counts)
 
 
-def _attention(q: Tensor, k: Tensor, v: Tensor, input_pos: Tensor, fresh: tuple[Tensor, Tensor, Tensor, Tensor] | None, chunk: int, warps: int,
-               pdl: int) -> Tensor:
+def attention_launch(rows: int, rope: bool = False) -> tuple[int, int]:
+    """Positions per program and warps for the decode attention kernel: chunks of 32; 2 warps with RoPE
+    folded in, else 4 for one row and 2 for more (H100, `gemv_probe.py --attention` at position 255,
+    session 15, chunks merging themselves: 600m-A batch 1 rope 8.0 us per layer at 32 x 2, 8.5 at 32 x 4,
+    9.9 at session 14's 64 x 8 with a merge kernel; plain 8.1 at 32 x 4, 11.7 at 64 x 4; batch 8 13.9 / 12.9
+    at 32 x 2)."""
+    return ATTN_CHUNK, 2 if rope or rows > 1 else 4
+
+
+def _attention(q: Tensor, k: Tensor, v: Tensor, input_pos: Tensor, fresh: tuple[Tensor, Tensor, Tensor, Tensor] | None, chunk: int | None,
+               warps: int | None, pdl: int, counts: Tensor | None) -> Tensor:
     batch, heads, _, dim = q.shape
     kv_heads, slots = k.shape[1], k.shape[2]
+    launch = attention_launch(batch, fresh is not None)
+    chunk, warps = chunk or launch[0], warps or launch[1]
     lengths = (input_pos.reshape(-1, 1)[:, -1] + 1).expand(batch).to(torch.int32).contiguous()
     chunks = triton.cdiv(slots, chunk)
     parts = torch.empty(batch * heads * chunks, dim, dtype=torch.float32, device=q.device)
@@ -341,12 +376,19 @@ def _attention(q: Tensor, k: Tensor, v: Tensor, input_pos: Tensor, fresh: tuple[
     else:
         k_new, v_new, cos, sin = fresh
         fresh_strides = (k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1), dim if cos.shape[0] > 1 else 0)
+    merge = counts is not None
+    if merge and (counts.numel() != batch * heads or counts.dtype != torch.int32 or not counts.is_contiguous()):
+        raise ValueError(f"counts must be int32, contiguous, one per (row, head): {batch} x {heads}, got {tuple(counts.shape)} {counts.dtype}")
+    block = min(16, triton.next_power_of_2(chunks))
     _attention_chunk_kernel[(batch * heads, chunks)](q, k, v, lengths, parts, stats, heads, heads // kv_heads, chunks, 1.0 / math.sqrt(dim),
                                                      q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2),
                                                      v.stride(0), v.stride(1), v.stride(2), k_new, v_new, cos, sin, *fresh_strides,
-                                                     D=dim, CHUNK=chunk, ROPE=fresh is not None, EARLY_V=early_v(chunk, dim), num_warps=warps)
-    _attention_merge_kernel[(batch * heads,)](parts, stats, out, heads, chunks, out.stride(0), out.stride(2), D=dim,
-                                              CHUNKS_P2=triton.next_power_of_2(chunks), TRIGGER=pdl >= PREFETCH, num_warps=4)
+                                                     counts if merge else lengths, out, out.stride(0), out.stride(2),
+                                                     D=dim, CHUNK=chunk, ROPE=fresh is not None, EARLY_V=early_v(chunk, dim), MERGE=merge,
+                                                     MERGE_BLOCK=block, TRIGGER=pdl >= PREFETCH, num_warps=warps)
+    if not merge:
+        _attention_merge_kernel[(batch * heads,)](parts, stats, out, heads, chunks, out.stride(0), out.stride(2), D=dim, MERGE_BLOCK=block,
+                                                  TRIGGER=pdl >= PREFETCH, num_warps=4)
     return out.transpose(1, 2)
 
 
@@ -375,7 +417,9 @@ def rope_attend(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, cache
     `reference` (same arguments: `onebox.model.rope_cached_attention`)."""
     if (getattr(cache, "window", 0) is None and cache.k.dtype == q.dtype and attention_usable(q, cache.k) and k.stride(-1) == 1
             and v.stride(-1) == 1 and cache.k.is_contiguous() and cache.v.is_contiguous()):
-        return rope_decode_attention(q, k, v, cos, sin, cache.k, cache.v, input_pos, pdl=pdl)
+        counts = getattr(cache, "counts", None)  # the chunks merge themselves where the cache holds one counter per (row, head)
+        counts = counts if counts is not None and counts.numel() == q.shape[0] * q.shape[1] and counts.is_contiguous() else None
+        return rope_decode_attention(q, k, v, cos, sin, cache.k, cache.v, input_pos, pdl=pdl, counts=counts)
     return reference(q, k, v, cos, sin, cache, input_pos, attend)
 
 
