@@ -17,23 +17,27 @@ multiply it by one row and attention reads a short stretch of the KV cache.
 - `swiglu_gemv`: SwiGLU's silu(gate) * up computed as the down product loads it (one kernel where
   there were two; roundings as torch's). Not measured yet: off by default.
 - `decode_attention`: one query token per row against the cache up to that row's position
-  (flash-decoding: the positions split in chunks of 64, each program one (row, head, chunk) with an
-  online softmax, then one small kernel merges the chunks), where SDPA reads the whole cache under a
-  materialised mask (cuDNN 9.6 us per layer at 600m-A, plus the mask and layout kernels).
+  (flash-decoding: the positions split in chunks of 32, each program one (row, head, chunk) with an
+  online softmax; the last program of a (row, head) to finish, found by an atomic ticket on a counter
+  the KV cache holds, merges the chunks, or without counters a second kernel does), where SDPA reads
+  the whole cache under a materialised mask (cuDNN 9.6 us per layer at 600m-A, plus the mask and
+  layout kernels).
 - `rope_decode_attention`: the same with RoPE and the cache write folded in: q and this step's k
   rotated in the kernel, this step's k and v written into the cache by the programs that hold their
   position, where inductor ran four small kernels per layer for them (~90 us of a 600m-A step on an
-  H100, session 14's profile). Opt-in (`rope`) until measured.
+  H100, session 14's profile). Measured (session 15, H100): 600m-A 1,200 -> 1,297 tok/s with the
+  chunks merging themselves (1,214 with a merge kernel), 3b-A 310 -> 331 (merge kernel).
 - Programmatic dependent launch (`pdl`, Hopper and later): the GEMVs launched while the kernel before
   them finishes, loading their first weight tile before they wait for their input (LAUNCH); with
   inductor's kernels launched the same way (the Engine does both) 600m-A decodes 957 -> 1,050 tok/s on
-  an H100. PREFETCH (opt-in, not measured yet): products of up to PREFETCH_COLUMNS columns load all
-  their weights before the wait, and the GEMVs and the attention's merge kernel let the next kernel
-  launch once their loads are issued (`gdc_launch_dependents`, as inductor's kernels do): the small
-  products (600m-A's o_proj: 4.7 MB at 1.1 TB/s) are bound by latency, which the overlap could hide.
+  an H100. PREFETCH (opt-in): products of up to PREFETCH_COLUMNS columns load all their weights before
+  the wait, and the GEMVs and the attention's merge let the next kernel launch once their loads are
+  issued (`gdc_launch_dependents`, as inductor's kernels do). Measured slower (session 15, H100,
+  600m-A: 1,120 -> 1,093 tok/s; with rope 1,211 -> 747): not default.
 
-Measured (benchmarks/NOTES.md, session 13): `gemv` + `decode_attention` take 600m-A from 869 to 958
-tok/s at batch 1 on an H100 (34% -> 37.6% of the bandwidth bound), 3b-A from 272 to 281 (58.9% -> 61.1%).
+Measured (benchmarks/NOTES.md, sessions 13-15): `gemv` + `decode_attention` take 600m-A from 869 to 958
+tok/s at batch 1 on an H100 (34% -> 37.6% of the bandwidth bound), 3b-A from 272 to 281 (58.9% -> 61.1%);
+with pdl and rope (the Engine's default on Hopper) `bench decode` reads 1,296 (50.2%) and 337 (72.3%).
 `use_decode_kernels(model)` routes a model's decode products through them; `torch.compile` takes the
 kernels into its graph (and so into the decode step's CUDA graph). Anything they do not take (more
 than one row: prefill, other devices, other dtypes, no Triton) goes the reference way (F.linear,
