@@ -3,7 +3,7 @@
   python benchmarks/decode_probe.py --preset 600m-A --batch 1 --variants plain,fused,fused+autotune --out $OUT
 
 A variant is plain (separate q/k/v and gate/up products) or fused, optionally +autotune (torch.compile
-mode max-autotune instead of reduce-overhead) and +math/+efficient/+cudnn (the SDPA kernel, forced), +gemv/+norm/+attention/+swiglu/+rope/+prefetch/+kernels (onebox's Triton decode kernels, infer/kernels.py, one or all; without them cuBLAS and SDPA),
+mode max-autotune instead of reduce-overhead) and +math/+efficient/+cudnn (the SDPA kernel, forced), +gemv/+norm/+attention/+swiglu/+rope/+prefetch/+chain/+kernels (onebox's Triton decode kernels, infer/kernels.py, one or all; without them cuBLAS and SDPA),
 +window (attention over the cache up to the next power of two past the furthest position), +pdl (inductor's
 kernels with programmatic dependent launch), +kpdl (the Engine's `pdl` kernel option: onebox's GEMVs with it and, since
 session 14's measurements, inductor's kernels too; at 49ade89 it was the GEMVs only), +sepmerge (with +rope: a merge kernel
@@ -40,7 +40,7 @@ def probe(preset: str, batch: int, variant: str, out: Path) -> str:
     bound = batch * memory_bandwidth(device) / weight_bytes(model)
     mode = "max-autotune" if "autotune" in variant else "reduce-overhead"
     engine = Engine(model, max_batch=batch, prefix_entries=0, compile=mode, fuse=variant.startswith("fused"), windows="+window" in variant,
-                    kernels=True if "+kernels" in variant else ",".join(k for k in ("gemv", "norm", "attention", "swiglu", "rope", "prefetch") if f"+{k}" in variant)
+                    kernels=True if "+kernels" in variant else ",".join(k for k in ("gemv", "norm", "attention", "swiglu", "rope", "prefetch", "chain") if f"+{k}" in variant)
                     + (",pdl" if "+kpdl" in variant else "") or False)
     if "+sepmerge" in variant:  # +rope with the merge kernel after the chunks (session 14's design) instead of the chunks merging themselves
         for cache in engine.caches:

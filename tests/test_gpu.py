@@ -141,7 +141,7 @@ def test_triton_gemv_and_norm_gemv_match_the_reference_in_bf16(n, k):
              (kernels.norm_gemv(x * 3, norm.weight, norm.eps, w), norm(x * 3)),  # the norm folded in: RMSNorm's own roundings first
              (kernels.swiglu_gemv(gate_up, w), torch.nn.functional.silu(gate_up[..., :k]) * gate_up[..., k:])]  # SwiGLU folded in
     if kernels.pdl_available(x.device):  # the same kernels launched with programmatic dependent launch (Hopper and later)
-        for level in (kernels.LAUNCH, kernels.PREFETCH):
+        for level in (kernels.LAUNCH, kernels.PREFETCH, kernels.LAUNCH | kernels.CHAIN):
             cases += [(kernels.gemv(x, w, pdl=level), x), (kernels.norm_gemv(x * 3, norm.weight, norm.eps, w, pdl=level), norm(x * 3)),
                       (kernels.swiglu_gemv(gate_up, w, pdl=level), cases[2][1])]
     for got, row in cases:
@@ -214,15 +214,18 @@ def test_rope_decode_attention_matches_rotate_write_attend(batch, heads, kv_head
 
 
 @pytest.mark.parametrize("rows,options", [(2, {}), (1, {}), (1, {"swiglu": True, "pdl": True}), (2, {"rope": True}), (1, {"rope": True, "pdl": True}),
-                                          (2, {"rope": True, "pdl": 2}), (1, {"pdl": 2})])
+                                          (2, {"rope": True, "pdl": 2}), (1, {"pdl": 2}),
+                                          (1, {"rope": True, "pdl": 5}), (2, {"rope": True, "pdl": 5})])  # 5: LAUNCH | CHAIN
 def test_decode_kernels_inside_a_compiled_cuda_graph_decode_step(rows, options):
     """The kernels under torch.compile with CUDA graphs (reduce-overhead, fullgraph), as the engine runs them:
     a bf16 model's one-token logits equal the reference path's within bf16 tolerance, at five positions
     (two rows: attention only; one row: the GEMVs too; with SwiGLU folded in, programmatic dependent
-    launch, RoPE and the cache write folded into attention), and prefill (many rows) is untouched."""
+    launch, RoPE and the cache write folded into attention, that attention launched with PDL too), and prefill
+    (many rows) is untouched."""
     from onebox.infer import kernels
     from onebox.model import fuse_projections
 
+    torch._dynamo.reset()  # one code object (the lambda below) per case: past 8 cases dynamo's recompile limit would fail the run
     torch.manual_seed(3)
     config = micro_model(dim=256, heads=2, kv_heads=1, seq_len=160, hidden=768)
     ref_model = fuse_projections(Transformer(config).cuda().to(torch.bfloat16).eval())
@@ -236,9 +239,8 @@ def test_decode_kernels_inside_a_compiled_cuda_graph_decode_step(rows, options):
         caches, ref_caches = model.new_kv_caches(rows), ref_model.new_kv_caches(rows)
         prompt = torch.arange(90, device="cuda")
         assert torch.equal(model(ids[:, :90], prompt, caches), ref_model(ids[:, :90], prompt, ref_caches))
-        for cache in caches:
-            torch._dynamo.mark_static_address(cache.k)
-            torch._dynamo.mark_static_address(cache.v)
+        for buffer in (b for cache in caches for b in cache.buffers()):  # k, v and the attention's counters, as the Engine marks them
+            torch._dynamo.mark_static_address(buffer)
         step = torch.compile(lambda t, p: model(t, p, caches), mode="reduce-overhead", fullgraph=True)
         for position in (90, 91, 92, 93, 94):  # warm-up and capture, then replays
             pos = torch.tensor([[position], [position - 20]][:rows], device="cuda")

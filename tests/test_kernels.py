@@ -143,21 +143,25 @@ def test_decode_kernels_compile_for_hopper_without_spilling():
     bf16 = {"x_ptr": "*bf16", "g_ptr": "*bf16", "w_ptr": "*bf16", "y_ptr": "*bf16"}
     for row in (K.PLAIN, K.NORM, K.SWIGLU):
         for n in (1536, 4608):  # both warp counts
-            for pdl, whole, trigger in ((False, 0, False), (True, 0, False), (True, K.PREFETCH_COLUMNS, True), (True, 0, True)):  # off, LAUNCH, PREFETCH
+            # off, LAUNCH, PREFETCH (whole rows, and not), CHAIN
+            for pdl, whole, trigger in ((False, 0, 0), (True, 0, 0), (True, K.PREFETCH_COLUMNS, K.AFTER_LOADS), (True, 0, K.AFTER_LOADS), (True, 0, K.AFTER_WAIT)):
                 ptx = compiled(K._gemv_kernel, bf16, {"ROW": row, "BLOCK_N": K.BLOCK_N, "BLOCK_K": K.BLOCK_K, "PDL": pdl, "WHOLE": whole,
                                                       "TRIGGER": trigger}, num_warps=K.gemv_warps(n), launch_pdl=pdl)
-                assert ("griddepcontrol.wait" in ptx) == pdl and ("griddepcontrol.launch_dependents" in ptx) == trigger
-    pointers = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "kn_ptr": "*bf16", "vn_ptr": "*bf16", "length_ptr": "*i32",
+                assert ("griddepcontrol.wait" in ptx) == pdl and ("griddepcontrol.launch_dependents" in ptx) == (trigger > 0)
+    pointers = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "kn_ptr": "*bf16", "vn_ptr": "*bf16", "pos_ptr": "*i64",
                 "part_ptr": "*fp32", "stat_ptr": "*fp32", "cos_ptr": "*fp32", "sin_ptr": "*fp32", "o_ptr": "*bf16"}
     pointers["count_ptr"] = "*i32"
     chunk = K.ATTN_CHUNK
     for dim in (64, 128):
         for warps in sorted({K.attention_launch(rows)[1] for rows in (1, 8)}):
             for rope in (False, True):
-                for merge in (False, True):  # chunks merged by the last to finish (an atomic ticket), or by the merge kernel
+                # chunks merged by the last to finish (an atomic ticket), or by the merge kernel; CHAIN: launched with PDL
+                for merge, pdl in ((False, False), (True, False), (True, rope)):
                     ptx = compiled(K._attention_chunk_kernel, pointers, {"D": dim, "CHUNK": chunk, "ROPE": rope, "EARLY_V": K.early_v(chunk, dim),
-                                                                         "MERGE": merge, "MERGE_BLOCK": 16, "TRIGGER": False}, num_warps=warps)
+                                                                         "MERGE": merge, "MERGE_BLOCK": 16, "TRIGGER": K.AFTER_WAIT if pdl else 0, "PDL": pdl},
+                                   num_warps=warps, launch_pdl=pdl)
                     assert ("atom.global.gpu.acq_rel.add" in ptx) == merge and ("bar.sync" in ptx or not merge)
-    for trigger in (False, True):
+                    assert ("griddepcontrol.wait" in ptx) == pdl and ("griddepcontrol.launch_dependents" in ptx) == pdl
+    for trigger in (0, K.AFTER_LOADS):
         ptx = compiled(K._attention_merge_kernel, pointers, {"D": 128, "MERGE_BLOCK": 8, "TRIGGER": trigger}, num_warps=4)
-        assert ("griddepcontrol.launch_dependents" in ptx) == trigger
+        assert ("griddepcontrol.launch_dependents" in ptx) == (trigger > 0)

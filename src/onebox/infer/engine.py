@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from onebox.errors import OneboxError
-from onebox.infer.kernels import LAUNCH, PREFETCH, pdl_available, use_decode_kernels
+from onebox.infer.kernels import CHAIN, LAUNCH, PREFETCH, pdl_available, use_decode_kernels
 from onebox.infer.kernels import available as kernels_available
 from onebox.infer.sampling import sample_next
 from onebox.model import Transformer, fuse_projections
@@ -145,7 +145,9 @@ class Engine:
         inductor's kernels in the step: each kernel is launched while the one before it finishes, and the
         products load their first weights before they wait for their input), prefetch (pdl, and products
         of up to 2048 columns load all their weights before the wait; the next kernel launches once a
-        product's or the attention's loads are issued), rope (q and k rotated and k, v written into the
+        product's or the attention's loads are issued), chain (pdl, and the products let the next kernel
+        launch right after their wait; the attention with rope is launched with PDL too, loading its
+        stretch of the cache before it waits), rope (q and k rotated and k, v written into the
         cache by the attention kernel, whose chunks merge themselves); None: gemv, attention, pdl and rope
         wherever they run (CUDA with Triton); False: none (cuBLAS and SDPA). Measured on H100, batch 1
         (benchmarks/NOTES.md, sessions 13-15): gemv 600m-A 869 -> 933 tok/s, 3b-A 272 -> 283; attention
@@ -161,19 +163,19 @@ class Engine:
         (6,870 -> 5,276): benchmarks/NOTES.md. `warmup()` compiles every graph up front."""
         self.model = fuse_projections(model.eval()) if fuse else model.eval()
         if kernels is None:
-            kernels = "gemv,attention,pdl,rope" if kernels_available(self.model.embed_tokens.weight.device) else False
-        known = {"gemv", "norm", "attention", "swiglu", "pdl", "prefetch", "rope"}
+            kernels = "gemv,attention,pdl,rope,chain" if kernels_available(self.model.embed_tokens.weight.device) else False
+        known = {"gemv", "norm", "attention", "swiglu", "pdl", "prefetch", "chain", "rope"}
         chosen = set(known) if kernels is True else set(kernels.split(",")) if kernels else set()
         if chosen - known:
             raise OneboxError(f"unknown decode kernels {sorted(chosen - known)}: choose among {', '.join(sorted(known))}.")
-        if "prefetch" in chosen:
+        if chosen & {"prefetch", "chain"}:
             chosen.add("pdl")
         if not pdl_available(self.model.embed_tokens.weight.device):
-            chosen -= {"pdl", "prefetch"}  # needs Hopper or later: the kernels launch the ordinary way
+            chosen -= {"pdl", "prefetch", "chain"}  # needs Hopper or later: the kernels launch the ordinary way
         self.kernels = sorted(chosen)  # what the decode steps use (for the record)
         if chosen:
-            level = PREFETCH if "prefetch" in chosen else LAUNCH if "pdl" in chosen else 0
-            use_decode_kernels(self.model, **{name: name in chosen for name in known - {"pdl", "prefetch"}}, pdl=level)
+            level = ("pdl" in chosen) * LAUNCH | ("prefetch" in chosen) * PREFETCH | ("chain" in chosen) * CHAIN
+            use_decode_kernels(self.model, **{name: name in chosen for name in known - {"pdl", "prefetch", "chain"}}, pdl=level)
         self.config = model.config
         self.max_batch = max_batch
         self.prefill_tokens = prefill_tokens  # the most (padded) prompt tokens one batched prefill takes

@@ -59,8 +59,12 @@ ATTN_CHUNK = 32  # cache positions per decode-attention program (attention_launc
 # With pdl, products of up to this many columns load all their weights before waiting for their input:
 # at 2048 (K's next power of two) a program holds 4 x 2048 bf16 in 48-95 registers; 4096 took 91-168.
 PREFETCH_COLUMNS = 2048
-LAUNCH, PREFETCH = 1, 2  # `pdl` levels: launched with PDL (the first weight tile loaded before the wait); and all weights up to
-# PREFETCH_COLUMNS loaded before it, the next kernel let launch once the loads are issued (the GEMVs, the attention's merge)
+# `pdl` flags: any set = launched with PDL (the GEMVs' first weight tile loaded before the wait). PREFETCH: all weights up to
+# PREFETCH_COLUMNS loaded before it, the next kernel let launch once the loads are issued (the GEMVs, the attention's merge).
+# CHAIN: the GEMVs let the next kernel launch right after their wait, and the folded-RoPE attention is launched with PDL
+# too, loading its stretch of the cache before its wait (then letting the next kernel launch).
+LAUNCH, PREFETCH, CHAIN = 1, 2, 4
+AFTER_LOADS, AFTER_WAIT = 1, 2  # where a kernel calls gdc_launch_dependents (TRIGGER; 0: never, the next launches at its end)
 PLAIN, NORM, SWIGLU = 0, 1, 2  # the GEMV kernel's ROW: x itself, RMSNorm(x) with scale g, silu(x[:K]) * x[K:]
 
 try:  # Triton comes with PyTorch's CUDA builds; CPU builds have none
@@ -99,6 +103,8 @@ if triton is not None:
                 first = tl.load(w_ptr + rows[:, None] * stride_w + head[None, :], mask=row_mask[:, None] & (head < K)[None, :], other=0.0,
                                 eviction_policy="evict_first")
             tl.extra.cuda.gdc_wait()
+            if TRIGGER == 2:  # AFTER_WAIT: the next kernel may launch now (it waits for this one's end before it reads)
+                tl.extra.cuda.gdc_launch_dependents()
         rstd = 0.0
         if ROW == 1:  # NORM: RMSNorm's reciprocal root mean square, computed by every program (the row is a few KB, from L2)
             squares = tl.zeros((BLOCK_K,), dtype=tl.float32)
@@ -110,7 +116,7 @@ if triton is not None:
         if WHOLE > 0:  # (only with PDL)
             spread = tl.arange(0, WHOLE)
             x = _row_tile(x_ptr, g_ptr, spread, spread < K, K, rstd, ROW)
-            if TRIGGER:  # every load issued: the next kernel may launch (it waits for this one's end)
+            if TRIGGER == 1:  # AFTER_LOADS: every load issued: the next kernel may launch (it waits for this one's end)
                 tl.extra.cuda.gdc_launch_dependents()
             total = tl.sum(slab.to(tl.float32) * x[None, :], axis=1)
         else:
@@ -127,7 +133,7 @@ if triton is not None:
                 w = tl.load(w_ptr + rows[:, None] * stride_w + cols[None, :], mask=row_mask[:, None] & col_mask[None, :], other=0.0,
                             eviction_policy="evict_first").to(tl.float32)  # read once: keep it out of L2's way
                 acc += w * x[None, :]
-            if TRIGGER:
+            if TRIGGER == 1:
                 tl.extra.cuda.gdc_launch_dependents()
             total = tl.sum(acc, axis=1)
         tl.store(y_ptr + rows, total.to(y_ptr.dtype.element_ty), mask=row_mask)
@@ -142,23 +148,36 @@ if triton is not None:
         return ((x * cos).to(dtype).to(tl.float32) + (other * sin).to(dtype).to(tl.float32)).to(dtype)
 
     @triton.jit
-    def _attention_chunk_kernel(q_ptr, k_ptr, v_ptr, length_ptr, part_ptr, stat_ptr, HEADS, GROUP, CHUNKS, scale,
+    def _attention_chunk_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, spos_b, part_ptr, stat_ptr, HEADS, GROUP, CHUNKS, scale,
                                 sq_b, sq_h, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s,
                                 kn_ptr, vn_ptr, cos_ptr, sin_ptr, skn_b, skn_h, svn_b, svn_h, scos_b,
                                 count_ptr, o_ptr, so_b, so_h,
                                 D: tl.constexpr, CHUNK: tl.constexpr, ROPE: tl.constexpr, EARLY_V: tl.constexpr, MERGE: tl.constexpr,
-                                MERGE_BLOCK: tl.constexpr, TRIGGER: tl.constexpr):
+                                MERGE_BLOCK: tl.constexpr, TRIGGER: tl.constexpr, PDL: tl.constexpr):
         row_head = tl.program_id(0)  # row * HEADS + head
         chunk = tl.program_id(1)
         row, head = row_head // HEADS, row_head % HEADS
         kv_head = head // GROUP
-        length = tl.load(length_ptr + row)
+        # With PDL everything up to `gdc_wait` runs while the kernel before still does: it reads only what no kernel of
+        # this step writes before it (the cache's earlier positions; input_pos, which must come from outside the step)
+        length = tl.load(pos_ptr + row * spos_b).to(tl.int32) + 1
         out = row_head * CHUNKS + chunk
         dims = tl.arange(0, D)
         start = chunk * CHUNK
+        positions = start + tl.arange(0, CHUNK)
+        valid = positions < length  # none past this row's position: those programs load nothing
+        last = length - 1  # this step's position: with ROPE its slot is not read from the cache (this step's k, v are)
+        cached = valid
+        if ROPE:
+            cached = valid & (positions != last)
+        k = tl.load(k_ptr + row * sk_b + kv_head * sk_h + positions[:, None] * sk_s + dims[None, :], mask=cached[:, None], other=0.0).to(tl.float32)
+        if EARLY_V:  # small tiles: V's load in flight with K's (one memory round trip instead of two)
+            v = tl.load(v_ptr + row * sv_b + kv_head * sv_h + positions[:, None] * sv_s + dims[None, :], mask=cached[:, None], other=0.0).to(tl.float32)
+        if PDL:  # q (and this step's k, v) come from the kernel before; every store below lands after it has ended
+            tl.extra.cuda.gdc_wait()
+            if TRIGGER == 2:
+                tl.extra.cuda.gdc_launch_dependents()
         if start < length:
-            positions = start + tl.arange(0, CHUNK)
-            valid = positions < length
             if ROPE:  # q, and this step's k, still unrotated: rotate them here; this step's k and v go into the cache here
                 dtype = q_ptr.dtype.element_ty
                 partner = (dims + D // 2) % D
@@ -166,20 +185,13 @@ if triton is not None:
                 cos = tl.load(cos_ptr + row * scos_b + dims).to(dtype).to(tl.float32)
                 sin = tl.load(sin_ptr + row * scos_b + dims).to(dtype).to(tl.float32)
                 q = _rope_row(q_ptr + row * sq_b + head * sq_h, dims, partner, sign, cos, sin).to(tl.float32) * scale
-                last = length - 1  # this step's position: its slot is not read from the cache
-                cached = valid & (positions != last)
-            else:
-                q = tl.load(q_ptr + row * sq_b + head * sq_h + dims).to(tl.float32) * scale
-                cached = valid
-            k = tl.load(k_ptr + row * sk_b + kv_head * sk_h + positions[:, None] * sk_s + dims[None, :], mask=cached[:, None], other=0.0).to(tl.float32)
-            if EARLY_V:  # small tiles: V's load in flight with K's (one memory round trip instead of two)
-                v = tl.load(v_ptr + row * sv_b + kv_head * sv_h + positions[:, None] * sv_s + dims[None, :], mask=cached[:, None], other=0.0).to(tl.float32)
-            if ROPE:
                 if last < start + CHUNK:  # the chunk that holds this step's position: k from this step, rotated
                     k_new = _rope_row(kn_ptr + row * skn_b + kv_head * skn_h, dims, partner, sign, cos, sin)
                     k = tl.where((positions == last)[:, None], k_new.to(tl.float32)[None, :], k)
                     if head % GROUP == 0:  # one program per key/value head writes this step's k (and v, below) into the cache
                         tl.store(k_ptr + row * sk_b + kv_head * sk_h + last * sk_s + dims, k_new.to(k_ptr.dtype.element_ty))
+            else:
+                q = tl.load(q_ptr + row * sq_b + head * sq_h + dims).to(tl.float32) * scale
             scores = tl.where(valid, tl.sum(k * q[None, :], axis=1), float("-inf"))
             top = tl.max(scores, axis=0)
             weights = tl.exp(scores - top)
@@ -227,7 +239,7 @@ if triton is not None:
             acc = acc * carry + tl.sum(parts * scale[:, None], axis=0)
             total = total * carry + tl.sum(sums * scale, axis=0)
             top = new_top
-        if TRIGGER:  # the product after attention (o_proj) may launch and load its weights while this kernel ends
+        if TRIGGER == 1:  # the product after attention (o_proj) may launch and load its weights while this kernel ends
             tl.extra.cuda.gdc_launch_dependents()
         tl.store(o_ptr + row * so_b + head * so_h + dims, (acc / total).to(o_ptr.dtype.element_ty))
 
@@ -267,9 +279,10 @@ def _launch(row: Tensor, weight: Tensor, kind: int, scale: Tensor | None, eps: f
     row = row.contiguous()
     y = torch.empty((*row.shape[:-1], n), dtype=row.dtype, device=row.device)
     options = {"launch_pdl": True} if pdl else {}
-    whole = triton.next_power_of_2(k) if pdl >= PREFETCH and k <= PREFETCH_COLUMNS else 0
+    whole = triton.next_power_of_2(k) if pdl & PREFETCH and k <= PREFETCH_COLUMNS else 0
+    trigger = AFTER_WAIT if pdl & CHAIN else AFTER_LOADS if pdl & PREFETCH else 0
     _gemv_kernel[(triton.cdiv(n, BLOCK_N),)](row, row if scale is None else scale, weight, y, n, k, weight.stride(0), eps, ROW=kind,
-                                             BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, PDL=pdl > 0, WHOLE=whole, TRIGGER=pdl >= PREFETCH,
+                                             BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, PDL=pdl > 0, WHOLE=whole, TRIGGER=trigger,
                                              num_warps=gemv_warps(n), **options)
     return y
 
@@ -365,11 +378,21 @@ def attention_launch(rows: int, rope: bool = False) -> tuple[int, int]:
 
 def _attention(q: Tensor, k: Tensor, v: Tensor, input_pos: Tensor, fresh: tuple[Tensor, Tensor, Tensor, Tensor] | None, chunk: int | None,
                warps: int | None, pdl: int, counts: Tensor | None) -> Tensor:
-    batch, heads, _, dim = q.shape
-    kv_heads, slots = k.shape[1], k.shape[2]
+    batch, heads = q.shape[:2]
     launch = attention_launch(batch, fresh is not None)
     chunk, warps = chunk or launch[0], warps or launch[1]
-    lengths = (input_pos.reshape(-1, 1)[:, -1] + 1).expand(batch).to(torch.int32).contiguous()
+    if counts is not None and (counts.numel() != batch * heads or counts.dtype != torch.int32 or not counts.is_contiguous()):
+        raise ValueError(f"counts must be int32, contiguous, one per (row, head): {batch} x {heads}, got {tuple(counts.shape)} {counts.dtype}")
+    if pdl & CHAIN and fresh is not None and counts is not None:  # one kernel, launched with PDL through its own operator
+        return torch.ops.onebox.rope_attention_pdl(q, *fresh, k, v, input_pos, counts, chunk, warps, pdl)
+    return _attention_launch(q, k, v, input_pos, fresh, chunk, warps, pdl, counts)
+
+
+def _attention_launch(q: Tensor, k: Tensor, v: Tensor, input_pos: Tensor, fresh: tuple[Tensor, Tensor, Tensor, Tensor] | None, chunk: int,
+                      warps: int, pdl: int, counts: Tensor | None) -> Tensor:
+    batch, heads, _, dim = q.shape
+    kv_heads, slots = k.shape[1], k.shape[2]
+    pos = input_pos.reshape(-1, input_pos.shape[-1])[:, -1]  # each row's position (B,), or one for all (1,): read by the kernel
     chunks = triton.cdiv(slots, chunk)
     parts = torch.empty(batch * heads * chunks, dim, dtype=torch.float32, device=q.device)
     stats = torch.empty(batch * heads * chunks, 2, dtype=torch.float32, device=q.device)
@@ -380,20 +403,37 @@ def _attention(q: Tensor, k: Tensor, v: Tensor, input_pos: Tensor, fresh: tuple[
     else:
         k_new, v_new, cos, sin = fresh
         fresh_strides = (k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1), dim if cos.shape[0] > 1 else 0)
-    merge = counts is not None
-    if merge and (counts.numel() != batch * heads or counts.dtype != torch.int32 or not counts.is_contiguous()):
-        raise ValueError(f"counts must be int32, contiguous, one per (row, head): {batch} x {heads}, got {tuple(counts.shape)} {counts.dtype}")
+    merge, chained = counts is not None, bool(pdl & CHAIN) and fresh is not None and counts is not None
+    trigger = AFTER_WAIT if chained else AFTER_LOADS if pdl & PREFETCH else 0
     block = min(16, triton.next_power_of_2(chunks))
-    _attention_chunk_kernel[(batch * heads, chunks)](q, k, v, lengths, parts, stats, heads, heads // kv_heads, chunks, 1.0 / math.sqrt(dim),
-                                                     q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2),
+    _attention_chunk_kernel[(batch * heads, chunks)](q, k, v, pos, pos.stride(0) if pos.numel() > 1 else 0, parts, stats, heads, heads // kv_heads,
+                                                     chunks, 1.0 / math.sqrt(dim), q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2),
                                                      v.stride(0), v.stride(1), v.stride(2), k_new, v_new, cos, sin, *fresh_strides,
-                                                     counts if merge else lengths, out, out.stride(0), out.stride(2),
+                                                     counts if merge else stats, out, out.stride(0), out.stride(2),
                                                      D=dim, CHUNK=chunk, ROPE=fresh is not None, EARLY_V=early_v(chunk, dim), MERGE=merge,
-                                                     MERGE_BLOCK=block, TRIGGER=pdl >= PREFETCH, num_warps=warps)
+                                                     MERGE_BLOCK=block, TRIGGER=trigger, PDL=chained, num_warps=warps,
+                                                     **({"launch_pdl": True} if chained else {}))
     if not merge:
         _attention_merge_kernel[(batch * heads,)](parts, stats, out, heads, chunks, out.stride(0), out.stride(2), D=dim, MERGE_BLOCK=block,
-                                                  TRIGGER=pdl >= PREFETCH, num_warps=4)
+                                                  TRIGGER=trigger, num_warps=4)
     return out.transpose(1, 2)
+
+
+# The folded-RoPE attention launched with programmatic dependent launch (CHAIN): as `onebox::gemv_pdl`, an operator of its
+# own, since torch.compile launches user-defined Triton kernels without `launch_pdl`. It writes this step's k and v into
+# the cache and takes tickets on the counters. input_pos must come from outside the compiled step (the Engine's
+# positions buffer): the kernel reads it before it waits for the kernel before it.
+@torch.library.custom_op("onebox::rope_attention_pdl", mutates_args=("cache_k", "cache_v", "counts"), device_types="cuda")
+def _rope_attention_pdl(q: Tensor, k_new: Tensor, v_new: Tensor, cos: Tensor, sin: Tensor, cache_k: Tensor, cache_v: Tensor, input_pos: Tensor,
+                        counts: Tensor, chunk: int, warps: int, pdl: int) -> Tensor:
+    return _attention_launch(q, cache_k, cache_v, input_pos, (k_new, v_new, cos, sin), chunk, warps, pdl, counts)
+
+
+@_rope_attention_pdl.register_fake
+def _(q: Tensor, k_new: Tensor, v_new: Tensor, cos: Tensor, sin: Tensor, cache_k: Tensor, cache_v: Tensor, input_pos: Tensor,
+      counts: Tensor, chunk: int, warps: int, pdl: int) -> Tensor:
+    batch, heads, _, dim = q.shape
+    return q.new_empty(batch, 1, heads, dim).transpose(1, 2)
 
 
 def early_v(chunk: int, dim: int) -> bool:
@@ -459,9 +499,10 @@ def use_decode_kernels(model: nn.Module, gemv: bool = True, norm: bool = True, a
     o_proj, down, the output layer; `gemv`), each block's two norms into the products after them (`norm`;
     needs the fused q/k/v and gate/up weights, `onebox.model.fuse_projections`), attention over the
     cache (`attention`), and SwiGLU's activation and product folded into the down product (`swiglu`;
-    fused gate/up weights too). `pdl` (LAUNCH or PREFETCH; 0 off): the products launched with programmatic
-    dependent launch (Hopper and later; each starts loading its weights while the kernel before it
-    finishes; PREFETCH: all of them, and the next kernel launches early). `rope`: RoPE and the
+    fused gate/up weights too). `pdl` (LAUNCH, with PREFETCH and CHAIN or'd in; 0 off): the products launched
+    with programmatic dependent launch (Hopper and later; each starts loading its weights while the kernel
+    before it finishes; PREFETCH: all of them, and the next kernel launches early; CHAIN: the next kernel
+    launches right after their wait, and the folded-RoPE attention is launched with PDL too). `rope`: RoPE and the
     cache write folded into the attention kernel (`rope_decode_attention`)."""
     for module in model.modules():
         if gemv and hasattr(module, "project") and not _folded(module.project):  # not a norm folded in already
