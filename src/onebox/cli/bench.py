@@ -358,8 +358,8 @@ def add_bench_parsers(sub: Any) -> None:
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--baseline", choices=["hf"], help="also time transformers' generate() on the same weights")
-    p.add_argument("--kernels", default="auto", help="onebox's decode kernels: auto (gemv,attention on CUDA, pdl on Hopper), none (cuBLAS "
-                   "and SDPA), or a comma list of gemv, norm, attention, swiglu, pdl, prefetch, rope")
+    p.add_argument("--kernels", default="auto", help="onebox's decode kernels: auto (gemv,attention,rope on CUDA; pdl,chain on Hopper), none "
+                   "(cuBLAS and SDPA), or a comma list of gemv, norm, attention, swiglu, pdl, prefetch, chain, rope")
     p.set_defaults(func=cmd_bench_decode)
 
     p = bench.add_parser("serve", help="concurrent streaming clients against a live server: latency percentiles and aggregate tokens/s")

@@ -148,11 +148,12 @@ class Engine:
         product's or the attention's loads are issued), chain (pdl, and the products let the next kernel
         launch right after their wait; the attention with rope is launched with PDL too, loading its
         stretch of the cache before it waits), rope (q and k rotated and k, v written into the
-        cache by the attention kernel, whose chunks merge themselves); None: gemv, attention, pdl and rope
-        wherever they run (CUDA with Triton); False: none (cuBLAS and SDPA). Measured on H100, batch 1
-        (benchmarks/NOTES.md, sessions 13-15): gemv 600m-A 869 -> 933 tok/s, 3b-A 272 -> 283; attention
-        on top 600m-A +3%, 3b-A -1% (noise); pdl on top 600m-A 957 -> 1,050, 3b-A 280 -> 293 (inductor's
-        kernels alone with it: 1,035 and 277); rope on top 600m-A 1,120 -> 1,211, 3b-A 310 -> 331. Not
+        cache by the attention kernel, whose chunks merge themselves); None: gemv, attention, rope, pdl and
+        chain wherever they run (CUDA with Triton; pdl and chain on Hopper and later); False: none (cuBLAS
+        and SDPA). Measured on H100, batch 1 (benchmarks/NOTES.md, sessions 13-15): gemv 600m-A 869 -> 933
+        tok/s, 3b-A 272 -> 283; attention on top 600m-A +3%, 3b-A -1% (noise); pdl on top 600m-A 957 ->
+        1,050, 3b-A 280 -> 293 (inductor's kernels alone with it: 1,035 and 277); rope on top 600m-A 1,120
+        -> 1,211, 3b-A 310 -> 331; chain on top 600m-A 1,297 -> 1,380, 3b-A 338 -> 347. Not
         default: norm (906 against gemv alone 933: the folded norm costs more than the kernel it saves),
         swiglu (973 against 957 without pdl, but 962-967 against 1,050 with it) and prefetch (1,120 -> 1,093;
         with rope 747).

@@ -33,11 +33,14 @@ multiply it by one row and attention reads a short stretch of the KV cache.
   an H100. PREFETCH (opt-in): products of up to PREFETCH_COLUMNS columns load all their weights before
   the wait, and the GEMVs and the attention's merge let the next kernel launch once their loads are
   issued (`gdc_launch_dependents`, as inductor's kernels do). Measured slower (session 15, H100,
-  600m-A: 1,120 -> 1,093 tok/s; with rope 1,211 -> 747): not default.
+  600m-A: 1,120 -> 1,093 tok/s; with rope 1,211 -> 747): not default. CHAIN (default on Hopper): the GEMVs
+  let the next kernel launch right after their wait, and the folded-RoPE attention is launched with PDL
+  too (`onebox::rope_attention_pdl`), loading its stretch of the cache before its wait: 600m-A 1,297 ->
+  1,380 tok/s, 3b-A 338 -> 347 (session 15, H100).
 
 Measured (benchmarks/NOTES.md, sessions 13-15): `gemv` + `decode_attention` take 600m-A from 869 to 958
 tok/s at batch 1 on an H100 (34% -> 37.6% of the bandwidth bound), 3b-A from 272 to 281 (58.9% -> 61.1%);
-with pdl and rope (the Engine's default on Hopper) `bench decode` reads 1,296 (50.2%) and 337 (72.3%).
+with pdl, rope and chain (the Engine's default on Hopper) `bench decode` reads 1,380 (54.1%) and 349 (76.1%).
 `use_decode_kernels(model)` routes a model's decode products through them; `torch.compile` takes the
 kernels into its graph (and so into the decode step's CUDA graph). Anything they do not take (more
 than one row: prefill, other devices, other dtypes, no Triton) goes the reference way (F.linear,
