@@ -5,7 +5,8 @@ Run on the GPU machine (PYTHONPATH=src):
       --profile block --out $OUT
 A variant is a compile scope (eager, block, model) joined with options: fp8 (torchao float8, per-tensor
 scales), fp8row (per-row scales), ckpt (activation checkpointing), clip2 (clipping as its own pass), sidestep (each
-block's AdamW step on a second stream during backward);
+block's AdamW step on a second stream during backward), autotune (inductor's max-autotune: Triton matmul
+templates with fused epilogues where they beat cuBLAS);
 @B sets its batch. Prints one table row per variant, and
 for each profiled variant the GPU time per step by kernel kind with the top kernels.
 """
@@ -117,6 +118,9 @@ def side_stream_update(model: Transformer, lr: float, device: torch.device):
 
 
 def contender(variant: str, config: ModelConfig, device: torch.device, settings: BenchSettings) -> Contender:
+    # +autotune: inductor's max-autotune for the compiled graphs (Triton matmul templates timed against cuBLAS, with the
+    # elementwise work after a product fused into its epilogue where a template wins); set per variant, compiled lazily
+    torch._inductor.config.max_autotune = "autotune" in variant.split("+")
     if variant.startswith("hf"):
         return build_hf(config, device, settings, compile_model=variant == "hf-compile")
     return builder(variant)(config, device, settings)
