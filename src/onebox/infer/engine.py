@@ -165,18 +165,19 @@ class Engine:
         self.model = fuse_projections(model.eval()) if fuse else model.eval()
         if kernels is None:
             kernels = "gemv,attention,pdl,rope,chain" if kernels_available(self.model.embed_tokens.weight.device) else False
-        known = {"gemv", "norm", "attention", "swiglu", "pdl", "prefetch", "chain", "rope"}
+        launches = {"pdl", "prefetch", "chain"}  # how the kernels are launched (Hopper and later), not which
+        known = {"gemv", "norm", "attention", "swiglu", "rope"} | launches
         chosen = set(known) if kernels is True else set(kernels.split(",")) if kernels else set()
         if chosen - known:
             raise OneboxError(f"unknown decode kernels {sorted(chosen - known)}: choose among {', '.join(sorted(known))}.")
         if chosen & {"prefetch", "chain"}:
             chosen.add("pdl")
         if not pdl_available(self.model.embed_tokens.weight.device):
-            chosen -= {"pdl", "prefetch", "chain"}  # needs Hopper or later: the kernels launch the ordinary way
+            chosen -= launches  # needs Hopper or later: the kernels launch the ordinary way
         self.kernels = sorted(chosen)  # what the decode steps use (for the record)
         if chosen:
             level = ("pdl" in chosen) * LAUNCH | ("prefetch" in chosen) * PREFETCH | ("chain" in chosen) * CHAIN
-            use_decode_kernels(self.model, **{name: name in chosen for name in known - {"pdl", "prefetch", "chain"}}, pdl=level)
+            use_decode_kernels(self.model, **{name: name in chosen for name in known - launches}, pdl=level)
         self.config = model.config
         self.max_batch = max_batch
         self.prefill_tokens = prefill_tokens  # the most (padded) prompt tokens one batched prefill takes

@@ -388,11 +388,11 @@ def _attention(q: Tensor, k: Tensor, v: Tensor, input_pos: Tensor, fresh: tuple[
         raise ValueError(f"counts must be int32, contiguous, one per (row, head): {batch} x {heads}, got {tuple(counts.shape)} {counts.dtype}")
     if pdl & CHAIN and fresh is not None and counts is not None:  # one kernel, launched with PDL through its own operator
         return torch.ops.onebox.rope_attention_pdl(q, *fresh, k, v, input_pos, counts, chunk, warps, pdl)
-    return _attention_launch(q, k, v, input_pos, fresh, chunk, warps, pdl, counts)
+    return _attention_launch(q, k, v, input_pos, fresh, chunk, warps, pdl, counts, chained=False)
 
 
 def _attention_launch(q: Tensor, k: Tensor, v: Tensor, input_pos: Tensor, fresh: tuple[Tensor, Tensor, Tensor, Tensor] | None, chunk: int,
-                      warps: int, pdl: int, counts: Tensor | None) -> Tensor:
+                      warps: int, pdl: int, counts: Tensor | None, chained: bool) -> Tensor:
     batch, heads, _, dim = q.shape
     kv_heads, slots = k.shape[1], k.shape[2]
     pos = input_pos.reshape(-1, input_pos.shape[-1])[:, -1]  # each row's position (B,), or one for all (1,): read by the kernel
@@ -406,7 +406,7 @@ def _attention_launch(q: Tensor, k: Tensor, v: Tensor, input_pos: Tensor, fresh:
     else:
         k_new, v_new, cos, sin = fresh
         fresh_strides = (k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1), dim if cos.shape[0] > 1 else 0)
-    merge, chained = counts is not None, bool(pdl & CHAIN) and fresh is not None and counts is not None
+    merge = counts is not None
     trigger = AFTER_WAIT if chained else AFTER_LOADS if pdl & PREFETCH else 0
     block = min(16, triton.next_power_of_2(chunks))
     _attention_chunk_kernel[(batch * heads, chunks)](q, k, v, pos, pos.stride(0) if pos.numel() > 1 else 0, parts, stats, heads, heads // kv_heads,
@@ -431,7 +431,7 @@ def _attention_launch(q: Tensor, k: Tensor, v: Tensor, input_pos: Tensor, fresh:
 @torch.library.custom_op("onebox::rope_attention_pdl", mutates_args=("cache_k", "cache_v", "counts"), device_types="cuda")
 def _rope_attention_pdl(q: Tensor, k_new: Tensor, v_new: Tensor, cos: Tensor, sin: Tensor, cache_k: Tensor, cache_v: Tensor, input_pos: Tensor,
                         counts: Tensor, chunk: int, warps: int, pdl: int) -> Tensor:
-    return _attention_launch(q, cache_k, cache_v, input_pos, (k_new, v_new, cos, sin), chunk, warps, pdl, counts)
+    return _attention_launch(q, cache_k, cache_v, input_pos, (k_new, v_new, cos, sin), chunk, warps, pdl, counts, chained=True)
 
 
 @_rope_attention_pdl.register_fake
