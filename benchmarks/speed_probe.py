@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from onebox.bench.decode import memory_bandwidth
 from onebox.bench.training import BenchSettings, Contender, build_hf, contender_step, measure_training, synthetic_batch
 from onebox.config import PRESETS, ModelConfig, TrainConfig
 from onebox.device import autocast_dtype, peak_flops
@@ -172,16 +173,21 @@ def _products_ms(shapes: list[tuple[int, int]], tokens: int, device: torch.devic
 
 
 def _attention_ms(config: ModelConfig, batch: int, device: torch.device) -> float:
-    """One layer's causal SDPA forward and backward, q/k/v laid out as the model makes them ((B, T, H, D) transposed)."""
-    q, k, v = (torch.randn(batch, config.seq_len, heads, config.head_dim, device=device, dtype=torch.bfloat16).transpose(1, 2).requires_grad_()
-               for heads in (config.heads, config.kv_heads, config.kv_heads))
-    grad = torch.randn(batch, config.heads, config.seq_len, config.head_dim, device=device, dtype=torch.bfloat16)
+    """One layer's causal SDPA forward and backward; the faster of two layouts of q/k/v: (B, T, H, D) transposed, as the
+    projections make them, and contiguous (B, H, T, D)."""
+    best = float("inf")
+    for transposed in (True, False):
+        q, k, v = (torch.randn(batch, config.seq_len, heads, config.head_dim, device=device, dtype=torch.bfloat16).transpose(1, 2)
+                   for heads in (config.heads, config.kv_heads, config.kv_heads))
+        q, k, v = ((t if transposed else t.contiguous()).requires_grad_() for t in (q, k, v))
+        grad = torch.randn(batch, config.heads, config.seq_len, config.head_dim, device=device, dtype=torch.bfloat16)
 
-    def run() -> None:
-        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=config.kv_heads != config.heads)
-        torch.autograd.grad(out, (q, k, v), grad)
+        def run(q=q, k=k, v=v, grad=grad) -> None:
+            out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=config.kv_heads != config.heads)
+            torch.autograd.grad(out, (q, k, v), grad)
 
-    return gpu_ms(run, device)
+        best = min(best, gpu_ms(run, device))
+    return best
 
 
 def _optimizer_ms(config: ModelConfig, device: torch.device) -> float:
@@ -206,20 +212,26 @@ def step_floor(config: ModelConfig, batch: int, device: torch.device) -> dict[st
     """The step's irreducible parts timed alone: every matrix product of forward and backward (one layer's set timed,
     times layers, plus the output projection), causal attention forward and backward, and the optimizer. No norm, RoPE,
     SwiGLU, residual add, cast or loss is counted, so floor_mfu bounds any bf16 step built from these library kernels:
-    the work left out only adds time. square_tflops is the card's bf16 product rate on one 8192^3 product."""
+    the work left out only adds time; floor_bytes_mfu bounds it with any optimizer (AdamW's 28 bytes a parameter at the
+    copy bandwidth; n/a off CUDA). square_tflops is the card's bf16 product rate on one 8192^3 product."""
     tokens = batch * config.seq_len
     layer = [(config.dim, config.dim), (config.kv_dim, config.dim), (config.kv_dim, config.dim), (config.dim, config.dim),
              (config.hidden, config.dim), (config.hidden, config.dim), (config.dim, config.hidden)]
     products_ms = config.layers * _products_ms(layer, tokens, device) + _products_ms([(config.vocab_size, config.dim)], tokens, device)
     attention_ms = config.layers * _attention_ms(config, batch, device)
     optimizer_ms = _optimizer_ms(config, device)
+    # AdamW over fp32 weights moves at least 28 bytes a parameter (weight, gradient, two moments read; weight, moments written)
+    bandwidth = memory_bandwidth(device)
+    optimizer_bytes_ms = 28 * config.num_params() / bandwidth * 1e3 if bandwidth else float("nan")
     size = 8192 if device.type == "cuda" else 512
     big = torch.randn(size, size, device=device, dtype=torch.bfloat16)
     square = 2 * size**3 / (gpu_ms(lambda: big @ big, device) / 1e3)
     total = products_ms + attention_ms + optimizer_ms
+    least = products_ms + attention_ms + optimizer_bytes_ms  # with an optimizer at the copy bandwidth
     model_flops, peak = config.flops_per_token() * tokens, peak_flops(device) or 989e12
     return {"products_ms": products_ms, "products_tflops": 6 * config.num_matmul_params() * tokens / products_ms / 1e9,
-            "attention_ms": attention_ms, "optimizer_ms": optimizer_ms, "floor_ms": total, "floor_mfu": model_flops / (total / 1e3) / peak,
+            "attention_ms": attention_ms, "optimizer_ms": optimizer_ms, "optimizer_bytes_ms": optimizer_bytes_ms, "floor_ms": total,
+            "floor_mfu": model_flops / (total / 1e3) / peak, "floor_bytes_ms": least, "floor_bytes_mfu": model_flops / (least / 1e3) / peak,
             "ms_at_55pct_mfu": model_flops / (0.55 * peak) * 1e3, "square_tflops": square / 1e12}
 
 
