@@ -4,7 +4,7 @@ Run on the GPU machine (PYTHONPATH=src):
   python benchmarks/speed_probe.py --preset 600m-A --batch 32 --variants block,block+fp8,hf-compile \
       --profile block --out $OUT
 A variant is a compile scope (eager, block, model) joined with options: fp8 (torchao float8, per-tensor
-scales), fp8row (per-row scales), ckpt (activation checkpointing), clip2 (clipping as its own pass), sidestep (each
+scales), fp8row (per-row scales), ckpt (activation checkpointing), clip2 (clipping as its own pass), torchadam (torch's fused AdamW, not onebox's Triton one), sidestep (each
 block's AdamW step on a second stream during backward), autotune (inductor's max-autotune: Triton matmul
 templates with fused epilogues where they beat cuBLAS), cdt (inductor's coordinate-descent tuning of its Triton kernels);
 @B sets its batch. Prints one table row per variant, and
@@ -25,12 +25,13 @@ from pathlib import Path
 
 import torch
 
+from onebox.adamw import TritonAdamW, triton_ready
 from onebox.bench.decode import memory_bandwidth
 from onebox.bench.training import BenchSettings, Contender, build_hf, contender_step, measure_training, synthetic_batch
 from onebox.config import PRESETS, ModelConfig, TrainConfig
 from onebox.device import autocast_dtype, peak_flops
 from onebox.model import Transformer
-from onebox.optim import build_optimizer
+from onebox.optim import OptimizerSet, build_optimizer, param_groups
 from onebox.transforms import apply_float8, prepare_training
 
 KINDS = [  # (kind, pattern on the kernel name), first match wins
@@ -61,7 +62,10 @@ def builder(variant: str):
         loss = prepare_training(model, device, "bf16", scope, "ckpt" in parts)
         if "sidestep" in parts:
             return Contender(loss, side_stream_update(model, settings.lr, device), scope != "off")
-        optimizer = build_optimizer(model, TrainConfig(lr=settings.lr, device=str(device)))
+        train = TrainConfig(lr=settings.lr, device=str(device))
+        optimizer = build_optimizer(model, train)
+        if "torchadam" in parts:  # torch's fused AdamW instead of onebox's Triton one (the default before session 16)
+            optimizer = OptimizerSet([torch.optim.AdamW(param_groups(model, train), betas=(train.beta1, train.beta2), eps=train.eps, fused=True)])
 
         def update() -> None:
             if "clip2" in parts:  # the separate clipping pass, as before the clip factor went into AdamW's grad_scale
@@ -190,15 +194,18 @@ def _attention_ms(config: ModelConfig, batch: int, device: torch.device) -> floa
     return best
 
 
-def _optimizer_ms(config: ModelConfig, device: torch.device) -> float:
-    """The update as onebox runs it (OptimizerSet.step): global gradient norm, then fused AdamW over fp32 weights of the
-    model's sizes with the clip factor as its grad_scale."""
+def _optimizer_ms(config: ModelConfig, device: torch.device, triton: bool) -> float:
+    """The update as onebox runs it (OptimizerSet.step): global gradient norm, then AdamW over fp32 weights of the model's
+    sizes with the clip factor as its grad_scale; onebox's Triton AdamW or torch's fused one. NaN where Triton cannot run."""
     with torch.device("meta"):
         sizes = [p.shape for p in Transformer(config).parameters()]
     params = [torch.zeros(shape, device=device, requires_grad=True) for shape in sizes]
+    if triton and not triton_ready(params):
+        return float("nan")
     for p in params:
         p.grad = torch.randn_like(p) * 1e-3
-    optimizer = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
+    kwargs = {"lr": 1e-4, "betas": (0.9, 0.95), "weight_decay": 0.1}
+    optimizer = TritonAdamW(params, **kwargs) if triton else torch.optim.AdamW(params, fused=True, **kwargs)
 
     def run() -> None:
         norm = torch.nn.utils.get_total_norm([p.grad for p in params])
@@ -219,7 +226,10 @@ def step_floor(config: ModelConfig, batch: int, device: torch.device) -> dict[st
              (config.hidden, config.dim), (config.hidden, config.dim), (config.dim, config.hidden)]
     products_ms = config.layers * _products_ms(layer, tokens, device) + _products_ms([(config.vocab_size, config.dim)], tokens, device)
     attention_ms = config.layers * _attention_ms(config, batch, device)
-    optimizer_ms = _optimizer_ms(config, device)
+    optimizer_torch_ms = _optimizer_ms(config, device, triton=False)
+    torch.cuda.empty_cache()
+    optimizer_triton_ms = _optimizer_ms(config, device, triton=True)
+    optimizer_ms = optimizer_torch_ms if optimizer_triton_ms != optimizer_triton_ms else min(optimizer_torch_ms, optimizer_triton_ms)  # NaN: no Triton
     # AdamW over fp32 weights moves at least 28 bytes a parameter (weight, gradient, two moments read; weight, moments written)
     bandwidth = memory_bandwidth(device)
     optimizer_bytes_ms = 28 * config.num_params() / bandwidth * 1e3 if bandwidth else float("nan")
@@ -230,7 +240,8 @@ def step_floor(config: ModelConfig, batch: int, device: torch.device) -> dict[st
     least = products_ms + attention_ms + optimizer_bytes_ms  # with an optimizer at the copy bandwidth
     model_flops, peak = config.flops_per_token() * tokens, peak_flops(device) or 989e12
     return {"products_ms": products_ms, "products_tflops": 6 * config.num_matmul_params() * tokens / products_ms / 1e9,
-            "attention_ms": attention_ms, "optimizer_ms": optimizer_ms, "optimizer_bytes_ms": optimizer_bytes_ms, "floor_ms": total,
+            "attention_ms": attention_ms, "optimizer_ms": optimizer_ms, "optimizer_torch_ms": optimizer_torch_ms,
+            "optimizer_triton_ms": optimizer_triton_ms, "optimizer_bytes_ms": optimizer_bytes_ms, "floor_ms": total,
             "floor_mfu": model_flops / (total / 1e3) / peak, "floor_bytes_ms": least, "floor_bytes_mfu": model_flops / (least / 1e3) / peak,
             "ms_at_55pct_mfu": model_flops / (0.55 * peak) * 1e3, "square_tflops": square / 1e12}
 

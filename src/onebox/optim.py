@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from onebox.adamw import make_adamw
 from onebox.config import TrainConfig
 from onebox.errors import OneboxError
 
@@ -51,15 +52,16 @@ class OptimizerSet:
     def step(self, max_grad_norm: float = 0.0) -> None:
         """Clip the gradients' global norm to max_grad_norm (0: no clipping), then step every optimizer.
 
-        The clip factor is the one torch.nn.utils.clip_grad_norm_ uses. Fused AdamW takes it as its
-        grad_scale (the kernel divides each gradient as it reads it), which saves the separate pass
-        that scales every gradient in place: 8 bytes per parameter, 6 ms a step at 3B on an H200.
+        The clip factor is the one torch.nn.utils.clip_grad_norm_ uses. AdamW (onebox's Triton one, or
+        torch's fused) takes it as its grad_scale (the kernel divides each gradient as it reads it), which
+        saves the separate pass that scales every gradient in place: 8 bytes per parameter, 6 ms a step
+        at 3B on an H200.
         """
         if max_grad_norm > 0:
             grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
             coefficient = torch.clamp(max_grad_norm / (torch.nn.utils.get_total_norm(grads) + 1e-6), max=1.0)
             for opt in self.optimizers:
-                if opt.defaults.get("fused") and getattr(opt, "_step_supports_amp_scaling", False):
+                if getattr(opt, "takes_grad_scale", False) or (opt.defaults.get("fused") and getattr(opt, "_step_supports_amp_scaling", False)):
                     opt.grad_scale = 1.0 / coefficient
                 else:
                     torch._foreach_mul_([p.grad for group in opt.param_groups for p in group["params"] if p.grad is not None], coefficient)
@@ -90,14 +92,11 @@ def param_groups(model: nn.Module, config: TrainConfig) -> list[dict[str, Any]]:
 
 
 def build_optimizer(model: nn.Module, config: TrainConfig) -> OptimizerSet:
-    """AdamW (decay on hidden matrices only) or Muon on hidden matrices with AdamW on the rest."""
+    """AdamW (decay on hidden matrices only) or Muon on hidden matrices with AdamW on the rest (adamw.make_adamw: Triton on CUDA)."""
     hidden, _, _ = _split_parameters(model)
-    fusable = {p.device.type for p in model.parameters()} <= {"cuda", "cpu"}  # fused AdamW kernels exist for both
     adamw_kwargs = {"betas": (config.beta1, config.beta2), "eps": config.eps}
-    if fusable:
-        adamw_kwargs["fused"] = True
     if config.optimizer == "adamw":
-        return OptimizerSet([torch.optim.AdamW(param_groups(model, config), **adamw_kwargs)])
+        return OptimizerSet([make_adamw(param_groups(model, config), **adamw_kwargs)])
     rest = [g for g in param_groups(model, config) if g["kind"] != "matrix"]
     muon_class = getattr(torch.optim, "Muon", None)
     if muon_class is None:
@@ -109,7 +108,7 @@ def build_optimizer(model: nn.Module, config: TrainConfig) -> OptimizerSet:
         nesterov=True,
         weight_decay=config.weight_decay,
     )
-    return OptimizerSet([muon, torch.optim.AdamW(rest, **adamw_kwargs)])
+    return OptimizerSet([muon, make_adamw(rest, **adamw_kwargs)])
 
 
 def lr_factor(step: int, config: TrainConfig) -> float:
