@@ -44,7 +44,7 @@ class Strategy:
 
 
 STRATEGIES = (
-    Strategy("standard", False, False, False, False, "fp32 master weights, bf16 autocast, fused AdamW, all activations kept"),
+    Strategy("standard", False, False, False, False, "fp32 master weights, bf16 autocast, fused AdamW (Triton on CUDA), all activations kept"),
     Strategy("checkpointed", False, False, False, True, "standard + activation checkpointing"),
     Strategy("bf16", True, False, True, False, "bf16 weights (stochastic rounding) and moments, update in backward"),
     Strategy("bf16-checkpointed", True, False, True, True, "bf16 + activation checkpointing"),
