@@ -10,7 +10,7 @@ templates with fused epilogues where they beat cuBLAS), cdt (inductor's coordina
 @B sets its batch. Prints one table row per variant, and
 for each profiled variant the GPU time per step by kernel kind with the top kernels.
 --floor first times the step's irreducible parts alone (its matrix products through cuBLAS, attention
-through SDPA, the fused AdamW step with clipping, as onebox runs them) and prints the best MFU any
+through SDPA, the AdamW step with clipping, onebox's and torch's) and prints the best MFU any
 bf16 step built from these library kernels could reach: nothing elementwise is counted.
 """
 
@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
-import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -27,6 +27,7 @@ import torch
 
 from onebox.adamw import TritonAdamW, triton_ready
 from onebox.bench.decode import memory_bandwidth
+from onebox.bench.timing import PhaseClock, median
 from onebox.bench.training import BenchSettings, Contender, build_hf, contender_step, measure_training, synthetic_batch
 from onebox.config import PRESETS, ModelConfig, TrainConfig
 from onebox.device import autocast_dtype, peak_flops
@@ -44,15 +45,20 @@ KINDS = [  # (kind, pattern on the kernel name), first match wins
 ]
 
 
+def set_inductor_knobs(parts: list[str]) -> None:
+    """+autotune: inductor's max-autotune for the compiled graphs (Triton matmul templates timed against cuBLAS, with the
+    elementwise work after a product fused into its epilogue where a template wins); +cdt: each fused Triton kernel's
+    launch settings searched. Read when the blocks compile (lazily, in the first step), so set per variant."""
+    torch._inductor.config.max_autotune = "autotune" in parts
+    torch._inductor.config.coordinate_descent_tuning = "cdt" in parts
+
+
 def builder(variant: str):
     parts = variant.split("+")
     scope = {"eager": "off", "block": "block", "model": "model"}[parts[0]]
 
     def build(config: ModelConfig, device: torch.device, settings: BenchSettings) -> Contender:
-        # +autotune: inductor's max-autotune for the compiled graphs (Triton matmul templates timed against cuBLAS, with the
-        # elementwise work after a product fused into its epilogue where a template wins); read when the blocks compile, lazily
-        torch._inductor.config.max_autotune = "autotune" in parts
-        torch._inductor.config.coordinate_descent_tuning = "cdt" in parts  # +cdt: each fused Triton kernel's launch settings searched
+        set_inductor_knobs(parts)
         with torch.device(device):
             model = Transformer(config)
         if "fp8row" in parts:
@@ -131,33 +137,23 @@ def side_stream_update(model: Transformer, lr: float, device: torch.device):
 
 
 def contender(variant: str, config: ModelConfig, device: torch.device, settings: BenchSettings) -> Contender:
-    torch._inductor.config.max_autotune = torch._inductor.config.coordinate_descent_tuning = False  # builder() sets them for its variants
+    set_inductor_knobs([])
     if variant.startswith("hf"):
         return build_hf(config, device, settings, compile_model=variant == "hf-compile")
     return builder(variant)(config, device, settings)
 
 
-def _wall_ms(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return (time.perf_counter() - start) * 1e3
-
-
 def gpu_ms(fn, device: torch.device, repeats: int = 10) -> float:
-    """Median milliseconds of fn() on the GPU (events; two warm-up calls); wall-clock elsewhere (a smoke run on CPU)."""
+    """Median milliseconds of fn() (two warm-up calls; CUDA events on the GPU, the host clock elsewhere: a smoke run on CPU)."""
     for _ in range(2):
         fn()
-    if device.type != "cuda":
-        return sorted(_wall_ms(fn) for _ in range(repeats))[repeats // 2]
-    times = []
+    clock, marks = PhaseClock(device), []
     for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
+        start = clock.mark()
         fn()
-        end.record()
-        torch.cuda.synchronize(device)
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
+        marks.append((start, clock.mark()))
+    clock.finish()
+    return median([clock.ms(a, b) for a, b in marks])
 
 
 def _products_ms(shapes: list[tuple[int, int]], tokens: int, device: torch.device) -> float:
@@ -229,7 +225,7 @@ def step_floor(config: ModelConfig, batch: int, device: torch.device) -> dict[st
     optimizer_torch_ms = _optimizer_ms(config, device, triton=False)
     torch.cuda.empty_cache()
     optimizer_triton_ms = _optimizer_ms(config, device, triton=True)
-    optimizer_ms = optimizer_torch_ms if optimizer_triton_ms != optimizer_triton_ms else min(optimizer_torch_ms, optimizer_triton_ms)  # NaN: no Triton
+    optimizer_ms = min(t for t in (optimizer_torch_ms, optimizer_triton_ms) if not math.isnan(t))  # NaN: Triton cannot run here
     # AdamW over fp32 weights moves at least 28 bytes a parameter (weight, gradient, two moments read; weight, moments written)
     bandwidth = memory_bandwidth(device)
     optimizer_bytes_ms = 28 * config.num_params() / bandwidth * 1e3 if bandwidth else float("nan")
@@ -314,7 +310,7 @@ def main() -> None:
         name, _, batch = variant.partition("@")
         settings = BenchSettings(batch=int(batch or args.batch), steps=args.steps, timed_steps=args.timed_steps)
         kind = name if name.startswith("hf") else "onebox"
-        torch._inductor.config.max_autotune = torch._inductor.config.coordinate_descent_tuning = False  # builder() sets them for its variants
+        set_inductor_knobs([])  # builder() sets its variant's own
         try:
             result = measure_training(kind, config, device, settings, None if kind != "onebox" else builder(name))
         except Exception as err:  # a probe reports a failing variant and goes on with the rest
