@@ -178,3 +178,72 @@ def test_missing_data_folder(tmp_path):
         dataset_info(tmp_path / "nothing")
     with pytest.raises(OneboxError, match="no training shards"):
         dataset_info(tmp_path)
+
+
+# --- prepare never loses the data a folder held ------------------------------------------------
+
+
+def _docs(folder, count=12, words=400):
+    folder.mkdir(exist_ok=True)
+    for i in range(count):
+        (folder / f"{i}.txt").write_text(" ".join(f"word{i} verse{j % 97}" for j in range(words)))
+    return folder
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (lambda d: _write(d / "bad.jsonl", '{"text": "fine"}\n{broken\n'), "not valid JSON"),
+        (lambda d: _write(d / "empty.txt", ""), "input is empty"),
+        (lambda d: _write(d / "one.txt", "x"), "split came out empty"),
+    ],
+)
+def test_a_failed_prepare_leaves_the_earlier_data_as_it_was(tmp_path, bad, message):
+    out = tmp_path / "data"
+    prepare([_docs(tmp_path / "docs")], out, vocab_size=300, val_fraction=0.25)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(OneboxError, match=message):
+        prepare([bad(tmp_path)], out, vocab_size=300, force=True)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("."))
+
+
+def test_prepare_refuses_a_data_folder_without_force_and_keeps_other_files(tmp_path):
+    out = tmp_path / "data"
+    prepare([_docs(tmp_path / "docs")], out, vocab_size=300, val_fraction=0.25)
+    (out / "notes.md").write_text("my notes")
+    with pytest.raises(OneboxError, match="already holds prepared data.*--force"):
+        prepare([_docs(tmp_path / "docs")], out, vocab_size=300)
+    prepare([_docs(tmp_path / "other", count=8)], out, vocab_size=280, val_fraction=0.25, force=True)
+    assert (out / "notes.md").read_text() == "my notes"
+    assert json.loads((out / "meta.json").read_text())["documents"] == 8
+
+
+def test_prepare_refuses_binary_input_and_counts_replaced_bytes(tmp_path):
+    (tmp_path / "blob.txt").write_bytes(bytes(range(256)) * 64)
+    with pytest.raises(OneboxError, match="does not look like text"):
+        prepare([tmp_path / "blob.txt"], tmp_path / "out", vocab_size=300)
+    assert not (tmp_path / "out").exists()
+    docs = _docs(tmp_path / "docs")
+    (docs / "0.txt").write_bytes((docs / "0.txt").read_bytes() + b" caf\xe9 \xff\xfe end")
+    said = []
+    prepare([docs], tmp_path / "out", vocab_size=300, val_fraction=0.25, progress=said.append)
+    assert any("3 bytes that are not valid UTF-8 were replaced" in line and "0.txt" in line for line in said), said
+
+
+def test_a_shard_with_a_token_outside_the_vocabulary_is_refused_when_opened(tmp_path):
+    write_shard(tmp_path / "train_000000.bin", np.array([1, 2, 3, 700] + [5] * 500, dtype=np.uint16))
+    with pytest.raises(OneboxError, match="token id 700, outside the model's vocabulary of 512"):
+        BatchLoader([tmp_path / "train_000000.bin"], 2, 16, vocab_size=512)
+    assert BatchLoader([tmp_path / "train_000000.bin"], 2, 16, vocab_size=701).windows == 31
+
+
+def test_validation_on_fewer_windows_than_a_batch_is_a_partial_batch(tmp_path):
+    write_shard(tmp_path / "val_000000.bin", np.arange(15 * 16 + 1, dtype=np.uint16) % 500)
+    loader = BatchLoader([tmp_path / "val_000000.bin"], 16, 16, shuffle=False, partial=True)
+    assert loader.partial and loader.batch == 15 and loader.next_batch()[0].shape == (15, 16)
+    with pytest.raises(OneboxError, match="fewer than one batch"):
+        BatchLoader([tmp_path / "val_000000.bin"], 16, 16)
+    write_shard(tmp_path / "tiny.bin", np.arange(10, dtype=np.uint16))
+    with pytest.raises(OneboxError, match="fewer than one a process"):
+        BatchLoader([tmp_path / "tiny.bin"], 16, 16, partial=True)

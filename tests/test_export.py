@@ -117,3 +117,78 @@ def test_import_refuses_what_onebox_cannot_run(tmp_path):
         load_hf(folder)
     with pytest.raises(OneboxError, match="not a folder"):
         load_hf(tmp_path / "missing")
+
+
+# --- an export never deletes what it did not write ----------------------------------------------
+
+
+def _export(config, out, **kwargs):
+    return export_hf(Transformer(config).state_dict(), config, None, out, **kwargs)
+
+
+def test_export_refuses_a_folder_of_the_users_files_and_leaves_them(tmp_path):
+    config = micro_model()
+    target = tmp_path / "mine"
+    target.mkdir()
+    (target / "notes.txt").write_text("keep me")
+    for force in (False, True):
+        with pytest.raises(OneboxError, match="not empty and holds no earlier export"):
+            _export(config, target, force=force)
+    assert [p.name for p in target.iterdir()] == ["notes.txt"] and (target / "notes.txt").read_text() == "keep me"
+    assert [p.name for p in tmp_path.iterdir()] == ["mine"]  # no staging folder left beside it
+
+
+def test_export_into_the_run_folder_or_onto_a_file_is_refused(tmp_path, corpus_dir):
+    from onebox.cli import main
+
+    run = tmp_path / "run"
+    train(micro_model(), micro_train(run, corpus_dir, max_steps=2, eval_every=0), show_progress=False)
+    before = sorted(p.name for p in run.iterdir())
+    assert main(["export", str(run), str(run)]) == 1
+    assert main(["export", str(run), str(run), "--force"]) == 1
+    assert sorted(p.name for p in run.iterdir()) == before
+    (tmp_path / "file.bin").write_text("x")
+    assert main(["export", str(run), str(tmp_path / "file.bin")]) == 1
+    assert (tmp_path / "file.bin").read_text() == "x"
+
+
+def test_force_replaces_only_an_earlier_exports_own_files(tmp_path):
+    config = micro_model()
+    target = tmp_path / "hf"
+    _export(config, target)
+    (target / "README.md").write_text("my model card")
+    (target / "tokenizer.json").write_text("stale")  # an earlier export's file the new one does not write (no tokenizer now)
+    manifest = json.loads((target / "onebox-export.json").read_text())
+    manifest["files"].append("tokenizer.json")
+    (target / "onebox-export.json").write_text(json.dumps(manifest))
+    with pytest.raises(OneboxError, match="--force"):
+        _export(config, target)
+    _export(config, target, force=True)
+    names = {p.name for p in target.iterdir()}
+    assert "README.md" in names and (target / "README.md").read_text() == "my model card"
+    assert "tokenizer.json" not in names and {"config.json", "model.safetensors", "onebox-export.json"} <= names
+
+
+def test_export_uses_the_umask_and_writes_no_max_length(tmp_path):
+    import os
+
+    old = os.umask(0o022)
+    try:
+        _export(micro_model(), tmp_path / "hf")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "hf").stat().st_mode & 0o777 == 0o755
+    assert {(p.stat().st_mode & 0o777) for p in (tmp_path / "hf").iterdir()} == {0o644}
+    assert "max_length" not in json.loads((tmp_path / "hf" / "generation_config.json").read_text())
+
+
+def test_a_file_that_is_no_checkpoint_is_refused(tmp_path):
+    from onebox.checkpoint import load_checkpoint
+
+    for content in (b"\x80\x02}q\x00.", b"not a pickle at all", bytes(range(256)) * 4):
+        (tmp_path / "x.pt").write_bytes(content)
+        with pytest.raises(OneboxError, match="checkpoint|not a onebox"):
+            load_checkpoint(tmp_path / "x.pt")
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "y.pt")
+    with pytest.raises(OneboxError, match="not a onebox checkpoint"):
+        load_checkpoint(tmp_path / "y.pt")

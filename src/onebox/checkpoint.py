@@ -23,6 +23,14 @@ def checkpoint_path(out_dir: str | Path, step: int) -> Path:
     return Path(out_dir) / f"ckpt_{step:07d}.pt"
 
 
+def checkpoint_step(path: str | Path) -> int:
+    """The step in a checkpoint's file name (ckpt_0000012.pt -> 12)."""
+    match = _NAME.match(Path(path).name)
+    if match is None:
+        raise OneboxError(f"{path} is not named like a checkpoint (ckpt_<step>.pt).")
+    return int(match.group(1))
+
+
 def list_checkpoints(out_dir: str | Path) -> list[Path]:
     """Complete checkpoints in a run folder, oldest first (temp files of interrupted saves are ignored)."""
     folder = Path(out_dir)
@@ -68,9 +76,11 @@ def sharded_folder(path: str | Path) -> Path:
     return Path(path).with_suffix(".dcp")
 
 
-def prune_checkpoints(out_dir: str | Path, keep_last: int) -> None:
-    """Delete all but the newest keep_last checkpoints (with their shard folders)."""
-    for old in list_checkpoints(out_dir)[:-keep_last]:
+def prune_checkpoints(out_dir: str | Path, keep_last: int, up_to: int) -> None:
+    """Delete all but the newest keep_last checkpoints of the trajectory up to step `up_to` (with their shard
+    folders); a checkpoint of a later step belongs to no trajectory that reached up_to and is never touched."""
+    mine = [p for p in list_checkpoints(out_dir) if checkpoint_step(p) <= up_to]
+    for old in mine[:-keep_last]:
         shutil.rmtree(sharded_folder(old), ignore_errors=True)
         old.unlink(missing_ok=True)
 
@@ -116,6 +126,9 @@ def load_checkpoint(path_or_dir: str | Path) -> dict[str, Any]:
             f"checkpoint {path} is corrupt or truncated ({type(err).__name__}): use an earlier checkpoint of the run "
             f"(they are kept as ckpt_*.pt) or train again."
         ) from None
+    except Exception as err:  # torch's unpickler raises KeyError, TypeError, ... for files it was never meant to read
+        raise OneboxError(f"{path} is not a onebox checkpoint (it cannot be read as one: {type(err).__name__}): "
+                          "give a ckpt_*.pt written by `onebox train`, or its run folder.") from None
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise OneboxError(f"{path} is not a onebox checkpoint: give a ckpt_*.pt written by `onebox train`.")
     payload["path"] = str(path)

