@@ -18,6 +18,8 @@ else:  # pragma: no cover - exercised on Python 3.10 only
 ACTIVATIONS = ("swiglu", "relu2")
 COMPILE_SETTINGS = ("auto", "on", "off", "block", "model")
 PRECISIONS = ("auto", "bf16", "fp8", "fp32")
+OPTIMIZERS = ("adamw", "muon")
+MEMORY_SETTINGS = ("auto", "standard", "checkpointed", "bf16", "bf16-checkpointed", "offload", "offload-int8")  # auto + plan.STRATEGIES
 
 
 @dataclass
@@ -234,8 +236,10 @@ class TrainConfig:
             raise OneboxError("learning rates (lr, muon_lr, embed_lr_mult) must be positive.")
         if not 0 <= self.min_lr_ratio <= 1:
             raise OneboxError(f"min_lr_ratio must lie in [0, 1], got {self.min_lr_ratio}.")
-        if self.optimizer not in ("adamw", "muon"):
+        if self.optimizer not in OPTIMIZERS:
             raise OneboxError(f"optimizer must be adamw or muon, got {self.optimizer!r}.")
+        if self.memory not in MEMORY_SETTINGS:
+            raise OneboxError(f"memory must be one of {', '.join(MEMORY_SETTINGS)} (see `onebox plan`), got {self.memory!r}.")
         if self.precision not in PRECISIONS:
             raise OneboxError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}.")
         if self.compile not in COMPILE_SETTINGS:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import re
@@ -48,6 +49,18 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
 def tokenizer_from_json(text: str) -> Tokenizer:
     """A tokenizer from its JSON text (as stored inside checkpoints)."""
     return Tokenizer.from_str(text)
+
+
+def tokenizer_identity(text: str) -> str:
+    """What makes two tokenizer.json texts tokenize alike (the model's vocabulary and merges, the added
+    tokens), as a hash: formatting, and settings such as truncation, do not change it."""
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError:
+        raise OneboxError("a tokenizer.json is not valid JSON: give the tokenizer Hugging Face's tokenizers wrote.") from None
+    added = sorted((t.get("id"), t.get("content")) for t in doc.get("added_tokens") or [] if isinstance(t, dict))
+    keyed = json.dumps({"model": doc.get("model"), "added": added, "pre_tokenizer": doc.get("pre_tokenizer")}, sort_keys=True)
+    return hashlib.sha256(keyed.encode()).hexdigest()
 
 
 def eos_id(tokenizer: Tokenizer) -> int | None:

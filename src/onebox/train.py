@@ -23,6 +23,7 @@ from onebox.checkpoint import (
     checkpoint_path,
     latest_checkpoint,
     load_checkpoint,
+    model_state,
     prune_checkpoints,
     save_checkpoint,
     sharded_folder,
@@ -68,10 +69,30 @@ from onebox.distributed import (
 )
 from onebox.errors import OneboxError
 from onebox.export import load_hf
+from onebox.files import is_disk_full
 from onebox.memory import out_of_memory_message
 from onebox.model import cross_entropy_loss
 from onebox.optim import lr_factor
-from onebox.plan import build_for_training, build_sharded_for_training, resolve_strategy, strategy
+from onebox.plan import (
+    HOST_HEADROOM,
+    build_for_training,
+    build_sharded_for_training,
+    fits,
+    machine_memory,
+    predict,
+    resolve_strategy,
+    strategy,
+)
+from onebox.runs import (
+    check_resume_target,
+    disk_full_message,
+    payload_bytes,
+    remove_stale_temp_files,
+    schedule_note,
+    start_metrics,
+    warmup_note,
+)
+from onebox.tokenizer import tokenizer_identity
 from onebox.transforms import compile_scope, prepare_training
 
 PRECISION_NAMES = {"auto": "bf16 autocast", "bf16": "bf16 autocast", "fp8": "fp8 block products + bf16 autocast", "fp32": "fp32"}
@@ -100,11 +121,13 @@ class TrainResult:
 
 
 def resume_configs(resume: str, train_overrides: dict[str, Any]) -> tuple[ModelConfig, TrainConfig, Path]:
-    """The configs saved in a checkpoint (a file or a run folder's latest), with train overrides applied."""
+    """The configs saved in a checkpoint (a file or a run folder's latest), with train overrides applied; the
+    run continues in the checkpoint's own folder (wherever it was first written), or in --out-dir."""
     payload = load_checkpoint(resume)
     model = model_config_from_dict(payload["model_config"])
-    train = apply_overrides(train_config_from_dict(payload["train_config"]), train_overrides).validate()
-    return model, train, Path(payload["path"])
+    path = Path(payload["path"])
+    train = apply_overrides(train_config_from_dict(payload["train_config"]), {"out_dir": str(path.parent), **train_overrides}).validate()
+    return model, train, path
 
 
 def _rebatch(config: TrainConfig, saved_world: int, world: int, say: Any) -> TrainConfig:
@@ -185,8 +208,52 @@ def _stop_on_sigint() -> Iterator[dict[str, bool]]:
 
 
 def _resolve_data(config: TrainConfig, say: Any) -> DatasetInfo:
-    folder = config.data or str(prepare_default_corpus(progress=say))
-    return dataset_info(folder)
+    folder = Path(config.data).resolve() if config.data else prepare_default_corpus(progress=say)
+    info = dataset_info(folder)
+    say(f"data: {info.path}{'' if config.data else ' (the default corpus)'} ({len(info.train_shards)} train and {len(info.val_shards)} validation shard"
+        f"{'s' if len(info.val_shards) != 1 else ''})")
+    return info
+
+
+def _initial_model(source: str, model_config: ModelConfig) -> tuple[ModelConfig, dict[str, Any], str | None]:
+    """The config, weights and tokenizer.json text to start from (--init-from): a Hugging Face folder, a onebox
+    run folder or a checkpoint file; the context is the smaller of the run's seq_len and the model's."""
+    path = Path(source)
+    if path.is_dir() and (path / "config.json").is_file() and any(path.glob("*.safetensors")):
+        initial, state, tokenizer_json = load_hf(path)
+    else:
+        payload = load_checkpoint(path)
+        initial, state, tokenizer_json = model_config_from_dict(payload["model_config"]), model_state(payload), payload.get("tokenizer_json")
+    return apply_overrides(initial, {"seq_len": min(model_config.seq_len, initial.seq_len)}), state, tokenizer_json
+
+
+def _check_tokenizer(info: DatasetInfo, tokenizer_json: str | None, source: str, say: Any) -> None:
+    """Refuse data tokenized with another tokenizer than the model's (--init-from): it would train on noise."""
+    if tokenizer_json is None or info.tokenizer_path is None:
+        which = "the model" if tokenizer_json is None else "the data"
+        say(f"warning: {which} has no tokenizer.json, so whether the data was tokenized with the model's tokenizer cannot be checked")
+        return
+    if tokenizer_identity(tokenizer_json) != tokenizer_identity(info.tokenizer_path.read_text()):
+        raise OneboxError(
+            f"the data in {info.path} was tokenized with another tokenizer than the model in {source}: training on it would start from "
+            f"noise. Prepare the data with the model's tokenizer (onebox prepare INPUTS --out NEW_FOLDER --tokenizer "
+            f"{Path(source) / 'tokenizer.json' if Path(source).is_dir() else 'TOKENIZER.json'}), then train on that folder."
+        )
+
+
+def _check_host_memory(model: ModelConfig, config: TrainConfig, chosen: Any, device: torch.device, compiled: bool, mixed: bool, world: int) -> None:
+    """On the CPU, refuse a plan that does not fit the host's RAM: the system would kill the run without a word."""
+    machine = machine_memory(device)
+    if machine.gpu is not None:
+        return
+    predicted = predict(model, config.batch_size, chosen, compiled, mixed, world)
+    if not fits(predicted, machine, world):
+        raise OneboxError(
+            f"training {model.name} with the {chosen.name} memory strategy at batch {config.batch_size} is predicted to need "
+            f"{world * (predicted.gpu + predicted.host) / 1e9:.1f} GB of RAM, more than the {HOST_HEADROOM * machine.host / 1e9:.1f} GB usable here "
+            f"({HOST_HEADROOM:.0%} of {machine.host / 1e9:.0f} GB): the system would kill it. Use a smaller --batch-size or preset "
+            f"(see onebox plan --preset {model.name} --batch {config.batch_size})."
+        )
 
 
 def _check_vocab(info: DatasetInfo, model: ModelConfig) -> None:
@@ -239,11 +306,13 @@ def _train(model_config: ModelConfig, config: TrainConfig, resume: str | None, c
            device: torch.device, say: Any) -> TrainResult:
     dtype = autocast_dtype(device, config.precision)
     info = _resolve_data(config, say)
+    if config.data:  # stored resolved, so the run resumes from any working directory
+        config = apply_overrides(config, {"data": str(info.path)})
     payload = load_checkpoint(resume) if resume else None
     init_state = None
     if config.init_from and payload is None:
-        hf_config, init_state, _ = load_hf(config.init_from)
-        model_config = apply_overrides(hf_config, {"seq_len": min(model_config.seq_len, hf_config.seq_len)})
+        model_config, init_state, init_tokenizer = _initial_model(config.init_from, model_config)
+        _check_tokenizer(info, init_tokenizer, config.init_from, say)
     _check_vocab(info, model_config)
     out_dir = Path(config.out_dir or f"runs/{model_config.name}")
     if payload is None and latest_checkpoint(out_dir) is not None:
@@ -251,10 +320,24 @@ def _train(model_config: ModelConfig, config: TrainConfig, resume: str | None, c
             f"{out_dir} already holds the checkpoints of a run: continue it with `onebox train --resume {out_dir}`, "
             f"or start a new run with another --out-dir (or delete that folder)."
         )
+    if payload is not None:
+        if payload["step"] >= config.max_steps:
+            say(f"the run in {Path(payload['path']).parent} is complete: {payload['path']} is step {payload['step']} of max_steps {config.max_steps}. "
+                f"To train further, resume with a larger --max-steps (e.g. onebox train --resume {Path(payload['path']).parent} "
+                f"--max-steps {2 * payload['step']}).")
+            return TrainResult(out_dir, payload["step"], payload.get("train_loss"), None, None, Path(payload["path"]), None)
+        check_resume_target(payload, out_dir, say)
+        note = schedule_note(train_config_from_dict(payload["train_config"]), config, payload["step"])
+        if note:
+            say(note)
+    note = warmup_note(config)
+    if note:
+        say(note)
     if ranks.main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        if payload is None:
-            (out_dir / "metrics.jsonl").unlink(missing_ok=True)
+        remove_stale_temp_files(out_dir, say)
+        same_folder = payload is not None and out_dir.resolve() == Path(payload["path"]).parent.resolve()
+        start_metrics(out_dir, payload["step"] if same_folder else None)
     if payload is not None and payload.get("world", 1) != ranks.world:
         config = _rebatch(config, payload.get("world", 1), ranks.world, say)
     tokenizer_json = info.tokenizer_path.read_text() if info.tokenizer_path else None
@@ -270,6 +353,7 @@ def _train(model_config: ModelConfig, config: TrainConfig, resume: str | None, c
                               f"from a checkpoint they wrote. Resume it in one process, or on several with --memory standard or checkpointed.")
     else:
         chosen = resolve_strategy(config.memory, model_config, config.batch_size, device, config.optimizer, config.grad_accum, compiled, dtype is not None)
+    _check_host_memory(model_config, config, chosen, device, compiled, dtype is not None, ranks.world)
     checkpointing = config.activation_checkpointing or chosen.checkpointing
     torch.manual_seed(config.seed)  # the same on every rank: every rank starts from the same weights
     state = payload["model"] if payload is not None and not sharded else init_state
@@ -289,15 +373,18 @@ def _train(model_config: ModelConfig, config: TrainConfig, resume: str | None, c
             _load_optimizer(model, optimizer, optimizer_states)
         loss_fn = prepare_training(model, device, config.precision, config.compile, checkpointing)
     raw_model = model
-    loader = BatchLoader(info.train_shards, config.batch_size, model_config.seq_len, seed=config.seed, rank=ranks.rank, world=ranks.world)
-    val_loader = (BatchLoader(info.val_shards, config.batch_size, model_config.seq_len, shuffle=False, rank=ranks.rank, world=ranks.world)
-                  if info.val_shards else None)
+    vocab = model_config.vocab_size
+    loader = BatchLoader(info.train_shards, config.batch_size, model_config.seq_len, seed=config.seed, rank=ranks.rank, world=ranks.world, vocab_size=vocab)
+    val_loader = (BatchLoader(info.val_shards, config.batch_size, model_config.seq_len, shuffle=False, rank=ranks.rank, world=ranks.world,
+                              vocab_size=vocab, partial=True) if info.val_shards else None)
+    if val_loader is not None and val_loader.partial:
+        say(f"the validation data holds {val_loader.windows} windows of {model_config.seq_len + 1} tokens, fewer than a batch of "
+            f"{config.batch_size * ranks.world}: evaluating on those {val_loader.windows} alone")
     start_step, tokens_seen = 0, 0
     if payload is not None:
         loader.load_state_dict(payload["data"])
         _set_rng_state(payload["rng"], device)
         start_step, tokens_seen = payload["step"], payload.get("tokens_seen", 0)
-        say(f"resuming from {payload['path']} at step {start_step}")
 
     resolved = {"model": config_dict(model_config), "train": {**config_dict(config), "out_dir": str(out_dir), "data": str(info.path)}}
     if ranks.main:
@@ -348,7 +435,7 @@ def _train(model_config: ModelConfig, config: TrainConfig, resume: str | None, c
                 "train_loss": last_loss,
             },
         )
-        prune_checkpoints(out_dir, config.keep_last)
+        prune_checkpoints(out_dir, config.keep_last, step)
         barrier(ranks)
         return path
 
@@ -424,7 +511,13 @@ def _train(model_config: ModelConfig, config: TrainConfig, resume: str | None, c
                 if (config.ckpt_every and step % config.ckpt_every == 0) or final or stopping:
                     if window_steps:  # never save weights that came from a non-finite loss
                         check_finite(mean_over_ranks(window_loss / window_steps, ranks).item(), step)
-                    last_checkpoint = save(step, last_loss)
+                    try:
+                        last_checkpoint = save(step, last_loss)
+                    except Exception as err:
+                        if not is_disk_full(err):
+                            raise
+                        needed = payload_bytes(raw_model.state_dict()) + payload_bytes(optimizer.state_dict())
+                        raise OneboxError(disk_full_message(out_dir, step, needed, last_checkpoint)) from None
                 window_start += time.perf_counter() - paused
                 if stopping and not final:
                     raise Interrupted(f"interrupted at step {step}; checkpoint saved to {last_checkpoint}. Continue with: onebox train --resume {out_dir}")
