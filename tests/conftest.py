@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import os
+import socket
+import threading
+import time
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -49,3 +53,29 @@ def micro_train(out_dir, data_dir, **changes) -> TrainConfig:
     )
     base.update(changes)
     return TrainConfig(**base).validate()
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def running_app(app):
+    """Serve an ASGI app with uvicorn in a thread on localhost; yields its base URL."""
+    import uvicorn
+
+    port = free_port()
+    http = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=http.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not http.started and time.time() < deadline:
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        http.should_exit = True
+        thread.join(timeout=10)

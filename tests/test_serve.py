@@ -5,14 +5,12 @@ from __future__ import annotations
 import concurrent.futures
 import io
 import json
-import socket
-import threading
 import time
 
 import httpx
 import pytest
 import torch
-from conftest import micro_model
+from conftest import free_port, micro_model, running_app
 
 from onebox.errors import OneboxError
 from onebox.infer.engine import Engine, Request
@@ -131,26 +129,11 @@ def test_a_cancelled_request_frees_its_slot(model):
     assert long.finish_reason == "cancelled"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(model, tokenizer):
     engine = Engine(model, max_batch=4).start()
-    port = _free_port()
-    config = uvicorn.Config(create_app(Server(engine, tokenizer, "micro", max_n=4)), host="127.0.0.1", port=port, log_level="warning")
-    http = uvicorn.Server(config)
-    thread = threading.Thread(target=http.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not http.started and time.time() < deadline:
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", engine
-    http.should_exit = True
-    thread.join(timeout=10)
+    with running_app(create_app(Server(engine, tokenizer, "micro", max_n=4))) as url:
+        yield url, engine
     engine.stop()
 
 
@@ -335,7 +318,7 @@ def test_serve_command_starts_a_server_for_a_run_folder(tmp_path, corpus_dir):
     from onebox.train import train
 
     train(micro_model(), micro_train(tmp_path / "run", corpus_dir, max_steps=2, eval_every=0, ckpt_every=0), show_progress=False)
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     server = subprocess.Popen([sys.executable, "-m", "onebox.cli", "serve", str(tmp_path / "run"), "--port", str(port), "--device", "cpu",
                                "--model-name", "run"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from onebox.display import plural
 from onebox.bench.schema import config_record, new_document
 from onebox.errors import OneboxError
 from onebox.infer.engine import Engine
@@ -42,7 +43,7 @@ def _free_port() -> int:
 
 async def _one_stream(client: Any, url: str, prompt: list[int], max_tokens: int) -> tuple[float, float, int]:
     """(seconds to the first token, seconds to the end, tokens received) of one streaming request."""
-    body = {"model": "bench", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True}
+    body = {"model": "bench", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
     start = time.perf_counter()
     first, tokens = None, 0
     async with client.stream("POST", f"{url}/v1/completions", json=body, timeout=600) as response:
@@ -105,7 +106,7 @@ def run_serve_bench(model: Transformer, say: Say, clients: list[int], max_tokens
                       "ttft_p50_ms": 1000 * statistics.median(ttft), "ttft_p95_ms": 1000 * _percentile(ttft, 0.95),
                       "latency_p50_ms": 1000 * statistics.median(total), "latency_p95_ms": 1000 * _percentile(total, 0.95)}
             doc["entries"].append({"config": config_record(config), "batch": count, "result": result})
-            say(f"  {count:3d} clients: {result['tokens_per_second']:,.0f} tok/s aggregate | time to first token p50 {result['ttft_p50_ms']:,.0f} ms, "
+            say(f"  {plural(count, 'client'):>11}: {result['tokens_per_second']:,.0f} tok/s aggregate | time to first token p50 {result['ttft_p50_ms']:,.0f} ms, "
                 f"p95 {result['ttft_p95_ms']:,.0f} ms | latency p50 {result['latency_p50_ms']:,.0f} ms, p95 {result['latency_p95_ms']:,.0f} ms")
         base = doc["entries"][0]["result"]["tokens_per_second"]
         for entry in doc["entries"]:

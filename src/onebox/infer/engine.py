@@ -28,7 +28,7 @@ from torch import Tensor
 from onebox.errors import OneboxError
 from onebox.infer.kernels import CHAIN, LAUNCH, PREFETCH, pdl_available, use_decode_kernels
 from onebox.infer.kernels import available as kernels_available
-from onebox.infer.sampling import sample_next
+from onebox.infer.sampling import check_sampling, sample_next, seeded_generator
 from onebox.model import Transformer, fuse_projections
 
 
@@ -52,12 +52,17 @@ class Request:
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def deliver(self, token: int | None) -> None:
-        """Hand one token (None: the end) to the listener, or queue it for tokens() (the engine's thread)."""
+        """Hand one token (None: the end) to the listener, or queue it for tokens() (the engine's thread). A
+        listener that fails (its client's event loop has gone, say) cancels this request and no other."""
         with self.lock:
             if self.listener is None:
                 self.events.put(token)
-            else:
+                return
+            try:
                 self.listener(token)
+            except Exception:
+                self.listener = lambda token: None
+                self.cancelled.set()
 
     def listen(self, listener: Callable[[int | None], None]) -> None:
         """Pass the tokens to `listener` as they come, on the engine's thread (those already queued first), so a
@@ -78,6 +83,10 @@ class Request:
             if token is None:
                 return
             yield token
+
+
+class QueueFull(OneboxError):
+    """The engine's queue of waiting requests is full (a server answers 429)."""
 
 
 @dataclass
@@ -136,7 +145,8 @@ class Engine:
     """Continuous-batching decoder over one model."""
 
     def __init__(self, model: Transformer, max_batch: int = 8, prefix_entries: int = 16, compile: bool | str | None = None,
-                 prefill_tokens: int = 8192, fuse: bool = True, windows: bool = False, kernels: bool | str | None = None) -> None:
+                 prefill_tokens: int = 8192, fuse: bool = True, windows: bool = False, kernels: bool | str | None = None,
+                 max_queue: int | None = None) -> None:
         """compile: True, False, None (on CUDA only) or a torch.compile mode (default reduce-overhead: CUDA graphs).
         kernels: decode work through onebox's Triton kernels (infer/kernels.py): True for all of them, or a
         comma-separated choice of gemv (one-row products), norm (RMSNorm folded into the product after it),
@@ -161,7 +171,8 @@ class Engine:
         furthest active position (from 64 or a 32nd of the context, so at most 6 windows), one compiled
         graph per window, instead of the whole context. Off by default: measured on H100 at 600m-A (bench
         decode, prompt 128 + 128 tokens) it gains 3% at batch 1 (870 -> 896 tok/s) but loses 23% at batch 8
-        (6,870 -> 5,276): benchmarks/NOTES.md. `warmup()` compiles every graph up front."""
+        (6,870 -> 5,276): benchmarks/NOTES.md. `warmup()` compiles every graph up front.
+        max_queue: the most requests that may wait for a slot (None: no bound); submit() raises QueueFull past it."""
         self.model = fuse_projections(model.eval()) if fuse else model.eval()
         if kernels is None:
             kernels = "gemv,attention,pdl,rope,chain" if kernels_available(self.model.embed_tokens.weight.device) else False
@@ -181,6 +192,7 @@ class Engine:
         self.config = model.config
         self.max_batch = max_batch
         self.prefill_tokens = prefill_tokens  # the most (padded) prompt tokens one batched prefill takes
+        self.max_queue = max_queue
         self.windows = windows
         self.device = model.embed_tokens.weight.device
         self.caches = model.new_kv_caches(max_batch, self.config.seq_len)
@@ -229,11 +241,20 @@ class Engine:
         return min(max_new_tokens, self.config.seq_len - len(prompt_ids))
 
     def submit(self, request: Request) -> Request:
-        request.max_new_tokens = self.check(request.prompt_ids, request.max_new_tokens)
+        """Queue one request for decoding (see submit_all)."""
+        return self.submit_all([request])[0]
+
+    def submit_all(self, requests: list[Request]) -> list[Request]:
+        """Queue requests together: all of them, or (QueueFull, OneboxError for a bad one) none."""
+        for request in requests:
+            check_sampling(request.temperature, request.top_k, request.top_p, request.seed)
+            request.max_new_tokens = self.check(request.prompt_ids, request.max_new_tokens)
         with self.cond:
-            self.pending.append(request)
+            if self.max_queue is not None and len(self.pending) + len(requests) > self.max_queue:
+                raise QueueFull(f"the server is busy: {len(self.pending)} requests wait for a slot (at most {self.max_queue}); try again shortly.")
+            self.pending.extend(requests)
             self.cond.notify()
-        return request
+        return requests
 
     def start(self) -> Engine:
         """Run the decode loop in a background thread."""
@@ -257,18 +278,20 @@ class Engine:
                     return
             try:
                 self.step()
-            except Exception as err:  # a failing step must not leave clients waiting forever
-                self._fail_all(f"{type(err).__name__}: {err}")
+            except Exception as err:  # a failing decode step ends the requests it was decoding, not the engine
+                self._fail_active(f"{type(err).__name__}: {err}")
 
-    def _fail_all(self, message: str) -> None:
-        with self.cond:
-            waiting = list(self.pending)
-            self.pending.clear()
-        for request in waiting + [a.request for a in self.slots if a is not None]:
-            request.error = message
-            request.finish_reason = "error"
-            request.deliver(None)
-        self.slots = [None] * self.max_batch
+    def _fail_active(self, message: str) -> None:
+        for slot, active in enumerate(self.slots):
+            if active is not None:
+                self.slots[slot] = None
+                self._fail(active.request, message)
+
+    @staticmethod
+    def _fail(request: Request, message: str) -> None:
+        request.error = message
+        request.finish_reason = "error"
+        request.deliver(None)
 
     # ---- the model thread
     @torch.inference_mode()
@@ -341,11 +364,28 @@ class Engine:
         for slot, request in chosen:
             longest = max([len(r.prompt_ids) for _, r in batch] + [len(request.prompt_ids)])
             if batch and longest * (len(batch) + 1) > self.prefill_tokens:
-                self._prefill(batch)
+                self._prefill_isolated(batch)
                 batch = []
             batch.append((slot, request))
         if batch:
+            self._prefill_isolated(batch)
+
+    def _prefill_isolated(self, batch: list[tuple[int, Request]]) -> None:
+        """Prefill a batch; if that fails, each request alone, so that a request that cannot be served ends with its
+        own error and takes no slot, while the others go on."""
+        try:
             self._prefill(batch)
+            return
+        except Exception as err:
+            if len(batch) == 1:
+                slot, request = batch[0]
+                self.slots[slot] = None
+                self._fail(request, f"{type(err).__name__}: {err}")
+                return
+        for slot, _ in batch:
+            self.slots[slot] = None
+        for one in batch:
+            self._prefill_isolated([one])
 
     def _prefill(self, batch: list[tuple[int, Request]]) -> None:
         """Fill the KV of each request's slot from its prompt (reusing a cached prefix), and set its first token."""
@@ -376,9 +416,7 @@ class Engine:
             if self.prefix.max_entries > 0:
                 length = len(request.prompt_ids)
                 self.prefix.store(request.prompt_ids, [(c.k[slot, :, :length].clone(), c.v[slot, :, :length].clone()) for c in self.caches])
-            generator = torch.Generator(device=self.device)
-            generator.manual_seed(request.seed if request.seed is not None else int(torch.randint(0, 2**62, ()).item()))
-            self.slots[slot] = active = _Active(request, generator, len(request.prompt_ids))
+            self.slots[slot] = active = _Active(request, seeded_generator(request.seed, self.device), len(request.prompt_ids))
             if request.temperature > 0:
                 first[row] = self._sample(active, logits[row : row + 1])[0]
         self.tokens[slots] = first[:, None]

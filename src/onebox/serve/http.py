@@ -84,20 +84,25 @@ class ClientGone(Exception):
 
 async def _tokens(requests: list[EngineRequest], disconnected: Callable[[], Awaitable[bool]] | None = None) -> AsyncIterator[tuple[int, int | None]]:
     """(choice index, token) as the engine hands them out, None ending a choice; every choice's end is yielded.
-    With `disconnected`, a client that leaves while no token arrives cancels the requests (ClientGone)."""
+    With `disconnected` (looked at every DISCONNECT_POLL_SECONDS), a client that leaves cancels the requests (ClientGone)."""
     queue: asyncio.Queue[tuple[int, int | None]] = asyncio.Queue()
     loop = asyncio.get_running_loop()
     for index, request in enumerate(requests):  # the engine thread hands tokens straight into this event loop
         request.listen(lambda token, index=index: loop.call_soon_threadsafe(queue.put_nowait, (index, token)))
     open_choices = len(requests)
+    checked = time.monotonic()
     while open_choices:
         try:
             index, token = await asyncio.wait_for(queue.get(), DISCONNECT_POLL_SECONDS) if disconnected else await queue.get()
         except asyncio.TimeoutError:
+            index = None
+        if disconnected is not None and time.monotonic() - checked >= DISCONNECT_POLL_SECONDS:
+            checked = time.monotonic()
             if await disconnected():
                 for request in requests:
                     request.cancel()
-                raise ClientGone from None
+                raise ClientGone
+        if index is None:
             continue
         open_choices -= token is None
         yield index, token
