@@ -62,12 +62,61 @@ def test_toml_config_and_flag_precedence(tmp_path, corpus_dir):
         (["export", "/nonexistent.pt", "/tmp/x"], "does not exist"),
         (["generate", "/nonexistent.pt"], "does not exist"),
         (["prepare", "/nonexistent.txt", "--out", "/tmp/x"], "does not exist"),
+        (["generate", "/nonexistent.pt", "--temperature", "-1"], "temperature must be between 0"),
+        (["generate", "/nonexistent.pt", "--top-p", "2"], "top_p must be in (0, 1]"),
+        (["generate", "/nonexistent.pt", "--top-k", "-3"], "top_k must be 0"),
+        (["generate", "/nonexistent.pt", "--max-new-tokens", "0"], "max_tokens must be at least 1"),
+        (["train", "--memory", "lots"], "invalid choice"),
     ],
 )
 def test_bad_input_exits_non_zero_with_a_message(argv, message, capsys):
-    assert main(argv) == 1
+    try:
+        code = main(argv)
+    except SystemExit as exit_:  # argparse's own refusals (a choice that is not one)
+        code = exit_.code
+    assert code in (1, 2)
     err = capsys.readouterr().err
     assert "error:" in err and message in err and "Traceback" not in err
+
+
+def test_a_typo_inside_a_subcommand_gets_that_subcommands_usage_and_a_suggestion(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "--bach-size", "4"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.startswith("usage: onebox train") and "did you mean --batch-size?" in err
+    with pytest.raises(SystemExit):
+        main(["bench", "decode", "--batchs", "1"])
+    assert capsys.readouterr().err.startswith("usage: onebox bench decode") 
+
+
+def test_help_says_where_defaults_come_from_and_names_the_choices(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "model fields (default: the preset's)" in text and "default 768" not in text
+    assert "{auto,standard,checkpointed,bf16,bf16-checkpointed,offload,offload-int8}" in text and "{adamw,muon}" in text
+    for argv in (["serve", "--help"], ["bench", "forward", "--help"], ["bench", "dims", "--help"]):
+        with pytest.raises(SystemExit):
+            main(argv)
+        text = " ".join(capsys.readouterr().out.split())
+        assert "(default auto)" in text
+        if argv[0] == "serve":
+            assert "TCP port (default 8000)" in text and "127.0.0.1: this machine only" in text
+        else:
+            assert "fp8" not in text
+
+
+def test_report_with_nothing_to_report_creates_no_store(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["report"]) == 1
+    assert main(["results", "list"]) == 1
+    assert "no result documents" in capsys.readouterr().err and not (tmp_path / "results").exists()
+
+
+def test_counts_are_singular_where_one(tmp_path, capsys):
+    (tmp_path / "a.txt").write_text("\n".join(f"line {i} of the only play" for i in range(3000)))
+    assert main(["prepare", str(tmp_path / "a.txt"), "--out", str(tmp_path / "data"), "--vocab-size", "300"]) == 0
+    assert "(1 document, 0 held out" in capsys.readouterr().out
 
 
 def test_bad_toml_is_reported(tmp_path, capsys):
@@ -96,4 +145,4 @@ def test_ctrl_c_writes_a_checkpoint_and_resume_continues(tmp_path, corpus_dir):
     resumed = subprocess.run([sys.executable, "-m", "onebox.cli", "train", "--resume", str(run), "--max-steps", str(step + 3), "--quiet"],
                              capture_output=True, text=True, env=_env(), timeout=300)
     assert resumed.returncode == 0, resumed.stderr
-    assert f"resuming from {saved[0]}" in resumed.stdout and (run / f"ckpt_{step + 3:07d}.pt").is_file()
+    assert f"at step {step} from {saved[0]}" in resumed.stdout and (run / f"ckpt_{step + 3:07d}.pt").is_file()

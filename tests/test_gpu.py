@@ -247,3 +247,25 @@ def test_decode_kernels_inside_a_compiled_cuda_graph_decode_step(rows, options):
             out = step(ids[:, position : position + 1], pos).clone()
             ref = ref_model(ids[:, position : position + 1], pos, ref_caches)
             torch.testing.assert_close(out.float(), ref.float(), rtol=3e-2, atol=3e-2 * ref.abs().max().item())
+
+
+def test_bench_ceiling_with_a_memory_cap_on_device_auto(tmp_path, capsys):
+    from onebox.bench.schema import read_document
+    from onebox.cli import main
+
+    out = tmp_path / "ceiling.json"
+    assert main(["bench", "ceiling", "--ladder", "tiny", "--gpu-memory", "8", "--steps", "2", "--out", str(out)]) == 0
+    entry = read_document(out)["entries"][0]
+    assert entry["result"]["status"] == "ok" and entry["result"]["peak_memory_bytes"] < 8e9
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_the_transformers_decode_baseline_runs_both_caches_on_cuda():
+    from onebox.bench.decode import HF_CACHES, hf_baseline, hf_generate_speed
+    from onebox.config import preset
+    from onebox.model import build_model
+
+    model = build_model(preset("tiny"), torch.device("cuda"), torch.bfloat16).eval()
+    baseline = hf_baseline(model)
+    speeds = {cache: hf_generate_speed(baseline, model.config, 2, 16, 8, cache) for cache in HF_CACHES}
+    assert all(speed > 0 for speed in speeds.values()), speeds

@@ -162,8 +162,16 @@ def cap_gpu_memory(device: torch.device, limit_bytes: int | None) -> None:
     buffers) is not counted, as it is not on the smaller card either. No-op off CUDA or without a limit."""
     if limit_bytes is None or device.type != "cuda":
         return
+    device = indexed(device)  # the allocator's cap is per GPU: a bare "cuda" means the current one
     total = torch.cuda.get_device_properties(device).total_memory
     torch.cuda.set_per_process_memory_fraction(min(1.0, limit_bytes / total), device)
+
+
+def indexed(device: torch.device) -> torch.device:
+    """A CUDA device with its index (the current GPU for a bare "cuda"); other devices as they are."""
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 def reset_peak_memory(device: torch.device) -> None:

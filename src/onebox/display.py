@@ -22,6 +22,11 @@ def format_eta(seconds: float | None) -> str:
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
+
+def plural(count: int, noun: str) -> str:
+    """'1 document', '2 documents'."""
+    return f"{count:,} {noun}{'' if count == 1 else 's'}"
+
 class ProgressDisplay:
     """Shows step, loss, lr, tokens/s, MFU, memory and ETA; a live bar on terminals, lines elsewhere."""
 

@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 from rich.table import Table
 
 from onebox import __version__
 from onebox.cli.bench import add_bench_parsers, add_plan_parser
-from onebox.cli.common import add_config_fields, console, errors, overrides
+from onebox.cli.common import DEVICE_HELP, add_config_fields, console, errors, mark_subcommands, overrides, plural, refuse_unknown
 from onebox.config import PRESETS
 from onebox.errors import OneboxError
 
@@ -27,17 +28,18 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         val_fraction=args.val_fraction,
         shard_tokens=args.shard_tokens,
         progress=lambda message: console.print(message, highlight=False),
+        force=args.force,
     )
     console.print(
         f"wrote {meta['train_tokens']:,} train and {meta['val_tokens']:,} validation tokens "
-        f"({meta['documents']} documents, {meta['val_documents']} held out; vocab {meta['vocab_size']}) to {args.out}",
+        f"({plural(meta['documents'], 'document')}, {meta['val_documents']} held out; vocab {meta['vocab_size']}) to {args.out}",
         highlight=False,
     )
     return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from onebox.config import resolve_configs
+    from onebox.config import config_dict, resolve_configs
     from onebox.train import resume_configs, train
 
     if args.gpus is not None and "WORLD_SIZE" not in os.environ:
@@ -54,16 +56,24 @@ def cmd_train(args: argparse.Namespace) -> int:
             model_cfg, train_cfg = resolve_configs(args.preset, args.config, {}, train_overrides)
             target = train_cfg.out_dir or f"runs/{model_cfg.name}"
         model_cfg, train_cfg, resume_path = resume_configs(target, train_overrides)
+        asked, asked_train = resolve_configs(args.preset, args.config, {}, {})
+        if (args.preset or args.config) and not asked_train.init_from:  # (a model from --init-from is the run's own)
+            if config_dict(asked) | {"name": ""} != config_dict(model_cfg) | {"name": ""}:
+                raise OneboxError(f"--resume continues {resume_path}, a {model_cfg.name} model ({model_cfg.shape()}), but "
+                                  f"{'--preset ' + args.preset if args.preset else '--config ' + args.config} gives {asked.name} ({asked.shape()}): "
+                                  "drop it to continue the run, or leave out --resume to start a new one.")
         resume = str(resume_path)
     else:
         model_cfg, train_cfg = resolve_configs(args.preset, args.config, model_overrides, train_overrides)
     result = train(model_cfg, train_cfg, resume=resume, console=console, show_progress=not args.quiet)
-    bpb = "n/a" if result.val_bpb is None else f"{result.val_bpb:.3f}"
-    val = "n/a" if result.val_loss is None else f"{result.val_loss:.4f}"
     if os.environ.get("RANK", "0") == "0":  # one summary for a multi-process job
-        console.print(f"done: step {result.step} | train loss {result.train_loss:.4f} | val loss {val} | val bits/byte {bpb} | checkpoint {result.checkpoint}",
-                      highlight=False)
+        console.print(f"done: step {result.step} | train loss {_number(result.train_loss, '.4f')} | val loss {_number(result.val_loss, '.4f')} | "
+                      f"val bits/byte {_number(result.val_bpb, '.3f')} | checkpoint {result.checkpoint}", highlight=False)
     return 0
+
+
+def _number(value: float | None, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -72,7 +82,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     from onebox.export import export_hf
 
     payload = load_checkpoint(args.checkpoint)
-    out = export_hf(model_state(payload), model_config_from_dict(payload["model_config"]), payload.get("tokenizer_json"), args.out_dir, args.dtype)
+    out = export_hf(model_state(payload), model_config_from_dict(payload["model_config"]), payload.get("tokenizer_json"), args.out_dir, args.dtype,
+                    force=args.force, run_dir=Path(payload["path"]).parent)
     console.print(f"exported {payload['path']} (step {payload['step']}) to {out} as a Hugging Face Llama folder", highlight=False)
     return 0
 
@@ -80,8 +91,12 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     from onebox.device import pick_device
     from onebox.infer.generate import encode_prompt, generate, load_model
+    from onebox.infer.sampling import check_sampling
     from onebox.tokenizer import eos_id
 
+    check_sampling(args.temperature, args.top_k, args.top_p, args.seed, args.max_new_tokens)
+    if args.samples < 1:
+        raise OneboxError(f"--samples must be at least 1, got {args.samples}.")
     model, tokenizer = load_model(args.model, pick_device(args.device))
     if args.jsonl:
         return _generate_jsonl(args, model, tokenizer)
@@ -119,7 +134,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from onebox.serve import run_server
     except ImportError:
         raise OneboxError("onebox serve needs FastAPI and uvicorn, which onebox declares: reinstall onebox (pip install -e .) or pip install fastapi uvicorn.") from None
-    run_server(args.model, args.host, args.port, args.model_name, args.device, args.max_batch, args.max_n)
+    for flag, value in (("--max-batch", args.max_batch), ("--max-n", args.max_n), ("--max-queue", args.max_queue)):
+        if value < 1:
+            raise OneboxError(f"{flag} must be at least 1, got {value}.")
+    if args.max_body_mb <= 0:
+        raise OneboxError(f"--max-body-mb must be more than 0, got {args.max_body_mb:g}.")
+    run_server(args.model, args.host, args.port, args.model_name, args.device, args.max_batch, args.max_n, args.max_queue,
+               int(args.max_body_mb * 2**20))
     return 0
 
 
@@ -144,45 +165,50 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", help="use this tokenizer.json instead of training one")
     p.add_argument("--val-fraction", type=float, default=0.05, help="share of whole documents held out (default 0.05)")
     p.add_argument("--shard-tokens", type=int, default=100_000_000, help="tokens per shard file (default 1e8)")
+    p.add_argument("--force", action="store_true", help="replace the data an earlier prepare wrote to --out (other files there stay)")
     p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("train", help="train a model from scratch, from a HF folder, or resume a run")
-    p.add_argument("--preset", help=f"model preset (default tiny): {', '.join(PRESETS)}")
+    p.add_argument("--preset", metavar="NAME", help="model preset (default tiny; `onebox presets` lists them)")
     p.add_argument("--config", help="TOML job file with preset, [model] and [train] tables")
     p.add_argument("--resume", nargs="?", const="", default=None, metavar="CKPT_OR_RUN_DIR", help="continue a run exactly (default: the run's latest checkpoint)")
     p.add_argument("--quiet", action="store_true", help="no progress display")
     p.add_argument("--gpus", type=int, help="launch this many processes with torchrun (one per GPU; gloo processes with --device cpu)")
+    p.epilog = "Model fields default to the preset's (tiny unless --preset or --config says otherwise); train fields to the values shown."
     add_config_fields(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("export", help="write a Hugging Face Llama folder (SafeTensors) from a checkpoint")
     p.add_argument("checkpoint", help="a ckpt_*.pt file or a run folder (its latest checkpoint)")
-    p.add_argument("out_dir")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("out_dir", help="a new or empty folder (an earlier export is replaced only with --force)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weight dtype (default float32)")
+    p.add_argument("--force", action="store_true", help="replace an earlier export's files in out_dir (nothing else there is touched)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("generate", help="sample text from a checkpoint, run folder or HF folder")
     p.add_argument("model", help="checkpoint file, run folder or Hugging Face folder")
     p.add_argument("--prompt", default="", help="prompt text")
     p.add_argument("--prompt-ids", help="prompt as comma-separated token ids (instead of text)")
-    p.add_argument("--max-new-tokens", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=200, help="0 = off")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--samples", type=int, default=1, help="continuations sharing one prefill")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate (default 200; fewer where the context ends)")
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy, up to 2 (default 0.8)")
+    p.add_argument("--top-k", type=int, default=200, help="sample among the k likeliest tokens; 0 = off (default 200)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: the likeliest tokens holding this much probability, in (0, 1] (default 1)")
+    p.add_argument("--seed", type=int, help="seed of the sampling (default: random)")
+    p.add_argument("--samples", type=int, default=1, help="continuations sharing one prefill (default 1)")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--jsonl", action="store_true", help="read one JSON request per stdin line, write one JSON response per line")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (completions, chat, streaming)")
     p.add_argument("model", help="checkpoint file, run folder or Hugging Face folder")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
     p.add_argument("--model-name", help="the model id clients send (default: the folder's name)")
     p.add_argument("--max-batch", type=int, default=8, help="requests decoded together (default 8)")
     p.add_argument("--max-n", type=int, default=8, help="largest n a request may ask for (default 8)")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--max-queue", type=int, default=64, help="requests that may wait for a slot; more are answered 429 (default 64)")
+    p.add_argument("--max-body-mb", type=float, default=8.0, help="largest request body in MiB; larger ones are answered 413 (default 8)")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.set_defaults(func=cmd_serve)
 
     add_plan_parser(sub)
@@ -190,13 +216,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("presets", help="list the model presets")
     p.set_defaults(func=cmd_presets)
     add_bench_parsers(sub)
+    mark_subcommands(parser)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run one subcommand; problems end as one short message and a non-zero exit."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+    args, unknown = build_parser().parse_known_args(argv)
+    if unknown:
+        refuse_unknown(args.subcommand_parser, unknown)
     args.argv = argv
     import torch
 

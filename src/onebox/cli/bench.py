@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 import os
+from pathlib import Path
 from dataclasses import fields
 from typing import Any
 
 from rich.table import Table
 
-from onebox.cli.common import console, errors, overrides, say
-from onebox.config import COMPILE_SETTINGS, PRECISIONS, ModelConfig
+from onebox.cli.common import DEVICE_HELP, console, errors, overrides, say
+from onebox.config import COMPILE_SETTINGS, MEMORY_SETTINGS, PRECISIONS, ModelConfig
 from onebox.errors import OneboxError
 
 
@@ -189,6 +190,8 @@ def cmd_results_list(args: argparse.Namespace) -> int:
     from onebox.bench.store import ResultStore
     from onebox.device import format_bytes
 
+    if not Path(args.db).is_file():
+        raise OneboxError(f"no leaderboard at {args.db} yet: add result documents with `onebox results add FILE.json`.")
     store = ResultStore(args.db)
     table = Table("device", "config", "params", "tok/s", "MFU", "peak memory", "tok/J")
     for device, name, params, tps, mfu, memory, tpj in store.leaderboard():
@@ -208,10 +211,12 @@ def cmd_report(args: argparse.Namespace) -> int:
         docs = [read_document(path) for path in args.files]
         for path, doc in zip(args.files, docs):
             check_document(doc, path)
-    else:
+    elif Path(args.db).is_file():  # (an absent store is not created just to find it empty)
         store = ResultStore(args.db)
         docs = store.documents()
         store.close()
+    else:
+        docs = []
     if not docs:
         raise OneboxError("no result documents to report: give JSON files or add some with `onebox results add`.")
     md, page = build_report(docs, args.out)
@@ -299,16 +304,19 @@ def add_bench_parsers(sub: Any) -> None:
     bench = sub.add_parser("bench", help="measure this machine: validate, sweep, forward, dims").add_subparsers(dest="bench", required=True)
 
     def common(p: argparse.ArgumentParser, training: bool) -> None:
-        p.add_argument("--device", default="auto")
-        p.add_argument("--precision", default="auto", choices=PRECISIONS if training else ["auto", "bf16", "fp32"],
-                       help="fp8: the blocks' products in float8 through torchao (training benchmarks; the baseline stays bf16)")
+        p.add_argument("--device", default="auto", help=DEVICE_HELP)
+        if training:
+            p.add_argument("--precision", default="auto", choices=PRECISIONS, help="auto (bf16 on CUDA, fp32 elsewhere), bf16, fp32, or fp8: "
+                           "the blocks' products in float8 through torchao (the baseline stays bf16)")
+        else:
+            p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"], help="auto (bf16 on CUDA, fp32 elsewhere), bf16 or fp32")
         p.add_argument("--out", help="result JSON path (default results/<benchmark>-<label>-<device>-<time>.json)")
         if training:
             p.add_argument("--steps", type=int, default=10, help="untimed training steps on the fixed batch (default 10)")
             p.add_argument("--timed-steps", type=int, default=10, help="timed steps after them (default 10)")
-            p.add_argument("--compile", default="auto", choices=COMPILE_SETTINGS)
-            p.add_argument("--memory", default="auto", help="memory strategy (default: the planner's choice, as in training; see onebox plan)")
-            p.add_argument("--lr", type=float, default=3e-4)
+            p.add_argument("--compile", default="auto", choices=COMPILE_SETTINGS, help="as train's --compile (default auto: on for CUDA)")
+            p.add_argument("--memory", default="auto", choices=MEMORY_SETTINGS, help="memory strategy (default: the planner's choice, as in training; see onebox plan)")
+            p.add_argument("--lr", type=float, default=3e-4, help="learning rate (default 3e-4)")
             p.add_argument("--baseline", choices=["hf", "hf-compile"], help="also run transformers' Llama in the same process")
 
     p = bench.add_parser("validate", help="time training steps of one preset on fixed synthetic tokens")
@@ -337,9 +345,9 @@ def add_bench_parsers(sub: Any) -> None:
     p.add_argument("--ladder", help="comma-separated presets (default 5b,7b,10b,13b,15b,20b,25b,30b; with --gpus on to 40b,50b,60b)")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--steps", type=int, default=10, help="training steps per rung on one fixed batch (default 10)")
-    p.add_argument("--memory", default="auto", help="memory strategy for every rung (default: planned per rung; see onebox plan)")
-    p.add_argument("--lr", type=float, default=3e-4)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--memory", default="auto", choices=MEMORY_SETTINGS, help="memory strategy for every rung (default: planned per rung; see onebox plan)")
+    p.add_argument("--lr", type=float, default=3e-4, help="learning rate (default 3e-4)")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--gpus", type=int, help="train each rung on this many processes (torchrun + FSDP2, --batch each)")
     p.add_argument("--gpu-memory", type=float, metavar="GB", help="plan and train within this many GB of each GPU (a smaller card's ceiling, "
                    "e.g. 80 on a 141 GB H200); memory outside PyTorch's allocator is not counted")
@@ -349,7 +357,7 @@ def add_bench_parsers(sub: Any) -> None:
     def model_source(p: argparse.ArgumentParser) -> None:  # what decode and serve run on (see _inference_model)
         p.add_argument("--preset", help="random weights of this preset")
         p.add_argument("--model", help="a checkpoint, run folder or Hugging Face folder")
-        p.add_argument("--device", default="auto")
+        p.add_argument("--device", default="auto", help=DEVICE_HELP)
         p.add_argument("--out", help="result JSON path")
 
     p = bench.add_parser("decode", help="prefill and decode tokens/s against the memory-bandwidth bound, beside transformers")
@@ -402,7 +410,7 @@ def add_plan_parser(sub: Any) -> None:
     p.add_argument("--seq-len", type=int, help="override the preset's sequence length")
     p.add_argument("--optimizer", default="adamw", choices=["adamw", "muon"])
     p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--gpu-memory", type=float, metavar="GB", help="plan for a GPU of this many GB instead of this machine's")
     p.add_argument("--host-memory", type=float, metavar="GB", help="plan for this much host RAM instead of this machine's")
     p.add_argument("--gpus", type=int, default=1, help="plan for this many FSDP2 processes, one per GPU, sharing this host (default 1)")
