@@ -14,7 +14,7 @@ after warm-up calls. Variants:
               p0 (bench decode's prompts), min (min_new_tokens fixing the length), pad (pad_token_id=0 and no attention
               mask), imode (under torch.inference_mode()), short (warmed up by a 4-token generate() instead of a full one)
   onebox-FLAG all those flags but one (with all of them and a 4-token warm-up as the only one in the process, the
-              first timed call pays the first-time costs of its cache's sizes: see docs/perf/decode-baseline-h200-2026-12.md)
+              first timed call pays its first-time costs: see docs/perf/decode-baseline-h200-2026-12.md)
   after-engine the docs variant again, after onebox's Engine compiled and ran its decode step in this process
 It prints one line per variant and a table last.
 """

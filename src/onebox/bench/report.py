@@ -181,10 +181,12 @@ def build_report(docs: list[dict[str, Any]], out_dir: str | Path) -> tuple[Path,
                 note="The newest measurement of each rung on each device.")
     decode = _latest_entries(docs, "decode")
     if decode:
-        section("Decode", ["device", "commit", "model", "batch", "prefill tok/s", "decode tok/s", "of the bandwidth bound", "vs transformers generate()"],
+        section("Decode", ["device", "commit", "model", "batch", "prefill tok/s", "decode tok/s", "of the bandwidth bound", "vs transformers generate()",
+                           "vs its static cache, compiled"],
                 [[device_of(d), _commit(d), e["config"]["name"], str(e["batch"]), _fmt(e["result"]["prefill_tokens_per_second"], "int"),
                   _fmt(e["result"]["decode_tokens_per_second"], "int"), _fmt(e["result"]["bound_fraction"], "pct"),
-                  _fmt((e["result"].get("baseline") or {}).get("ratio"), "x")] for d, e in decode])
+                  _fmt((e["result"].get("baseline") or {}).get("ratio"), "x"), _fmt((e["result"].get("baseline") or {}).get("static_ratio"), "x")]
+                 for d, e in decode])
     serving = _latest_entries(docs, "serve")
     if serving:
         section("Serving", ["device", "commit", "model", "clients", "tok/s", "vs one client", "TTFT p50 ms", "TTFT p95 ms", "latency p50 ms", "latency p95 ms"],

@@ -365,7 +365,7 @@ def add_bench_parsers(sub: Any) -> None:
     p.add_argument("--batches", default="1,8", help="batch sizes (default 1,8)")
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=128)
-    p.add_argument("--baseline", choices=["hf"], help="also time transformers' generate() on the same weights")
+    p.add_argument("--baseline", choices=["hf"], help="also time transformers' generate() on the same weights, with its default and its static (compiled) cache")
     p.add_argument("--kernels", default="auto", help="onebox's decode kernels: auto (gemv,attention,rope on CUDA; pdl,chain on Hopper), none "
                    "(cuBLAS and SDPA), or a comma list of gemv, norm, attention, swiglu, pdl, prefetch, chain, rope")
     p.set_defaults(func=cmd_bench_decode)
