@@ -103,7 +103,7 @@ def warmup_note(config: TrainConfig) -> str | None:
     """A warning when the warm-up covers the whole run (the learning rate would never decay)."""
     if config.warmup_steps >= config.max_steps:
         return (f"warning: warmup_steps {config.warmup_steps} >= max_steps {config.max_steps}: the learning rate only warms up and never "
-                f"decays. Give --warmup-steps below {config.max_steps} (e.g. {max(1, config.max_steps // 10)}).")
+                f"decays. Give --warmup-steps below {config.max_steps} (e.g. {config.max_steps // 10}).")
     return None
 
 

@@ -55,7 +55,7 @@ from onebox.device import (
     steady_collection,
     synchronize,
 )
-from onebox.display import ProgressDisplay
+from onebox.display import ProgressDisplay, plural
 from onebox.distributed import (
     DistInfo,
     any_rank,
@@ -210,8 +210,8 @@ def _stop_on_sigint() -> Iterator[dict[str, bool]]:
 def _resolve_data(config: TrainConfig, say: Any) -> DatasetInfo:
     folder = Path(config.data).resolve() if config.data else prepare_default_corpus(progress=say)
     info = dataset_info(folder)
-    say(f"data: {info.path}{'' if config.data else ' (the default corpus)'} ({len(info.train_shards)} train and {len(info.val_shards)} validation shard"
-        f"{'s' if len(info.val_shards) != 1 else ''})")
+    say(f"data: {info.path}{'' if config.data else ', the default corpus'}: {plural(len(info.train_shards), 'train shard')}, "
+        f"{plural(len(info.val_shards), 'validation shard')}")
     return info
 
 
