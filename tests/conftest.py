@@ -38,6 +38,26 @@ def corpus_dir(tmp_path_factory: pytest.TempPathFactory):
     return out
 
 
+SERVING_CONTEXT = 96  # the context of the model the serving tests run
+
+
+@pytest.fixture(scope="session")
+def serving_model():
+    """A micro model (seed 0) with a 96-token context, for the engine and server tests."""
+    from onebox.model import Transformer
+
+    torch.manual_seed(0)
+    return Transformer(micro_model(seq_len=SERVING_CONTEXT)).eval()
+
+
+@pytest.fixture(scope="session")
+def corpus_tokenizer(corpus_dir):
+    """The corpus fixture's tokenizer."""
+    from onebox.tokenizer import tokenizer_from_json
+
+    return tokenizer_from_json((corpus_dir / "tokenizer.json").read_text())
+
+
 def micro_model(**changes) -> ModelConfig:
     """A two-layer GQA model of about 100k parameters."""
     base = dict(name="micro", vocab_size=512, dim=64, hidden=160, layers=2, heads=4, kv_heads=2, seq_len=64)

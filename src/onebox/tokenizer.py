@@ -59,7 +59,10 @@ def tokenizer_identity(text: str) -> str:
     except json.JSONDecodeError:
         raise OneboxError("a tokenizer.json is not valid JSON: give the tokenizer Hugging Face's tokenizers wrote.") from None
     added = sorted((t.get("id"), t.get("content")) for t in doc.get("added_tokens") or [] if isinstance(t, dict))
-    keyed = json.dumps({"model": doc.get("model"), "added": added, "pre_tokenizer": doc.get("pre_tokenizer")}, sort_keys=True)
+    model = dict(doc.get("model") or {})
+    if isinstance(model.get("merges"), list):  # "a b" (older files) and ["a", "b"] (newer) are the same merge
+        model["merges"] = [" ".join(m) if isinstance(m, list | tuple) else m for m in model["merges"]]
+    keyed = json.dumps({"model": model, "added": added, "pre_tokenizer": doc.get("pre_tokenizer")}, sort_keys=True)
     return hashlib.sha256(keyed.encode()).hexdigest()
 
 

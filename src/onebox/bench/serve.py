@@ -21,8 +21,8 @@ from typing import Any
 
 import torch
 
-from onebox.display import plural
 from onebox.bench.schema import config_record, new_document
+from onebox.display import plural
 from onebox.errors import OneboxError
 from onebox.infer.engine import Engine
 from onebox.model import Transformer

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 import os
-from pathlib import Path
 from dataclasses import fields
+from pathlib import Path
 from typing import Any
 
 from rich.table import Table
