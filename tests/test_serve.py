@@ -279,6 +279,7 @@ def test_bench_decode_writes_a_valid_document_with_the_baseline(tmp_path):
     assert validate_document(doc) == [] and [e["batch"] for e in doc["entries"]] == [1, 2]
     result = doc["entries"][1]["result"]
     assert result["decode_tokens_per_second"] > 0 and result["baseline"]["decode_tokens_per_second"] > 0
+    assert result["baseline"]["static_decode_tokens_per_second"] > 0 and result["baseline"]["static_ratio"] > 0
     assert result["bound_fraction"] is None  # no memory bandwidth measured on a CPU: n/a, not a guess
     assert main(["bench", "decode"]) == 1 and main(["bench", "decode", "--preset", "tiny", "--new-tokens", "9999"]) == 1
 
@@ -401,3 +402,20 @@ def test_programmatic_dependent_launch_routes_and_compile_options(model):
     fn = torch.compile(lambda x: torch.nn.functional.silu(x) * 3, fullgraph=True, **options)
     x = torch.randn(64)
     torch.testing.assert_close(fn(x), torch.nn.functional.silu(x) * 3)
+
+
+def test_the_transformers_baseline_is_warmed_up_at_the_length_it_is_timed_at():
+    from onebox.bench.decode import HF_CACHES, hf_baseline, hf_generate_speed
+    from onebox.config import preset
+    from onebox.model import build_model
+
+    model = build_model(preset("tiny"), "cpu").eval()
+    baseline = hf_baseline(model)
+    calls = []
+    real = baseline.generate
+    baseline.generate = lambda ids, **kwargs: calls.append(dict(kwargs)) or real(ids, **kwargs)
+    for cache in HF_CACHES:
+        calls.clear()
+        assert hf_generate_speed(baseline, model.config, 1, 8, 6, cache) > 0
+        assert len(calls) >= 3 and all(c["max_new_tokens"] == 6 and c.get("cache_implementation") == (None if cache == "dynamic" else cache)
+                                       for c in calls)
