@@ -1,5 +1,6 @@
 # make run  : create .venv, install onebox, train the tiny preset on Shakespeare, export, sample.
 # make test : the same .venv plus dev extras, then the whole test suite.
+# make lint : ruff's linter and formatter check (what .ci/run runs before the tests).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -15,7 +16,7 @@ RUN_FLAGS ?=
 endif
 RUN_DIR ?= runs/tiny
 
-.PHONY: install dev run test clean
+.PHONY: install dev run test lint clean
 
 install: $(VENV)/.installed
 dev: $(VENV)/.dev
@@ -37,6 +38,10 @@ run: install
 
 test: dev
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m pytest -q
+
+lint: dev
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info src/*.egg-info

@@ -44,7 +44,15 @@ def main() -> None:
     if args.preset:
         config = preset(args.preset)
     else:
-        config = ModelConfig(name="probe", dim=args.dim, hidden=3 * args.dim, layers=args.layers, heads=args.dim // 64, seq_len=128, vocab_size=8192)
+        config = ModelConfig(
+            name="probe",
+            dim=args.dim,
+            hidden=3 * args.dim,
+            layers=args.layers,
+            heads=args.dim // 64,
+            seq_len=128,
+            vocab_size=8192,
+        )
     data = default_data_dir()
     if not data.is_dir():
         prepare_default_corpus(data)
@@ -53,7 +61,9 @@ def main() -> None:
 
 
 def run(variant: str, config: ModelConfig, batch: int, steps: int, device: str, data) -> None:
-    train = TrainConfig(batch_size=batch, max_steps=steps, lr=6e-4, warmup_steps=30, grad_clip=0.0 if "noclip" in variant else 1.0)
+    train = TrainConfig(
+        batch_size=batch, max_steps=steps, lr=6e-4, warmup_steps=30, grad_clip=0.0 if "noclip" in variant else 1.0
+    )
     train_shards, val_shards = find_shards(data)
     loader = BatchLoader(train_shards, batch, config.seq_len, seed=1)
     torch.manual_seed(0)
@@ -83,9 +93,22 @@ def run(variant: str, config: ModelConfig, batch: int, steps: int, device: str, 
     losses = torch.stack(losses).float().cpu().tolist()
     val = BatchLoader(val_shards, batch, config.seq_len, shuffle=False)
     with torch.no_grad(), torch.autocast(torch.device(device).type, torch.bfloat16):
-        val_loss = sum(cross_entropy_loss(model(a.to(device)), b.to(device)).item() for a, b in (val.next_batch() for _ in range(10))) / 10
-    windows = " ".join(f"@{s} {sum(losses[max(0, s - 5):s + 5]) / len(losses[max(0, s - 5):s + 5]):.4f}" for s in (10, 25, 50, 100, 200) if s < steps)
-    print(f"{variant:18s} train(last50) {sum(losses[-50:]) / len(losses[-50:]):.4f} val {val_loss:.4f} {windows} ({time.time() - started:.0f}s)", flush=True)
+        val_loss = (
+            sum(
+                cross_entropy_loss(model(a.to(device)), b.to(device)).item()
+                for a, b in (val.next_batch() for _ in range(10))
+            )
+            / 10
+        )
+    windows = " ".join(
+        f"@{s} {sum(losses[max(0, s - 5) : s + 5]) / len(losses[max(0, s - 5) : s + 5]):.4f}"
+        for s in (10, 25, 50, 100, 200)
+        if s < steps
+    )
+    print(
+        f"{variant:18s} train(last50) {sum(losses[-50:]) / len(losses[-50:]):.4f} val {val_loss:.4f} {windows} ({time.time() - started:.0f}s)",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

@@ -39,18 +39,36 @@ def probe(preset: str, batch: int, variant: str, out: Path) -> str:
     model = build_model(PRESETS[preset], device, torch.bfloat16).eval()
     bound = batch * memory_bandwidth(device) / weight_bytes(model)
     mode = "max-autotune" if "autotune" in variant else "reduce-overhead"
-    engine = Engine(model, max_batch=batch, prefix_entries=0, compile=mode, fuse=variant.startswith("fused"), windows="+window" in variant,
-                    kernels=True if "+kernels" in variant else ",".join(k for k in ("gemv", "norm", "attention", "swiglu", "rope", "prefetch", "chain") if f"+{k}" in variant)
-                    + (",pdl" if "+kpdl" in variant else "") or False)
-    if "+sepmerge" in variant:  # +rope with the merge kernel after the chunks (session 14's design) instead of the chunks merging themselves
+    engine = Engine(
+        model,
+        max_batch=batch,
+        prefix_entries=0,
+        compile=mode,
+        fuse=variant.startswith("fused"),
+        windows="+window" in variant,
+        kernels=True
+        if "+kernels" in variant
+        else ",".join(
+            k for k in ("gemv", "norm", "attention", "swiglu", "rope", "prefetch", "chain") if f"+{k}" in variant
+        )
+        + (",pdl" if "+kpdl" in variant else "")
+        or False,
+    )
+    if (
+        "+sepmerge" in variant
+    ):  # +rope with the merge kernel after the chunks (session 14's design) instead of the chunks merging themselves
         for cache in engine.caches:
             cache.counts = torch.zeros(0, dtype=torch.int32, device=device)
     backend = next((b for b in ("math", "efficient", "flash", "cudnn") if f"+{b}" in variant), None)
     if backend:  # the attention kernel SDPA picks for the decode step, forced
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
-        chosen = {"math": SDPBackend.MATH, "efficient": SDPBackend.EFFICIENT_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
-                  "cudnn": SDPBackend.CUDNN_ATTENTION}[backend]
+        chosen = {
+            "math": SDPBackend.MATH,
+            "efficient": SDPBackend.EFFICIENT_ATTENTION,
+            "flash": SDPBackend.FLASH_ATTENTION,
+            "cudnn": SDPBackend.CUDNN_ATTENTION,
+        }[backend]
         eager = engine._decode_eager
 
         def step():
@@ -76,14 +94,20 @@ def probe(preset: str, batch: int, variant: str, out: Path) -> str:
 
     requests = [engine.submit(Request([1] * 32, 64, temperature=0)) for _ in range(batch)]
     engine.step()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]) as prof:
+    with torch.profiler.profile(
+        activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    ) as prof:
         for _ in range(20):
             engine.step()
         torch.cuda.synchronize()
     while any(engine.slots):
         engine.step()
     assert all(r.finish_reason == "length" for r in requests)
-    kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA and e.self_device_time_total > 0]
+    kernels = [
+        e
+        for e in prof.key_averages()
+        if e.device_type == torch.autograd.DeviceType.CUDA and e.self_device_time_total > 0
+    ]
     kernels.sort(key=lambda e: -e.self_device_time_total)
     gpu = sum(e.self_device_time_total for e in kernels) / 20
     lines = [f"[{variant}] GPU kernels per step: {sum(e.count for e in kernels) / 20:.0f}, busy {gpu / 1e3:.3f} ms"]

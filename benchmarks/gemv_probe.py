@@ -36,8 +36,12 @@ def rowsum_kernel(x_ptr, w_ptr, y_ptr, N, K, stride_w, BLOCK_N: tl.constexpr, BL
     for start in range(0, K, BLOCK_K):
         cols = start + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
-        w = tl.load(w_ptr + rows[:, None] * stride_w + cols[None, :], mask=(rows[:, None] < N) & (cols[None, :] < K), other=0.0,
-                    eviction_policy="evict_first").to(tl.float32)
+        w = tl.load(
+            w_ptr + rows[:, None] * stride_w + cols[None, :],
+            mask=(rows[:, None] < N) & (cols[None, :] < K),
+            other=0.0,
+            eviction_policy="evict_first",
+        ).to(tl.float32)
         acc += tl.sum(w * x[None, :], axis=1)
     tl.store(y_ptr + rows, acc.to(y_ptr.dtype.element_ty), mask=rows < N)
 
@@ -50,8 +54,12 @@ def splitk_kernel(x_ptr, w_ptr, part_ptr, N, K, stride_w, CHUNK, BLOCK_N: tl.con
     for start in range(split * CHUNK, tl.minimum(split * CHUNK + CHUNK, K), BLOCK_K):
         cols = start + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
-        w = tl.load(w_ptr + rows[:, None] * stride_w + cols[None, :], mask=(rows[:, None] < N) & (cols[None, :] < K), other=0.0,
-                    eviction_policy="evict_first").to(tl.float32)
+        w = tl.load(
+            w_ptr + rows[:, None] * stride_w + cols[None, :],
+            mask=(rows[:, None] < N) & (cols[None, :] < K),
+            other=0.0,
+            eviction_policy="evict_first",
+        ).to(tl.float32)
         acc += w * x[None, :]
     tl.store(part_ptr + split * N + rows, tl.sum(acc, axis=1), mask=rows < N)
 
@@ -71,13 +79,30 @@ def run(design: str, cfg: dict, x: torch.Tensor, w: torch.Tensor, y: torch.Tenso
     if design == "splitk":
         split = cfg["split"]
         chunk = triton.cdiv(triton.cdiv(k, split), bk) * bk
-        splitk_kernel[(triton.cdiv(n, bn), split)](x, w, part, n, k, w.stride(0), chunk, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
+        splitk_kernel[(triton.cdiv(n, bn), split)](
+            x, w, part, n, k, w.stride(0), chunk, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages
+        )
         splitk_sum_kernel[(triton.cdiv(n, 256),)](part, y, n, SPLIT=split, BLOCK=256, num_warps=4)
     elif design == "tile":  # onebox's own kernel (infer/kernels.py), plain rows
-        kernels._gemv_kernel[(triton.cdiv(n, bn),)](x, x, w, y, n, k, w.stride(0), 0.0, ROW=kernels.PLAIN, BLOCK_N=bn, BLOCK_K=bk,
-                                                    num_warps=warps, num_stages=stages)
+        kernels._gemv_kernel[(triton.cdiv(n, bn),)](
+            x,
+            x,
+            w,
+            y,
+            n,
+            k,
+            w.stride(0),
+            0.0,
+            ROW=kernels.PLAIN,
+            BLOCK_N=bn,
+            BLOCK_K=bk,
+            num_warps=warps,
+            num_stages=stages,
+        )
     else:
-        rowsum_kernel[(triton.cdiv(n, bn),)](x, w, y, n, k, w.stride(0), BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
+        rowsum_kernel[(triton.cdiv(n, bn),)](
+            x, w, y, n, k, w.stride(0), BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages
+        )
 
 
 def configs(design: str) -> list[dict]:
@@ -106,7 +131,13 @@ def attention_rows(name: str, batch: int, position: int) -> list[str]:
 
     c = PRESETS[name]
     shape = (batch, c.kv_heads, c.seq_len, c.head_dim)
-    caches = [(torch.randn(shape, device="cuda", dtype=torch.bfloat16), torch.randn(shape, device="cuda", dtype=torch.bfloat16)) for _ in range(COPIES)]
+    caches = [
+        (
+            torch.randn(shape, device="cuda", dtype=torch.bfloat16),
+            torch.randn(shape, device="cuda", dtype=torch.bfloat16),
+        )
+        for _ in range(COPIES)
+    ]
     q = torch.randn(batch, 1, c.heads, c.head_dim, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
     pos = torch.full((batch, 1), position, device="cuda")
     read = 2 * batch * c.kv_heads * (position + 1) * c.head_dim * 2  # the bytes a step must read
@@ -124,20 +155,44 @@ def attention_rows(name: str, batch: int, position: int) -> list[str]:
         if best is None or t < best[0]:
             best = (t, chunk, warps)
     line.append(f"best chunk {best[1]} warps {best[2]}: {best[0] * 1e6:.2f} us ({read / best[0] / 1e12:.2f} TB/s)")
-    counts = torch.zeros(batch, c.heads, dtype=torch.int32, device="cuda")  # the chunks merge themselves (m): no merge kernel
+    counts = torch.zeros(
+        batch, c.heads, dtype=torch.int32, device="cuda"
+    )  # the chunks merge themselves (m): no merge kernel
     for chunk, warps in itertools.product((16, 32), (2, 4)):
         got = decode_attention(q, *caches[0], pos, chunk=chunk, warps=warps, counts=counts).float()
         ok = torch.allclose(got, ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item()) and not counts.any()
-        t = time_it(lambda: [decode_attention(q, k, v, pos, chunk=chunk, warps=warps, counts=counts) for k, v in caches])
+        t = time_it(
+            lambda: [decode_attention(q, k, v, pos, chunk=chunk, warps=warps, counts=counts) for k, v in caches]
+        )
         line.append(f"m{chunk}/w{warps} {t * 1e6:5.2f}{'' if ok else ' WRONG'}")
     # RoPE and the cache write folded in (rope_decode_attention): this step's q, k, v unrotated, written at `position`
     qkv = torch.randn(batch, 1, (c.heads + 2 * c.kv_heads) * c.head_dim, device="cuda", dtype=torch.bfloat16)
-    q_raw, k_new, v_new = (t.view(batch, 1, -1, c.head_dim).transpose(1, 2) for t in qkv.split([c.dim, c.kv_dim, c.kv_dim], dim=-1))
+    q_raw, k_new, v_new = (
+        t.view(batch, 1, -1, c.head_dim).transpose(1, 2) for t in qkv.split([c.dim, c.kv_dim, c.kv_dim], dim=-1)
+    )
     cos, sin = (torch.randn(batch, 1, c.head_dim, device="cuda") for _ in range(2))
     rope = [f"{name:7} rope attention batch {batch} at {position}"]
-    for merged, chunk, warps in [(False, c, w) for c, w in itertools.product((16, 32, 64), (2, 4, 8))] + [(True, c, w) for c, w in ((16, 2), (16, 4), (32, 2), (32, 4))]:
-        t = time_it(lambda: [rope_decode_attention(q_raw, k_new, v_new, cos, sin, k, v, pos, chunk=chunk, warps=warps, counts=counts if merged else None)
-                             for k, v in caches])
+    for merged, chunk, warps in [(False, c, w) for c, w in itertools.product((16, 32, 64), (2, 4, 8))] + [
+        (True, c, w) for c, w in ((16, 2), (16, 4), (32, 2), (32, 4))
+    ]:
+        t = time_it(
+            lambda: [
+                rope_decode_attention(
+                    q_raw,
+                    k_new,
+                    v_new,
+                    cos,
+                    sin,
+                    k,
+                    v,
+                    pos,
+                    chunk=chunk,
+                    warps=warps,
+                    counts=counts if merged else None,
+                )
+                for k, v in caches
+            ]
+        )
         rope.append(f"{'m' if merged else 'c'}{chunk}/w{warps} {t * 1e6:5.2f}")
     return [" | ".join(line), " | ".join(rope)]
 
@@ -146,7 +201,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--presets", default="600m-A,3b-A")
     parser.add_argument("--designs", default="tile,rowsum,splitk")
-    parser.add_argument("--attention", action="store_true", help="time decode attention instead (batch 1 and 8 at position 255)")
+    parser.add_argument(
+        "--attention", action="store_true", help="time decode attention instead (batch 1 and 8 at position 255)"
+    )
     args = parser.parse_args()
     if args.attention:
         rows = [row for name in args.presets.split(",") for batch in (1, 8) for row in attention_rows(name, batch, 255)]
@@ -156,17 +213,24 @@ def main() -> None:
     rows = []
     for name in args.presets.split(","):
         c = PRESETS[name]
-        shapes = {"qkv": (c.dim + 2 * c.kv_dim, c.dim), "o": (c.dim, c.dim), "gate_up": (2 * c.hidden, c.dim), "down": (c.dim, c.hidden),
-                  "out": (c.vocab_size, c.dim)}
+        shapes = {
+            "qkv": (c.dim + 2 * c.kv_dim, c.dim),
+            "o": (c.dim, c.dim),
+            "gate_up": (2 * c.hidden, c.dim),
+            "down": (c.dim, c.hidden),
+            "out": (c.vocab_size, c.dim),
+        }
         for label, (n, k) in shapes.items():
             ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(COPIES)]
             x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
             y = torch.empty(1, n, device="cuda", dtype=torch.bfloat16)
             part = torch.empty(8, n, device="cuda", dtype=torch.float32)
-            ref = (x.float() @ ws[0].float().T)
+            ref = x.float() @ ws[0].float().T
             nbytes = n * k * 2
             t = time_it(lambda: [F.linear(x, w) for w in ws])
-            line = [f"{name:7} {label:8} {n:6}x{k:<6} {nbytes / 1e6:6.1f} MB | cublas {t * 1e6:6.2f} us {nbytes / t / 1e12:4.2f} TB/s"]
+            line = [
+                f"{name:7} {label:8} {n:6}x{k:<6} {nbytes / 1e6:6.1f} MB | cublas {t * 1e6:6.2f} us {nbytes / t / 1e12:4.2f} TB/s"
+            ]
             for design in args.designs.split(","):
                 best = None
                 for cfg in configs(design):

@@ -55,7 +55,9 @@ def main() -> None:
     parser.add_argument("--preset", default="600m-A")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--variants", default="bench,docs,docs-static,built,built+min,built+pad,built+imode,after-engine")
+    parser.add_argument(
+        "--variants", default="bench,docs,docs-static,built,built+min,built+pad,built+imode,after-engine"
+    )
     parser.add_argument("--out", default=".")
     args = parser.parse_args()
     import transformers
@@ -85,7 +87,9 @@ def main() -> None:
                 engine = Engine(model, max_batch=args.batch, prefix_entries=0)
                 print(f"engine first: {time_decode(engine, args.batch, 128, args.new_tokens):,.0f} tok/s", flush=True)
                 del engine
-            hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16, device_map="cuda").eval()
+            hf = transformers.AutoModelForCausalLM.from_pretrained(
+                folder, dtype=torch.bfloat16, device_map="cuda"
+            ).eval()
             extra = {"cache_implementation": "static"} if variant == "docs-static" else {}
             speed = timed(hf, ids, args.new_tokens, 3 if extra else 1, attention_mask=mask, **extra)
             del hf
@@ -106,14 +110,23 @@ def main() -> None:
                 kwargs["min_new_tokens"] = args.new_tokens
             if "short" in flags:  # warm up with a 4-token generate(), not one of the timed length
                 with torch.inference_mode():
-                    hf.generate(prompt, max_new_tokens=4, do_sample=False, **{k: (4 if k == "min_new_tokens" else v) for k, v in kwargs.items()})
-            speed = timed(hf, prompt, args.new_tokens, 0 if "short" in flags else 1, inference="imode" in flags, **kwargs)
+                    hf.generate(
+                        prompt,
+                        max_new_tokens=4,
+                        do_sample=False,
+                        **{k: (4 if k == "min_new_tokens" else v) for k, v in kwargs.items()},
+                    )
+            speed = timed(
+                hf, prompt, args.new_tokens, 0 if "short" in flags else 1, inference="imode" in flags, **kwargs
+            )
             del hf
         print(f"{variant}: {speed:,.1f} tok/s", flush=True)
         rows.append({"variant": variant, "tokens_per_second": speed})
         torch.cuda.empty_cache()
     Path(args.out, f"hf-decode-{args.preset}-b{args.batch}.json").write_text(json.dumps(rows, indent=2))
-    print(f"\n{'variant':<14} tok/s  ({args.preset}, batch {args.batch}, {args.new_tokens} new tokens, {torch.cuda.get_device_name()})")
+    print(
+        f"\n{'variant':<14} tok/s  ({args.preset}, batch {args.batch}, {args.new_tokens} new tokens, {torch.cuda.get_device_name()})"
+    )
     for row in rows:
         print(f"{row['variant']:<14} {row['tokens_per_second']:,.1f}")
 

@@ -36,7 +36,11 @@ def main() -> int:
         cells = [f"{reference[step]:22.4f}"]
         for train, _ in curves[1:]:
             value = train.get(step)
-            cells.append(f"{'n/a':>22s}" if value is None else f"{value:12.4f} ({(value - reference[step]) / reference[step]:+6.2%})")
+            cells.append(
+                f"{'n/a':>22s}"
+                if value is None
+                else f"{value:12.4f} ({(value - reference[step]) / reference[step]:+6.2%})"
+            )
         print(f"{step:4d}  " + "  ".join(cells))
     last = max(reference)
     failed = False
@@ -45,8 +49,10 @@ def main() -> int:
         val_diff = None if val is None or ref_val is None else (val - ref_val) / ref_val
         ok = abs(train_diff) <= args.tolerance and (val_diff is None or abs(val_diff) <= args.tolerance)
         failed |= not ok
-        print(f"{run.name}: last train loss {train_diff:+.2%}, val loss {'n/a' if val_diff is None else f'{val_diff:+.2%}'} "
-              f"against {args.runs[0].name}: {'within' if ok else 'OUTSIDE'} {args.tolerance:.0%}")
+        print(
+            f"{run.name}: last train loss {train_diff:+.2%}, val loss {'n/a' if val_diff is None else f'{val_diff:+.2%}'} "
+            f"against {args.runs[0].name}: {'within' if ok else 'OUTSIDE'} {args.tolerance:.0%}"
+        )
     return 1 if failed else 0
 
 

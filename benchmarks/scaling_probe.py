@@ -30,7 +30,14 @@ from pathlib import Path
 
 import torch
 
-from onebox.bench.training import BenchSettings, Contender, build_sharded, contender_step, measure_training, synthetic_batch
+from onebox.bench.training import (
+    BenchSettings,
+    Contender,
+    build_sharded,
+    contender_step,
+    measure_training,
+    synthetic_batch,
+)
 from onebox.config import PRESETS, ModelConfig
 from onebox.device import autocast_dtype, pick_device, synchronize
 from onebox.distributed import init_distributed, shutdown
@@ -45,9 +52,16 @@ def builder(variant: str):
     reshard = False if "noreshard" in options else True if "reshard" in options else None  # None: as planned
 
     def build(config: ModelConfig, device: torch.device, settings: BenchSettings) -> Contender:
-        contender = build_sharded(config, device, settings, reshard=reshard, keep_last="lastreshard" not in options,
-                                  reduce_dtype=torch.bfloat16 if "bf16reduce" in options else torch.float32, prefetch=prefetch,
-                                  **({} if group is None else {"group": group}))
+        contender = build_sharded(
+            config,
+            device,
+            settings,
+            reshard=reshard,
+            keep_last="lastreshard" not in options,
+            reduce_dtype=torch.bfloat16 if "bf16reduce" in options else torch.float32,
+            prefetch=prefetch,
+            **({} if group is None else {"group": group}),
+        )
         if "autogc" not in options:
             return contender
 
@@ -70,7 +84,13 @@ def covered(intervals: list[tuple[float, float]]) -> float:
     return total
 
 
-SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy", "cudaStreamWaitEvent")
+SYNC_CALLS = (
+    "cudaStreamSynchronize",
+    "cudaDeviceSynchronize",
+    "cudaEventSynchronize",
+    "cudaMemcpy",
+    "cudaStreamWaitEvent",
+)
 
 
 def cpu_set(cpus: set[int]) -> str:
@@ -98,7 +118,9 @@ def profile_ranks(variant: str, config: ModelConfig, device: torch.device, setti
     for _ in range(6):
         contender_step(contender, x, y, device, dtype)
     synchronize(device)
-    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    activities = [torch.profiler.ProfilerActivity.CPU] + (
+        [torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else []
+    )
     issue = 0.0
     with torch.profiler.profile(activities=activities) as prof:
         start = time.perf_counter()
@@ -108,7 +130,11 @@ def profile_ranks(variant: str, config: ModelConfig, device: torch.device, setti
             issue += time.perf_counter() - begun
         synchronize(device)
         wall = (time.perf_counter() - start) / 3 * 1e6
-    kernels = [(e.name, e.time_range.start, e.time_range.end) for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    kernels = [
+        (e.name, e.time_range.start, e.time_range.end)
+        for e in prof.events()
+        if e.device_type == torch.autograd.DeviceType.CUDA
+    ]
     nccl = [(a, b) for name, a, b in kernels if "nccl" in name.lower()]
     compute = [(a, b) for name, a, b in kernels if "nccl" not in name.lower()]
     every = covered(nccl + compute) / 3
@@ -118,11 +144,13 @@ def profile_ranks(variant: str, config: ModelConfig, device: torch.device, setti
     top = sorted(averages, key=lambda a: a.self_cpu_time_total, reverse=True)[:8]
     costs = ", ".join(f"{a.key[:40]} {a.self_cpu_time_total / 3e3:.1f} ({a.count // 3})" for a in top)
     affinity = cpu_set(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else "n/a"
-    return (f"{variant} rank {rank}: step {wall / 1e3:.1f} ms | compute {busy_compute / 1e3:.1f} ms | nccl {busy_nccl / 1e3:.1f} ms "
-            f"(alone {(every - busy_compute) / 1e3:.1f}) | idle {(wall - every) / 1e3:.1f} ms\n"
-            f"  host: issued a step in {issue / 3 * 1e3:.1f} ms, blocked {blocked / 1e3:.1f} ms, cpus {affinity} "
-            f"(visible GPUs {os.environ.get('CUDA_VISIBLE_DEVICES', 'all')}, GPU {device})\n"
-            f"  host self-time per step, ms (calls): {costs}")
+    return (
+        f"{variant} rank {rank}: step {wall / 1e3:.1f} ms | compute {busy_compute / 1e3:.1f} ms | nccl {busy_nccl / 1e3:.1f} ms "
+        f"(alone {(every - busy_compute) / 1e3:.1f}) | idle {(wall - every) / 1e3:.1f} ms\n"
+        f"  host: issued a step in {issue / 3 * 1e3:.1f} ms, blocked {blocked / 1e3:.1f} ms, cpus {affinity} "
+        f"(visible GPUs {os.environ.get('CUDA_VISIBLE_DEVICES', 'all')}, GPU {device})\n"
+        f"  host self-time per step, ms (calls): {costs}"
+    )
 
 
 def main() -> None:
@@ -139,13 +167,21 @@ def main() -> None:
     rows = []
     try:
         for variant in args.variants.split(","):
-            result = measure_training("onebox", PRESETS[args.preset], device, BenchSettings(batch=args.batch, steps=10, timed_steps=10),
-                                      build=builder(variant), ranks=ranks)
+            result = measure_training(
+                "onebox",
+                PRESETS[args.preset],
+                device,
+                BenchSettings(batch=args.batch, steps=10, timed_steps=10),
+                build=builder(variant),
+                ranks=ranks,
+            )
             if ranks.main:
                 per = result["tokens_per_second"] / ranks.world if result["tokens_per_second"] else None
                 eff = f"{per / args.one:.1%}" if per and args.one else "n/a"
-                row = (f"{variant:28s} {result['status']:6s} {result['ms_per_step'] or 0:7.1f} ms (fwd {result['forward_ms'] or 0:5.1f} bwd {result['backward_ms'] or 0:6.1f} "
-                       f"opt {result['optimizer_ms'] or 0:5.1f}) | {per or 0:9,.0f} tok/s/proc | eff {eff} | mem {(result['peak_memory_bytes'] or 0) / 1e9:.1f} GB")
+                row = (
+                    f"{variant:28s} {result['status']:6s} {result['ms_per_step'] or 0:7.1f} ms (fwd {result['forward_ms'] or 0:5.1f} bwd {result['backward_ms'] or 0:6.1f} "
+                    f"opt {result['optimizer_ms'] or 0:5.1f}) | {per or 0:9,.0f} tok/s/proc | eff {eff} | mem {(result['peak_memory_bytes'] or 0) / 1e9:.1f} GB"
+                )
                 print(row, flush=True)
                 rows.append({"variant": variant, **{k: v for k, v in result.items() if k != "loss_trace"}})
         for variant in filter(None, args.profile.split(",")):

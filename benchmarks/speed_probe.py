@@ -71,7 +71,13 @@ def builder(variant: str):
         train = TrainConfig(lr=settings.lr, device=str(device))
         optimizer = build_optimizer(model, train)
         if "torchadam" in parts:  # torch's fused AdamW instead of onebox's Triton one (the default before session 16)
-            optimizer = OptimizerSet([torch.optim.AdamW(param_groups(model, train), betas=(train.beta1, train.beta2), eps=train.eps, fused=True)])
+            optimizer = OptimizerSet(
+                [
+                    torch.optim.AdamW(
+                        param_groups(model, train), betas=(train.beta1, train.beta2), eps=train.eps, fused=True
+                    )
+                ]
+            )
 
         def update() -> None:
             if "clip2" in parts:  # the separate clipping pass, as before the clip factor went into AdamW's grad_scale
@@ -96,7 +102,9 @@ def side_stream_update(model: Transformer, lr: float, device: torch.device):
 
     def adamw(params: list[torch.Tensor]) -> torch.optim.AdamW:
         decay, flat = [p for p in params if p.dim() >= 2], [p for p in params if p.dim() < 2]
-        groups = [g for g in ({"params": decay, "weight_decay": 0.1}, {"params": flat, "weight_decay": 0.0}) if g["params"]]
+        groups = [
+            g for g in ({"params": decay, "weight_decay": 0.1}, {"params": flat, "weight_decay": 0.0}) if g["params"]
+        ]
         return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=True)
 
     def on_side(params: list[torch.Tensor], opt: torch.optim.AdamW) -> None:
@@ -160,8 +168,14 @@ def _products_ms(shapes: list[tuple[int, int]], tokens: int, device: torch.devic
     """One forward and backward's matrix products of linear layers of these (out, in) shapes over `tokens` rows, bf16:
     y = x W^T, dx = dy W, dW = dy^T x, as autograd runs them for F.linear."""
     bf16 = torch.bfloat16
-    operands = [(torch.randn(tokens, i, device=device, dtype=bf16), torch.randn(o, i, device=device, dtype=bf16),
-                 torch.randn(tokens, o, device=device, dtype=bf16)) for o, i in shapes]
+    operands = [
+        (
+            torch.randn(tokens, i, device=device, dtype=bf16),
+            torch.randn(o, i, device=device, dtype=bf16),
+            torch.randn(tokens, o, device=device, dtype=bf16),
+        )
+        for o, i in shapes
+    ]
 
     def run() -> None:
         for x, w, dy in operands:
@@ -177,13 +191,19 @@ def _attention_ms(config: ModelConfig, batch: int, device: torch.device) -> floa
     projections make them, and contiguous (B, H, T, D)."""
     best = float("inf")
     for transposed in (True, False):
-        q, k, v = (torch.randn(batch, config.seq_len, heads, config.head_dim, device=device, dtype=torch.bfloat16).transpose(1, 2)
-                   for heads in (config.heads, config.kv_heads, config.kv_heads))
+        q, k, v = (
+            torch.randn(batch, config.seq_len, heads, config.head_dim, device=device, dtype=torch.bfloat16).transpose(
+                1, 2
+            )
+            for heads in (config.heads, config.kv_heads, config.kv_heads)
+        )
         q, k, v = ((t if transposed else t.contiguous()).requires_grad_() for t in (q, k, v))
         grad = torch.randn(batch, config.heads, config.seq_len, config.head_dim, device=device, dtype=torch.bfloat16)
 
         def run(q=q, k=k, v=v, grad=grad) -> None:
-            out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=config.kv_heads != config.heads)
+            out = torch.nn.functional.scaled_dot_product_attention(
+                q, k, v, is_causal=True, enable_gqa=config.kv_heads != config.heads
+            )
             torch.autograd.grad(out, (q, k, v), grad)
 
         best = min(best, gpu_ms(run, device))
@@ -218,14 +238,25 @@ def step_floor(config: ModelConfig, batch: int, device: torch.device) -> dict[st
     the work left out only adds time; floor_bytes_mfu bounds it with any optimizer (AdamW's 28 bytes a parameter at the
     copy bandwidth; n/a off CUDA). square_tflops is the card's bf16 product rate on one 8192^3 product."""
     tokens = batch * config.seq_len
-    layer = [(config.dim, config.dim), (config.kv_dim, config.dim), (config.kv_dim, config.dim), (config.dim, config.dim),
-             (config.hidden, config.dim), (config.hidden, config.dim), (config.dim, config.hidden)]
-    products_ms = config.layers * _products_ms(layer, tokens, device) + _products_ms([(config.vocab_size, config.dim)], tokens, device)
+    layer = [
+        (config.dim, config.dim),
+        (config.kv_dim, config.dim),
+        (config.kv_dim, config.dim),
+        (config.dim, config.dim),
+        (config.hidden, config.dim),
+        (config.hidden, config.dim),
+        (config.dim, config.hidden),
+    ]
+    products_ms = config.layers * _products_ms(layer, tokens, device) + _products_ms(
+        [(config.vocab_size, config.dim)], tokens, device
+    )
     attention_ms = config.layers * _attention_ms(config, batch, device)
     optimizer_torch_ms = _optimizer_ms(config, device, triton=False)
     torch.cuda.empty_cache()
     optimizer_triton_ms = _optimizer_ms(config, device, triton=True)
-    optimizer_ms = min(t for t in (optimizer_torch_ms, optimizer_triton_ms) if not math.isnan(t))  # NaN: Triton cannot run here
+    optimizer_ms = min(
+        t for t in (optimizer_torch_ms, optimizer_triton_ms) if not math.isnan(t)
+    )  # NaN: Triton cannot run here
     # AdamW over fp32 weights moves at least 28 bytes a parameter (weight, gradient, two moments read; weight, moments written)
     bandwidth = memory_bandwidth(device)
     optimizer_bytes_ms = 28 * config.num_params() / bandwidth * 1e3 if bandwidth else float("nan")
@@ -235,11 +266,21 @@ def step_floor(config: ModelConfig, batch: int, device: torch.device) -> dict[st
     total = products_ms + attention_ms + optimizer_ms
     least = products_ms + attention_ms + optimizer_bytes_ms  # with an optimizer at the copy bandwidth
     model_flops, peak = config.flops_per_token() * tokens, peak_flops(device) or 989e12
-    return {"products_ms": products_ms, "products_tflops": 6 * config.num_matmul_params() * tokens / products_ms / 1e9,
-            "attention_ms": attention_ms, "optimizer_ms": optimizer_ms, "optimizer_torch_ms": optimizer_torch_ms,
-            "optimizer_triton_ms": optimizer_triton_ms, "optimizer_bytes_ms": optimizer_bytes_ms, "floor_ms": total,
-            "floor_mfu": model_flops / (total / 1e3) / peak, "floor_bytes_ms": least, "floor_bytes_mfu": model_flops / (least / 1e3) / peak,
-            "ms_at_55pct_mfu": model_flops / (0.55 * peak) * 1e3, "square_tflops": square / 1e12}
+    return {
+        "products_ms": products_ms,
+        "products_tflops": 6 * config.num_matmul_params() * tokens / products_ms / 1e9,
+        "attention_ms": attention_ms,
+        "optimizer_ms": optimizer_ms,
+        "optimizer_torch_ms": optimizer_torch_ms,
+        "optimizer_triton_ms": optimizer_triton_ms,
+        "optimizer_bytes_ms": optimizer_bytes_ms,
+        "floor_ms": total,
+        "floor_mfu": model_flops / (total / 1e3) / peak,
+        "floor_bytes_ms": least,
+        "floor_bytes_mfu": model_flops / (least / 1e3) / peak,
+        "ms_at_55pct_mfu": model_flops / (0.55 * peak) * 1e3,
+        "square_tflops": square / 1e12,
+    }
 
 
 def kind_of(name: str) -> str:
@@ -249,7 +290,9 @@ def kind_of(name: str) -> str:
     return "other"
 
 
-def profile(variant: str, config: ModelConfig, device: torch.device, settings: BenchSettings, out: Path, steps: int = 3) -> str:
+def profile(
+    variant: str, config: ModelConfig, device: torch.device, settings: BenchSettings, out: Path, steps: int = 3
+) -> str:
     torch._dynamo.reset()
     torch.manual_seed(0)
     c = contender(variant, config, device, settings)
@@ -263,12 +306,18 @@ def profile(variant: str, config: ModelConfig, device: torch.device, settings: B
         step()
     torch.cuda.synchronize()
     trace = out / f"trace-{config.name}-{variant.replace('+', '_')}.json"
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA, torch.profiler.ProfilerActivity.CPU]) as prof:
+    with torch.profiler.profile(
+        activities=[torch.profiler.ProfilerActivity.CUDA, torch.profiler.ProfilerActivity.CPU]
+    ) as prof:
         for _ in range(steps):
             step()
         torch.cuda.synchronize()
     prof.export_chrome_trace(str(trace))
-    events = [e for e in json.loads(trace.read_text())["traceEvents"] if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
+    events = [
+        e
+        for e in json.loads(trace.read_text())["traceEvents"]
+        if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")
+    ]
     trace.unlink()  # large; the summary below is what is kept
     by_kind: dict[str, float] = defaultdict(float)
     by_name: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
@@ -278,8 +327,12 @@ def profile(variant: str, config: ModelConfig, device: torch.device, settings: B
         by_name[e["name"]][1] += 1 / steps
     span = (max(e["ts"] + e["dur"] for e in events) - min(e["ts"] for e in events)) / 1000 / steps
     busy = sum(by_kind.values())
-    lines = [f"profile {config.name} {variant} batch {settings.batch}: {span:.1f} ms/step span, {busy:.1f} ms kernels ({busy / span:.0%} busy)"]
-    lines += [f"  {kind:10s} {ms:7.2f} ms  {ms / busy:5.1%}" for kind, ms in sorted(by_kind.items(), key=lambda kv: -kv[1])]
+    lines = [
+        f"profile {config.name} {variant} batch {settings.batch}: {span:.1f} ms/step span, {busy:.1f} ms kernels ({busy / span:.0%} busy)"
+    ]
+    lines += [
+        f"  {kind:10s} {ms:7.2f} ms  {ms / busy:5.1%}" for kind, ms in sorted(by_kind.items(), key=lambda kv: -kv[1])
+    ]
     lines.append("  top kernels (ms/step, launches/step):")
     for name, (ms, n) in sorted(by_name.items(), key=lambda kv: -kv[1][0])[:25]:
         lines.append(f"    {ms:7.2f} {n:5.0f}  {kind_of(name):9s} {name[:110]}")
@@ -292,7 +345,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--variants", default="block,block+fp8,hf-compile")
     parser.add_argument("--profile", default="", help="comma-separated variants to profile")
-    parser.add_argument("--floor", action="store_true", help="first time the step's products, attention and optimizer alone")
+    parser.add_argument(
+        "--floor", action="store_true", help="first time the step's products, attention and optimizer alone"
+    )
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--timed-steps", type=int, default=10)
     parser.add_argument("--out", default="/tmp/out")
@@ -304,7 +359,10 @@ def main() -> None:
     if args.floor:
         floor = step_floor(config, args.batch, device)
         (out / f"floor-{config.name}-b{args.batch}.json").write_text(json.dumps(floor, indent=1))
-        print(f"floor {config.name} batch {args.batch}: " + ", ".join(f"{k} {v:.4g}" for k, v in floor.items()), flush=True)
+        print(
+            f"floor {config.name} batch {args.batch}: " + ", ".join(f"{k} {v:.4g}" for k, v in floor.items()),
+            flush=True,
+        )
     rows = []
     for variant in [v for v in args.variants.split(",") if v]:
         name, _, batch = variant.partition("@")
@@ -317,21 +375,30 @@ def main() -> None:
             print(f"{config.name} {variant}: failed: {type(err).__name__}: {err}", flush=True)
             continue
         rows.append((variant, settings.batch, result))
-        print(f"{config.name} {variant}: {json.dumps({k: v for k, v in result.items() if k not in ('loss_trace', 'estimate')})}", flush=True)
+        print(
+            f"{config.name} {variant}: {json.dumps({k: v for k, v in result.items() if k not in ('loss_trace', 'estimate')})}",
+            flush=True,
+        )
     for variant in [v for v in args.profile.split(",") if v]:
         name, _, batch = variant.partition("@")
         text = profile(name, config, device, BenchSettings(batch=int(batch or args.batch)), out)
         print(text, flush=True)
         (out / f"profile-{config.name}-{variant.replace('+', '_').replace('@', '_b')}.txt").write_text(text)
-    print(f"\n{'variant':28s} {'batch':>5s} {'ms/step':>8s} {'fwd':>6s} {'bwd':>6s} {'opt':>5s} {'tok/s':>9s} {'MFU':>6s} {'GB':>5s} {'tok/J':>6s} {'1st s':>6s} loss_end")
+    print(
+        f"\n{'variant':28s} {'batch':>5s} {'ms/step':>8s} {'fwd':>6s} {'bwd':>6s} {'opt':>5s} {'tok/s':>9s} {'MFU':>6s} {'GB':>5s} {'tok/J':>6s} {'1st s':>6s} loss_end"
+    )
     for variant, batch, r in rows:
         if r["status"] != "ok":
             print(f"{variant:28s} {batch:5d} {r['status']}")
             continue
-        r = {k: float("nan") if v is None else v for k, v in r.items()}  # n/a (no NVML, no known peak on CPU) prints as nan
+        r = {
+            k: float("nan") if v is None else v for k, v in r.items()
+        }  # n/a (no NVML, no known peak on CPU) prints as nan
         tpj = r["tokens_per_joule"]
-        print(f"{variant:28s} {batch:5d} {r['ms_per_step']:8.1f} {r['forward_ms']:6.1f} {r['backward_ms']:6.1f} {r['optimizer_ms']:5.1f} "
-              f"{r['tokens_per_second']:9,.0f} {r['mfu']:6.1%} {r['peak_memory_bytes'] / 1e9:5.1f} {tpj:6.1f} {r['first_step_seconds']:6.1f} {r['loss_end']:.4f}")
+        print(
+            f"{variant:28s} {batch:5d} {r['ms_per_step']:8.1f} {r['forward_ms']:6.1f} {r['backward_ms']:6.1f} {r['optimizer_ms']:5.1f} "
+            f"{r['tokens_per_second']:9,.0f} {r['mfu']:6.1%} {r['peak_memory_bytes'] / 1e9:5.1f} {tpj:6.1f} {r['first_step_seconds']:6.1f} {r['loss_end']:.4f}"
+        )
 
 
 if __name__ == "__main__":

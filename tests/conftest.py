@@ -68,8 +68,18 @@ def micro_model(**changes) -> ModelConfig:
 def micro_train(out_dir, data_dir, **changes) -> TrainConfig:
     """A short CPU training run writing to out_dir."""
     base = dict(
-        data=str(data_dir), out_dir=str(out_dir), batch_size=4, max_steps=12, lr=3e-3, warmup_steps=2,
-        eval_every=6, eval_batches=2, ckpt_every=6, log_every=1, device="cpu", compile="off",
+        data=str(data_dir),
+        out_dir=str(out_dir),
+        batch_size=4,
+        max_steps=12,
+        lr=3e-3,
+        warmup_steps=2,
+        eval_every=6,
+        eval_batches=2,
+        ckpt_every=6,
+        log_every=1,
+        device="cpu",
+        compile="off",
     )
     base.update(changes)
     return TrainConfig(**base).validate()

@@ -18,7 +18,7 @@ import torch
 
 from onebox.adamw import TritonAdamW, make_adamw
 
-SCRIPT = textwrap.dedent('''
+SCRIPT = textwrap.dedent("""
     import torch
     from onebox.adamw import TritonAdamW
 
@@ -70,11 +70,13 @@ SCRIPT = textwrap.dedent('''
     step([torch.randn(s) for s in shapes], None)
     same("resumed")
     print("adamw matches")
-''')
+""")
 
 
 def test_triton_adamw_matches_torch_adamw_in_the_interpreter():
-    triton = pytest.importorskip("triton", reason="Triton is not installed (it comes with the dev extras on Linux x86-64)")
+    triton = pytest.importorskip(
+        "triton", reason="Triton is not installed (it comes with the dev extras on Linux x86-64)"
+    )
     if tuple(int(p) for p in triton.__version__.split(".")[:2]) < (3, 7):
         pytest.skip(f"Triton {triton.__version__}'s interpreter fails under numpy 2.3+ (3.7 or later needed)")
     env = {**os.environ, "TRITON_INTERPRET": "1"}

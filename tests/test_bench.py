@@ -46,7 +46,9 @@ def test_validate_run_produces_an_acceptable_document(validate_doc):
     result = validate_doc["entries"][0]["result"]
     assert result["status"] == "ok" and result["loss_end"] < result["loss_start"]
     assert result["tokens_per_second"] == pytest.approx(4 * 32 * 1000 / result["ms_per_step"])
-    assert result["mfu"] is None and result["avg_power_watts"] is None and result["tokens_per_joule"] is None  # CPU: n/a
+    assert (
+        result["mfu"] is None and result["avg_power_watts"] is None and result["tokens_per_joule"] is None
+    )  # CPU: n/a
     assert result["peak_memory_bytes"] > 0 and len(result["loss_trace"]) == 9
     hardware = validate_doc["hardware"]
     assert hardware["torch_version"] == torch.__version__ and hardware["cpu_cores"] >= 1
@@ -65,10 +67,16 @@ def _result(doc):
 @pytest.mark.parametrize(
     "change, message",
     [
-        (lambda d: _result(d).update(tokens_per_second=_result(d)["tokens_per_second"] * 1.2), "inconsistent with batch x seq"),
+        (
+            lambda d: _result(d).update(tokens_per_second=_result(d)["tokens_per_second"] * 1.2),
+            "inconsistent with batch x seq",
+        ),
         (lambda d: _result(d).update(loss_end=_result(d)["loss_start"] + 0.1), "did not fall"),
         (lambda d: _result(d)["loss_trace"].__setitem__(2, float("nan")), "non-finite"),
-        (lambda d: _result(d).update(backward_ms=_result(d)["backward_ms"] + _result(d)["ms_per_step"]), "differs from ms/step"),
+        (
+            lambda d: _result(d).update(backward_ms=_result(d)["backward_ms"] + _result(d)["ms_per_step"]),
+            "differs from ms/step",
+        ),
         (lambda d: _result(d).pop("optimizer_ms"), "result lacks"),
         (lambda d: d.pop("hardware"), "missing fields"),
         (lambda d: d["hardware"].pop("driver"), "hardware lacks"),
@@ -127,8 +135,10 @@ def test_out_of_memory_is_recorded_with_the_estimate(monkeypatch):
 def test_tiny_sweep_end_to_end(monkeypatch):
     import onebox.bench.validate as validate
 
-    tiny_shapes = {f"600m-{v}": small(f"600m-{v}", layers=l, dim=d, heads=d // 32, seq_len=16 if v == "E" else 32)
-                   for v, d, l in (("A", 64, 2), ("B", 32, 3), ("C", 96, 1), ("D", 64, 2), ("E", 64, 2))}
+    tiny_shapes = {
+        f"600m-{v}": small(f"600m-{v}", layers=depth, dim=d, heads=d // 32, seq_len=16 if v == "E" else 32)
+        for v, d, depth in (("A", 64, 2), ("B", 32, 3), ("C", 96, 1), ("D", 64, 2), ("E", 64, 2))
+    }
     monkeypatch.setattr(validate, "preset", lambda name: tiny_shapes[name])
     doc = seal(run_sweep(["600m"], CPU, BenchSettings(batch=2, steps=4, timed_steps=2, lr=3e-3), None, SAY))
     assert [e["config"]["name"] for e in doc["entries"]] == list(tiny_shapes)
@@ -139,8 +149,18 @@ def test_tiny_sweep_end_to_end(monkeypatch):
 
 def test_sweep_summary_finds_the_crossover():
     def entry(name, tps):
-        return {"config": {"name": name, "params": 1}, "result": {"status": "ok", "tokens_per_second": tps, "ms_per_step": 1, "mfu": None,
-                                                                 "peak_memory_bytes": 1, "avg_power_watts": None, "tokens_per_joule": None}}
+        return {
+            "config": {"name": name, "params": 1},
+            "result": {
+                "status": "ok",
+                "tokens_per_second": tps,
+                "ms_per_step": 1,
+                "mfu": None,
+                "peak_memory_bytes": 1,
+                "avg_power_watts": None,
+                "tokens_per_joule": None,
+            },
+        }
 
     entries = [entry("1b-B", 100), entry("1b-C", 120), entry("3b-B", 60), entry("3b-C", 50)]
     summary = summarize_sweep(entries)
@@ -203,8 +223,30 @@ def test_report_from_synthetic_documents(tmp_path, validate_doc):
 
 def test_bench_cli_end_to_end(tmp_path, capsys):
     out = tmp_path / "v.json"
-    code = main(["bench", "validate", "--preset", "tiny", "--batch", "2", "--steps", "3", "--timed-steps", "2", "--lr", "3e-3",
-                 "--seq-len", "32", "--layers", "1", "--device", "cpu", "--out", str(out)])
+    code = main(
+        [
+            "bench",
+            "validate",
+            "--preset",
+            "tiny",
+            "--batch",
+            "2",
+            "--steps",
+            "3",
+            "--timed-steps",
+            "2",
+            "--lr",
+            "3e-3",
+            "--seq-len",
+            "32",
+            "--layers",
+            "1",
+            "--device",
+            "cpu",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0
     printed = capsys.readouterr().out
     assert "tiny — 256d/768h/1L/seq32" in printed and "ms/step (fwd=" in printed and "MFU n/a" in printed
@@ -244,7 +286,9 @@ def test_streamed_forward_gives_the_resident_logits_pass_after_pass():
         reference.load_state_dict(streamed.model.state_dict())
         assert len(streamed.streamed) == 5 - resident
         for seed in (1, 2):  # fresh tokens each pass; the two buffers are refilled every pass
-            idx = torch.randint(0, config.vocab_size, (2, config.seq_len), generator=torch.Generator().manual_seed(seed))
+            idx = torch.randint(
+                0, config.vocab_size, (2, config.seq_len), generator=torch.Generator().manual_seed(seed)
+            )
             with torch.no_grad():
                 expected = reference(idx)
             assert torch.equal(streamed(idx), expected)

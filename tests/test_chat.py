@@ -35,12 +35,18 @@ QWEN_STYLE = (
     "{{ {'n': messages | length, 'é': 'ü<>'} | tojson }}\n"
     "{%- if add_generation_prompt %}\n<|im_start|>assistant\n{%- endif %}"
 )
-MESSAGES = [{"role": "system", "content": "Be brief. "}, {"role": "user", "content": "Who's there? <b>"},
-            {"role": "assistant", "content": "Nay, answer me."}, {"role": "user", "content": "Long live the king!"}]
+MESSAGES = [
+    {"role": "system", "content": "Be brief. "},
+    {"role": "user", "content": "Who's there? <b>"},
+    {"role": "assistant", "content": "Nay, answer me."},
+    {"role": "user", "content": "Long live the king!"},
+]
 
 
 def _hf_render(template: str, messages, corpus_dir) -> str:
-    tok = transformers.PreTrainedTokenizerFast(tokenizer_file=str(corpus_dir / "tokenizer.json"), bos_token="<|endoftext|>", eos_token="<|endoftext|>")
+    tok = transformers.PreTrainedTokenizerFast(
+        tokenizer_file=str(corpus_dir / "tokenizer.json"), bos_token="<|endoftext|>", eos_token="<|endoftext|>"
+    )
     tok.chat_template = template
     return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
@@ -76,9 +82,17 @@ def test_a_hostile_template_runs_no_code(hostile, tmp_path, monkeypatch):
 
 
 def test_the_folders_template_and_special_tokens_are_found(tmp_path):
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": [{"name": "default", "template": "{{ bos_token }}{{ messages[0].content }}"},
-                                                                                  {"name": "tool_use", "template": "x"}],
-                                                                "bos_token": {"content": "<s>", "lstrip": False}}))
+    (tmp_path / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "chat_template": [
+                    {"name": "default", "template": "{{ bos_token }}{{ messages[0].content }}"},
+                    {"name": "tool_use", "template": "x"},
+                ],
+                "bos_token": {"content": "<s>", "lstrip": False},
+            }
+        )
+    )
     assert load_chat_template(tmp_path).render([{"role": "user", "content": "hi"}]) == "<s>hi"
     (tmp_path / "chat_template.jinja").write_text("[{{ messages | length }}]")
     assert load_chat_template(tmp_path).render(MESSAGES) == "[4]"

@@ -13,7 +13,22 @@ import pytest
 
 from onebox.cli import main
 
-MICRO = ["--dim", "64", "--hidden", "160", "--layers", "2", "--heads", "4", "--kv-heads", "2", "--seq-len", "64", "--vocab-size", "512"]
+MICRO = [
+    "--dim",
+    "64",
+    "--hidden",
+    "160",
+    "--layers",
+    "2",
+    "--heads",
+    "4",
+    "--kv-heads",
+    "2",
+    "--seq-len",
+    "64",
+    "--vocab-size",
+    "512",
+]
 
 
 def _env():
@@ -27,10 +42,32 @@ def test_prepare_train_export_generate(tmp_path, capsys):
 
     for i, text in enumerate(iter_shakespeare(shakespeare_play_files()[:4])):
         (plays / f"{i}.txt").write_text(text)
-    assert main(["prepare", str(plays), "--out", str(tmp_path / "data"), "--vocab-size", "512", "--val-fraction", "0.25"]) == 0
+    assert (
+        main(["prepare", str(plays), "--out", str(tmp_path / "data"), "--vocab-size", "512", "--val-fraction", "0.25"])
+        == 0
+    )
     run = tmp_path / "run"
-    code = main(["train", *MICRO, "--data", str(tmp_path / "data"), "--out-dir", str(run), "--max-steps", "8",
-                 "--batch-size", "4", "--eval-every", "4", "--eval-batches", "2", "--device", "cpu", "--quiet"])
+    code = main(
+        [
+            "train",
+            *MICRO,
+            "--data",
+            str(tmp_path / "data"),
+            "--out-dir",
+            str(run),
+            "--max-steps",
+            "8",
+            "--batch-size",
+            "4",
+            "--eval-every",
+            "4",
+            "--eval-batches",
+            "2",
+            "--device",
+            "cpu",
+            "--quiet",
+        ]
+    )
     assert code == 0
     out = capsys.readouterr().out
     assert "val bits/byte" in out and (run / "ckpt_0000008.pt").is_file()
@@ -86,7 +123,7 @@ def test_a_typo_inside_a_subcommand_gets_that_subcommands_usage_and_a_suggestion
     assert exit_.value.code == 2 and err.startswith("usage: onebox train") and "did you mean --batch-size?" in err
     with pytest.raises(SystemExit):
         main(["bench", "decode", "--batchs", "1"])
-    assert capsys.readouterr().err.startswith("usage: onebox bench decode") 
+    assert capsys.readouterr().err.startswith("usage: onebox bench decode")
 
 
 def test_help_says_where_defaults_come_from_and_names_the_choices(capsys):
@@ -128,11 +165,34 @@ def test_bad_toml_is_reported(tmp_path, capsys):
 @pytest.mark.slow
 def test_ctrl_c_writes_a_checkpoint_and_resume_continues(tmp_path, corpus_dir):
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "onebox.cli", "train", *MICRO, "--data", str(corpus_dir), "--out-dir", str(run),
-           "--max-steps", "100000", "--batch-size", "4", "--eval-every", "0", "--ckpt-every", "0", "--log-every", "5", "--device", "cpu"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "onebox.cli",
+        "train",
+        *MICRO,
+        "--data",
+        str(corpus_dir),
+        "--out-dir",
+        str(run),
+        "--max-steps",
+        "100000",
+        "--batch-size",
+        "4",
+        "--eval-every",
+        "0",
+        "--ckpt-every",
+        "0",
+        "--log-every",
+        "5",
+        "--device",
+        "cpu",
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
     deadline = time.time() + 120
-    while time.time() < deadline and not ((run / "metrics.jsonl").is_file() and (run / "metrics.jsonl").read_text().count("\n") >= 2):
+    while time.time() < deadline and not (
+        (run / "metrics.jsonl").is_file() and (run / "metrics.jsonl").read_text().count("\n") >= 2
+    ):
         time.sleep(0.2)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
@@ -142,7 +202,12 @@ def test_ctrl_c_writes_a_checkpoint_and_resume_continues(tmp_path, corpus_dir):
     assert len(saved) == 1
     step = int(saved[0].stem.split("_")[1])
     assert step >= 10
-    resumed = subprocess.run([sys.executable, "-m", "onebox.cli", "train", "--resume", str(run), "--max-steps", str(step + 3), "--quiet"],
-                             capture_output=True, text=True, env=_env(), timeout=300)
+    resumed = subprocess.run(
+        [sys.executable, "-m", "onebox.cli", "train", "--resume", str(run), "--max-steps", str(step + 3), "--quiet"],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=300,
+    )
     assert resumed.returncode == 0, resumed.stderr
     assert f"at step {step} from {saved[0]}" in resumed.stdout and (run / f"ckpt_{step + 3:07d}.pt").is_file()

@@ -94,7 +94,9 @@ def test_prepare_holds_out_whole_documents(tmp_path):
 def test_prepare_jsonl_and_given_tokenizer(tmp_path, corpus_dir):
     lines = [json.dumps({"text": f"line {i}: to be or not to be"}) for i in range(40)]
     (tmp_path / "a.jsonl").write_text("\n".join(lines) + "\n")
-    meta = prepare([tmp_path / "a.jsonl"], tmp_path / "out", tokenizer_path=corpus_dir / "tokenizer.json", shard_tokens=1024)
+    meta = prepare(
+        [tmp_path / "a.jsonl"], tmp_path / "out", tokenizer_path=corpus_dir / "tokenizer.json", shard_tokens=1024
+    )
     assert meta["vocab_size"] == 512 and meta["documents"] == 40 and meta["val_documents"] == 2
     tok = load_tokenizer(corpus_dir)
     ids = np.concatenate([read_shard(p) for p in sorted((tmp_path / "out").glob("train_*.bin"))]).tolist()
@@ -205,7 +207,9 @@ def test_a_failed_prepare_leaves_the_earlier_data_as_it_was(tmp_path, bad, messa
     with pytest.raises(OneboxError, match=message):
         prepare([bad(tmp_path)], out, vocab_size=300, force=True)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("."))
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        p.name for p in tmp_path.iterdir() if not p.name.startswith(".")
+    )
 
 
 def test_prepare_refuses_a_data_folder_without_force_and_keeps_other_files(tmp_path):

@@ -16,41 +16,140 @@ from onebox.errors import OneboxError
 from onebox.launch import failure_summary, launch, torchrun_command
 from onebox.plan import sharded_strategy
 
-MICRO = ["--vocab-size", "512", "--dim", "64", "--hidden", "160", "--layers", "2", "--heads", "4", "--kv-heads", "2", "--seq-len", "64"]
+MICRO = [
+    "--vocab-size",
+    "512",
+    "--dim",
+    "64",
+    "--hidden",
+    "160",
+    "--layers",
+    "2",
+    "--heads",
+    "4",
+    "--kv-heads",
+    "2",
+    "--seq-len",
+    "64",
+]
 
 
 def _losses(run) -> dict[int, float]:
-    return {e["step"]: e["loss"] for e in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in e}
+    return {
+        e["step"]: e["loss"] for e in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in e
+    }
 
 
 def _train(out, corpus_dir, *extra: str) -> int:
-    return main(["train", *MICRO, "--data", str(corpus_dir), "--device", "cpu", "--max-steps", "8", "--lr", "3e-3", "--warmup-steps", "2",
-                 "--eval-every", "0", "--ckpt-every", "4", "--log-every", "1", "--quiet", "--out-dir", str(out), *extra])
+    return main(
+        [
+            "train",
+            *MICRO,
+            "--data",
+            str(corpus_dir),
+            "--device",
+            "cpu",
+            "--max-steps",
+            "8",
+            "--lr",
+            "3e-3",
+            "--warmup-steps",
+            "2",
+            "--eval-every",
+            "0",
+            "--ckpt-every",
+            "4",
+            "--log-every",
+            "1",
+            "--quiet",
+            "--out-dir",
+            str(out),
+            *extra,
+        ]
+    )
 
 
 def test_two_processes_match_one_and_a_two_process_run_resumes_on_one(tmp_path, corpus_dir):
     assert _train(tmp_path / "one", corpus_dir, "--batch-size", "8") == 0
-    assert _train(tmp_path / "two", corpus_dir, "--batch-size", "4", "--gpus", "2") == 0  # 2 gloo processes x 4 = the same 8
+    assert (
+        _train(tmp_path / "two", corpus_dir, "--batch-size", "4", "--gpus", "2") == 0
+    )  # 2 gloo processes x 4 = the same 8
     one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
     assert sorted(two) == list(range(1, 9))
     assert all(abs(one[s] - two[s]) / one[s] < 1e-4 for s in one), (one, two)  # fp32; only the reduction order differs
-    assert main(["train", "--resume", str(tmp_path / "two" / "ckpt_0000004.pt"), "--out-dir", str(tmp_path / "resumed"), "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--resume",
+                str(tmp_path / "two" / "ckpt_0000004.pt"),
+                "--out-dir",
+                str(tmp_path / "resumed"),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     resumed = _losses(tmp_path / "resumed")
-    assert sorted(resumed) == [5, 6, 7, 8] and all(abs(resumed[s] - two[s]) / two[s] < 1e-4 for s in resumed), (resumed, two)
-    assert main(["export", str(tmp_path / "two"), str(tmp_path / "hf")]) == 0  # a sharded run's checkpoint exports like any other
+    assert sorted(resumed) == [5, 6, 7, 8] and all(abs(resumed[s] - two[s]) / two[s] < 1e-4 for s in resumed), (
+        resumed,
+        two,
+    )
+    assert (
+        main(["export", str(tmp_path / "two"), str(tmp_path / "hf")]) == 0
+    )  # a sharded run's checkpoint exports like any other
 
 
 def test_a_multi_process_checkpoint_is_sharded_pruned_whole_and_resumes_on_two(tmp_path, corpus_dir, capsys):
     run = tmp_path / "two"
     assert _train(run, corpus_dir, "--batch-size", "4", "--gpus", "2", "--keep-last", "1") == 0
-    assert sorted(p.name for p in run.glob("ckpt_*")) == ["ckpt_0000008.dcp", "ckpt_0000008.pt"]  # step 4's file and shards pruned together
+    assert sorted(p.name for p in run.glob("ckpt_*")) == [
+        "ckpt_0000008.dcp",
+        "ckpt_0000008.pt",
+    ]  # step 4's file and shards pruned together
     payload = load_checkpoint(run)
-    assert payload["sharded"] and "model" not in payload and payload["world"] == 2  # the weights live only in the shards
+    assert (
+        payload["sharded"] and "model" not in payload and payload["world"] == 2
+    )  # the weights live only in the shards
     assert not list(run.glob(".*.tmp"))
     # the bf16 strategies keep other optimizer state: refused with a reason
-    assert main(["train", "--resume", str(run), "--out-dir", str(tmp_path / "bf16"), "--memory", "bf16", "--max-steps", "10", "--quiet"]) != 0
+    assert (
+        main(
+            [
+                "train",
+                "--resume",
+                str(run),
+                "--out-dir",
+                str(tmp_path / "bf16"),
+                "--memory",
+                "bf16",
+                "--max-steps",
+                "10",
+                "--quiet",
+            ]
+        )
+        != 0
+    )
     assert "holds the optimizer state of the standard memory strategy" in capsys.readouterr().err
-    assert main(["train", "--resume", str(run), "--out-dir", str(tmp_path / "more"), "--max-steps", "10", "--gpus", "2", "--device", "cpu", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--resume",
+                str(run),
+                "--out-dir",
+                str(tmp_path / "more"),
+                "--max-steps",
+                "10",
+                "--gpus",
+                "2",
+                "--device",
+                "cpu",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     assert sorted(_losses(tmp_path / "more")) == [9, 10]
 
 
@@ -72,8 +171,12 @@ def test_launch_refuses_more_gpus_than_the_machine_has():
 def test_a_failing_rank_is_named(tmp_path):
     script = tmp_path / "fail.py"
     script.write_text("import os, sys, time\nif os.environ['RANK'] == '1':\n    sys.exit(3)\ntime.sleep(60)\n")
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script)],
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode != 0  # torchrun stopped the sleeping rank 0 too
     assert failure_summary(done.stderr, done.returncode) == "rank 1 failed first (exit code 3)"
 
@@ -106,13 +209,28 @@ def test_the_compiled_steps_hidden_states_path_works_on_a_sharded_model(tmp_path
     # (group 2: both blocks in one FSDP2 unit)
     script = tmp_path / "head.py"
     script.write_text(SHARDED_HEAD)
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script), str(tmp_path), str(group)],
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node=2",
+            str(script),
+            str(tmp_path),
+            str(group),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     rows = [(tmp_path / f"rank{rank}.txt").read_text().split() for rank in (0, 1)]
     assert len(rows) == 2
     for row in rows:
-        assert abs(float(row[3]) - float(row[5])) < 1e-5 and float(row[7]) > 0  # same loss as unsharded; the tied embedding got its gradient
+        assert (
+            abs(float(row[3]) - float(row[5])) < 1e-5 and float(row[7]) > 0
+        )  # same loss as unsharded; the tied embedding got its gradient
 
 
 def test_sharded_runs_take_the_strategy_asked_for_and_auto_is_standard():
@@ -136,14 +254,46 @@ def test_low_memory_strategies_train_sharded_and_resume_on_one_or_two(tmp_path, 
     assert all(abs(one[s] - two[s]) / one[s] < 0.02 for s in one), (one, two)
     assert load_checkpoint(tmp_path / "two" / "ckpt_0000004.pt")["memory"] == memory
     for name, extra in (("on-one", []), ("on-two", ["--gpus", "2", "--device", "cpu"])):
-        assert main(["train", "--resume", str(tmp_path / "two" / "ckpt_0000004.pt"), "--out-dir", str(tmp_path / name), "--quiet", *extra]) == 0
+        assert (
+            main(
+                [
+                    "train",
+                    "--resume",
+                    str(tmp_path / "two" / "ckpt_0000004.pt"),
+                    "--out-dir",
+                    str(tmp_path / name),
+                    "--quiet",
+                    *extra,
+                ]
+            )
+            == 0
+        )
         resumed = _losses(tmp_path / name)
         assert sorted(resumed) == [5, 6, 7, 8], resumed
         assert abs(resumed[5] - two[5]) / two[5] < 1e-3, (resumed, two)  # the same weights and batch: the same loss
-        assert all(abs(resumed[s] - two[s]) / two[s] < 0.02 for s in resumed), (resumed, two)  # the first step measures again
+        assert all(abs(resumed[s] - two[s]) / two[s] < 0.02 for s in resumed), (
+            resumed,
+            two,
+        )  # the first step measures again
     assert main(["export", str(tmp_path / "two"), str(tmp_path / "hf")]) == 0  # bf16 shards export like any checkpoint
     # another strategy's optimizer state is refused with a reason, not a traceback
-    assert main(["train", "--resume", str(tmp_path / "two"), "--out-dir", str(tmp_path / "std"), "--memory", "standard", "--max-steps", "10", "--quiet"]) != 0
+    assert (
+        main(
+            [
+                "train",
+                "--resume",
+                str(tmp_path / "two"),
+                "--out-dir",
+                str(tmp_path / "std"),
+                "--memory",
+                "standard",
+                "--max-steps",
+                "10",
+                "--quiet",
+            ]
+        )
+        != 0
+    )
     assert "holds the optimizer state of the" in capsys.readouterr().err
 
 
@@ -151,16 +301,42 @@ def test_bench_validate_measures_the_scaling_over_processes(tmp_path):
     from onebox.bench.schema import read_document, validate_document
 
     out = tmp_path / "v.json"
-    assert main(["bench", "validate", "--preset", "tiny", "--batch", "2", "--steps", "3", "--timed-steps", "2", "--gpus", "2",
-                 "--device", "cpu", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "validate",
+                "--preset",
+                "tiny",
+                "--batch",
+                "2",
+                "--steps",
+                "3",
+                "--timed-steps",
+                "2",
+                "--gpus",
+                "2",
+                "--device",
+                "cpu",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     doc = read_document(out)
     assert validate_document(doc) == []
     entry = doc["entries"][0]
     scaling, result = entry["scaling"], entry["scaling"]["result"]
     assert scaling["processes"] == 2 and result["processes"] == 2 and result["status"] == "ok"
     seq = entry["config"]["seq"]
-    assert abs(result["tokens_per_second"] - 2 * 2 * seq * 1000 / result["ms_per_step"]) / result["tokens_per_second"] < 0.01  # both ranks' tokens
-    assert scaling["efficiency"] == pytest.approx(result["tokens_per_second"] / 2 / entry["result"]["tokens_per_second"])
+    assert (
+        abs(result["tokens_per_second"] - 2 * 2 * seq * 1000 / result["ms_per_step"]) / result["tokens_per_second"]
+        < 0.01
+    )  # both ranks' tokens
+    assert scaling["efficiency"] == pytest.approx(
+        result["tokens_per_second"] / 2 / entry["result"]["tokens_per_second"]
+    )
 
 
 def test_sharded_predictions_divide_the_state_but_not_the_activations():
@@ -170,12 +346,18 @@ def test_sharded_predictions_divide_the_state_but_not_the_activations():
     config = preset("10b")
     one, two = (predict(config, 1, strategy("checkpointed"), shards=n) for n in (1, 2))
     assert two.optimizer == one.optimizer // 2 and two.activations == one.activations
-    assert 0.45 * one.gpu < two.gpu < 0.6 * one.gpu  # the 16 bytes per parameter halve; activations and two bf16 blocks stay
+    assert (
+        0.45 * one.gpu < two.gpu < 0.6 * one.gpu
+    )  # the 16 bytes per parameter halve; activations and two bf16 blocks stay
     # The bf16 strategies divide too: weights, moments and the gradients of the parts stepped at step();
     # each process adds two gathered bf16 blocks and one block's reduce-scatter buffers.
     params, block = config.num_params(), (config.num_params() - config.vocab_size * config.dim) // config.layers
     alone, pair = (predict(config, 1, strategy("offload-int8"), shards=n) for n in (1, 2))
-    assert pair.weights == 2 * params // 2 + 4 * block and pair.host == alone.host // 2 and pair.activations == alone.activations
+    assert (
+        pair.weights == 2 * params // 2 + 4 * block
+        and pair.host == alone.host // 2
+        and pair.activations == alone.activations
+    )
     assert 0.45 * alone.gpu < pair.gpu < 0.65 * alone.gpu  # one block's gradients and reduce buffers do not halve
 
 
@@ -200,15 +382,44 @@ def test_bench_ceiling_trains_each_rung_on_several_processes(tmp_path, memory):
     from onebox.bench.schema import read_document, validate_document
 
     out = tmp_path / "c.json"
-    assert main(["bench", "ceiling", "--ladder", "tiny", "--steps", "3", "--batch", "2", "--gpus", "2", "--device", "cpu", "--memory", memory,
-                 "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "ceiling",
+                "--ladder",
+                "tiny",
+                "--steps",
+                "3",
+                "--batch",
+                "2",
+                "--gpus",
+                "2",
+                "--device",
+                "cpu",
+                "--memory",
+                memory,
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     doc = read_document(out)
     assert validate_document(doc) == [] and doc["settings"]["processes"] == 2
     entry = doc["entries"][0]
     result = entry["result"]
-    assert entry["strategy"] == ("standard" if memory == "auto" else memory) and result["status"] == "ok" and result["processes"] == 2
+    assert (
+        entry["strategy"] == ("standard" if memory == "auto" else memory)
+        and result["status"] == "ok"
+        and result["processes"] == 2
+    )
     assert result["loss_end"] < result["loss_start"] and result["peak_memory_bytes"] > 0
-    assert abs(result["tokens_per_second"] - 2 * 2 * entry["config"]["seq"] * 1000 / result["ms_per_step"]) / result["tokens_per_second"] < 0.01
+    assert (
+        abs(result["tokens_per_second"] - 2 * 2 * entry["config"]["seq"] * 1000 / result["ms_per_step"])
+        / result["tokens_per_second"]
+        < 0.01
+    )
 
 
 def test_a_rung_that_runs_out_of_memory_on_any_process_ends_the_sharded_climb(monkeypatch):
@@ -226,9 +437,16 @@ def test_a_rung_that_runs_out_of_memory_on_any_process_ends_the_sharded_climb(mo
         return 1
 
     monkeypatch.setattr(onebox.launch, "launch", out_of_memory)
-    doc = run_ceiling(["tiny", "tiny"], torch.device("cpu"), lambda message: None, steps=2, processes=2, argv=["bench", "ceiling"])
+    doc = run_ceiling(
+        ["tiny", "tiny"], torch.device("cpu"), lambda message: None, steps=2, processes=2, argv=["bench", "ceiling"]
+    )
     assert [e["result"]["status"] for e in doc["entries"]] == ["oom"]  # stopped after the first rung
-    assert tried == ["standard", "checkpointed", "bf16", "bf16-checkpointed"]  # every leaner sharded strategy was tried before giving up (no offload on the CPU)
+    assert tried == [
+        "standard",
+        "checkpointed",
+        "bf16",
+        "bf16-checkpointed",
+    ]  # every leaner sharded strategy was tried before giving up (no offload on the CPU)
 
 
 def test_sharded_ceiling_counts_every_process_pinned_moments_against_the_one_host():
@@ -253,10 +471,14 @@ def test_plan_for_several_gpus_divides_the_model_and_shares_the_host(capsys):
     assert main(["plan", "--preset", "50b", *machine, "--gpus", "2"]) == 0
     out = capsys.readouterr().out
     assert "per process of 2" in out and "planned: offload," in out
-    assert main(["plan", "--preset", "50b", "--gpu-memory", "80", "--host-memory", "200", "--gpus", "2"]) == 0  # 2 x 100 GB of bf16 moments: no
+    assert (
+        main(["plan", "--preset", "50b", "--gpu-memory", "80", "--host-memory", "200", "--gpus", "2"]) == 0
+    )  # 2 x 100 GB of bf16 moments: no
     assert "planned: offload-int8" in capsys.readouterr().out
     assert main(["plan", "--ladder", *machine, "--gpus", "2"]) == 0  # the ladder goes on past one GPU's 30b
     assert "predicted training ceiling: 60b (the top of the ladder)" in capsys.readouterr().out
-    assert main(["plan", "--ladder", "--gpu-memory", "80", "--host-memory", "128", "--gpus", "2"]) == 0  # 2 x 59 GB of 8-bit moments: no
+    assert (
+        main(["plan", "--ladder", "--gpu-memory", "80", "--host-memory", "128", "--gpus", "2"]) == 0
+    )  # 2 x 59 GB of 8-bit moments: no
     assert "predicted training ceiling: 50b" in capsys.readouterr().out
     assert main(["plan", "--preset", "tiny", "--gpus", "0"]) == 1

@@ -40,7 +40,13 @@ def test_exported_logits_equal_transformers(tmp_path, corpus_dir, changes):
     theirs = _hf_logits(tmp_path / "hf", idx)
     assert (ours - theirs).abs().max().item() <= 1e-4
     names = {p.name for p in (tmp_path / "hf").iterdir()}
-    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json"} <= names
+    assert {
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+    } <= names
 
 
 def test_exported_tokenizer_loads_in_transformers(tmp_path, corpus_dir):
@@ -73,8 +79,15 @@ def test_import_round_trip(tmp_path):
 
 def test_init_from_a_folder_written_by_transformers(tmp_path, corpus_dir):
     hf_config = transformers.LlamaConfig(
-        vocab_size=512, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True, rms_norm_eps=1e-5,
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=True,
+        rms_norm_eps=1e-5,
     )
     torch.manual_seed(2)
     reference = transformers.LlamaForCausalLM(hf_config).eval()
@@ -89,8 +102,15 @@ def test_init_from_a_folder_written_by_transformers(tmp_path, corpus_dir):
 
 def test_train_init_from_starts_at_the_imported_weights(tmp_path, corpus_dir):
     hf_config = transformers.LlamaConfig(
-        vocab_size=512, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True, rms_norm_eps=1e-5,
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=True,
+        rms_norm_eps=1e-5,
     )
     torch.manual_seed(3)
     reference = transformers.LlamaForCausalLM(hf_config).eval()
@@ -112,7 +132,9 @@ def test_import_refuses_what_onebox_cannot_run(tmp_path):
     (folder / "config.json").write_text(json.dumps({"model_type": "mistral"}))
     with pytest.raises(OneboxError, match="only Llama models"):
         load_hf(folder)
-    (folder / "config.json").write_text(json.dumps({"model_type": "llama", "rope_scaling": {"rope_type": "llama3", "factor": 8.0}}))
+    (folder / "config.json").write_text(
+        json.dumps({"model_type": "llama", "rope_scaling": {"rope_type": "llama3", "factor": 8.0}})
+    )
     with pytest.raises(OneboxError, match="RoPE scaling"):
         load_hf(folder)
     with pytest.raises(OneboxError, match="not a folder"):
@@ -157,7 +179,9 @@ def test_force_replaces_only_an_earlier_exports_own_files(tmp_path):
     target = tmp_path / "hf"
     _export(config, target)
     (target / "README.md").write_text("my model card")
-    (target / "tokenizer.json").write_text("stale")  # an earlier export's file the new one does not write (no tokenizer now)
+    (target / "tokenizer.json").write_text(
+        "stale"
+    )  # an earlier export's file the new one does not write (no tokenizer now)
     manifest = json.loads((target / "onebox-export.json").read_text())
     manifest["files"].append("tokenizer.json")
     (target / "onebox-export.json").write_text(json.dumps(manifest))

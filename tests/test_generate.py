@@ -63,7 +63,12 @@ def test_max_new_tokens_is_clamped_to_the_context(model):
 
 @pytest.mark.parametrize(
     "prompt, kwargs, message",
-    [([], {}, "prompt is empty"), ([600], {}, r"must lie in \[0, 512\)"), (list(range(96)), {}, "context is 96"), ([1], {"samples": 0}, "at least 1")],
+    [
+        ([], {}, "prompt is empty"),
+        ([600], {}, r"must lie in \[0, 512\)"),
+        (list(range(96)), {}, "context is 96"),
+        ([1], {"samples": 0}, "at least 1"),
+    ],
 )
 def test_bad_generation_requests(model, prompt, kwargs, message):
     with pytest.raises(OneboxError, match=message):

@@ -15,7 +15,11 @@ pytestmark = pytest.mark.gpu
 
 def test_bf16_compiled_training_on_cuda_tracks_fp32_cpu(tmp_path, corpus_dir):
     common = dict(max_steps=30, eval_every=0, ckpt_every=0, log_every=1)
-    train(micro_model(), micro_train(tmp_path / "gpu", corpus_dir, device="cuda", compile="on", **common), show_progress=False)
+    train(
+        micro_model(),
+        micro_train(tmp_path / "gpu", corpus_dir, device="cuda", compile="on", **common),
+        show_progress=False,
+    )
     train(micro_model(), micro_train(tmp_path / "cpu", corpus_dir, device="cpu", **common), show_progress=False)
     import json
 
@@ -47,7 +51,10 @@ def test_cached_greedy_equals_uncached_on_cuda():
     torch.manual_seed(1)
     model = Transformer(micro_model(seq_len=96)).cuda().eval()
     prompt = torch.randint(0, 512, (9,)).tolist()
-    assert generate(model, prompt, 30, temperature=0).samples == generate(model, prompt, 30, temperature=0, use_cache=False).samples
+    assert (
+        generate(model, prompt, 30, temperature=0).samples
+        == generate(model, prompt, 30, temperature=0, use_cache=False).samples
+    )
 
 
 def test_loss_backward_runs_under_bf16_autocast():
@@ -68,7 +75,9 @@ def test_low_memory_strategies_on_cuda_track_the_standard_one(tmp_path, corpus_d
     train(micro_model(), micro_train(tmp_path / "low", corpus_dir, memory=memory, **common), show_progress=False)
 
     def losses(d):
-        return {e["step"]: e["loss"] for e in map(json.loads, (d / "metrics.jsonl").read_text().splitlines()) if "loss" in e}
+        return {
+            e["step"]: e["loss"] for e in map(json.loads, (d / "metrics.jsonl").read_text().splitlines()) if "loss" in e
+        }
 
     std, low = losses(tmp_path / "std"), losses(tmp_path / "low")
     assert std[40] < std[10] - 0.5
@@ -95,14 +104,57 @@ def test_sharded_low_memory_strategies_on_two_gpus_track_one_and_resume(tmp_path
 
     from onebox.cli import main
 
-    shape = ["--vocab-size", "512", "--dim", "256", "--hidden", "512", "--layers", "2", "--heads", "4", "--kv-heads", "2", "--seq-len", "64"]
+    shape = [
+        "--vocab-size",
+        "512",
+        "--dim",
+        "256",
+        "--hidden",
+        "512",
+        "--layers",
+        "2",
+        "--heads",
+        "4",
+        "--kv-heads",
+        "2",
+        "--seq-len",
+        "64",
+    ]
 
     def run(out, *extra):
-        return main(["train", *shape, "--data", str(corpus_dir), "--device", "cuda", "--max-steps", "30", "--lr", "3e-3", "--warmup-steps", "5",
-                     "--eval-every", "0", "--ckpt-every", "20", "--log-every", "1", "--quiet", "--memory", memory, "--out-dir", str(out), *extra])
+        return main(
+            [
+                "train",
+                *shape,
+                "--data",
+                str(corpus_dir),
+                "--device",
+                "cuda",
+                "--max-steps",
+                "30",
+                "--lr",
+                "3e-3",
+                "--warmup-steps",
+                "5",
+                "--eval-every",
+                "0",
+                "--ckpt-every",
+                "20",
+                "--log-every",
+                "1",
+                "--quiet",
+                "--memory",
+                memory,
+                "--out-dir",
+                str(out),
+                *extra,
+            ]
+        )
 
     def losses(d):
-        return {e["step"]: e["loss"] for e in map(json.loads, (d / "metrics.jsonl").read_text().splitlines()) if "loss" in e}
+        return {
+            e["step"]: e["loss"] for e in map(json.loads, (d / "metrics.jsonl").read_text().splitlines()) if "loss" in e
+        }
 
     assert run(tmp_path / "one", "--batch-size", "8") == 0
     assert run(tmp_path / "two", "--batch-size", "4", "--gpus", "2") == 0
@@ -114,11 +166,29 @@ def test_sharded_low_memory_strategies_on_two_gpus_track_one_and_resume(tmp_path
     windows = [range(start, start + 5) for start in range(1, 31, 5)]
     means = [(sum(one[s] for s in w) / 5, sum(two[s] for s in w) / 5) for w in windows]
     assert all(abs(a - b) / a < 0.03 for a, b in means), means
-    assert main(["train", "--resume", str(tmp_path / "two" / "ckpt_0000020.pt"), "--out-dir", str(tmp_path / "again"), "--gpus", "2",
-                 "--device", "cuda", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--resume",
+                str(tmp_path / "two" / "ckpt_0000020.pt"),
+                "--out-dir",
+                str(tmp_path / "again"),
+                "--gpus",
+                "2",
+                "--device",
+                "cuda",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     again = losses(tmp_path / "again")
     assert abs(again[21] - two[21]) / two[21] < 1e-3, (again, two)  # the same weights and moments came back
-    for w in (range(21, 26), range(26, 31)):  # the resumed first step only measures the norm: then they drift like above
+    for w in (
+        range(21, 26),
+        range(26, 31),
+    ):  # the resumed first step only measures the norm: then they drift like above
         assert abs(sum(again[s] for s in w) - sum(two[s] for s in w)) / sum(two[s] for s in w) < 0.03, (again, two)
 
 
@@ -137,13 +207,23 @@ def test_triton_gemv_and_norm_gemv_match_the_reference_in_bf16(n, k):
     norm = RMSNorm(k, 1e-5).cuda().to(torch.bfloat16)
     norm.weight.data = torch.rand(k, device="cuda", dtype=torch.bfloat16) + 0.5
     gate_up = torch.randn(1, 1, 2 * k, device="cuda", dtype=torch.bfloat16) * 2
-    cases = [(kernels.gemv(x, w), x),  # (ours, the row the reference multiplies)
-             (kernels.norm_gemv(x * 3, norm.weight, norm.eps, w), norm(x * 3)),  # the norm folded in: RMSNorm's own roundings first
-             (kernels.swiglu_gemv(gate_up, w), torch.nn.functional.silu(gate_up[..., :k]) * gate_up[..., k:])]  # SwiGLU folded in
-    if kernels.pdl_available(x.device):  # the same kernels launched with programmatic dependent launch (Hopper and later)
+    cases = [
+        (kernels.gemv(x, w), x),  # (ours, the row the reference multiplies)
+        (
+            kernels.norm_gemv(x * 3, norm.weight, norm.eps, w),
+            norm(x * 3),
+        ),  # the norm folded in: RMSNorm's own roundings first
+        (kernels.swiglu_gemv(gate_up, w), torch.nn.functional.silu(gate_up[..., :k]) * gate_up[..., k:]),
+    ]  # SwiGLU folded in
+    if kernels.pdl_available(
+        x.device
+    ):  # the same kernels launched with programmatic dependent launch (Hopper and later)
         for level in (kernels.LAUNCH, kernels.PREFETCH, kernels.LAUNCH | kernels.CHAIN):
-            cases += [(kernels.gemv(x, w, pdl=level), x), (kernels.norm_gemv(x * 3, norm.weight, norm.eps, w, pdl=level), norm(x * 3)),
-                      (kernels.swiglu_gemv(gate_up, w, pdl=level), cases[2][1])]
+            cases += [
+                (kernels.gemv(x, w, pdl=level), x),
+                (kernels.norm_gemv(x * 3, norm.weight, norm.eps, w, pdl=level), norm(x * 3)),
+                (kernels.swiglu_gemv(gate_up, w, pdl=level), cases[2][1]),
+            ]
     for got, row in cases:
         ref = row.float() @ w.float().T
         got, cublas = got.float(), torch.nn.functional.linear(row, w).float()
@@ -171,7 +251,10 @@ def test_decode_attention_matches_sdpa_under_the_mask(batch, heads, kv_heads, sl
     assert kernels.attention_usable(q, k)
     for input_pos in (positions, positions[0, :]):  # per row, and one position for all rows
         ref = cached_attention(q, k, v, input_pos).float()
-        for counts in (None, torch.zeros(batch, heads, dtype=torch.int32, device="cuda")):  # a merge kernel, or the last chunk merges
+        for counts in (
+            None,
+            torch.zeros(batch, heads, dtype=torch.int32, device="cuda"),
+        ):  # a merge kernel, or the last chunk merges
             for _ in range(2):  # twice: the counters are left ready for the next step
                 got = kernels.decode_attention(q, k, v, input_pos, counts=counts).float()
                 assert got.shape == ref.shape
@@ -192,30 +275,52 @@ def test_rope_decode_attention_matches_rotate_write_attend(batch, heads, kv_head
     cos_table, sin_table = rope_tables(slots, dim, 10000.0, torch.device("cuda"))
     for shared in (False, True):
         qkv = torch.randn(batch, 1, (heads + 2 * kv_heads) * dim, device="cuda", dtype=torch.bfloat16)
-        q, k, v = (t.view(batch, 1, -1, dim).transpose(1, 2) for t in qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1))
+        q, k, v = (
+            t.view(batch, 1, -1, dim).transpose(1, 2)
+            for t in qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)
+        )
         positions = torch.randint(1, slots, (batch, 1), device="cuda")
         positions[0, 0], positions[-1, 0] = 0, slots - 1
         input_pos = positions[-1, :] if shared else positions
         # with one counter per query head the chunks merge themselves; with one per key/value head (GQA) the merge kernel runs
-        ours, ref = (KVCache(batch, kv_heads, slots, dim, torch.bfloat16, "cuda", heads=heads if shared else None) for _ in range(2))
+        ours, ref = (
+            KVCache(batch, kv_heads, slots, dim, torch.bfloat16, "cuda", heads=heads if shared else None)
+            for _ in range(2)
+        )
         ours.k.normal_(), ours.v.normal_()
         ref.k.copy_(ours.k), ref.v.copy_(ours.v)
         before = ours.k.clone()
         cos, sin = cos_table[input_pos], sin_table[input_pos]
         want = rope_cached_attention(q, k, v, cos, sin, ref, input_pos).float()
-        got = kernels.rope_attend(q, k, v, cos, sin, ours, input_pos, None, reference=None).float()  # the kernel, no fallback
+        got = kernels.rope_attend(
+            q, k, v, cos, sin, ours, input_pos, None, reference=None
+        ).float()  # the kernel, no fallback
         torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2 * want.abs().max().item())
         assert torch.equal(ours.v, ref.v) and not ours.counts.any()
         # on an H100 (session 15) 89 of 153,600 values came out one bf16 unit of the rotation's products apart from
         # torch's (at most 2**-6, where products near 2-4 nearly cancel): allowed at the products' scale, not the result's
         torch.testing.assert_close(ours.k.float(), ref.k.float(), rtol=2**-8, atol=2**-7 * k.abs().max().item())
         changed = (ours.k != before).any(dim=-1)  # (batch, kv_heads, slots): only each row's own position
-        assert all(set(changed[row].nonzero()[:, 1].tolist()) <= {int(input_pos.reshape(-1)[min(row, input_pos.numel() - 1)])} for row in range(batch))
+        assert all(
+            set(changed[row].nonzero()[:, 1].tolist()) <= {int(input_pos.reshape(-1)[min(row, input_pos.numel() - 1)])}
+            for row in range(batch)
+        )
 
 
-@pytest.mark.parametrize("rows,options", [(2, {}), (1, {}), (1, {"swiglu": True, "pdl": True}), (2, {"rope": True}), (1, {"rope": True, "pdl": True}),
-                                          (2, {"rope": True, "pdl": 2}), (1, {"pdl": 2}),
-                                          (1, {"rope": True, "pdl": 5}), (2, {"rope": True, "pdl": 5})])  # 5: LAUNCH | CHAIN
+@pytest.mark.parametrize(
+    "rows,options",
+    [
+        (2, {}),
+        (1, {}),
+        (1, {"swiglu": True, "pdl": True}),
+        (2, {"rope": True}),
+        (1, {"rope": True, "pdl": True}),
+        (2, {"rope": True, "pdl": 2}),
+        (1, {"pdl": 2}),
+        (1, {"rope": True, "pdl": 5}),
+        (2, {"rope": True, "pdl": 5}),
+    ],
+)  # 5: LAUNCH | CHAIN
 def test_decode_kernels_inside_a_compiled_cuda_graph_decode_step(rows, options):
     """The kernels under torch.compile with CUDA graphs (reduce-overhead, fullgraph), as the engine runs them:
     a bf16 model's one-token logits equal the reference path's within bf16 tolerance, at five positions
@@ -239,7 +344,9 @@ def test_decode_kernels_inside_a_compiled_cuda_graph_decode_step(rows, options):
         caches, ref_caches = model.new_kv_caches(rows), ref_model.new_kv_caches(rows)
         prompt = torch.arange(90, device="cuda")
         assert torch.equal(model(ids[:, :90], prompt, caches), ref_model(ids[:, :90], prompt, ref_caches))
-        for buffer in (b for cache in caches for b in cache.buffers()):  # k, v and the attention's counters, as the Engine marks them
+        for buffer in (
+            b for cache in caches for b in cache.buffers()
+        ):  # k, v and the attention's counters, as the Engine marks them
             torch._dynamo.mark_static_address(buffer)
         step = torch.compile(lambda t, p: model(t, p, caches), mode="reduce-overhead", fullgraph=True)
         for position in (90, 91, 92, 93, 94):  # warm-up and capture, then replays

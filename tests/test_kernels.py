@@ -19,9 +19,12 @@ import pytest
 
 triton = pytest.importorskip("triton", reason="Triton is not installed (it comes with the dev extras on Linux x86-64)")
 if tuple(int(p) for p in triton.__version__.split(".")[:2]) < (3, 7):
-    pytest.skip(f"Triton {triton.__version__}'s interpreter fails under numpy 2.3+ (3.7 or later needed)", allow_module_level=True)
+    pytest.skip(
+        f"Triton {triton.__version__}'s interpreter fails under numpy 2.3+ (3.7 or later needed)",
+        allow_module_level=True,
+    )
 
-SCRIPT = textwrap.dedent('''
+SCRIPT = textwrap.dedent("""
     import torch
     from onebox.infer import kernels
     from onebox.model import KVCache, RMSNorm, cached_attention, rope_cached_attention, rope_tables
@@ -99,7 +102,7 @@ SCRIPT = textwrap.dedent('''
             # the cache: this step's k (rotated) and v written where the reference writes them, bit for bit, nothing else touched
             assert torch.equal(cache_k, ref.k) and torch.equal(cache_v, ref.v), what
     print("kernels match")
-''')
+""")
 
 
 def test_decode_kernels_match_their_references_in_the_triton_interpreter():
@@ -111,7 +114,10 @@ def test_decode_kernels_match_their_references_in_the_triton_interpreter():
 def _signature(kernel, pointers: dict[str, str], constexprs: dict) -> dict[str, str]:
     """Every argument of a Triton kernel typed: the named pointers as given, constexprs as such, the rest i32 (fp32 for eps/scale)."""
     names = kernel.arg_names
-    return {n: "constexpr" if n in constexprs else pointers.get(n, "fp32" if n in ("eps", "scale") else "i32") for n in names}
+    return {
+        n: "constexpr" if n in constexprs else pointers.get(n, "fp32" if n in ("eps", "scale") else "i32")
+        for n in names
+    }
 
 
 def test_decode_kernels_compile_for_hopper_without_spilling():
@@ -136,7 +142,9 @@ def test_decode_kernels_compile_for_hopper_without_spilling():
         with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
             cubin.write(binary.asm["cubin"])
             cubin.flush()
-            usage = subprocess.run([str(tool), "--dump-resource-usage", cubin.name], capture_output=True, text=True, check=True).stdout
+            usage = subprocess.run(
+                [str(tool), "--dump-resource-usage", cubin.name], capture_output=True, text=True, check=True
+            ).stdout
         assert "STACK:0" in usage and "LOCAL:0" in usage, f"{kernel.fn.__name__} {constexprs} spills: {usage}"
         return binary.asm["ptx"]
 
@@ -144,12 +152,43 @@ def test_decode_kernels_compile_for_hopper_without_spilling():
     for row in (K.PLAIN, K.NORM, K.SWIGLU):
         for n in (1536, 4608):  # both warp counts
             # off, LAUNCH, PREFETCH (whole rows, and not), CHAIN
-            for pdl, whole, trigger in ((False, 0, 0), (True, 0, 0), (True, K.PREFETCH_COLUMNS, K.AFTER_LOADS), (True, 0, K.AFTER_LOADS), (True, 0, K.AFTER_WAIT)):
-                ptx = compiled(K._gemv_kernel, bf16, {"ROW": row, "BLOCK_N": K.BLOCK_N, "BLOCK_K": K.BLOCK_K, "PDL": pdl, "WHOLE": whole,
-                                                      "TRIGGER": trigger}, num_warps=K.gemv_warps(n), launch_pdl=pdl)
-                assert ("griddepcontrol.wait" in ptx) == pdl and ("griddepcontrol.launch_dependents" in ptx) == (trigger > 0)
-    pointers = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "kn_ptr": "*bf16", "vn_ptr": "*bf16", "pos_ptr": "*i64",
-                "part_ptr": "*fp32", "stat_ptr": "*fp32", "cos_ptr": "*fp32", "sin_ptr": "*fp32", "o_ptr": "*bf16"}
+            for pdl, whole, trigger in (
+                (False, 0, 0),
+                (True, 0, 0),
+                (True, K.PREFETCH_COLUMNS, K.AFTER_LOADS),
+                (True, 0, K.AFTER_LOADS),
+                (True, 0, K.AFTER_WAIT),
+            ):
+                ptx = compiled(
+                    K._gemv_kernel,
+                    bf16,
+                    {
+                        "ROW": row,
+                        "BLOCK_N": K.BLOCK_N,
+                        "BLOCK_K": K.BLOCK_K,
+                        "PDL": pdl,
+                        "WHOLE": whole,
+                        "TRIGGER": trigger,
+                    },
+                    num_warps=K.gemv_warps(n),
+                    launch_pdl=pdl,
+                )
+                assert ("griddepcontrol.wait" in ptx) == pdl and ("griddepcontrol.launch_dependents" in ptx) == (
+                    trigger > 0
+                )
+    pointers = {
+        "q_ptr": "*bf16",
+        "k_ptr": "*bf16",
+        "v_ptr": "*bf16",
+        "kn_ptr": "*bf16",
+        "vn_ptr": "*bf16",
+        "pos_ptr": "*i64",
+        "part_ptr": "*fp32",
+        "stat_ptr": "*fp32",
+        "cos_ptr": "*fp32",
+        "sin_ptr": "*fp32",
+        "o_ptr": "*bf16",
+    }
     pointers["count_ptr"] = "*i32"
     chunk = K.ATTN_CHUNK
     for dim in (64, 128):
@@ -157,11 +196,26 @@ def test_decode_kernels_compile_for_hopper_without_spilling():
             for rope in (False, True):
                 # chunks merged by the last to finish (an atomic ticket), or by the merge kernel; CHAIN: launched with PDL
                 for merge, pdl in ((False, False), (True, False), (True, rope)):
-                    ptx = compiled(K._attention_chunk_kernel, pointers, {"D": dim, "CHUNK": chunk, "ROPE": rope, "EARLY_V": K.early_v(chunk, dim),
-                                                                         "MERGE": merge, "MERGE_BLOCK": 16, "TRIGGER": K.AFTER_WAIT if pdl else 0, "PDL": pdl},
-                                   num_warps=warps, launch_pdl=pdl)
+                    ptx = compiled(
+                        K._attention_chunk_kernel,
+                        pointers,
+                        {
+                            "D": dim,
+                            "CHUNK": chunk,
+                            "ROPE": rope,
+                            "EARLY_V": K.early_v(chunk, dim),
+                            "MERGE": merge,
+                            "MERGE_BLOCK": 16,
+                            "TRIGGER": K.AFTER_WAIT if pdl else 0,
+                            "PDL": pdl,
+                        },
+                        num_warps=warps,
+                        launch_pdl=pdl,
+                    )
                     assert ("atom.global.gpu.acq_rel.add" in ptx) == merge and ("bar.sync" in ptx or not merge)
                     assert ("griddepcontrol.wait" in ptx) == pdl and ("griddepcontrol.launch_dependents" in ptx) == pdl
     for trigger in (0, K.AFTER_LOADS):
-        ptx = compiled(K._attention_merge_kernel, pointers, {"D": 128, "MERGE_BLOCK": 8, "TRIGGER": trigger}, num_warps=4)
+        ptx = compiled(
+            K._attention_merge_kernel, pointers, {"D": 128, "MERGE_BLOCK": 8, "TRIGGER": trigger}, num_warps=4
+        )
         assert ("griddepcontrol.launch_dependents" in ptx) == (trigger > 0)

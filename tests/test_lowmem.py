@@ -103,7 +103,11 @@ def test_clipped_updates_in_backward_measure_the_first_norm_then_estimate_each_s
             if name.startswith("layers."):
                 total += float(grads[name].square().sum())
                 so_far[name] = total
-        return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads.values()])).item(), grads, so_far
+        return (
+            torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads.values()])).item(),
+            grads,
+            so_far,
+        )
 
     first_norm, _, first_so_far = norm_and_grads(3)
     cross_entropy_loss(model(_batch(config, 3)[0]), _batch(config, 3)[1]).backward()
@@ -115,7 +119,10 @@ def test_clipped_updates_in_backward_measure_the_first_norm_then_estimate_each_s
     second_norm, grads, second_so_far = norm_and_grads(4, spike)
     (spike * cross_entropy_loss(model(_batch(config, 4)[0]), _batch(config, 4)[1])).backward()
     optimizer.step(clip)
-    factor = {name: min(1.0, clip / ((second_so_far[name] * first_norm**2 / first_so_far[name]) ** 0.5 + 1e-6)) for name in second_so_far}
+    factor = {
+        name: min(1.0, clip / ((second_so_far[name] * first_norm**2 / first_so_far[name]) ** 0.5 + 1e-6))
+        for name in second_so_far
+    }
     # The estimates differ from the exact norm (the batches differ) but follow its scale, spike or not.
     assert all(0.5 < f / (clip / second_norm) < 2 for f in factor.values()), (factor, clip / second_norm)
     expected = build_optimizer(reference, train_config)
@@ -168,7 +175,9 @@ def test_build_model_in_bf16_allocates_bf16_and_keeps_fp32_rope():
 
 
 def test_bf16_strategy_keeps_norm_scales_and_their_moments_in_fp32():
-    model, optimizer = build_for_training(micro_model(), TrainConfig(device="cpu"), strategy("offload-int8"), torch.device("cpu"))
+    model, optimizer = build_for_training(
+        micro_model(), TrainConfig(device="cpu"), strategy("offload-int8"), torch.device("cpu")
+    )
     vectors = {name: p for name, p in model.named_parameters() if p.ndim == 1}
     assert vectors and all(p.dtype == torch.float32 for p in vectors.values())
     assert all(p.dtype == torch.bfloat16 for p in model.parameters() if p.ndim == 2)
@@ -178,7 +187,9 @@ def test_bf16_strategy_keeps_norm_scales_and_their_moments_in_fp32():
     # From a checkpoint the vectors keep their exact fp32 values, not values rounded through bf16.
     state = {name: t.clone() for name, t in model.state_dict().items()}
     state["norm.weight"] = torch.full_like(state["norm.weight"], 1.0 + 2**-12)  # between two bf16 values
-    resumed, _ = build_for_training(micro_model(), TrainConfig(device="cpu"), strategy("bf16"), torch.device("cpu"), state)
+    resumed, _ = build_for_training(
+        micro_model(), TrainConfig(device="cpu"), strategy("bf16"), torch.device("cpu"), state
+    )
     assert torch.equal(resumed.norm.weight, state["norm.weight"])
 
 
@@ -203,7 +214,9 @@ def test_bf16_strategies_track_the_fp32_reference(tmp_path, corpus_dir, memory):
 def test_bf16_strategy_resumes_exactly(tmp_path, corpus_dir):
     train(micro_model(), micro_train(tmp_path / "a", corpus_dir, memory="bf16"), show_progress=False)
     full = _losses(tmp_path / "a")
-    model_cfg, train_cfg, path = resume_configs(str(tmp_path / "a" / "ckpt_0000006.pt"), {"out_dir": str(tmp_path / "b")})
+    model_cfg, train_cfg, path = resume_configs(
+        str(tmp_path / "a" / "ckpt_0000006.pt"), {"out_dir": str(tmp_path / "b")}
+    )
     train(model_cfg, train_cfg, resume=str(path), show_progress=False)
     resumed = _losses(tmp_path / "b")
     assert sorted(resumed) == list(range(7, 13)) and all(resumed[s] == full[s] for s in resumed), (resumed, full)
@@ -214,11 +227,16 @@ def test_predictions_follow_the_strategies_arithmetic():
     params = config.num_params()
     by_name = {s.name: predict(config, 4, s) for s in STRATEGIES}
     assert by_name["standard"].optimizer == 8 * params and by_name["bf16"].optimizer == 4 * params
-    assert by_name["bf16"].weights == 2 * params and by_name["standard"].weights == 6 * params  # fp32 + autocast's bf16 copies
+    assert (
+        by_name["bf16"].weights == 2 * params and by_name["standard"].weights == 6 * params
+    )  # fp32 + autocast's bf16 copies
     assert by_name["checkpointed"].activations < by_name["standard"].activations / 5
     assert by_name["offload"].host == 4 * params and by_name["bf16-checkpointed"].host == 0
     assert by_name["offload"].gpu == by_name["bf16-checkpointed"].gpu - 4 * params
-    assert by_name["offload-int8"].host == 2 * params + 8 * -(-params // 256) and by_name["offload-int8"].gpu == by_name["offload"].gpu
+    assert (
+        by_name["offload-int8"].host == 2 * params + 8 * -(-params // 256)
+        and by_name["offload-int8"].gpu == by_name["offload"].gpu
+    )
     gpus = [by_name[name].gpu for name in ("standard", "bf16", "bf16-checkpointed", "offload")]
     assert gpus == sorted(gpus, reverse=True)
 
@@ -229,9 +247,14 @@ def test_the_planner_picks_the_fastest_strategy_that_fits():
     # 5b-C ran out of memory on the H100 at batch 4; checkpointing alone cannot help (the optimizer step holds 16 bytes/param)
     assert plan(preset("5b-C"), 4, h100)[0].name == "bf16"
     chosen, predictions = plan(preset("20b"), 1, h100)
-    assert chosen.name == "offload" and [p.strategy.name for p in predictions if fits(p, h100)] == ["offload", "offload-int8"]
+    assert chosen.name == "offload" and [p.strategy.name for p in predictions if fits(p, h100)] == [
+        "offload",
+        "offload-int8",
+    ]
     assert plan(preset("20b"), 1, MachineMemory(141 * GB, 128 * GB, "H200"))[0].name == "bf16-checkpointed"
-    assert plan(preset("30b"), 1, h100)[0].name == "offload-int8"  # bf16 moments (116 GB) would exceed 80% of 128 GB; 8-bit ones fit
+    assert (
+        plan(preset("30b"), 1, h100)[0].name == "offload-int8"
+    )  # bf16 moments (116 GB) would exceed 80% of 128 GB; 8-bit ones fit
     assert plan(preset("50b"), 1, h100)[0] is None  # its bf16 weights alone exceed the GPU
     cpu = MachineMemory(None, 24 * GB, "CPU")
     assert all(not p.strategy.state_on_host for p in plan(preset("1b-A"), 1, cpu)[1])
@@ -320,19 +343,32 @@ def test_ceiling_within_a_gpu_memory_limit_plans_and_trains_for_the_smaller_card
     h200 = MachineMemory(141 * GB, 128 * GB, "H200")
     monkeypatch.setattr(ceiling, "machine_memory", lambda device: h200)
     real_document = ceiling.new_document
-    monkeypatch.setattr(ceiling, "new_document", lambda kind, device, params: real_document(kind, torch.device("cpu"), params))  # no CUDA here
+    monkeypatch.setattr(
+        ceiling, "new_document", lambda kind, device, params: real_document(kind, torch.device("cpu"), params)
+    )  # no CUDA here
     limits = []
 
     def climbed(config, chosen, device, batch, steps, lr, gpu_limit=None):
         limits.append(gpu_limit)
-        return {"status": "ok", "ms_per_step": 1.0, "tokens_per_second": 1.0, "peak_memory_bytes": 1, "host_peak_bytes": 1,
-                "loss_start": 2.0, "loss_end": 1.0}
+        return {
+            "status": "ok",
+            "ms_per_step": 1.0,
+            "tokens_per_second": 1.0,
+            "peak_memory_bytes": 1,
+            "host_peak_bytes": 1,
+            "loss_start": 2.0,
+            "loss_end": 1.0,
+        }
 
     monkeypatch.setattr(ceiling, "climb_isolated", climbed)
     whole = ceiling.run_ceiling(["20b"], torch.device("cuda"), lambda message: None)
     limited = ceiling.run_ceiling(["20b", "30b", "50b"], torch.device("cuda"), lambda message: None, gpu_limit=80 * GB)
     assert whole["entries"][0]["strategy"] == "bf16-checkpointed"  # 141 GB holds 20b's moments on the GPU
-    assert [e["strategy"] for e in limited["entries"]] == ["offload", "offload-int8", "offload-int8"]  # as on an 80 GB H100
+    assert [e["strategy"] for e in limited["entries"]] == [
+        "offload",
+        "offload-int8",
+        "offload-int8",
+    ]  # as on an 80 GB H100
     assert limited["entries"][-1]["result"]["status"] == "does not fit" and limits == [None, 80 * GB, 80 * GB]
     assert limited["settings"]["gpu_memory_limit_bytes"] == 80 * GB
     with pytest.raises(OneboxError, match="more than this GPU has"):
@@ -354,20 +390,50 @@ def test_bench_ceiling_command_writes_a_valid_document(tmp_path):
     from onebox.bench.schema import read_document, validate_document
 
     out = tmp_path / "ceiling.json"
-    assert main(["bench", "ceiling", "--ladder", "tiny", "--steps", "3", "--memory", "bf16-checkpointed", "--out", str(out)]) == 0
+    assert (
+        main(
+            ["bench", "ceiling", "--ladder", "tiny", "--steps", "3", "--memory", "bf16-checkpointed", "--out", str(out)]
+        )
+        == 0
+    )
     doc = read_document(out)
-    assert doc["benchmark"] == "ceiling" and doc["entries"][0]["strategy"] == "bf16-checkpointed" and validate_document(doc) == []
+    assert (
+        doc["benchmark"] == "ceiling"
+        and doc["entries"][0]["strategy"] == "bf16-checkpointed"
+        and validate_document(doc) == []
+    )
     assert main(["bench", "ceiling", "--ladder", "tiny", "--steps", "1"]) == 1
     assert main(["bench", "ceiling", "--ladder", "tiny", "--gpu-memory", "0"]) == 1  # a limit must be positive
-    assert main(["bench", "ceiling", "--ladder", "tiny", "--gpu-memory", "80", "--device", "cpu"]) == 1  # and limits a GPU
+    assert (
+        main(["bench", "ceiling", "--ladder", "tiny", "--gpu-memory", "80", "--device", "cpu"]) == 1
+    )  # and limits a GPU
 
 
 def test_bench_validate_runs_the_named_memory_strategy(tmp_path):
     from onebox.bench.schema import read_document, validate_document
 
     out = tmp_path / "v.json"
-    assert main(["bench", "validate", "--preset", "tiny", "--batch", "2", "--steps", "4", "--timed-steps", "2", "--memory", "bf16",
-                 "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "validate",
+                "--preset",
+                "tiny",
+                "--batch",
+                "2",
+                "--steps",
+                "4",
+                "--timed-steps",
+                "2",
+                "--memory",
+                "bf16",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     doc = read_document(out)
     result = doc["entries"][0]["result"]
     assert result["memory_strategy"] == "bf16" and doc["settings"]["memory"] == "bf16" and validate_document(doc) == []
@@ -443,7 +509,9 @@ def test_bf16_weights_under_autocast_compute_what_fp32_weights_of_the_same_value
         loss.backward()
         losses.append(loss)
     assert torch.equal(losses[0], losses[1])
-    for (name, a), b in zip(low.named_parameters(), high.parameters()):  # gradients: bf16 storage's rounding only (2^-8 relative)
+    for (name, a), b in zip(
+        low.named_parameters(), high.parameters()
+    ):  # gradients: bf16 storage's rounding only (2^-8 relative)
         assert (a.grad.float() - b.grad).norm() <= 1e-2 * b.grad.norm(), name
 
 
@@ -469,7 +537,9 @@ def test_moments_survive_a_sharded_checkpoint(tmp_path, dim):
     restored = LowMemAdamW(again, TrainConfig(device="cpu", lr=1e-2), "int8", in_backward=True)
     load_sharded(tmp_path / "ckpt", again, restored)
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), again.parameters()))
-    assert restored.steps == optimizer.steps == 2 and not restored._measured  # the first step only measured; resumed, it measures again
+    assert (
+        restored.steps == optimizer.steps == 2 and not restored._measured
+    )  # the first step only measured; resumed, it measures again
     up = model.layers[0].mlp.up_proj.weight
     for p, q in zip(model.parameters(), again.parameters()):
         for key in ("exp_avg", "exp_avg_sq"):

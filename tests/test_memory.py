@@ -29,8 +29,10 @@ def test_activations_scale_with_batch_and_shrink_with_checkpointing():
     assert checkpointed.activations < four.activations / 4
     assert estimate_training_memory(config, 4, mixed=False).activations > four.activations
     assert estimate_training_memory(config, 4, compiled=False).activations > four.activations
-    assert four.total == max(four.weights + four.optimizer + four.low_precision_weights + four.activations,
-                             four.weights + four.gradients + four.optimizer)
+    assert four.total == max(
+        four.weights + four.optimizer + four.low_precision_weights + four.activations,
+        four.weights + four.gradients + four.optimizer,
+    )
 
 
 @pytest.mark.parametrize("path", sorted(RESULTS.glob("sweep-*.json")), ids=lambda p: p.name)

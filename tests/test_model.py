@@ -193,4 +193,7 @@ def test_a_bf16_model_starts_from_the_fp32_models_weights_with_the_same_seed():
     torch.manual_seed(1)
     half = build_model(config, "cpu", torch.bfloat16)
     assert all(torch.equal(a.to(torch.bfloat16), b) for a, b in zip(full.parameters(), half.parameters()))
-    assert half.layers[0].self_attn.o_proj.weight.float().std() < 0.5 * half.layers[0].self_attn.q_proj.weight.float().std()  # scaled init kept
+    assert (
+        half.layers[0].self_attn.o_proj.weight.float().std()
+        < 0.5 * half.layers[0].self_attn.q_proj.weight.float().std()
+    )  # scaled init kept

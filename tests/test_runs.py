@@ -25,7 +25,11 @@ def _steps(folder):
 
 
 def _metric_steps(folder):
-    return [json.loads(line)["step"] for line in (folder / "metrics.jsonl").read_text().splitlines() if "loss" in json.loads(line)]
+    return [
+        json.loads(line)["step"]
+        for line in (folder / "metrics.jsonl").read_text().splitlines()
+        if "loss" in json.loads(line)
+    ]
 
 
 def _resume(target, said=None, **overrides):
@@ -34,9 +38,11 @@ def _resume(target, said=None, **overrides):
 
     console = Console(file=open(os.devnull, "w")) if said is None else None
     if said is not None:
+
         class Recorder:
             def print(self, message, **_):
                 said.append(message)
+
         console = Recorder()
     return train(model, config, resume=str(path), console=console, show_progress=False)
 
@@ -44,7 +50,11 @@ def _resume(target, said=None, **overrides):
 @pytest.fixture
 def finished_run(tmp_path, corpus_dir):
     run = tmp_path / "run"
-    train(micro_model(), micro_train(run, corpus_dir, max_steps=6, ckpt_every=2, keep_last=3, eval_every=0), show_progress=False)
+    train(
+        micro_model(),
+        micro_train(run, corpus_dir, max_steps=6, ckpt_every=2, keep_last=3, eval_every=0),
+        show_progress=False,
+    )
     assert _steps(run) == [2, 4, 6]
     return run
 
@@ -77,7 +87,9 @@ def test_a_foreign_checkpoint_in_a_run_folder_is_refused(finished_run, tmp_path,
     other = tmp_path / "other"
     train(micro_model(layers=1), micro_train(other, corpus_dir, max_steps=8, eval_every=0), show_progress=False)
     shutil.copy(other / "ckpt_0000008.pt", finished_run)
-    with pytest.raises(OneboxError, match=r"holds a micro model \(64d/160h/1L.*describes a micro model.*comes from another run"):
+    with pytest.raises(
+        OneboxError, match=r"holds a micro model \(64d/160h/1L.*describes a micro model.*comes from another run"
+    ):
         _resume(finished_run, max_steps=12)
 
 
@@ -102,11 +114,15 @@ def test_a_full_disk_gives_a_message_and_keeps_the_last_good_checkpoint(finished
 
     def full(obj, handle, *args, **kwargs):
         handle.write(b"partial")
-        raise RuntimeError("[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed writing file data/3: file write failed") \
-            from OSError(errno.ENOSPC, "No space left on device")
+        raise RuntimeError(
+            "[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed writing file data/3: file write failed"
+        ) from OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(checkpoint_module.torch, "save", full)
-    with pytest.raises(OneboxError, match=r"disk holding .* is full.*checkpoint of step 7.*GB.*last good checkpoint is .*ckpt_0000006.pt"):
+    with pytest.raises(
+        OneboxError,
+        match=r"disk holding .* is full.*checkpoint of step 7.*GB.*last good checkpoint is .*ckpt_0000006.pt",
+    ):
         _resume(finished_run, max_steps=7)
     monkeypatch.setattr(checkpoint_module.torch, "save", real_save)
     assert _steps(finished_run) == [2, 4, 6] and not list(finished_run.glob(".*.tmp"))
@@ -142,7 +158,9 @@ def test_small_validation_data_is_evaluated_as_a_partial_batch(tmp_path, corpus_
     shutil.copy(corpus_dir / "tokenizer.json", data)
     shutil.copy(next(corpus_dir.glob("train_*.bin")), data / "train_000000.bin")
     write_shard(data / "val_000000.bin", np.arange(3 * 65 + 1, dtype=np.uint16) % 500)
-    result = train(micro_model(), micro_train(tmp_path / "run", data, max_steps=2, batch_size=4, eval_every=0), show_progress=False)
+    result = train(
+        micro_model(), micro_train(tmp_path / "run", data, max_steps=2, batch_size=4, eval_every=0), show_progress=False
+    )
     assert result.val_loss is not None and np.isfinite(result.val_loss)
 
 
@@ -150,8 +168,11 @@ def test_init_from_a_run_folder_and_a_checkpoint(finished_run, tmp_path, corpus_
     state = load_checkpoint(finished_run)["model"]
     for source in (finished_run, finished_run / "ckpt_0000004.pt"):
         out = tmp_path / f"from-{source.name}"
-        train(micro_model(), micro_train(out, corpus_dir, init_from=str(source), max_steps=1, eval_every=0, lr=1e-9, warmup_steps=0),
-              show_progress=False)
+        train(
+            micro_model(),
+            micro_train(out, corpus_dir, init_from=str(source), max_steps=1, eval_every=0, lr=1e-9, warmup_steps=0),
+            show_progress=False,
+        )
         reference = load_checkpoint(source)["model"]
         got = load_checkpoint(out)["model"]
         assert load_checkpoint(out)["step"] == 1
@@ -168,15 +189,25 @@ def test_init_from_refuses_data_of_another_tokenizer(finished_run, tmp_path):
         (text / f"{i}.txt").write_text("def f(x):\n    return x + 1\n" * (200 + i))
     prepare([text], tmp_path / "code-data", vocab_size=400, val_fraction=0.2)
     with pytest.raises(OneboxError, match="tokenized with another tokenizer.*--tokenizer"):
-        train(micro_model(), micro_train(tmp_path / "ft", tmp_path / "code-data", init_from=str(finished_run), max_steps=1), show_progress=False)
+        train(
+            micro_model(),
+            micro_train(tmp_path / "ft", tmp_path / "code-data", init_from=str(finished_run), max_steps=1),
+            show_progress=False,
+        )
 
 
 def test_a_plan_that_does_not_fit_the_hosts_ram_is_refused_on_the_cpu(tmp_path, corpus_dir, monkeypatch):
     import onebox.plan as plan_module
 
-    monkeypatch.setattr(plan_module.os, "sysconf", lambda name: 4096 if name == "SC_PAGE_SIZE" else 1000)  # a 4 MB machine
+    monkeypatch.setattr(
+        plan_module.os, "sysconf", lambda name: 4096 if name == "SC_PAGE_SIZE" else 1000
+    )  # a 4 MB machine
     with pytest.raises(OneboxError, match="predicted to need .* GB of RAM.*onebox plan"):
-        train(micro_model(), micro_train(tmp_path / "run", corpus_dir, max_steps=1, memory="standard"), show_progress=False)
+        train(
+            micro_model(),
+            micro_train(tmp_path / "run", corpus_dir, max_steps=1, memory="standard"),
+            show_progress=False,
+        )
     assert not list_checkpoints(tmp_path / "run")
 
 
@@ -187,7 +218,12 @@ def test_a_warmup_as_long_as_the_run_is_warned_about(tmp_path, corpus_dir):
         def print(self, message, **_):
             said.append(message)
 
-    train(micro_model(), micro_train(tmp_path / "run", corpus_dir, max_steps=3, warmup_steps=3, eval_every=0), console=Recorder(), show_progress=False)
+    train(
+        micro_model(),
+        micro_train(tmp_path / "run", corpus_dir, max_steps=3, warmup_steps=3, eval_every=0),
+        console=Recorder(),
+        show_progress=False,
+    )
     assert any("warmup_steps 3 >= max_steps 3" in line and "never decays" in line for line in said)
 
 

@@ -36,7 +36,10 @@ def tokenizer(corpus_tokenizer):
 
 def _prompts(count: int, seed: int = 1) -> list[list[int]]:
     generator = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, 512, (int(n),), generator=generator).tolist() for n in torch.randint(2, 20, (count,), generator=generator)]
+    return [
+        torch.randint(0, 512, (int(n),), generator=generator).tolist()
+        for n in torch.randint(2, 20, (count,), generator=generator)
+    ]
 
 
 def test_batched_decode_gives_the_one_at_a_time_greedy_tokens(model):
@@ -44,7 +47,9 @@ def test_batched_decode_gives_the_one_at_a_time_greedy_tokens(model):
     expected = [generate(model, p, 25, temperature=0).samples[0] for p in prompts]
     engine = Engine(model, max_batch=3, prefix_entries=0).start()
     try:
-        requests = [engine.submit(Request(p, 25, temperature=0)) for p in prompts]  # more requests than slots: they queue and join
+        requests = [
+            engine.submit(Request(p, 25, temperature=0)) for p in prompts
+        ]  # more requests than slots: they queue and join
         got = [list(r.tokens(timeout=60)) for r in requests]
     finally:
         engine.stop()
@@ -60,8 +65,13 @@ def test_one_batched_prefill_of_mixed_requests_gives_each_ones_own_tokens(model,
     With windows the attention reads 64 positions, then the whole context of 96, as the furthest row moves on."""
     prompts = _prompts(5, seed=3)
     shared = prompts[0] + [11, 12]
-    cases = [(prompts[0], 9, 0.0, 0, 1.0, None), (prompts[1], 14, 0.9, 40, 1.0, 7), (prompts[2], CONTEXT - len(prompts[2]), 0.0, 0, 1.0, None),
-             (prompts[3], 5, 1.2, 0, 0.8, 3), (shared, 12, 0.0, 0, 1.0, None)]
+    cases = [
+        (prompts[0], 9, 0.0, 0, 1.0, None),
+        (prompts[1], 14, 0.9, 40, 1.0, 7),
+        (prompts[2], CONTEXT - len(prompts[2]), 0.0, 0, 1.0, None),
+        (prompts[3], 5, 1.2, 0, 0.8, 3),
+        (shared, 12, 0.0, 0, 1.0, None),
+    ]
     expected = [generate(model, p, n, temperature=t, top_k=k, top_p=q, seed=s).samples[0] for p, n, t, k, q, s in cases]
     engine = Engine(model, max_batch=4, windows=windows)
     warm = engine.submit(Request(list(prompts[0]), 1, temperature=0))
@@ -149,11 +159,16 @@ def test_completion_text_and_token_ids(client, model, tokenizer):
     done = client.completions.create(model="micro", prompt="To be, or not", max_tokens=12, temperature=0, n=2)
     assert len(done.choices) == 2 and done.choices[0].text == done.choices[1].text  # greedy: the same
     assert done.choices[0].finish_reason in ("stop", "length")
-    assert done.usage.prompt_tokens > 1 and done.usage.total_tokens == done.usage.prompt_tokens + done.usage.completion_tokens
+    assert (
+        done.usage.prompt_tokens > 1
+        and done.usage.total_tokens == done.usage.prompt_tokens + done.usage.completion_tokens
+    )
     ids = client.completions.create(model="micro", prompt=[5, 6, 7], max_tokens=8, temperature=0)
     assert ids.choices[0].finish_reason == "length" and ids.usage.completion_tokens == 8
     expected = generate(model, [5, 6, 7], 8, temperature=0).samples[0]
-    assert ids.usage.prompt_tokens == 3 and ids.choices[0].text == tokenizer.decode(expected)  # the server's greedy = generate's
+    assert ids.usage.prompt_tokens == 3 and ids.choices[0].text == tokenizer.decode(
+        expected
+    )  # the server's greedy = generate's
 
 
 def test_seeded_sampling_repeats(client):
@@ -176,8 +191,13 @@ def test_chat_whole_and_streamed(client):
     messages = [{"role": "system", "content": "Speak verse."}, {"role": "user", "content": "Who is there?"}]
     whole = client.chat.completions.create(model="micro", messages=messages, max_tokens=12, temperature=0)
     assert whole.choices[0].message.role == "assistant" and whole.object == "chat.completion"
-    text = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
-        model="micro", messages=messages, max_tokens=12, temperature=0, stream=True) if c.choices)
+    text = "".join(
+        c.choices[0].delta.content or ""
+        for c in client.chat.completions.create(
+            model="micro", messages=messages, max_tokens=12, temperature=0, stream=True
+        )
+        if c.choices
+    )
     assert text == whole.choices[0].message.content
 
 
@@ -196,16 +216,19 @@ def test_prefix_cache_reported_in_usage(client):
     assert again.usage.prompt_tokens_details.cached_tokens == len(prompt)
 
 
-@pytest.mark.parametrize("kwargs,status,fragment", [
-    (dict(model="nope", prompt="x"), 404, "does not exist"),
-    (dict(model="micro", prompt=""), 400, "empty"),
-    (dict(model="micro", prompt="x", max_tokens=0), 400, "max_tokens"),
-    (dict(model="micro", prompt=[1, 2], max_tokens=CONTEXT), 400, "context"),
-    (dict(model="micro", prompt=list(range(CONTEXT + 5))), 400, "context"),
-    (dict(model="micro", prompt="x", n=99), 400, "n must be"),
-    (dict(model="micro", prompt="x", temperature=-1), 400, "temperature"),
-    (dict(model="micro", prompt=[1, 10**6]), 400, "token ids"),
-])
+@pytest.mark.parametrize(
+    "kwargs,status,fragment",
+    [
+        (dict(model="nope", prompt="x"), 404, "does not exist"),
+        (dict(model="micro", prompt=""), 400, "empty"),
+        (dict(model="micro", prompt="x", max_tokens=0), 400, "max_tokens"),
+        (dict(model="micro", prompt=[1, 2], max_tokens=CONTEXT), 400, "context"),
+        (dict(model="micro", prompt=list(range(CONTEXT + 5))), 400, "context"),
+        (dict(model="micro", prompt="x", n=99), 400, "n must be"),
+        (dict(model="micro", prompt="x", temperature=-1), 400, "temperature"),
+        (dict(model="micro", prompt=[1, 10**6]), 400, "token ids"),
+    ],
+)
 def test_bad_requests_get_openai_errors(client, kwargs, status, fragment):
     with pytest.raises(openai.APIStatusError) as caught:
         client.completions.create(**kwargs)
@@ -220,15 +243,20 @@ def test_malformed_bodies_get_400_and_the_server_lives(server):
     assert wrong_type.status_code == 400 and "max_tokens" in wrong_type.json()["error"]["message"]
     no_messages = httpx.post(f"{url}/v1/chat/completions", json={"model": "micro", "messages": []})
     assert no_messages.status_code == 400
-    bad_role = httpx.post(f"{url}/v1/chat/completions", json={"model": "micro", "messages": [{"role": "robot", "content": "hi"}]})
+    bad_role = httpx.post(
+        f"{url}/v1/chat/completions", json={"model": "micro", "messages": [{"role": "robot", "content": "hi"}]}
+    )
     assert bad_role.status_code == 400 and "role" in bad_role.json()["error"]["message"]
     assert httpx.get(f"{url}/healthz").status_code == 200
 
 
 def test_a_client_that_leaves_mid_stream_frees_its_slot(server):
     url, engine = server
-    with httpx.stream("POST", f"{url}/v1/completions", json={"model": "micro", "prompt": [1, 2], "max_tokens": CONTEXT - 3,
-                                                            "temperature": 0, "stream": True}) as response:
+    with httpx.stream(
+        "POST",
+        f"{url}/v1/completions",
+        json={"model": "micro", "prompt": [1, 2], "max_tokens": CONTEXT - 3, "temperature": 0, "stream": True},
+    ) as response:
         for line in response.iter_lines():
             if line.startswith("data: {"):
                 break  # one chunk, then hang up
@@ -243,8 +271,13 @@ def test_concurrent_streaming_clients(server):
 
     def one(i: int) -> str:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
-        return "".join(c.choices[0].text for c in client.completions.create(
-            model="micro", prompt=[i + 1, i + 2], max_tokens=20, temperature=0, stream=True) if c.choices)
+        return "".join(
+            c.choices[0].text
+            for c in client.completions.create(
+                model="micro", prompt=[i + 1, i + 2], max_tokens=20, temperature=0, stream=True
+            )
+            if c.choices
+        )
 
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         texts = list(pool.map(one, range(8)))
@@ -255,8 +288,11 @@ def test_concurrent_streaming_clients(server):
 def test_generate_jsonl(model, tokenizer):
     engine = Engine(model, max_batch=2).start()
     out = io.StringIO()
-    lines = [json.dumps({"id": "a", "prompt": [1, 2, 3], "max_tokens": 5, "temperature": 0}), "{oops", json.dumps({"prompt": "Kent", "n": 2,
-                                                                                                                    "max_tokens": 3})]
+    lines = [
+        json.dumps({"id": "a", "prompt": [1, 2, 3], "max_tokens": 5, "temperature": 0}),
+        "{oops",
+        json.dumps({"prompt": "Kent", "n": 2, "max_tokens": 3}),
+    ]
     try:
         failed = run_jsonl(Server(engine, tokenizer, "micro"), lines, lambda text: out.write(text + "\n"))
     finally:
@@ -273,8 +309,27 @@ def test_bench_decode_writes_a_valid_document_with_the_baseline(tmp_path):
     from onebox.cli import main
 
     out = tmp_path / "decode.json"
-    assert main(["bench", "decode", "--preset", "tiny", "--batches", "1,2", "--prompt-len", "16", "--new-tokens", "8", "--baseline", "hf",
-                 "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "decode",
+                "--preset",
+                "tiny",
+                "--batches",
+                "1,2",
+                "--prompt-len",
+                "16",
+                "--new-tokens",
+                "8",
+                "--baseline",
+                "hf",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     doc = read_document(out)
     assert validate_document(doc) == [] and [e["batch"] for e in doc["entries"]] == [1, 2]
     result = doc["entries"][1]["result"]
@@ -289,9 +344,30 @@ def test_bench_serve_drives_concurrent_clients(tmp_path):
     from onebox.cli import main
 
     out = tmp_path / "serve.json"
-    assert main(["bench", "serve", "--preset", "tiny", "--clients", "1,3", "--max-tokens", "8", "--prompt-len", "8", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "serve",
+                "--preset",
+                "tiny",
+                "--clients",
+                "1,3",
+                "--max-tokens",
+                "8",
+                "--prompt-len",
+                "8",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     doc = read_document(out)
-    assert validate_document(doc) == [] and [e["result"]["tokens"] for e in doc["entries"]] == [8, 24]  # every token of every client arrived
+    assert validate_document(doc) == [] and [e["result"]["tokens"] for e in doc["entries"]] == [
+        8,
+        24,
+    ]  # every token of every client arrived
     assert doc["entries"][1]["result"]["ttft_p95_ms"] >= doc["entries"][1]["result"]["ttft_p50_ms"]
     assert main(["bench", "serve", "--preset", "tiny", "--clients", "0"]) == 1
 
@@ -316,11 +392,31 @@ def test_serve_command_starts_a_server_for_a_run_folder(tmp_path, corpus_dir):
 
     from onebox.train import train
 
-    train(micro_model(), micro_train(tmp_path / "run", corpus_dir, max_steps=2, eval_every=0, ckpt_every=0), show_progress=False)
+    train(
+        micro_model(),
+        micro_train(tmp_path / "run", corpus_dir, max_steps=2, eval_every=0, ckpt_every=0),
+        show_progress=False,
+    )
     port = free_port()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    server = subprocess.Popen([sys.executable, "-m", "onebox.cli", "serve", str(tmp_path / "run"), "--port", str(port), "--device", "cpu",
-                               "--model-name", "run"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "onebox.cli",
+            "serve",
+            str(tmp_path / "run"),
+            "--port",
+            str(port),
+            "--device",
+            "cpu",
+            "--model-name",
+            "run",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     try:
         deadline, health = time.time() + 60, None
         while time.time() < deadline and health is None:
@@ -330,7 +426,9 @@ def test_serve_command_starts_a_server_for_a_run_folder(tmp_path, corpus_dir):
                 time.sleep(0.2)
         assert health == {"status": "ok", "model": "run"}
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
-        done = client.chat.completions.create(model="run", messages=[{"role": "user", "content": "Speak."}], max_tokens=5)
+        done = client.chat.completions.create(
+            model="run", messages=[{"role": "user", "content": "Speak."}], max_tokens=5
+        )
         assert done.choices[0].finish_reason in ("stop", "length") and done.usage.completion_tokens <= 5
     finally:
         server.terminate()
@@ -356,14 +454,27 @@ def test_decode_kernel_routing_falls_back_to_the_reference_off_cuda(model):
         kernels.use_decode_kernels(clone)
         kernels.use_decode_kernels(clone)  # idempotent
         block = clone.layers[0]
-        assert clone.project is kernels.linear and type(block.self_attn.o_proj) is kernels.GemvLinear and type(block.mlp.down_proj) is kernels.GemvLinear
-        assert isinstance(block.input_layernorm, kernels.DeferredRMSNorm) and block.self_attn.project.func is kernels.normed_linear
-        assert block.self_attn.attend.func is kernels.attend and block.mlp.gated_down is kernels.swiglu_down and set(clone.state_dict()) == keys
+        assert (
+            clone.project is kernels.linear
+            and type(block.self_attn.o_proj) is kernels.GemvLinear
+            and type(block.mlp.down_proj) is kernels.GemvLinear
+        )
+        assert (
+            isinstance(block.input_layernorm, kernels.DeferredRMSNorm)
+            and block.self_attn.project.func is kernels.normed_linear
+        )
+        assert (
+            block.self_attn.attend.func is kernels.attend
+            and block.mlp.gated_down is kernels.swiglu_down
+            and set(clone.state_dict()) == keys
+        )
         caches = clone.new_kv_caches(2)
         after = [clone(ids[:, :11], torch.arange(11), caches), clone(ids[:, 11:], torch.tensor([[11], [11]]), caches)]
     assert all(torch.equal(a, b) for a, b in zip(after, before))
     row = torch.randn(1, 1, 8, dtype=torch.bfloat16)
-    assert not kernels.available(torch.device("cpu")) and not kernels.usable(row, torch.randn(4, 8, dtype=torch.bfloat16))
+    assert not kernels.available(torch.device("cpu")) and not kernels.usable(
+        row, torch.randn(4, 8, dtype=torch.bfloat16)
+    )
     assert Engine(Transformer(model.config), max_batch=1, compile=False).kernels == []  # none on the CPU by default
     with pytest.raises(OneboxError, match="unknown decode kernels"):
         Engine(Transformer(model.config), max_batch=1, compile=False, kernels="gemv,flash")
@@ -387,7 +498,9 @@ def test_programmatic_dependent_launch_routes_and_compile_options(model):
         before = clone(ids, torch.arange(9), clone.new_kv_caches(1))
         kernels.use_decode_kernels(clone, norm=False, pdl=True, rope=True)
         assert clone.project.func is kernels.linear and clone.project.keywords == {"pdl": True}
-        assert clone.layers[0].self_attn.cached.func is kernels.rope_attend  # RoPE and the cache write folded into attention
+        assert (
+            clone.layers[0].self_attn.cached.func is kernels.rope_attend
+        )  # RoPE and the cache write folded into attention
         assert clone.layers[0].self_attn.o_proj.pdl and clone.layers[0].mlp.gated_down.keywords == {"pdl": True}
         assert torch.equal(clone(ids, torch.arange(9), clone.new_kv_caches(1)), before)
     assert not kernels.pdl_available(torch.device("cpu"))
@@ -417,5 +530,7 @@ def test_the_transformers_baseline_is_warmed_up_at_the_length_it_is_timed_at():
     for cache in HF_CACHES:
         calls.clear()
         assert hf_generate_speed(baseline, model.config, 1, 8, 6, cache) > 0
-        assert len(calls) >= 3 and all(c["max_new_tokens"] == 6 and c.get("cache_implementation") == (None if cache == "dynamic" else cache)
-                                       for c in calls)
+        assert len(calls) >= 3 and all(
+            c["max_new_tokens"] == 6 and c.get("cache_implementation") == (None if cache == "dynamic" else cache)
+            for c in calls
+        )

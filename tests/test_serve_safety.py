@@ -47,9 +47,20 @@ def _idle(engine, timeout=30):
 def test_a_seed_past_64_bits_is_refused_and_the_others_go_on(served, client):
     url, engine = served
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
-        streams = [pool.submit(lambda: "".join(c.choices[0].text for c in client.completions.create(
-            model="micro", prompt=[1, 2, 3], max_tokens=20, temperature=0.8, seed=2**63 - 1, stream=True))) for _ in range(2)]
-        bad = httpx.post(f"{url}/v1/completions", json={"model": "micro", "prompt": "x", "seed": 18446744073709551616}, timeout=10)
+        streams = [
+            pool.submit(
+                lambda: "".join(
+                    c.choices[0].text
+                    for c in client.completions.create(
+                        model="micro", prompt=[1, 2, 3], max_tokens=20, temperature=0.8, seed=2**63 - 1, stream=True
+                    )
+                )
+            )
+            for _ in range(2)
+        ]
+        bad = httpx.post(
+            f"{url}/v1/completions", json={"model": "micro", "prompt": "x", "seed": 18446744073709551616}, timeout=10
+        )
         texts = [s.result(timeout=60) for s in streams]
     assert bad.status_code == 400 and "seed" in bad.json()["error"]["message"]
     assert all(texts) and texts[0] == texts[1]  # the same seed (the largest there is) gives the same sample
@@ -82,14 +93,18 @@ def test_a_request_that_fails_inside_the_engine_ends_alone(serving_model):
 def test_a_body_over_the_limit_is_413_and_health_stays_quick(served):
     url, engine = served
     big = json.dumps({"model": "micro", "prompt": "a" * 200_000}).encode()
-    declared = httpx.post(f"{url}/v1/completions", content=big, headers={"content-type": "application/json"}, timeout=10)
+    declared = httpx.post(
+        f"{url}/v1/completions", content=big, headers={"content-type": "application/json"}, timeout=10
+    )
     assert declared.status_code == 413 and declared.json()["error"]["code"] == "body_too_large"
 
     def chunks():  # no Content-Length: the limit is counted as the bytes arrive
         for start in range(0, len(big), 8192):
-            yield big[start:start + 8192]
+            yield big[start : start + 8192]
 
-    streamed = httpx.post(f"{url}/v1/completions", content=chunks(), headers={"content-type": "application/json"}, timeout=10)
+    streamed = httpx.post(
+        f"{url}/v1/completions", content=chunks(), headers={"content-type": "application/json"}, timeout=10
+    )
     assert streamed.status_code == 413
     assert httpx.get(f"{url}/healthz", timeout=2).json()["status"] == "ok"
 
@@ -115,8 +130,12 @@ def test_a_full_queue_answers_429(served):
         deadline = time.time() + 10
         while time.time() < deadline and not all(engine.slots):
             time.sleep(0.01)
-        held += engine.submit_all([Request([1, 2, 3], CONTEXT - 4, temperature=0) for _ in range(2)])  # two slots busy, two waiting
-        answer = httpx.post(f"{url}/v1/completions", json={"model": "micro", "prompt": [1, 2], "max_tokens": 2}, timeout=10)
+        held += engine.submit_all(
+            [Request([1, 2, 3], CONTEXT - 4, temperature=0) for _ in range(2)]
+        )  # two slots busy, two waiting
+        answer = httpx.post(
+            f"{url}/v1/completions", json={"model": "micro", "prompt": [1, 2], "max_tokens": 2}, timeout=10
+        )
         assert answer.status_code == 429 and answer.json()["error"]["type"] == "rate_limit_error"
         with pytest.raises(OneboxError, match="busy"):
             engine.submit(Request([1], 2))
@@ -133,17 +152,27 @@ def test_a_non_streaming_client_that_leaves_is_cancelled(serving_model, corpus_t
     engine.start()
     try:
         with running_app(create_app(Server(engine, corpus_tokenizer, "micro"))) as url:
-            body = json.dumps({"model": "micro", "prompt": [1, 2, 3], "max_tokens": CONTEXT - 4, "n": 2, "temperature": 0}).encode()
+            body = json.dumps(
+                {"model": "micro", "prompt": [1, 2, 3], "max_tokens": CONTEXT - 4, "n": 2, "temperature": 0}
+            ).encode()
             host, port = url.removeprefix("http://").split(":")
             with socket.create_connection((host, int(port))) as conn:
-                conn.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                             + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+                conn.sendall(
+                    b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                    + f"Content-Length: {len(body)}\r\n\r\n".encode()
+                    + body
+                )
                 deadline = time.time() + 10
                 while time.time() < deadline and not any(engine.slots):
                     time.sleep(0.005)
             assert _idle(engine, timeout=10)
             assert engine.emitted < CONTEXT - 4  # both choices ended long before their max_tokens
-            assert httpx.post(f"{url}/v1/completions", json={"model": "micro", "prompt": [1], "max_tokens": 2}, timeout=10).status_code == 200
+            assert (
+                httpx.post(
+                    f"{url}/v1/completions", json={"model": "micro", "prompt": [1], "max_tokens": 2}, timeout=10
+                ).status_code
+                == 200
+            )
     finally:
         engine.stop()
 
@@ -153,15 +182,23 @@ def test_a_lone_surrogate_is_a_400_in_json(served):
     raw = b'{"model": "micro", "prompt": "a\\ud800b"}'
     answer = httpx.post(f"{url}/v1/completions", content=raw, headers={"content-type": "application/json"}, timeout=10)
     assert answer.status_code == 400 and "surrogate" in answer.json()["error"]["message"]
-    chat = httpx.post(f"{url}/v1/chat/completions", content=b'{"model": "micro", "messages": [{"role": "user", "content": "\\udfff"}]}',
-                      headers={"content-type": "application/json"}, timeout=10)
+    chat = httpx.post(
+        f"{url}/v1/chat/completions",
+        content=b'{"model": "micro", "messages": [{"role": "user", "content": "\\udfff"}]}',
+        headers={"content-type": "application/json"},
+        timeout=10,
+    )
     assert chat.status_code == 400 and chat.headers["content-type"].startswith("application/json")
 
 
 def test_the_official_clients_usual_streaming_loops(client):
-    chat = dict(model="micro", messages=[{"role": "user", "content": "Speak."}], max_tokens=6, temperature=0, stream=True)
+    chat = dict(
+        model="micro", messages=[{"role": "user", "content": "Speak."}], max_tokens=6, temperature=0, stream=True
+    )
     plain = list(client.chat.completions.create(**chat))
-    text = "".join(chunk.choices[0].delta.content or "" for chunk in plain)  # the loop of the client's README: no chunk without a choice
+    text = "".join(
+        chunk.choices[0].delta.content or "" for chunk in plain
+    )  # the loop of the client's README: no chunk without a choice
     assert all(chunk.usage is None for chunk in plain)
     counted = list(client.chat.completions.create(**chat, stream_options={"include_usage": True}))
     assert counted[-1].choices == [] and counted[-1].usage.completion_tokens >= 1
@@ -181,11 +218,19 @@ def test_a_hostile_chat_template_in_a_served_folder_runs_no_code(serving_model, 
     engine = Engine(serving_model, max_batch=1).start()
     try:
         with running_app(create_app(Server(engine, corpus_tokenizer, "micro", chat_template=template))) as url:
-            answer = httpx.post(f"{url}/v1/chat/completions", json={"model": "micro", "messages": [{"role": "user", "content": "hi"}]}, timeout=10)
+            answer = httpx.post(
+                f"{url}/v1/chat/completions",
+                json={"model": "micro", "messages": [{"role": "user", "content": "hi"}]},
+                timeout=10,
+            )
             refusing = ChatTemplate("{{ raise_exception('only user and assistant roles are supported') }}")
             assert answer.status_code == 400 and not marker.exists()
         with running_app(create_app(Server(engine, corpus_tokenizer, "micro", chat_template=refusing))) as url:
-            answer = httpx.post(f"{url}/v1/chat/completions", json={"model": "micro", "messages": [{"role": "user", "content": "hi"}]}, timeout=10)
+            answer = httpx.post(
+                f"{url}/v1/chat/completions",
+                json={"model": "micro", "messages": [{"role": "user", "content": "hi"}]},
+                timeout=10,
+            )
             assert answer.status_code == 400 and "only user and assistant roles" in answer.json()["error"]["message"]
     finally:
         engine.stop()
@@ -207,7 +252,15 @@ def test_requests_for_threads_are_not_held_after_their_end(served):
     url, engine = served
     before = threading.active_count()
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
-        answers = list(pool.map(lambda i: httpx.post(f"{url}/v1/completions", json={"model": "micro", "prompt": [i + 1], "max_tokens": 4},
-                                                    timeout=30).status_code, range(6)))
+        answers = list(
+            pool.map(
+                lambda i: (
+                    httpx.post(
+                        f"{url}/v1/completions", json={"model": "micro", "prompt": [i + 1], "max_tokens": 4}, timeout=30
+                    ).status_code
+                ),
+                range(6),
+            )
+        )
     assert set(answers) <= {200, 429}
     assert _idle(engine) and threading.active_count() <= before + 2

@@ -77,7 +77,11 @@ def test_fp8_converts_only_the_block_products_and_keeps_names(batch):
     apply_float8(model, torch.device("cpu"), emulate=True)
     assert list(model.state_dict()) == keys
     converted = {name for name, module in model.named_modules() if isinstance(module, Float8Linear)}
-    assert converted == {name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear) and name.startswith("layers.")}
+    assert converted == {
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and name.startswith("layers.")
+    }
     assert len(converted) == 7 * config.layers and "lm_head" not in converted
 
 
@@ -119,8 +123,11 @@ def test_clip_folded_into_the_optimizer_step_equals_clip_then_step(batch, optimi
     models[1].load_state_dict(models[0].state_dict())
     initial = models[0].layers[0].mlp.up_proj.weight.detach().clone()
     optimizers = [build_optimizer(model, TrainConfig(optimizer=optimizer, lr=1e-2, device=device)) for model in models]
-    assert all(getattr(opt, "takes_grad_scale", False) or opt.defaults["fused"] for opt in optimizers[1].optimizers
-               if isinstance(opt, torch.optim.AdamW))  # the grad_scale path runs
+    assert all(
+        getattr(opt, "takes_grad_scale", False) or opt.defaults["fused"]
+        for opt in optimizers[1].optimizers
+        if isinstance(opt, torch.optim.AdamW)
+    )  # the grad_scale path runs
     # One step for Muon: its Newton-Schulz iteration runs in bf16 and turns the last-bit differences
     # of multiplying vs dividing by the clip factor into ~1e-4 after a second step; AdamW stays at 1e-7.
     for _ in range(3 if optimizer == "adamw" else 1):

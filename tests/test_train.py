@@ -34,7 +34,9 @@ def _val_losses(run_dir):
 
 def test_loss_falls_on_the_default_corpus(tmp_path, monkeypatch):
     monkeypatch.setenv("ONEBOX_CACHE", str(tmp_path / "cache"))
-    config = micro_train(tmp_path / "run", "", max_steps=40, batch_size=8, eval_every=20, eval_batches=4, ckpt_every=0, log_every=10)
+    config = micro_train(
+        tmp_path / "run", "", max_steps=40, batch_size=8, eval_every=20, eval_batches=4, ckpt_every=0, log_every=10
+    )
     result = train(micro_model(vocab_size=8192), config, show_progress=False)
     losses = _losses(tmp_path / "run")
     assert losses[40] < losses[10] - 0.5
@@ -131,14 +133,20 @@ def test_out_of_memory_names_the_estimate_and_the_remedies(tmp_path, corpus_dir,
 
 
 def test_tokenizer_larger_than_the_model_vocabulary_is_refused(tmp_path, corpus_dir):
-    with pytest.raises(OneboxError, match="tokenizer has 512 entries but the model's vocabulary has 256.*--vocab-size 512"):
+    with pytest.raises(
+        OneboxError, match="tokenizer has 512 entries but the model's vocabulary has 256.*--vocab-size 512"
+    ):
         train(micro_model(vocab_size=256), micro_train(tmp_path / "r", corpus_dir), show_progress=False)
 
 
 def test_gradient_accumulation_matches_the_large_batch(tmp_path, corpus_dir):
     common = dict(max_steps=3, eval_every=0, ckpt_every=0)
     train(micro_model(), micro_train(tmp_path / "big", corpus_dir, batch_size=8, **common), show_progress=False)
-    train(micro_model(), micro_train(tmp_path / "acc", corpus_dir, batch_size=4, grad_accum=2, **common), show_progress=False)
+    train(
+        micro_model(),
+        micro_train(tmp_path / "acc", corpus_dir, batch_size=4, grad_accum=2, **common),
+        show_progress=False,
+    )
     big, acc = _losses(tmp_path / "big"), _losses(tmp_path / "acc")
     assert all(math.isclose(big[s], acc[s], rel_tol=1e-5) for s in big)  # fp32: same windows, summed in another order
 
@@ -146,14 +154,22 @@ def test_gradient_accumulation_matches_the_large_batch(tmp_path, corpus_dir):
 def test_activation_checkpointing_gives_the_same_losses(tmp_path, corpus_dir):
     common = dict(max_steps=4, eval_every=0, ckpt_every=0)
     train(micro_model(), micro_train(tmp_path / "plain", corpus_dir, **common), show_progress=False)
-    train(micro_model(), micro_train(tmp_path / "ac", corpus_dir, activation_checkpointing=True, **common), show_progress=False)
+    train(
+        micro_model(),
+        micro_train(tmp_path / "ac", corpus_dir, activation_checkpointing=True, **common),
+        show_progress=False,
+    )
     plain, ac = _losses(tmp_path / "plain"), _losses(tmp_path / "ac")
     assert all(math.isclose(plain[s], ac[s], rel_tol=1e-6) for s in plain)
 
 
 @pytest.mark.skipif(not hasattr(torch.optim, "Muon"), reason="torch.optim.Muon needs torch >= 2.9")
 def test_muon_trains(tmp_path, corpus_dir):
-    train(micro_model(), micro_train(tmp_path / "m", corpus_dir, optimizer="muon", max_steps=20, eval_every=0), show_progress=False)
+    train(
+        micro_model(),
+        micro_train(tmp_path / "m", corpus_dir, optimizer="muon", max_steps=20, eval_every=0),
+        show_progress=False,
+    )
     losses = _losses(tmp_path / "m")
     assert losses[20] < losses[1] - 0.3
 

@@ -31,8 +31,22 @@ BLOCK = 2048  # elements per program: 16 fp32 values a thread at 4 warps, loaded
 if triton is not None:
 
     @triton.jit
-    def _adamw_kernel(p_ptr, g_ptr, m_ptr, v_ptr, scale_ptr, n, decay, beta1, beta2, step_size, bias2_sqrt, eps,
-                      SCALED: tl.constexpr, BLOCK: tl.constexpr):
+    def _adamw_kernel(
+        p_ptr,
+        g_ptr,
+        m_ptr,
+        v_ptr,
+        scale_ptr,
+        n,
+        decay,
+        beta1,
+        beta2,
+        step_size,
+        bias2_sqrt,
+        eps,
+        SCALED: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
         offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offsets < n
         p = tl.load(p_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
@@ -50,15 +64,40 @@ if triton is not None:
         tl.store(v_ptr + offsets, v.to(v_ptr.dtype.element_ty), mask=mask)
 
 
-def adamw_update(p: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, lr: float, beta1: float, beta2: float, eps: float,
-                 weight_decay: float, step: int, grad_scale: Tensor | None = None) -> None:
+def adamw_update(
+    p: Tensor,
+    grad: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    step: int,
+    grad_scale: Tensor | None = None,
+) -> None:
     """One AdamW update of p and its moments in place, by the Triton kernel (any device Triton runs on,
     its interpreter included). All four tensors contiguous and of one size; grad_scale a one-element tensor."""
     n = p.numel()
     scale = grad_scale if grad_scale is not None else p  # any pointer: unread unless SCALED
     _adamw_kernel[(triton.cdiv(n, BLOCK),)](
-        p, grad, exp_avg, exp_avg_sq, scale, n, 1.0 - lr * weight_decay, beta1, beta2, lr / (1.0 - beta1**step),
-        (1.0 - beta2**step) ** 0.5, eps, SCALED=grad_scale is not None, BLOCK=BLOCK, num_warps=4)
+        p,
+        grad,
+        exp_avg,
+        exp_avg_sq,
+        scale,
+        n,
+        1.0 - lr * weight_decay,
+        beta1,
+        beta2,
+        lr / (1.0 - beta1**step),
+        (1.0 - beta2**step) ** 0.5,
+        eps,
+        SCALED=grad_scale is not None,
+        BLOCK=BLOCK,
+        num_warps=4,
+    )
 
 
 class TritonAdamW(torch.optim.AdamW):
@@ -83,7 +122,9 @@ class TritonAdamW(torch.optim.AdamW):
                     continue
                 state = self.state[p]
                 if not state:
-                    state["step"] = torch.tensor(0.0)  # on the host, as torch's unfused AdamW keeps it: no sync to read it
+                    state["step"] = torch.tensor(
+                        0.0
+                    )  # on the host, as torch's unfused AdamW keeps it: no sync to read it
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
                 if state["step"].device.type != "cpu":  # resumed from torch's fused AdamW, which keeps it on the device
@@ -91,15 +132,29 @@ class TritonAdamW(torch.optim.AdamW):
                 state["step"] += 1
                 if scale is not None and scale.device != p.device:
                     scale = scale.to(p.device)
-                adamw_update(p, p.grad, state["exp_avg"], state["exp_avg_sq"], group["lr"], beta1, beta2, group["eps"],
-                             group["weight_decay"], int(state["step"].item()), scale)
+                adamw_update(
+                    p,
+                    p.grad,
+                    state["exp_avg"],
+                    state["exp_avg_sq"],
+                    group["lr"],
+                    beta1,
+                    beta2,
+                    group["eps"],
+                    group["weight_decay"],
+                    int(state["step"].item()),
+                    scale,
+                )
 
 
 def triton_ready(params: list[Tensor]) -> bool:
     """Whether TritonAdamW can step these parameters: Triton present, every one a plain contiguous CUDA
     tensor (sharded DTensors and other devices step with torch's AdamW)."""
-    return triton is not None and bool(params) and all(
-        p.device.type == "cuda" and not isinstance(p, DTensor) and p.is_contiguous() for p in params)
+    return (
+        triton is not None
+        and bool(params)
+        and all(p.device.type == "cuda" and not isinstance(p, DTensor) and p.is_contiguous() for p in params)
+    )
 
 
 def make_adamw(groups: list[dict[str, Any]], **kwargs: Any) -> torch.optim.AdamW:

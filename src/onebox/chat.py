@@ -34,7 +34,13 @@ def _environment() -> Any:
     def raise_exception(message: str) -> None:
         raise jinja2.exceptions.TemplateError(message)
 
-    def tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None, sort_keys: bool = False) -> str:
+    def tojson(
+        value: Any,
+        ensure_ascii: bool = False,
+        indent: int | None = None,
+        separators: Any = None,
+        sort_keys: bool = False,
+    ) -> str:
         # Jinja's own filter escapes HTML characters, which chat templates do not want
         return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
@@ -62,8 +68,12 @@ def _environment() -> Any:
 
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
     env.filters["tojson"] = tojson
-    env.globals.update(raise_exception=raise_exception, strftime_now=strftime_now, namespace=Namespace,
-                       dict=lambda *args, **kwargs: dict(*args, **kwargs))
+    env.globals.update(
+        raise_exception=raise_exception,
+        strftime_now=strftime_now,
+        namespace=Namespace,
+        dict=lambda *args, **kwargs: dict(*args, **kwargs),
+    )
     return env
 
 
@@ -74,7 +84,9 @@ class ChatTemplate:
         import jinja2
 
         if len(text.encode("utf-8", "replace")) > MAX_TEMPLATE_BYTES:
-            raise OneboxError(f"the chat template is larger than {MAX_TEMPLATE_BYTES // 1024} KB: it is not a real one.")
+            raise OneboxError(
+                f"the chat template is larger than {MAX_TEMPLATE_BYTES // 1024} KB: it is not a real one."
+            )
         try:
             self.template = _environment().from_string(text)
         except jinja2.exceptions.TemplateError as err:
@@ -87,19 +99,25 @@ class ChatTemplate:
         import jinja2
 
         try:
-            return self.template.render(messages=messages, add_generation_prompt=add_generation_prompt, **self.special_tokens, **variables)
+            return self.template.render(
+                messages=messages, add_generation_prompt=add_generation_prompt, **self.special_tokens, **variables
+            )
         except jinja2.exceptions.SecurityError as err:
             raise TemplateError(f"the chat template tried something a template may not do ({err}).") from None
         except jinja2.exceptions.TemplateError as err:
             raise TemplateError(f"the chat template refused the conversation: {err}") from None
         except (TypeError, ValueError, KeyError, IndexError, AttributeError, OverflowError, RecursionError) as err:
-            raise TemplateError(f"the chat template failed on this conversation ({type(err).__name__}: {err}).") from None
+            raise TemplateError(
+                f"the chat template failed on this conversation ({type(err).__name__}: {err})."
+            ) from None
 
 
 def _token_text(value: Any) -> str | None:
     if isinstance(value, str):
         return value
-    if isinstance(value, dict) and isinstance(value.get("content"), str):  # AddedToken as tokenizer_config.json writes it
+    if isinstance(value, dict) and isinstance(
+        value.get("content"), str
+    ):  # AddedToken as tokenizer_config.json writes it
         return value["content"]
     return None
 
@@ -117,7 +135,9 @@ def load_chat_template(folder: str | Path) -> ChatTemplate | None:
             loaded = json.loads(config_path.read_text(encoding="utf-8"))
             config = loaded if isinstance(loaded, dict) else {}
         except (json.JSONDecodeError, UnicodeDecodeError):
-            raise OneboxError(f"{config_path} is not valid JSON: fix it, or remove it to serve without its chat template.") from None
+            raise OneboxError(
+                f"{config_path} is not valid JSON: fix it, or remove it to serve without its chat template."
+            ) from None
     text: Any = None
     jinja_file = folder / "chat_template.jinja"
     if jinja_file.is_file():

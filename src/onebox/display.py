@@ -22,15 +22,17 @@ def format_eta(seconds: float | None) -> str:
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
-
 def plural(count: int, noun: str) -> str:
     """'1 document', '2 documents'."""
     return f"{count:,} {noun}{'' if count == 1 else 's'}"
 
+
 class ProgressDisplay:
     """Shows step, loss, lr, tokens/s, MFU, memory and ETA; a live bar on terminals, lines elsewhere."""
 
-    def __init__(self, total_steps: int, first_step: int = 0, console: Console | None = None, enabled: bool = True) -> None:
+    def __init__(
+        self, total_steps: int, first_step: int = 0, console: Console | None = None, enabled: bool = True
+    ) -> None:
         self.console = console or Console(stderr=False)
         self.enabled = enabled
         self.total = total_steps
@@ -66,7 +68,9 @@ class ProgressDisplay:
         if self._progress is not None:
             self._progress.update(self._task, completed=step, info=info)
         else:
-            self.console.print(f"step {step}/{self.total} | {info} | ETA {format_eta(self.eta_seconds(step))}", highlight=False)
+            self.console.print(
+                f"step {step}/{self.total} | {info} | ETA {format_eta(self.eta_seconds(step))}", highlight=False
+            )
 
     def message(self, text: str) -> None:
         """Print a line above the live bar (or in sequence with the log lines)."""

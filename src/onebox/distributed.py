@@ -57,15 +57,27 @@ def init_distributed(device_setting: str) -> tuple[DistInfo, str]:
     use_cuda = device_setting != "cpu" and torch.cuda.is_available()
     if use_cuda:
         if local_rank >= torch.cuda.device_count():
-            raise OneboxError(f"local rank {local_rank} has no GPU: this machine has {torch.cuda.device_count()}. Launch at most that many processes.")
+            raise OneboxError(
+                f"local rank {local_rank} has no GPU: this machine has {torch.cuda.device_count()}. Launch at most that many processes."
+            )
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo", device_id=torch.device("cuda", local_rank) if use_cuda else None)
+        dist.init_process_group(
+            "nccl" if use_cuda else "gloo", device_id=torch.device("cuda", local_rank) if use_cuda else None
+        )
     return DistInfo(rank, world, local_rank), f"cuda:{local_rank}" if use_cuda else "cpu"
 
 
-def shard_model(model: torch.nn.Module, mixed: bool, reshard_after_forward: bool = True, keep_last: bool = True,
-                reduce_dtype: torch.dtype = torch.float32, prefetch: int = 0, replicate_vectors: bool = False, group: int = 1) -> None:
+def shard_model(
+    model: torch.nn.Module,
+    mixed: bool,
+    reshard_after_forward: bool = True,
+    keep_last: bool = True,
+    reduce_dtype: torch.dtype = torch.float32,
+    prefetch: int = 0,
+    replicate_vectors: bool = False,
+    group: int = 1,
+) -> None:
     """FSDP2 over each block and then the whole model; bf16 compute with `reduce_dtype` gradient reduction when mixed.
 
     Each block's gathered parameters are freed after its forward (`reshard_after_forward`) and gathered
@@ -85,7 +97,11 @@ def shard_model(model: torch.nn.Module, mixed: bool, reshard_after_forward: bool
 
     # Block inputs are not cast (FSDP2 would round them to bf16): under autocast the residual stream stays
     # fp32 between blocks, as in one process (model.hidden_states).
-    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=reduce_dtype, cast_forward_inputs=False) if mixed else MixedPrecisionPolicy()
+    policy = (
+        MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=reduce_dtype, cast_forward_inputs=False)
+        if mixed
+        else MixedPrecisionPolicy()
+    )
     blocks = list(model.layers)
     ignored = {p for p in model.parameters() if p.ndim < 2} if replicate_vectors else None
     if group > 1 and prefetch > 0:
@@ -93,8 +109,12 @@ def shard_model(model: torch.nn.Module, mixed: bool, reshard_after_forward: bool
     units = [blocks[i : i + group] for i in range(0, len(blocks), group)]
     for index, unit in enumerate(units):
         last = keep_last and index == len(units) - 1
-        fully_shard(unit if len(unit) > 1 else unit[0], mp_policy=policy, reshard_after_forward=reshard_after_forward and not last,
-                    ignored_params=ignored)
+        fully_shard(
+            unit if len(unit) > 1 else unit[0],
+            mp_policy=policy,
+            reshard_after_forward=reshard_after_forward and not last,
+            ignored_params=ignored,
+        )
     fully_shard(model, mp_policy=policy, ignored_params=ignored)
     register_fsdp_forward_method(model, "hidden_states")
     if prefetch > 0:
@@ -117,7 +137,9 @@ def sum_over_ranks(value: float | None, info: DistInfo) -> float | None:
     if not info.active:
         return value
     device = "cuda" if dist.get_backend() == "nccl" else "cpu"
-    both = torch.tensor([0.0 if value is None else value, 1.0 if value is None else 0.0], device=device, dtype=torch.float64)
+    both = torch.tensor(
+        [0.0 if value is None else value, 1.0 if value is None else 0.0], device=device, dtype=torch.float64
+    )
     dist.all_reduce(both, op=dist.ReduceOp.SUM)
     return None if both[1].item() > 0 else both[0].item()
 
@@ -131,8 +153,12 @@ def any_rank(flag: bool, info: DistInfo) -> bool:
     return bool(value.item())
 
 
-def load_full_state(model: torch.nn.Module, optimizers: list[torch.optim.Optimizer], model_state: dict[str, Any] | None,
-                    optimizer_states: list[dict[str, Any]]) -> None:
+def load_full_state(
+    model: torch.nn.Module,
+    optimizers: list[torch.optim.Optimizer],
+    model_state: dict[str, Any] | None,
+    optimizer_states: list[dict[str, Any]],
+) -> None:
     """Load unsharded state (by parameter name) into a model, sharded or not, and its optimizers."""
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
@@ -173,12 +199,18 @@ def load_sharded(folder: str | Path, model: torch.nn.Module, optimizer: Any = No
     """Load a sharded checkpoint into a model sharded over any number of processes, or not sharded at all
     (torch.distributed.checkpoint reshards as it reads), and into its optimizer (None: the model only)."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict, set_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
 
     state: dict[str, Any] = {"model": get_model_state_dict(model), **_optimizer_state(model, optimizer)}
     with warnings.catch_warnings():  # in one process DCP says it reads "in a single process": that is the intent
         warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
-        dcp.load(state, checkpoint_id=str(folder))  # train checks first that the strategy wrote this optimizer's state (_resumed_memory)
+        dcp.load(
+            state, checkpoint_id=str(folder)
+        )  # train checks first that the strategy wrote this optimizer's state (_resumed_memory)
     set_model_state_dict(model, state["model"])
     if "lowmem" in state:
         optimizer.load_sharded_state(model, state["lowmem"])

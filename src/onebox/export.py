@@ -59,7 +59,9 @@ def hf_config(config: ModelConfig, dtype: str, eos: int | None) -> dict[str, Any
     }
 
 
-def hf_state_dict(model_state: dict[str, torch.Tensor], config: ModelConfig, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def hf_state_dict(
+    model_state: dict[str, torch.Tensor], config: ModelConfig, dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
     """onebox parameter names -> Hugging Face Llama names (a prefix; layouts are identical)."""
     out = {}
     for name, tensor in model_state.items():
@@ -69,8 +71,15 @@ def hf_state_dict(model_state: dict[str, torch.Tensor], config: ModelConfig, dty
 
 
 EXPORT_MANIFEST = "onebox-export.json"
-_EXPORT_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
-                 "special_tokens_map.json", EXPORT_MANIFEST)
+_EXPORT_FILES = (
+    "config.json",
+    "generation_config.json",
+    "model.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    EXPORT_MANIFEST,
+)
 
 
 def earlier_export_files(folder: Path) -> list[str] | None:
@@ -102,17 +111,30 @@ def export_target(out_dir: Path, force: bool, run_dir: Path | None = None) -> li
     if not out_dir.is_dir() or not any(out_dir.iterdir()):
         return []
     if (run_dir is not None and out_dir.resolve() == run_dir.resolve()) or list_checkpoints(out_dir):
-        raise OneboxError(f"{out_dir} is a run folder (it holds checkpoints): export into a new folder, e.g. {out_dir / 'hf'}.")
+        raise OneboxError(
+            f"{out_dir} is a run folder (it holds checkpoints): export into a new folder, e.g. {out_dir / 'hf'}."
+        )
     earlier = earlier_export_files(out_dir)
     if earlier is None:
-        raise OneboxError(f"{out_dir} is not empty and holds no earlier export: give a new or empty folder (nothing in it is overwritten).")
+        raise OneboxError(
+            f"{out_dir} is not empty and holds no earlier export: give a new or empty folder (nothing in it is overwritten)."
+        )
     if not force:
-        raise OneboxError(f"{out_dir} holds an earlier export: add --force to replace its files (other files there stay), or give a new folder.")
+        raise OneboxError(
+            f"{out_dir} holds an earlier export: add --force to replace its files (other files there stay), or give a new folder."
+        )
     return earlier
 
 
-def export_hf(model_state: dict[str, torch.Tensor], config: ModelConfig, tokenizer_json: str | None, out_dir: str | Path, dtype: str = "float32",
-              force: bool = False, run_dir: Path | None = None) -> Path:
+def export_hf(
+    model_state: dict[str, torch.Tensor],
+    config: ModelConfig,
+    tokenizer_json: str | None,
+    out_dir: str | Path,
+    dtype: str = "float32",
+    force: bool = False,
+    run_dir: Path | None = None,
+) -> Path:
     """Write config.json, model.safetensors, tokenizer files, generation_config.json and a manifest to out_dir.
 
     The files are written into a temporary folder beside out_dir and moved into place once complete
@@ -126,7 +148,11 @@ def export_hf(model_state: dict[str, torch.Tensor], config: ModelConfig, tokeniz
     config_json = hf_config(config, dtype, eos)
     staging = staging_folder(out_dir)
     try:
-        save_file(hf_state_dict(model_state, config, DTYPES[dtype]), str(staging / "model.safetensors"), metadata={"format": "pt"})
+        save_file(
+            hf_state_dict(model_state, config, DTYPES[dtype]),
+            str(staging / "model.safetensors"),
+            metadata={"format": "pt"},
+        )
         (staging / "config.json").write_text(json.dumps(config_json, indent=2))
         generation = {"bos_token_id": eos, "eos_token_id": eos, "do_sample": True, "temperature": 0.8, "top_k": 200}
         (staging / "generation_config.json").write_text(json.dumps(generation, indent=2))
@@ -134,12 +160,16 @@ def export_hf(model_state: dict[str, torch.Tensor], config: ModelConfig, tokeniz
             for name, text in hf_tokenizer_files(tokenizer, config.seq_len).items():
                 (staging / name).write_text(text)
         files = sorted(p.name for p in staging.iterdir())
-        (staging / EXPORT_MANIFEST).write_text(json.dumps({"format": "onebox-export-1", "onebox_version": __version__, "files": files}, indent=2))
+        (staging / EXPORT_MANIFEST).write_text(
+            json.dumps({"format": "onebox-export-1", "onebox_version": __version__, "files": files}, indent=2)
+        )
         publish_folder(staging, out_dir, replaced)
     except OSError as err:
         if is_disk_full(err):
-            raise OneboxError(f"the disk holding {out_dir.parent} is full: the export needs about {_state_bytes(model_state, DTYPES[dtype]) / 1e9:.2f} GB; "
-                              "free some space or export elsewhere. Nothing at the target was changed.") from None
+            raise OneboxError(
+                f"the disk holding {out_dir.parent} is full: the export needs about {_state_bytes(model_state, DTYPES[dtype]) / 1e9:.2f} GB; "
+                "free some space or export elsewhere. Nothing at the target was changed."
+            ) from None
         raise
     finally:
         if staging.exists():
@@ -160,11 +190,15 @@ _FOLDER_HINT = "give a Hugging Face Llama folder (config.json + model.safetensor
 def config_from_hf(hf: dict[str, Any], name: str = "hf") -> ModelConfig:
     """A ModelConfig from a Llama config.json, refusing features onebox does not implement."""
     if hf.get("model_type") != "llama":
-        raise OneboxError(f"only Llama models can be imported; this config.json has model_type {hf.get('model_type')!r}.")
+        raise OneboxError(
+            f"only Llama models can be imported; this config.json has model_type {hf.get('model_type')!r}."
+        )
     rope = hf.get("rope_parameters") or {}
     rope_type = rope.get("rope_type", "default") if isinstance(rope, dict) else "default"
     if hf.get("rope_scaling") or rope_type != "default":
-        raise OneboxError("this Llama uses RoPE scaling, which onebox does not implement: import a model with plain RoPE.")
+        raise OneboxError(
+            "this Llama uses RoPE scaling, which onebox does not implement: import a model with plain RoPE."
+        )
     if hf.get("attention_bias") or hf.get("mlp_bias"):
         raise OneboxError("this Llama has attention or MLP biases, which onebox's model does not have.")
     act = hf.get("hidden_act", "silu")
@@ -173,7 +207,9 @@ def config_from_hf(hf: dict[str, Any], name: str = "hf") -> ModelConfig:
     heads = hf["num_attention_heads"]
     head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
     if head_dim * heads != hf["hidden_size"]:
-        raise OneboxError(f"head_dim {head_dim} x heads {heads} differs from hidden_size {hf['hidden_size']}: not supported.")
+        raise OneboxError(
+            f"head_dim {head_dim} x heads {heads} differs from hidden_size {hf['hidden_size']}: not supported."
+        )
     return ModelConfig(
         name=name,
         vocab_size=hf["vocab_size"],
@@ -186,14 +222,22 @@ def config_from_hf(hf: dict[str, Any], name: str = "hf") -> ModelConfig:
         activation=_HF_TO_ACT[act],
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         norm_eps=hf.get("rms_norm_eps", 1e-5),
-        rope_base=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)) if isinstance(rope, dict) else hf.get("rope_theta", 10000.0)),
+        rope_base=float(
+            rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+            if isinstance(rope, dict)
+            else hf.get("rope_theta", 10000.0)
+        ),
         init_std=hf.get("initializer_range", 0.02),
     ).validate()
 
 
 def _load_safetensors(folder: Path) -> dict[str, torch.Tensor]:
     index = folder / "model.safetensors.index.json"
-    files = sorted(set(read_json(index, "weight index", _FOLDER_HINT)["weight_map"].values())) if index.is_file() else ["model.safetensors"]
+    files = (
+        sorted(set(read_json(index, "weight index", _FOLDER_HINT)["weight_map"].values()))
+        if index.is_file()
+        else ["model.safetensors"]
+    )
     tensors: dict[str, torch.Tensor] = {}
     for name in files:
         path = folder / name
@@ -210,7 +254,9 @@ def load_hf(folder: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor], s
     """(config, onebox state dict in fp32, tokenizer.json text or None) from a Llama folder."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise OneboxError(f"{folder} is not a folder: give a Hugging Face Llama folder written by `onebox export` or transformers.")
+        raise OneboxError(
+            f"{folder} is not a folder: give a Hugging Face Llama folder written by `onebox export` or transformers."
+        )
     config = config_from_hf(read_json(folder / "config.json", "model config", _FOLDER_HINT), name=folder.name)
     tensors = _load_safetensors(folder)
     state = {}
@@ -240,8 +286,12 @@ def model_from_hf(folder: str | Path, device: torch.device | str = "cpu") -> tup
     return model_from_state(config, state, device), tokenizer
 
 
-def model_from_state(config: ModelConfig, state: dict[str, torch.Tensor], device: torch.device | str = "cpu",
-                     dtype: torch.dtype = torch.float32) -> Transformer:
+def model_from_state(
+    config: ModelConfig,
+    state: dict[str, torch.Tensor],
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> Transformer:
     """Build a Transformer on `device` in `dtype` straight from a state dict (no random init, no double memory)."""
     with torch.device("meta"):
         model = Transformer(config)

@@ -86,7 +86,9 @@ def publish_folder(staging: Path, target: Path, replace: Iterable[str] = ()) -> 
     clashes = [name for name in names if (target / name).exists() and name not in own]
     if clashes:
         shutil.rmtree(staging, ignore_errors=True)
-        raise OneboxError(f"{target} already holds {', '.join(clashes[:3])}, which onebox did not write there: choose an empty or new folder.")
+        raise OneboxError(
+            f"{target} already holds {', '.join(clashes[:3])}, which onebox did not write there: choose an empty or new folder."
+        )
     for name in names:
         os.replace(staging / name, target / name)
     for name in own - set(names):

@@ -31,7 +31,16 @@ def torchrun_command(processes: int, argv: list[str]) -> list[str]:
             skip = True
         elif not item.startswith("--gpus="):
             rest.append(item)
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}", "-m", "onebox.cli", *rest]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={processes}",
+        "-m",
+        "onebox.cli",
+        *rest,
+    ]
 
 
 def launch(processes: int, argv: list[str]) -> int:
@@ -40,15 +49,19 @@ def launch(processes: int, argv: list[str]) -> int:
 
     cpu = any(a == "--device=cpu" for a in argv) or any(a == "--device" and b == "cpu" for a, b in zip(argv, argv[1:]))
     if not cpu and torch.cuda.device_count() < processes:
-        raise OneboxError(f"--gpus {processes} asks for more GPUs than this machine has ({torch.cuda.device_count()}); "
-                          f"use --gpus {max(1, torch.cuda.device_count())}, or --device cpu for CPU processes.")
+        raise OneboxError(
+            f"--gpus {processes} asks for more GPUs than this machine has ({torch.cuda.device_count()}); "
+            f"use --gpus {max(1, torch.cuda.device_count())}, or --device cpu for CPU processes."
+        )
     env = {**os.environ, **SAFE_ENVIRONMENT}
     done = subprocess.run(torchrun_command(processes, argv), env=env, stderr=subprocess.PIPE, text=True)
     sys.stderr.write(done.stderr)
     if done.returncode == 0:
         return 0
-    sys.stderr.write(f"error: the {processes}-process job stopped: {failure_summary(done.stderr, done.returncode)}; every rank was stopped. "
-                     f"Its own error is printed above.\n")
+    sys.stderr.write(
+        f"error: the {processes}-process job stopped: {failure_summary(done.stderr, done.returncode)}; every rank was stopped. "
+        f"Its own error is printed above.\n"
+    )
     return 1
 
 
@@ -56,4 +69,8 @@ def failure_summary(stderr: str, returncode: int) -> str:
     """Which rank failed first, from torchrun's report ("Root Cause (first observed failure)")."""
     root = stderr.split("Root Cause", 1)[-1]
     first = re.search(r"rank\s*:\s*(\d+).*?exitcode\s*:\s*(-?\d+)", root, re.S)
-    return f"rank {first.group(1)} failed first (exit code {first.group(2)})" if first else f"torchrun exited with {returncode}"
+    return (
+        f"rank {first.group(1)} failed first (exit code {first.group(2)})"
+        if first
+        else f"torchrun exited with {returncode}"
+    )

@@ -90,7 +90,9 @@ class Int8State:
         scaled = flat / scale[:, None] * self.levels
         q = torch.floor(scaled + torch.rand_like(scaled)).clamp(-self.levels if self.signed else 0.0, self.levels)
         if not self.signed:  # a second moment rounded to 0 beside a first moment that is not would divide by eps:
-            q = torch.where(scaled > 0, q.clamp_min(1.0), q)  # the smallest entries keep one level (a smaller step, never a huge one)
+            q = torch.where(
+                scaled > 0, q.clamp_min(1.0), q
+            )  # the smallest entries keep one level (a smaller step, never a huge one)
         self.q.copy_(q.to(self.q.dtype).view(-1), non_blocking=True)
         self.scale.copy_(scale, non_blocking=True)
 
@@ -120,7 +122,14 @@ def _like_param(p: Tensor, local: Tensor, shape: torch.Size) -> Tensor:
     """`local` (this process's rows of a tensor of `shape`) sharded like parameter `p`: a DTensor when p is one."""
     if not isinstance(p, DTensor):
         return local
-    return DTensor.from_local(local, p.device_mesh, p.placements, run_check=False, shape=shape, stride=torch.empty(shape, device="meta").stride())
+    return DTensor.from_local(
+        local,
+        p.device_mesh,
+        p.placements,
+        run_check=False,
+        shape=shape,
+        stride=torch.empty(shape, device="meta").stride(),
+    )
 
 
 def _load(state: Tensor | Int8State, device: torch.device) -> Tensor:
@@ -143,11 +152,19 @@ def _store(target: Tensor | Int8State, value: Tensor) -> None:
 class LowMemAdamW:
     """AdamW over a model's parameters with the OptimizerSet interface (step, zero_grad, lr factor, state)."""
 
-    def __init__(self, model: nn.Module, config: TrainConfig, state_dtype: torch.dtype | str = torch.bfloat16, offload_state: bool = False,
-                 in_backward: bool = True) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        config: TrainConfig,
+        state_dtype: torch.dtype | str = torch.bfloat16,
+        offload_state: bool = False,
+        in_backward: bool = True,
+    ) -> None:
         if in_backward and config.grad_accum > 1:
-            raise OneboxError("the update inside backward needs --grad-accum 1 (each backward would update the weights); "
-                              "raise --batch-size instead, or pick a memory strategy that steps after backward.")
+            raise OneboxError(
+                "the update inside backward needs --grad-accum 1 (each backward would update the weights); "
+                "raise --batch-size instead, or pick a memory strategy that steps after backward."
+            )
         self.betas, self.eps = (config.beta1, config.beta2), config.eps
         self.max_grad_norm = config.grad_clip
         self.param_groups = param_groups(model, config)
@@ -184,7 +201,9 @@ class LowMemAdamW:
 
     def _new_state(self, p: Tensor, dtype: torch.dtype | str, key: str) -> Tensor | Int8State:
         p = _local(p)
-        if p.dtype == torch.float32 and p.ndim < 2:  # fp32 vectors (keep_vectors_fp32): fp32 moments beside them, a few KB
+        if (
+            p.dtype == torch.float32 and p.ndim < 2
+        ):  # fp32 vectors (keep_vectors_fp32): fp32 moments beside them, a few KB
             return torch.zeros_like(p)
         pin = self.offload and p.device.type == "cuda"
         if dtype == "int8":
@@ -237,7 +256,9 @@ class LowMemAdamW:
                 self._square_sum += _local(p.grad).float().square().sum()
         if self._sharded:  # the global norm: every process's shards (the hooks' estimates stay per process)
             dist.all_reduce(self._square_sum)
-        if replicated:  # parameters FSDP2 leaves whole on every process (the norm scales): their mean gradient, counted once
+        if (
+            replicated
+        ):  # parameters FSDP2 leaves whole on every process (the norm scales): their mean gradient, counted once
             grads = torch.cat([p.grad.float().flatten() for p in replicated])
             dist.all_reduce(grads)
             grads /= dist.get_world_size()
@@ -273,17 +294,28 @@ class LowMemAdamW:
         order = [p for group in self.param_groups for p in group["params"]]
         if self._square_sum.is_cuda:  # moments in pinned host memory may still be arriving from the GPU
             torch.cuda.synchronize(self._square_sum.device)
-        return {"steps": self.steps, "scale_up": self._scale_up.cpu(), "measured": self._measured, "state": [{k: v.state() if isinstance(v, Int8State) else v.cpu() for k, v in self.state[p].items()} for p in order]}
+        return {
+            "steps": self.steps,
+            "scale_up": self._scale_up.cpu(),
+            "measured": self._measured,
+            "state": [
+                {k: v.state() if isinstance(v, Int8State) else v.cpu() for k, v in self.state[p].items()} for p in order
+            ],
+        }
 
     def load_state_dict(self, payload: dict[str, Any]) -> None:
         order = [p for group in self.param_groups for p in group["params"]]
         if not isinstance(payload, dict) or len(payload.get("state", [])) != len(order):
-            raise OneboxError("the checkpoint's optimizer state does not match this run's: resume with the same --memory strategy.")
+            raise OneboxError(
+                "the checkpoint's optimizer state does not match this run's: resume with the same --memory strategy."
+            )
         for p, saved in zip(order, payload["state"]):
             for key, value in saved.items():
                 target = self.state[p][key]
                 if isinstance(target, Int8State) != isinstance(value, dict):
-                    raise OneboxError("the checkpoint's optimizer moments are stored differently (8-bit or not): resume with the same --memory strategy.")
+                    raise OneboxError(
+                        "the checkpoint's optimizer moments are stored differently (8-bit or not): resume with the same --memory strategy."
+                    )
                 if isinstance(target, Int8State):
                     target.load_state(value)
                 else:
@@ -334,7 +366,9 @@ class LowMemAdamW:
         if isinstance(value, Int8State):
             if p.ndim == 2 and p.shape[1] % Int8State.BLOCK == 0:
                 rows, blocks = local.shape[0], p.shape[1] // Int8State.BLOCK
-                return [(".q", value.q.view(rows, p.shape[1]), p.shape), (".scale", value.scale.view(rows, blocks), torch.Size((p.shape[0], blocks)))]
+                return [
+                    (".q", value.q.view(rows, p.shape[1]), p.shape),
+                    (".scale", value.scale.view(rows, blocks), torch.Size((p.shape[0], blocks))),
+                ]
             return [("", value.load(local.device), p.shape)]
         return [("", value, p.shape)]
-

@@ -49,7 +49,12 @@ def activation_bytes_per_token(config: ModelConfig, mixed: bool, compiled: bool)
 
 
 def estimate_training_memory(
-    config: ModelConfig, batch: int, mixed: bool = True, optimizer: str = "adamw", activation_checkpointing: bool = False, compiled: bool = True
+    config: ModelConfig,
+    batch: int,
+    mixed: bool = True,
+    optimizer: str = "adamw",
+    activation_checkpointing: bool = False,
+    compiled: bool = True,
 ) -> MemoryEstimate:
     """Predicted peak memory of one training step with fp32 master weights."""
     params = config.num_params()
@@ -63,7 +68,9 @@ def estimate_training_memory(
     return MemoryEstimate(4 * params, 4 * params, optimizer_bytes, batch * config.seq_len * per_token, low)
 
 
-def out_of_memory_message(config: ModelConfig, batch: int, mixed: bool, optimizer: str, activation_checkpointing: bool, where: str) -> str:
+def out_of_memory_message(
+    config: ModelConfig, batch: int, mixed: bool, optimizer: str, activation_checkpointing: bool, where: str
+) -> str:
     """The one-paragraph error for an out-of-memory failure: the estimate and what reduces it."""
     estimate = estimate_training_memory(config, batch, mixed, optimizer, activation_checkpointing)
     gb = 1e9

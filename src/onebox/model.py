@@ -55,16 +55,28 @@ class RMSNorm(nn.Module):
 class KVCache(nn.Module):
     """Static key/value buffers for one layer: (batch, kv_heads, max_seq, head_dim)."""
 
-    def __init__(self, batch: int, kv_heads: int, max_seq: int, head_dim: int, dtype: torch.dtype, device: torch.device | str,
-                 heads: int | None = None) -> None:
+    def __init__(
+        self,
+        batch: int,
+        kv_heads: int,
+        max_seq: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+        heads: int | None = None,
+    ) -> None:
         super().__init__()
         shape = (batch, kv_heads, max_seq, head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         # one counter per (row, query head) for the decode attention kernel (infer/kernels.py): its chunks' programs take a
         # ticket each and the last one merges their results; it leaves the counters at zero for the next step
-        self.register_buffer("counts", torch.zeros(batch, heads or kv_heads, dtype=torch.int32, device=device), persistent=False)
-        self.window: int | None = None  # when set, attention reads only the first `window` positions (all writes land below it)
+        self.register_buffer(
+            "counts", torch.zeros(batch, heads or kv_heads, dtype=torch.int32, device=device), persistent=False
+        )
+        self.window: int | None = (
+            None  # when set, attention reads only the first `window` positions (all writes land below it)
+        )
 
     def update(self, input_pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Write k, v (B, kv_heads, T, head_dim) at positions input_pos ((T,), or (B, T) per row); return the whole cache."""
@@ -117,11 +129,21 @@ def cached_attention(q: Tensor, k: Tensor, v: Tensor, input_pos: Tensor) -> Tens
     mask = torch.arange(k.shape[2], device=q.device) <= input_pos[..., None]  # (T, S), or (B, T, S) per row
     if mask.dim() == 3:
         mask = mask[:, None]
-    return F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, enable_gqa=k.shape[1] != q.shape[1])
+    return F.scaled_dot_product_attention(
+        q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, enable_gqa=k.shape[1] != q.shape[1]
+    )
 
 
-def rope_cached_attention(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | KVRows, input_pos: Tensor,
-                          attend: Callable[..., Tensor] = cached_attention) -> Tensor:
+def rope_cached_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    cache: KVCache | KVRows,
+    input_pos: Tensor,
+    attend: Callable[..., Tensor] = cached_attention,
+) -> Tensor:
     """Attention with a cache: q and k (B, H or KV, T, D) rotated, k and v written into the cache at
     input_pos, then `attend` over the cache (the reference of infer.kernels.rope_decode_attention)."""
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -144,7 +166,14 @@ class Attention(nn.Module):
         self.attend = cached_attention  # attention over a KV cache (swapped the same way)
         self.cached = rope_cached_attention  # RoPE, the cache write and `attend` (swapped the same way)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | KVRows | None = None, input_pos: Tensor | None = None) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        cache: KVCache | KVRows | None = None,
+        input_pos: Tensor | None = None,
+    ) -> Tensor:
         batch, seq, dim = x.shape
         if self.qkv_weight is None:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
@@ -173,7 +202,9 @@ class FeedForward(nn.Module):
         self.down_proj = nn.Linear(config.hidden, config.dim, bias=False)
         self.register_buffer("gate_up_weight", None, persistent=False)  # set by fuse_projections (inference)
         self.project = F.linear  # as in Attention
-        self.gated_down: Callable[[Tensor, nn.Linear], Tensor] | None = None  # (gate|up, down_proj) -> output, for decode (infer.kernels)
+        self.gated_down: Callable[[Tensor, nn.Linear], Tensor] | None = (
+            None  # (gate|up, down_proj) -> output, for decode (infer.kernels)
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         if self.gate_up_weight is None:
@@ -197,7 +228,14 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.dim, config.norm_eps)
         self.mlp = FeedForward(config)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | KVRows | None = None, input_pos: Tensor | None = None) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        cache: KVCache | KVRows | None = None,
+        input_pos: Tensor | None = None,
+    ) -> Tensor:
         h = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, input_pos)
         return h + self.mlp(self.post_attention_layernorm(h))
 
@@ -235,10 +273,16 @@ class Transformer(nn.Module):
     @torch.no_grad()
     def init_parameter(self, name: str, param: Tensor) -> None:
         """Initialise one parameter (by its name in this model) in place; see init_weights."""
-        if isinstance(param, DTensor):  # a shard under FSDP2: the whole parameter drawn as one process draws it, this process's part kept
-            full = torch.empty(param.shape, dtype=torch.float32, device=param.to_local().device)  # one parameter at a time
+        if isinstance(
+            param, DTensor
+        ):  # a shard under FSDP2: the whole parameter drawn as one process draws it, this process's part kept
+            full = torch.empty(
+                param.shape, dtype=torch.float32, device=param.to_local().device
+            )  # one parameter at a time
             self.init_parameter(name, full)
-            param.to_local().copy_(distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None).to_local())
+            param.to_local().copy_(
+                distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None).to_local()
+            )
             return
         std = self.config.init_std
         if name.endswith("layernorm.weight") or name == "norm.weight":
@@ -255,9 +299,13 @@ class Transformer(nn.Module):
     def reset_rope(self) -> None:
         """Recompute the rotary tables in place (needed after to_empty, e.g. from the meta device)."""
         if self.rope_cos.device.type != "meta":  # always fp32, even in a model cast to bf16
-            self.rope_cos, self.rope_sin = rope_tables(self.config.seq_len, self.config.head_dim, self.config.rope_base, self.rope_cos.device)
+            self.rope_cos, self.rope_sin = rope_tables(
+                self.config.seq_len, self.config.head_dim, self.config.rope_base, self.rope_cos.device
+            )
 
-    def hidden_states(self, idx: Tensor, input_pos: Tensor | None = None, caches: Sequence[KVCache | KVRows] | None = None) -> Tensor:
+    def hidden_states(
+        self, idx: Tensor, input_pos: Tensor | None = None, caches: Sequence[KVCache | KVRows] | None = None
+    ) -> Tensor:
         """Final normed hidden states (B, T, dim). With caches, input_pos (T,) gives the positions."""
         if caches is None:
             seq = idx.shape[1]
@@ -279,15 +327,24 @@ class Transformer(nn.Module):
         cap = self.config.logit_softcap
         return cap * torch.tanh(out / cap) if cap > 0 else out
 
-    def forward(self, idx: Tensor, input_pos: Tensor | None = None, caches: Sequence[KVCache | KVRows] | None = None) -> Tensor:
+    def forward(
+        self, idx: Tensor, input_pos: Tensor | None = None, caches: Sequence[KVCache | KVRows] | None = None
+    ) -> Tensor:
         return self.logits(self.hidden_states(idx, input_pos, caches))
 
     def new_kv_caches(self, batch: int, max_seq: int | None = None, dtype: torch.dtype | None = None) -> list[KVCache]:
         """One static KV cache per layer on the model's device."""
         weight = self.embed_tokens.weight
         return [
-            KVCache(batch, self.config.kv_heads, max_seq or self.config.seq_len, self.config.head_dim, dtype or weight.dtype, weight.device,
-                    heads=self.config.heads)
+            KVCache(
+                batch,
+                self.config.kv_heads,
+                max_seq or self.config.seq_len,
+                self.config.head_dim,
+                dtype or weight.dtype,
+                weight.device,
+                heads=self.config.heads,
+            )
             for _ in self.layers
         ]
 
@@ -315,7 +372,9 @@ def fuse_projections(model: Transformer) -> Transformer:
         if attn.qkv_weight is None:
             attn.qkv_weight = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])
             dim, kv_dim = attn.q_proj.weight.shape[0], attn.k_proj.weight.shape[0]
-            attn.q_proj.weight.data, attn.k_proj.weight.data, attn.v_proj.weight.data = attn.qkv_weight.split([dim, kv_dim, kv_dim])
+            attn.q_proj.weight.data, attn.k_proj.weight.data, attn.v_proj.weight.data = attn.qkv_weight.split(
+                [dim, kv_dim, kv_dim]
+            )
         if mlp.gate_up_weight is None:
             mlp.gate_up_weight = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])
             mlp.gate_proj.weight.data, mlp.up_proj.weight.data = mlp.gate_up_weight.chunk(2)

@@ -61,10 +61,15 @@ class OptimizerSet:
             grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
             coefficient = torch.clamp(max_grad_norm / (torch.nn.utils.get_total_norm(grads) + 1e-6), max=1.0)
             for opt in self.optimizers:
-                if getattr(opt, "takes_grad_scale", False) or (opt.defaults.get("fused") and getattr(opt, "_step_supports_amp_scaling", False)):
+                if getattr(opt, "takes_grad_scale", False) or (
+                    opt.defaults.get("fused") and getattr(opt, "_step_supports_amp_scaling", False)
+                ):
                     opt.grad_scale = 1.0 / coefficient
                 else:
-                    torch._foreach_mul_([p.grad for group in opt.param_groups for p in group["params"] if p.grad is not None], coefficient)
+                    torch._foreach_mul_(
+                        [p.grad for group in opt.param_groups for p in group["params"] if p.grad is not None],
+                        coefficient,
+                    )
         for opt in self.optimizers:
             opt.step()
             opt.grad_scale = None
@@ -86,8 +91,11 @@ class OptimizerSet:
 def param_groups(model: nn.Module, config: TrainConfig) -> list[dict[str, Any]]:
     """AdamW's groups: hidden matrices with weight decay, embeddings at lr x embed_lr_mult, vectors (no decay)."""
     hidden, embedding, vectors = _split_parameters(model)
-    groups = [_group(hidden, config.lr, config.weight_decay, "matrix"), _group(embedding, config.lr * config.embed_lr_mult, 0.0, "embedding"),
-              _group(vectors, config.lr, 0.0, "vector")]
+    groups = [
+        _group(hidden, config.lr, config.weight_decay, "matrix"),
+        _group(embedding, config.lr * config.embed_lr_mult, 0.0, "embedding"),
+        _group(vectors, config.lr, 0.0, "vector"),
+    ]
     return [g for g in groups if g["params"]]
 
 
@@ -100,7 +108,9 @@ def build_optimizer(model: nn.Module, config: TrainConfig) -> OptimizerSet:
     rest = [g for g in param_groups(model, config) if g["kind"] != "matrix"]
     muon_class = getattr(torch.optim, "Muon", None)
     if muon_class is None:
-        raise OneboxError(f"Muon needs torch >= 2.9 (torch.optim.Muon); this is torch {torch.__version__}. Use --optimizer adamw or upgrade torch.")
+        raise OneboxError(
+            f"Muon needs torch >= 2.9 (torch.optim.Muon); this is torch {torch.__version__}. Use --optimizer adamw or upgrade torch."
+        )
     muon = muon_class(
         [_group(hidden, config.muon_lr, config.weight_decay, "muon")],
         lr=config.muon_lr,

@@ -26,7 +26,9 @@ from onebox.model import Transformer, build_model
 from onebox.optim import build_optimizer
 from onebox.transforms import compile_scope, prepare_training
 
-GPU_HEADROOM = 0.92  # of the card's memory: the allocator's fragmentation and the CUDA context (5b-A peaked at 94% of an H100)
+GPU_HEADROOM = (
+    0.92  # of the card's memory: the allocator's fragmentation and the CUDA context (5b-A peaked at 94% of an H100)
+)
 HOST_HEADROOM = 0.8  # of host RAM: pinned pages, the process itself, the data loader
 
 
@@ -44,12 +46,34 @@ class Strategy:
 
 
 STRATEGIES = (
-    Strategy("standard", False, False, False, False, "fp32 master weights, bf16 autocast, fused AdamW (Triton on CUDA), all activations kept"),
+    Strategy(
+        "standard",
+        False,
+        False,
+        False,
+        False,
+        "fp32 master weights, bf16 autocast, fused AdamW (Triton on CUDA), all activations kept",
+    ),
     Strategy("checkpointed", False, False, False, True, "standard + activation checkpointing"),
     Strategy("bf16", True, False, True, False, "bf16 weights (stochastic rounding) and moments, update in backward"),
     Strategy("bf16-checkpointed", True, False, True, True, "bf16 + activation checkpointing"),
-    Strategy("offload", True, True, True, True, "bf16 + moments in pinned host memory streamed through the GPU + checkpointing"),
-    Strategy("offload-int8", True, True, True, True, "offload with 8-bit moments (blockwise scales): half the host memory", int8_moments=True),
+    Strategy(
+        "offload",
+        True,
+        True,
+        True,
+        True,
+        "bf16 + moments in pinned host memory streamed through the GPU + checkpointing",
+    ),
+    Strategy(
+        "offload-int8",
+        True,
+        True,
+        True,
+        True,
+        "offload with 8-bit moments (blockwise scales): half the host memory",
+        int8_moments=True,
+    ),
 )
 STRATEGY_NAMES = tuple(s.name for s in STRATEGIES)
 
@@ -59,7 +83,9 @@ def strategy(name: str) -> Strategy:
     for candidate in STRATEGIES:
         if candidate.name == name:
             return candidate
-    raise OneboxError(f"unknown memory strategy {name!r}: use auto or one of {', '.join(STRATEGY_NAMES)} (see `onebox plan`).")
+    raise OneboxError(
+        f"unknown memory strategy {name!r}: use auto or one of {', '.join(STRATEGY_NAMES)} (see `onebox plan`)."
+    )
 
 
 @dataclass
@@ -75,7 +101,9 @@ class Prediction:
     gradients: int
 
 
-def predict(config: ModelConfig, batch: int, chosen: Strategy, compiled: bool = True, mixed: bool = True, shards: int = 1) -> Prediction:
+def predict(
+    config: ModelConfig, batch: int, chosen: Strategy, compiled: bool = True, mixed: bool = True, shards: int = 1
+) -> Prediction:
     """Predicted peak memory per device of one training step with AdamW under `chosen` (mixed: bf16
     autocast, as on a GPU). shards > 1: FSDP2 over that many processes, which divides weights,
     gradients and moments, while bf16 copies exist for two blocks at a time (one computing, one gathered ahead)."""
@@ -83,14 +111,27 @@ def predict(config: ModelConfig, batch: int, chosen: Strategy, compiled: bool = 
         e = estimate_training_memory(config, batch, mixed, "adamw", chosen.checkpointing, compiled)
         if shards > 1:
             blocks = 2 * 2 * (config.num_params() - config.vocab_size * config.dim) // config.layers if mixed else 0
-            e = dataclasses.replace(e, weights=e.weights // shards, gradients=e.gradients // shards, optimizer=e.optimizer // shards,
-                                    low_precision_weights=min(e.low_precision_weights, blocks))
-        return Prediction(chosen, e.total, 0, e.weights + e.low_precision_weights, e.optimizer, e.activations, e.gradients)
+            e = dataclasses.replace(
+                e,
+                weights=e.weights // shards,
+                gradients=e.gradients // shards,
+                optimizer=e.optimizer // shards,
+                low_precision_weights=min(e.low_precision_weights, blocks),
+            )
+        return Prediction(
+            chosen, e.total, 0, e.weights + e.low_precision_weights, e.optimizer, e.activations, e.gradients
+        )
     params = config.num_params()
-    layer, loss = activation_bytes_per_token(config, True, compiled)  # bf16 weights: bf16 activations wherever the model runs
-    per_token = (4 * config.dim * config.layers + layer + loss) if chosen.checkpointing else config.layers * layer + loss
+    layer, loss = activation_bytes_per_token(
+        config, True, compiled
+    )  # bf16 weights: bf16 activations wherever the model runs
+    per_token = (
+        (4 * config.dim * config.layers + layer + loss) if chosen.checkpointing else config.layers * layer + loss
+    )
     activations = batch * config.seq_len * per_token
-    moments = 2 * params + 8 * -(-params // 256) if chosen.int8_moments else 4 * params  # two 8-bit (+ fp32 scale per 256) or bf16 moments
+    moments = (
+        2 * params + 8 * -(-params // 256) if chosen.int8_moments else 4 * params
+    )  # two 8-bit (+ fp32 scale per 256) or bf16 moments
     largest = max(config.dim * config.hidden, config.dim * config.dim, config.vocab_size * config.dim)
     # Gradients alive at once: the embedding and output layer (stepped after backward) and one block
     # parameter in its hook, plus that update's fp32 temporaries (gradient, two moments, weights, denominator).
@@ -101,9 +142,19 @@ def predict(config: ModelConfig, batch: int, chosen: Strategy, compiled: bool = 
         block = (params - config.vocab_size * config.dim) // config.layers
         weights = weights // shards + 2 * 2 * block
         moments = moments // shards
-        gradients = gradients // shards + block * (2 + 4 + 4 // shards)  # bf16 gradients, their fp32 copy reduced, the output
+        gradients = gradients // shards + block * (
+            2 + 4 + 4 // shards
+        )  # bf16 gradients, their fp32 copy reduced, the output
     on_gpu = 0 if chosen.state_on_host else moments
-    return Prediction(chosen, weights + on_gpu + activations + gradients, moments if chosen.state_on_host else 0, weights, moments, activations, gradients)
+    return Prediction(
+        chosen,
+        weights + on_gpu + activations + gradients,
+        moments if chosen.state_on_host else 0,
+        weights,
+        moments,
+        activations,
+        gradients,
+    )
 
 
 @dataclass
@@ -141,17 +192,36 @@ def candidates(machine: MachineMemory, optimizer: str = "adamw", grad_accum: int
     return allowed
 
 
-def plan(config: ModelConfig, batch: int, machine: MachineMemory, compiled: bool = True, optimizer: str = "adamw",
-         grad_accum: int = 1, mixed: bool = True, shards: int = 1) -> tuple[Strategy | None, list[Prediction]]:
+def plan(
+    config: ModelConfig,
+    batch: int,
+    machine: MachineMemory,
+    compiled: bool = True,
+    optimizer: str = "adamw",
+    grad_accum: int = 1,
+    mixed: bool = True,
+    shards: int = 1,
+) -> tuple[Strategy | None, list[Prediction]]:
     """Every usable strategy's prediction (per process, over `shards` FSDP2 processes on this machine),
     and the first (fastest) one that fits, or None."""
-    predictions = [predict(config, batch, s, compiled, mixed, shards) for s in candidates(machine, optimizer, grad_accum)]
+    predictions = [
+        predict(config, batch, s, compiled, mixed, shards) for s in candidates(machine, optimizer, grad_accum)
+    ]
     chosen = next((p.strategy for p in predictions if fits(p, machine, shards)), None)
     return chosen, predictions
 
 
-def resolve_strategy(setting: str, config: ModelConfig, batch: int, device: torch.device, optimizer: str = "adamw", grad_accum: int = 1,
-                     compiled: bool = True, mixed: bool = True, shards: int = 1) -> Strategy:
+def resolve_strategy(
+    setting: str,
+    config: ModelConfig,
+    batch: int,
+    device: torch.device,
+    optimizer: str = "adamw",
+    grad_accum: int = 1,
+    compiled: bool = True,
+    mixed: bool = True,
+    shards: int = 1,
+) -> Strategy:
     """The strategy a run uses: the named one, or (auto) the planner's choice on this machine for
     `shards` FSDP2 processes."""
     machine = machine_memory(device)
@@ -178,8 +248,16 @@ def sharded_strategy(setting: str) -> Strategy:
     return strategy("standard" if setting == "auto" else setting)
 
 
-def build_sharded_for_training(config: ModelConfig, train: TrainConfig, chosen: Strategy, device: torch.device, world: int,
-                               checkpointing: bool | None = None, reshard: bool | None = None, **shard_options: Any) -> tuple[Transformer, Any, Any, bool]:
+def build_sharded_for_training(
+    config: ModelConfig,
+    train: TrainConfig,
+    chosen: Strategy,
+    device: torch.device,
+    world: int,
+    checkpointing: bool | None = None,
+    reshard: bool | None = None,
+    **shard_options: Any,
+) -> tuple[Transformer, Any, Any, bool]:
     """A model sharded over `world` FSDP2 processes, as `onebox train` under torchrun, `bench validate
     --gpus` and `bench ceiling --gpus` build it: on the meta device, the strategy's dtypes, the transforms
     (fp8, checkpointing, compile: torchtitan's order), FSDP2, and only then memory for this process's
@@ -192,9 +270,13 @@ def build_sharded_for_training(config: ModelConfig, train: TrainConfig, chosen: 
         keep_vectors_fp32(model.to(torch.bfloat16))
     mixed = autocast_dtype(device, train.precision) is not None
     compiled = compile_scope(train.compile, device) is not None
-    loss = prepare_training(model, device, train.precision, train.compile, chosen.checkpointing if checkpointing is None else checkpointing)
+    loss = prepare_training(
+        model, device, train.precision, train.compile, chosen.checkpointing if checkpointing is None else checkpointing
+    )
     if reshard is None:
-        reshard = reshard_after_forward(config, train.batch_size, chosen, machine_memory(device), world, compiled, mixed)
+        reshard = reshard_after_forward(
+            config, train.batch_size, chosen, machine_memory(device), world, compiled, mixed
+        )
     if not shard_options.get("prefetch"):
         shard_options.setdefault("group", units_of(reshard))
     shard_model(model, mixed, reshard_after_forward=reshard, replicate_vectors=chosen.bf16_weights, **shard_options)
@@ -222,8 +304,15 @@ def units_of(reshard: bool) -> int:
     return 1 if reshard else 2
 
 
-def reshard_after_forward(config: ModelConfig, batch: int, chosen: Strategy, machine: MachineMemory, shards: int, compiled: bool = True,
-                          mixed: bool = True) -> bool:
+def reshard_after_forward(
+    config: ModelConfig,
+    batch: int,
+    chosen: Strategy,
+    machine: MachineMemory,
+    shards: int,
+    compiled: bool = True,
+    mixed: bool = True,
+) -> bool:
     """Whether FSDP2 should free each block's gathered weights after forward and gather them again in
     backward (the lean choice), rather than keep them until backward: kept when every block's gathered
     copy fits beside the sharded prediction, which saves one all-gather of the model per step (3b-A on
@@ -235,8 +324,13 @@ def reshard_after_forward(config: ModelConfig, batch: int, chosen: Strategy, mac
     return prediction.gpu + gathered > GPU_HEADROOM * machine.gpu
 
 
-def build_for_training(config: ModelConfig, train: TrainConfig, chosen: Strategy, device: torch.device,
-                       state: dict[str, torch.Tensor] | None = None) -> tuple[Transformer, Any]:
+def build_for_training(
+    config: ModelConfig,
+    train: TrainConfig,
+    chosen: Strategy,
+    device: torch.device,
+    state: dict[str, torch.Tensor] | None = None,
+) -> tuple[Transformer, Any]:
     """The model (fresh, or from `state`) in the strategy's weight dtype on `device`, and its optimizer.
 
     Activation checkpointing and compile are applied by transforms.prepare_training afterwards.

@@ -43,7 +43,11 @@ def check_resume_target(payload: dict[str, Any], out_dir: Path, say: Say) -> Non
             )
     same = out_dir.resolve() == source.parent.resolve()
     if same:
-        later = [checkpoint_step(p) for p in list_checkpoints(out_dir) if checkpoint_step(p) > step and p.resolve() != source.resolve()]
+        later = [
+            checkpoint_step(p)
+            for p in list_checkpoints(out_dir)
+            if checkpoint_step(p) > step and p.resolve() != source.resolve()
+        ]
         if later:
             raise OneboxError(
                 f"{source} is step {step}, but {out_dir} also holds later checkpoints of its run (step{'s' if len(later) > 1 else ''} "
@@ -51,11 +55,15 @@ def check_resume_target(payload: dict[str, Any], out_dir: Path, say: Say) -> Non
                 f"to continue from step {step} instead, fork into a new folder with --out-dir NEW_FOLDER, or move the later checkpoints aside."
             )
     elif list_checkpoints(out_dir):
-        raise OneboxError(f"{out_dir} already holds the checkpoints of another run: fork from {source} into a new or empty folder (--out-dir).")
+        raise OneboxError(
+            f"{out_dir} already holds the checkpoints of another run: fork from {source} into a new or empty folder (--out-dir)."
+        )
     written = payload.get("train_config", {}).get("out_dir") or "?"
     where = "" if same else f", writing to {out_dir} (a fork: {source.parent} is left as it is)"
-    say(f"resuming {model.name} ({model.shape()}, {model.num_params() / 1e6:.2f}M params) at step {step} from {source} "
-        f"(a run written in {written}){where}")
+    say(
+        f"resuming {model.name} ({model.shape()}, {model.num_params() / 1e6:.2f}M params) at step {step} from {source} "
+        f"(a run written in {written}){where}"
+    )
 
 
 def remove_stale_temp_files(out_dir: Path, say: Say) -> None:
@@ -63,7 +71,9 @@ def remove_stale_temp_files(out_dir: Path, say: Say) -> None:
     if not out_dir.is_dir():
         return
     for stale in sorted(out_dir.glob(".ckpt_*.tmp")):
-        size = stale.stat().st_size if stale.is_file() else sum(p.stat().st_size for p in stale.rglob("*") if p.is_file())
+        size = (
+            stale.stat().st_size if stale.is_file() else sum(p.stat().st_size for p in stale.rglob("*") if p.is_file())
+        )
         if stale.is_dir():
             shutil.rmtree(stale, ignore_errors=True)
         else:
@@ -94,16 +104,22 @@ def schedule_note(saved: TrainConfig, now: TrainConfig, step: int) -> str | None
     if all(getattr(saved, k) == getattr(now, k) for k in keys):
         return None
     before, after = saved.lr * lr_factor(step, saved), now.lr * lr_factor(step, now)
-    changed = ", ".join(f"{k} {getattr(saved, k)} -> {getattr(now, k)}" for k in keys if getattr(saved, k) != getattr(now, k))
-    return (f"the learning-rate schedule is recomputed ({changed}): at step {step} the lr goes from {before:.3g} to {after:.3g}, "
-            f"then decays by cosine to {now.lr * now.min_lr_ratio:.3g} at step {now.max_steps}")
+    changed = ", ".join(
+        f"{k} {getattr(saved, k)} -> {getattr(now, k)}" for k in keys if getattr(saved, k) != getattr(now, k)
+    )
+    return (
+        f"the learning-rate schedule is recomputed ({changed}): at step {step} the lr goes from {before:.3g} to {after:.3g}, "
+        f"then decays by cosine to {now.lr * now.min_lr_ratio:.3g} at step {now.max_steps}"
+    )
 
 
 def warmup_note(config: TrainConfig) -> str | None:
     """A warning when the warm-up covers the whole run (the learning rate would never decay)."""
     if config.warmup_steps >= config.max_steps:
-        return (f"warning: warmup_steps {config.warmup_steps} >= max_steps {config.max_steps}: the learning rate only warms up and never "
-                f"decays. Give --warmup-steps below {config.max_steps} (e.g. {config.max_steps // 10}).")
+        return (
+            f"warning: warmup_steps {config.warmup_steps} >= max_steps {config.max_steps}: the learning rate only warms up and never "
+            f"decays. Give --warmup-steps below {config.max_steps} (e.g. {config.max_steps // 10})."
+        )
     return None
 
 
@@ -122,6 +138,8 @@ def disk_full_message(folder: Path, step: int, needed: int, last_good: Path | No
     """The message for a checkpoint that did not fit on the disk."""
     free = shutil.disk_usage(folder).free if folder.exists() else None
     last = f"the last good checkpoint is {last_good}" if last_good else "no earlier checkpoint was written"
-    return (f"the disk holding {folder} is full: the checkpoint of step {step} (about {needed / 1e9:.2f} GB; "
-            f"{'n/a' if free is None else f'{free / 1e9:.2f} GB'} free) was not written; {last}, and it is intact. "
-            f"Free some space (or keep fewer checkpoints with --keep-last) and continue with onebox train --resume {folder}.")
+    return (
+        f"the disk holding {folder} is full: the checkpoint of step {step} (about {needed / 1e9:.2f} GB; "
+        f"{'n/a' if free is None else f'{free / 1e9:.2f} GB'} free) was not written; {last}, and it is intact. "
+        f"Free some space (or keep fewer checkpoints with --keep-last) and continue with onebox train --resume {folder}."
+    )

@@ -57,7 +57,9 @@ def tokenizer_identity(text: str) -> str:
     try:
         doc = json.loads(text)
     except json.JSONDecodeError:
-        raise OneboxError("a tokenizer.json is not valid JSON: give the tokenizer Hugging Face's tokenizers wrote.") from None
+        raise OneboxError(
+            "a tokenizer.json is not valid JSON: give the tokenizer Hugging Face's tokenizers wrote."
+        ) from None
     added = sorted((t.get("id"), t.get("content")) for t in doc.get("added_tokens") or [] if isinstance(t, dict))
     model = dict(doc.get("model") or {})
     if isinstance(model.get("merges"), list):  # "a b" (older files) and ["a", "b"] (newer) are the same merge

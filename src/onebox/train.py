@@ -95,7 +95,12 @@ from onebox.runs import (
 from onebox.tokenizer import tokenizer_identity
 from onebox.transforms import compile_scope, prepare_training
 
-PRECISION_NAMES = {"auto": "bf16 autocast", "bf16": "bf16 autocast", "fp8": "fp8 block products + bf16 autocast", "fp32": "fp32"}
+PRECISION_NAMES = {
+    "auto": "bf16 autocast",
+    "bf16": "bf16 autocast",
+    "fp8": "fp8 block products + bf16 autocast",
+    "fp32": "fp32",
+}
 STOP_CHECK_EVERY = 10  # steps between the processes' votes on stopping (Ctrl-C) under torchrun
 
 
@@ -126,7 +131,9 @@ def resume_configs(resume: str, train_overrides: dict[str, Any]) -> tuple[ModelC
     payload = load_checkpoint(resume)
     model = model_config_from_dict(payload["model_config"])
     path = Path(payload["path"])
-    train = apply_overrides(train_config_from_dict(payload["train_config"]), {"out_dir": str(path.parent), **train_overrides}).validate()
+    train = apply_overrides(
+        train_config_from_dict(payload["train_config"]), {"out_dir": str(path.parent), **train_overrides}
+    ).validate()
     return model, train, path
 
 
@@ -134,9 +141,13 @@ def _rebatch(config: TrainConfig, saved_world: int, world: int, say: Any) -> Tra
     """Keep the sequences per optimizer step when a run resumes on another number of processes."""
     sequences = config.batch_size * saved_world
     if sequences % world:
-        raise OneboxError(f"the run was saved with {sequences} sequences per step over {saved_world} processes; {world} processes cannot split "
-                          f"them evenly: resume on a number of processes that divides {sequences}.")
-    say(f"the run was saved on {saved_world} process(es), resuming on {world}: {sequences // world} sequences per process keep {sequences} per step")
+        raise OneboxError(
+            f"the run was saved with {sequences} sequences per step over {saved_world} processes; {world} processes cannot split "
+            f"them evenly: resume on a number of processes that divides {sequences}."
+        )
+    say(
+        f"the run was saved on {saved_world} process(es), resuming on {world}: {sequences // world} sequences per process keep {sequences} per step"
+    )
     return apply_overrides(config, {"batch_size": sequences // world})
 
 
@@ -146,15 +157,19 @@ def _resumed_memory(setting: str, payload: dict[str, Any]) -> str:
     saved = payload.get("memory", "standard")  # checkpoints from before this field held torch's AdamW state
     wanted = saved if setting == "auto" else setting
     if strategy(wanted).bf16_weights != strategy(saved).bf16_weights:
-        raise OneboxError(f"{payload['path']} holds the optimizer state of the {saved} memory strategy, which {wanted} cannot continue "
-                          f"(torch's AdamW for standard and checkpointed, onebox's low-memory AdamW for the bf16 ones): resume with "
-                          f"--memory {saved}, or leave --memory at auto.")
+        raise OneboxError(
+            f"{payload['path']} holds the optimizer state of the {saved} memory strategy, which {wanted} cannot continue "
+            f"(torch's AdamW for standard and checkpointed, onebox's low-memory AdamW for the bf16 ones): resume with "
+            f"--memory {saved}, or leave --memory at auto."
+        )
     return wanted
 
 
 def _load_optimizer(model: torch.nn.Module, optimizer: Any, states: Any) -> None:
     """Restore optimizer state saved by a single process (by index) or gathered from shards (by parameter name)."""
-    groups = states[0].get("param_groups", []) if isinstance(states, list) and states and isinstance(states[0], dict) else []
+    groups = (
+        states[0].get("param_groups", []) if isinstance(states, list) and states and isinstance(states[0], dict) else []
+    )
     if groups and groups[0].get("params") and isinstance(groups[0]["params"][0], str):
         load_full_state(model, optimizer.optimizers, None, states)
     else:
@@ -180,11 +195,19 @@ def _memory_errors(model: ModelConfig, config: TrainConfig, mixed: bool, device:
     try:
         yield
     except torch.cuda.OutOfMemoryError:
-        raise OneboxError(out_of_memory_message(model, config.batch_size, mixed, config.optimizer, config.activation_checkpointing, "GPU")) from None
+        raise OneboxError(
+            out_of_memory_message(
+                model, config.batch_size, mixed, config.optimizer, config.activation_checkpointing, "GPU"
+            )
+        ) from None
     except RuntimeError as err:
         if "can't allocate memory" not in str(err) and "out of memory" not in str(err).lower():
             raise
-        raise OneboxError(out_of_memory_message(model, config.batch_size, mixed, config.optimizer, config.activation_checkpointing, device.type)) from None
+        raise OneboxError(
+            out_of_memory_message(
+                model, config.batch_size, mixed, config.optimizer, config.activation_checkpointing, device.type
+            )
+        ) from None
 
 
 @contextmanager
@@ -210,8 +233,10 @@ def _stop_on_sigint() -> Iterator[dict[str, bool]]:
 def _resolve_data(config: TrainConfig, say: Any) -> DatasetInfo:
     folder = Path(config.data).resolve() if config.data else prepare_default_corpus(progress=say)
     info = dataset_info(folder)
-    say(f"data: {info.path}{'' if config.data else ', the default corpus'}: {plural(len(info.train_shards), 'train shard')}, "
-        f"{plural(len(info.val_shards), 'validation shard')}")
+    say(
+        f"data: {info.path}{'' if config.data else ', the default corpus'}: {plural(len(info.train_shards), 'train shard')}, "
+        f"{plural(len(info.val_shards), 'validation shard')}"
+    )
     return info
 
 
@@ -223,7 +248,11 @@ def _initial_model(source: str, model_config: ModelConfig) -> tuple[ModelConfig,
         initial, state, tokenizer_json = load_hf(path)
     else:
         payload = load_checkpoint(path)
-        initial, state, tokenizer_json = model_config_from_dict(payload["model_config"]), model_state(payload), payload.get("tokenizer_json")
+        initial, state, tokenizer_json = (
+            model_config_from_dict(payload["model_config"]),
+            model_state(payload),
+            payload.get("tokenizer_json"),
+        )
     return apply_overrides(initial, {"seq_len": min(model_config.seq_len, initial.seq_len)}), state, tokenizer_json
 
 
@@ -231,7 +260,9 @@ def _check_tokenizer(info: DatasetInfo, tokenizer_json: str | None, source: str,
     """Refuse data tokenized with another tokenizer than the model's (--init-from): it would train on noise."""
     if tokenizer_json is None or info.tokenizer_path is None:
         which = "the model" if tokenizer_json is None else "the data"
-        say(f"warning: {which} has no tokenizer.json, so whether the data was tokenized with the model's tokenizer cannot be checked")
+        say(
+            f"warning: {which} has no tokenizer.json, so whether the data was tokenized with the model's tokenizer cannot be checked"
+        )
         return
     if tokenizer_identity(tokenizer_json) != tokenizer_identity(info.tokenizer_path.read_text()):
         raise OneboxError(
@@ -241,7 +272,9 @@ def _check_tokenizer(info: DatasetInfo, tokenizer_json: str | None, source: str,
         )
 
 
-def _check_host_memory(model: ModelConfig, config: TrainConfig, chosen: Any, device: torch.device, compiled: bool, mixed: bool, world: int) -> None:
+def _check_host_memory(
+    model: ModelConfig, config: TrainConfig, chosen: Any, device: torch.device, compiled: bool, mixed: bool, world: int
+) -> None:
     """On the CPU, refuse a plan that does not fit the host's RAM: the system would kill the run without a word."""
     machine = machine_memory(device)
     if machine.gpu is not None:
@@ -268,7 +301,14 @@ def _check_vocab(info: DatasetInfo, model: ModelConfig) -> None:
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, loader: BatchLoader, batches: int, device: torch.device, dtype: torch.dtype | None, ranks: DistInfo | None = None) -> float:
+def evaluate(
+    model: torch.nn.Module,
+    loader: BatchLoader,
+    batches: int,
+    device: torch.device,
+    dtype: torch.dtype | None,
+    ranks: DistInfo | None = None,
+) -> float:
     """Mean validation loss over the first `batches` batches of the (unshuffled) validation data (over all ranks' slices)."""
     was_training = model.training
     model.eval()
@@ -284,7 +324,13 @@ def evaluate(model: torch.nn.Module, loader: BatchLoader, batches: int, device: 
     return mean_over_ranks(total / count, ranks or DistInfo()).item()
 
 
-def train(model_config: ModelConfig, config: TrainConfig, resume: str | None = None, console: Console | None = None, show_progress: bool = True) -> TrainResult:
+def train(
+    model_config: ModelConfig,
+    config: TrainConfig,
+    resume: str | None = None,
+    console: Console | None = None,
+    show_progress: bool = True,
+) -> TrainResult:
     """Train (or resume) a model; returns what it reached. Raises OneboxError on bad input."""
     console = console or Console()
     model_config.validate()
@@ -302,8 +348,16 @@ def train(model_config: ModelConfig, config: TrainConfig, resume: str | None = N
         shutdown(ranks)
 
 
-def _train(model_config: ModelConfig, config: TrainConfig, resume: str | None, console: Console, show_progress: bool, ranks: DistInfo,
-           device: torch.device, say: Any) -> TrainResult:
+def _train(
+    model_config: ModelConfig,
+    config: TrainConfig,
+    resume: str | None,
+    console: Console,
+    show_progress: bool,
+    ranks: DistInfo,
+    device: torch.device,
+    say: Any,
+) -> TrainResult:
     dtype = autocast_dtype(device, config.precision)
     info = _resolve_data(config, say)
     if config.data:  # stored resolved, so the run resumes from any working directory
@@ -322,10 +376,14 @@ def _train(model_config: ModelConfig, config: TrainConfig, resume: str | None, c
         )
     if payload is not None:
         if payload["step"] >= config.max_steps:
-            say(f"the run in {Path(payload['path']).parent} is complete: {payload['path']} is step {payload['step']} of max_steps {config.max_steps}. "
+            say(
+                f"the run in {Path(payload['path']).parent} is complete: {payload['path']} is step {payload['step']} of max_steps {config.max_steps}. "
                 f"To train further, resume with a larger --max-steps (e.g. onebox train --resume {Path(payload['path']).parent} "
-                f"--max-steps {2 * payload['step']}).")
-            return TrainResult(out_dir, payload["step"], payload.get("train_loss"), None, None, Path(payload["path"]), None)
+                f"--max-steps {2 * payload['step']})."
+            )
+            return TrainResult(
+                out_dir, payload["step"], payload.get("train_loss"), None, None, Path(payload["path"]), None
+            )
         check_resume_target(payload, out_dir, say)
         note = schedule_note(train_config_from_dict(payload["train_config"]), config, payload["step"])
         if note:
@@ -346,13 +404,33 @@ def _train(model_config: ModelConfig, config: TrainConfig, resume: str | None, c
     sharded = payload is not None and bool(payload.get("sharded"))
     if ranks.active or sharded:  # planned for this many processes, or the one that wrote the checkpoint
         setting = _resumed_memory(config.memory, payload) if payload is not None else config.memory
-        chosen = resolve_strategy(setting, model_config, config.batch_size, device, config.optimizer, config.grad_accum, compiled,
-                                  dtype is not None, ranks.world)
+        chosen = resolve_strategy(
+            setting,
+            model_config,
+            config.batch_size,
+            device,
+            config.optimizer,
+            config.grad_accum,
+            compiled,
+            dtype is not None,
+            ranks.world,
+        )
         if ranks.active and payload is not None and not sharded and chosen.bf16_weights:
-            raise OneboxError(f"{payload['path']} was written by one process; the {chosen.name} strategy resumes on several processes only "
-                              f"from a checkpoint they wrote. Resume it in one process, or on several with --memory standard or checkpointed.")
+            raise OneboxError(
+                f"{payload['path']} was written by one process; the {chosen.name} strategy resumes on several processes only "
+                f"from a checkpoint they wrote. Resume it in one process, or on several with --memory standard or checkpointed."
+            )
     else:
-        chosen = resolve_strategy(config.memory, model_config, config.batch_size, device, config.optimizer, config.grad_accum, compiled, dtype is not None)
+        chosen = resolve_strategy(
+            config.memory,
+            model_config,
+            config.batch_size,
+            device,
+            config.optimizer,
+            config.grad_accum,
+            compiled,
+            dtype is not None,
+        )
     _check_host_memory(model_config, config, chosen, device, compiled, dtype is not None, ranks.world)
     checkpointing = config.activation_checkpointing or chosen.checkpointing
     torch.manual_seed(config.seed)  # the same on every rank: every rank starts from the same weights
@@ -360,11 +438,15 @@ def _train(model_config: ModelConfig, config: TrainConfig, resume: str | None, c
     optimizer_states = payload["optimizer"] if payload is not None and not sharded else []
     reshard = True
     if ranks.active:
-        model, loss_fn, optimizer, reshard = build_sharded_for_training(model_config, config, chosen, device, ranks.world, checkpointing)
+        model, loss_fn, optimizer, reshard = build_sharded_for_training(
+            model_config, config, chosen, device, ranks.world, checkpointing
+        )
         if sharded:
             load_sharded(sharded_folder(payload["path"]), model, optimizer)
         elif state is not None:
-            load_full_state(model, getattr(optimizer, "optimizers", []), state, optimizer_states)  # the low-memory AdamW starts fresh (--init-from)
+            load_full_state(
+                model, getattr(optimizer, "optimizers", []), state, optimizer_states
+            )  # the low-memory AdamW starts fresh (--init-from)
     else:
         model, optimizer = build_for_training(model_config, config, chosen, device, state)
         if sharded:
@@ -374,34 +456,65 @@ def _train(model_config: ModelConfig, config: TrainConfig, resume: str | None, c
         loss_fn = prepare_training(model, device, config.precision, config.compile, checkpointing)
     raw_model = model
     vocab = model_config.vocab_size
-    loader = BatchLoader(info.train_shards, config.batch_size, model_config.seq_len, seed=config.seed, rank=ranks.rank, world=ranks.world, vocab_size=vocab)
-    val_loader = (BatchLoader(info.val_shards, config.batch_size, model_config.seq_len, shuffle=False, rank=ranks.rank, world=ranks.world,
-                              vocab_size=vocab, partial=True) if info.val_shards else None)
+    loader = BatchLoader(
+        info.train_shards,
+        config.batch_size,
+        model_config.seq_len,
+        seed=config.seed,
+        rank=ranks.rank,
+        world=ranks.world,
+        vocab_size=vocab,
+    )
+    val_loader = (
+        BatchLoader(
+            info.val_shards,
+            config.batch_size,
+            model_config.seq_len,
+            shuffle=False,
+            rank=ranks.rank,
+            world=ranks.world,
+            vocab_size=vocab,
+            partial=True,
+        )
+        if info.val_shards
+        else None
+    )
     if val_loader is not None and val_loader.partial:
-        say(f"the validation data holds {val_loader.windows} windows of {model_config.seq_len + 1} tokens, fewer than a batch of "
-            f"{config.batch_size * ranks.world}: evaluating on those {val_loader.windows} alone")
+        say(
+            f"the validation data holds {val_loader.windows} windows of {model_config.seq_len + 1} tokens, fewer than a batch of "
+            f"{config.batch_size * ranks.world}: evaluating on those {val_loader.windows} alone"
+        )
     start_step, tokens_seen = 0, 0
     if payload is not None:
         loader.load_state_dict(payload["data"])
         _set_rng_state(payload["rng"], device)
         start_step, tokens_seen = payload["step"], payload.get("tokens_seen", 0)
 
-    resolved = {"model": config_dict(model_config), "train": {**config_dict(config), "out_dir": str(out_dir), "data": str(info.path)}}
+    resolved = {
+        "model": config_dict(model_config),
+        "train": {**config_dict(config), "out_dir": str(out_dir), "data": str(info.path)},
+    }
     if ranks.main:
         (out_dir / "config.json").write_text(json.dumps(resolved, indent=2))
     tokens_per_step = config.batch_size * config.grad_accum * model_config.seq_len * ranks.world
     peak = peak_flops(device)
-    say(f"onebox {__version__} | {model_config.name}: {model_config.shape()} | {model_config.num_params() / 1e6:.2f}M params | device {device} | "
-        f"precision {PRECISION_NAMES[config.precision] if dtype else 'fp32'} | memory {chosen.name}{' (planned)' if config.memory == 'auto' else ''} | {tokens_per_step} tokens/step | peak {'n/a' if peak is None else f'{peak / 1e12:.0f} TFLOP/s'}")
+    say(
+        f"onebox {__version__} | {model_config.name}: {model_config.shape()} | {model_config.num_params() / 1e6:.2f}M params | device {device} | "
+        f"precision {PRECISION_NAMES[config.precision] if dtype else 'fp32'} | memory {chosen.name}{' (planned)' if config.memory == 'auto' else ''} | {tokens_per_step} tokens/step | peak {'n/a' if peak is None else f'{peak / 1e12:.0f} TFLOP/s'}"
+    )
     say(f"config: {json.dumps(resolved['train'])}")
     if ranks.active:
-        say(f"{ranks.world} processes (FSDP2): {config.batch_size} sequences per process x {config.grad_accum} accumulation x {ranks.world} = "
+        say(
+            f"{ranks.world} processes (FSDP2): {config.batch_size} sequences per process x {config.grad_accum} accumulation x {ranks.world} = "
             f"{config.batch_size * config.grad_accum * ranks.world} sequences per optimizer step; the lr schedule counts optimizer steps; "
-            f"{'each block regathered in backward' if reshard else 'gathered weights kept from forward to backward (they fit)'}")
+            f"{'each block regathered in backward' if reshard else 'gathered weights kept from forward to backward (they fit)'}"
+        )
 
     def save(step: int, last_loss: float | None) -> Path:
         path = checkpoint_path(out_dir, step)
-        if ranks.active:  # every rank writes its own shards to ckpt_N.dcp (into a temp folder, renamed when all are done)
+        if (
+            ranks.active
+        ):  # every rank writes its own shards to ckpt_N.dcp (into a temp folder, renamed when all are done)
             folder = sharded_folder(path)
             staging = folder.with_name(f".{folder.name}.tmp")
             if ranks.main:
@@ -460,14 +573,20 @@ def _train(model_config: ModelConfig, config: TrainConfig, resume: str | None, c
 
     def check_finite(loss: float, at_step: int) -> None:
         if not math.isfinite(loss):
-            where = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint was written yet"
+            where = (
+                f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint was written yet"
+            )
             raise NonFiniteLoss(
                 f"the loss became {loss} by step {at_step}; {where}. Lower --lr, raise --warmup-steps or "
                 f"--grad-clip, and resume from that checkpoint with --resume."
             )
 
     try:
-        with _stop_on_sigint() as stop, _memory_errors(model_config, config, dtype is not None, device), steady_collection():
+        with (
+            _stop_on_sigint() as stop,
+            _memory_errors(model_config, config, dtype is not None, device),
+            steady_collection(),
+        ):
             while step < config.max_steps:
                 optimizer.set_lr_factor(lr_factor(step, config))
                 for _ in range(config.grad_accum):
@@ -498,8 +617,21 @@ def _train(model_config: ModelConfig, config: TrainConfig, resume: str | None, c
                     mfu = speed * model_config.flops_per_token() / peak if peak else None
                     memory = peak_memory_bytes(device)
                     lr = optimizer.param_groups[0]["lr"]
-                    record({"step": step, "loss": last_loss, "lr": lr, "tokens_per_second": speed, "mfu": mfu, "peak_memory_bytes": memory, "tokens_seen": tokens_seen})
-                    display.update(step, f"loss {last_loss:.4f} | lr {lr:.2e} | {speed:,.0f} tok/s | MFU {'n/a' if mfu is None else f'{mfu:.1%}'} | mem {format_bytes(memory)}")
+                    record(
+                        {
+                            "step": step,
+                            "loss": last_loss,
+                            "lr": lr,
+                            "tokens_per_second": speed,
+                            "mfu": mfu,
+                            "peak_memory_bytes": memory,
+                            "tokens_seen": tokens_seen,
+                        }
+                    )
+                    display.update(
+                        step,
+                        f"loss {last_loss:.4f} | lr {lr:.2e} | {speed:,.0f} tok/s | MFU {'n/a' if mfu is None else f'{mfu:.1%}'} | mem {format_bytes(memory)}",
+                    )
                     window_loss.zero_()
                     window_steps, window_start = 0, time.perf_counter()
                 paused = time.perf_counter()  # evaluation and checkpoints do not count against tokens/s
@@ -507,7 +639,9 @@ def _train(model_config: ModelConfig, config: TrainConfig, resume: str | None, c
                     val_loss = evaluate(model, val_loader, config.eval_batches, device, dtype, ranks)
                     val_bpb = val_loss / math.log(2) / bytes_per_token if bytes_per_token else None
                     record({"step": step, "val_loss": val_loss, "val_bpb": val_bpb})
-                    display.message(f"step {step}: val loss {val_loss:.4f} | val bits/byte {'n/a' if val_bpb is None else f'{val_bpb:.3f}'}")
+                    display.message(
+                        f"step {step}: val loss {val_loss:.4f} | val bits/byte {'n/a' if val_bpb is None else f'{val_bpb:.3f}'}"
+                    )
                 if (config.ckpt_every and step % config.ckpt_every == 0) or final or stopping:
                     if window_steps:  # never save weights that came from a non-finite loss
                         check_finite(mean_over_ranks(window_loss / window_steps, ranks).item(), step)
@@ -520,7 +654,9 @@ def _train(model_config: ModelConfig, config: TrainConfig, resume: str | None, c
                         raise OneboxError(disk_full_message(out_dir, step, needed, last_checkpoint)) from None
                 window_start += time.perf_counter() - paused
                 if stopping and not final:
-                    raise Interrupted(f"interrupted at step {step}; checkpoint saved to {last_checkpoint}. Continue with: onebox train --resume {out_dir}")
+                    raise Interrupted(
+                        f"interrupted at step {step}; checkpoint saved to {last_checkpoint}. Continue with: onebox train --resume {out_dir}"
+                    )
     finally:
         display.close()
         if metrics_file is not None:

@@ -59,12 +59,19 @@ def apply_float8(model: Transformer, device: torch.device, recipe: str = "tensor
     try:
         from torchao.float8 import Float8LinearConfig, convert_to_float8_training
     except ImportError:
-        raise OneboxError("--precision fp8 needs torchao: pip install 'onebox[fp8]' (or pip install torchao), or use --precision bf16.") from None
+        raise OneboxError(
+            "--precision fp8 needs torchao: pip install 'onebox[fp8]' (or pip install torchao), or use --precision bf16."
+        ) from None
     config = Float8LinearConfig.from_recipe_name(recipe)
     config = dataclasses.replace(config, emulate=emulate)
 
     def eligible(module: torch.nn.Module, name: str) -> bool:  # FP8 products need dimensions divisible by 16
-        return name.startswith("layers.") and isinstance(module, torch.nn.Linear) and module.in_features % 16 == 0 and module.out_features % 16 == 0
+        return (
+            name.startswith("layers.")
+            and isinstance(module, torch.nn.Linear)
+            and module.in_features % 16 == 0
+            and module.out_features % 16 == 0
+        )
 
     convert_to_float8_training(model, module_filter_fn=eligible, config=config)
 
@@ -101,7 +108,13 @@ def training_loss(model: Transformer, scope: str | None) -> LossFn:
     return lambda x, y: head(model.hidden_states(x), y)
 
 
-def prepare_training(model: Transformer, device: torch.device, precision: str, compile_setting: str, activation_checkpointing: bool = False) -> LossFn:
+def prepare_training(
+    model: Transformer,
+    device: torch.device,
+    precision: str,
+    compile_setting: str,
+    activation_checkpointing: bool = False,
+) -> LossFn:
     """Apply the training transforms in the order they compose (FP8 swap, checkpointing, compile); return the loss function.
 
     `onebox train` and the benchmarks both build their step through this, so what is timed is what trains.

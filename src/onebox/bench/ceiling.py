@@ -70,8 +70,16 @@ def _release() -> None:
         torch.cuda.empty_cache()
 
 
-def _train_steps(loss_fn: Any, optimizer: Any, x: torch.Tensor, y: torch.Tensor, device: torch.device, dtype: torch.dtype | None, steps: int,
-                 reported: Callable[[torch.Tensor], torch.Tensor]) -> tuple[list[float], list[float]]:
+def _train_steps(
+    loss_fn: Any,
+    optimizer: Any,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    device: torch.device,
+    dtype: torch.dtype | None,
+    steps: int,
+    reported: Callable[[torch.Tensor], torch.Tensor],
+) -> tuple[list[float], list[float]]:
     """`steps` steps on one fixed batch: the losses (as `reported` gives them) and each step's ms; reading
     the loss syncs, so every step is timed whole."""
     losses, times = [], []
@@ -88,7 +96,9 @@ def _train_steps(loss_fn: Any, optimizer: Any, x: torch.Tensor, y: torch.Tensor,
     return losses, times
 
 
-def climb(config: Any, chosen: Strategy, device: torch.device, batch: int, steps: int, lr: float, gpu_limit: int | None = None) -> dict[str, Any]:
+def climb(
+    config: Any, chosen: Strategy, device: torch.device, batch: int, steps: int, lr: float, gpu_limit: int | None = None
+) -> dict[str, Any]:
     """Train one rung for `steps` steps (within `gpu_limit` bytes of the GPU when given); status 'ok',
     'failed' (the loss did not fall) or 'oom'."""
     cap_gpu_memory(device, gpu_limit)
@@ -112,19 +122,39 @@ def climb(config: Any, chosen: Strategy, device: torch.device, batch: int, steps
         return {"status": "oom", "error": str(err).splitlines()[0]}
     finally:
         _release()
-    return {**_result(config, batch, losses, times), "peak_memory_bytes": peak, "memory_kind": memory_kind(device), "host_peak_bytes": host_peak_bytes()}
+    return {
+        **_result(config, batch, losses, times),
+        "peak_memory_bytes": peak,
+        "memory_kind": memory_kind(device),
+        "host_peak_bytes": host_peak_bytes(),
+    }
 
 
 def _result(config: Any, sequences: int, losses: list[float], times: list[float]) -> dict[str, Any]:
     """Status (the loss must fall), median ms/step after the compiling steps, tokens/s of `sequences` per step, the loss trace."""
     ms = statistics.median(times[2:] if len(times) > 3 else times)
     fell = all(math.isfinite(v) for v in losses) and losses[-1] < losses[0]
-    return {"status": "ok" if fell else "failed", "ms_per_step": ms, "step_ms": times, "tokens_per_second": sequences * config.seq_len * 1000.0 / ms,
-            "loss_trace": losses, "loss_start": losses[0], "loss_end": losses[-1]}
+    return {
+        "status": "ok" if fell else "failed",
+        "ms_per_step": ms,
+        "step_ms": times,
+        "tokens_per_second": sequences * config.seq_len * 1000.0 / ms,
+        "loss_trace": losses,
+        "loss_start": losses[0],
+        "loss_end": losses[-1],
+    }
 
 
-def climb_sharded(config: Any, chosen: Strategy, device_setting: str, batch: int, steps: int, lr: float, out: str,
-                  gpu_limit: int | None = None) -> int:
+def climb_sharded(
+    config: Any,
+    chosen: Strategy,
+    device_setting: str,
+    batch: int,
+    steps: int,
+    lr: float,
+    out: str,
+    gpu_limit: int | None = None,
+) -> int:
     """One process of `bench ceiling --gpus N` under torchrun: the rung is built on the meta device and
     sharded with FSDP2 before any memory is taken, then each process trains on its own fixed batch;
     rank 0 writes the result (the largest peak of any process) to `out`. A process that runs out of
@@ -140,18 +170,27 @@ def climb_sharded(config: Any, chosen: Strategy, device_setting: str, batch: int
         dtype = autocast_dtype(device, "auto")
         try:
             train = TrainConfig(lr=lr, device=str(device), warmup_steps=0, batch_size=batch)
-            model, loss_fn, optimizer, _ = build_sharded_for_training(config, train, chosen, device, ranks.world, reshard=True)  # the lean choice
+            model, loss_fn, optimizer, _ = build_sharded_for_training(
+                config, train, chosen, device, ranks.world, reshard=True
+            )  # the lean choice
             x, y = synthetic_batch(config, batch, device, seed=ranks.rank)
-            losses, times = _train_steps(loss_fn, optimizer, x, y, device, dtype, steps, lambda loss: mean_over_ranks(loss, ranks))
+            losses, times = _train_steps(
+                loss_fn, optimizer, x, y, device, dtype, steps, lambda loss: mean_over_ranks(loss, ranks)
+            )
         except torch.cuda.OutOfMemoryError:
             Path(f"{out}.oom{ranks.rank}").write_text("out of memory")
             raise
-        peaks = torch.tensor([float(peak_memory_bytes(device)), float(host_peak_bytes())], device=device if device.type == "cuda" else "cpu")
+        peaks = torch.tensor(
+            [float(peak_memory_bytes(device)), float(host_peak_bytes())],
+            device=device if device.type == "cuda" else "cpu",
+        )
         if ranks.active:
             torch.distributed.all_reduce(peaks, op=torch.distributed.ReduceOp.MAX)
         if ranks.main:
             result = _result(config, batch * ranks.world, losses, times)
-            result.update(peak_memory_bytes=int(peaks[0].item()), host_peak_bytes=int(peaks[1].item()), processes=ranks.world)
+            result.update(
+                peak_memory_bytes=int(peaks[0].item()), host_peak_bytes=int(peaks[1].item()), processes=ranks.world
+            )
             Path(out).write_text(json.dumps(result))
     finally:
         shutdown(ranks)
@@ -176,8 +215,9 @@ def _climb_processes(config: Any, chosen: Strategy, processes: int, argv: list[s
         return json.loads(out.read_text())
 
 
-def climb_isolated(config: Any, chosen: Strategy, device: torch.device, batch: int, steps: int, lr: float,
-                   gpu_limit: int | None = None) -> dict[str, Any]:
+def climb_isolated(
+    config: Any, chosen: Strategy, device: torch.device, batch: int, steps: int, lr: float, gpu_limit: int | None = None
+) -> dict[str, Any]:
     """climb() in a fresh process on a GPU (in this one on the CPU, where tests run it)."""
     if device.type != "cuda":
         return climb(config, chosen, device, batch, steps, lr)
@@ -188,15 +228,29 @@ def climb_isolated(config: Any, chosen: Strategy, device: torch.device, batch: i
             return {"status": "oom", "error": "the rung's process was killed (host memory ran out)"}
 
 
-def _choices(config: Any, batch: int, machine: Any, compiled: bool, mixed: bool, processes: int) -> tuple[Strategy | None, list[Strategy], Any]:
+def _choices(
+    config: Any, batch: int, machine: Any, compiled: bool, mixed: bool, processes: int
+) -> tuple[Strategy | None, list[Strategy], Any]:
     """The planned strategy, the leaner ones that also fit, and the leanest prediction (for a rung that fits none)."""
-    predictions = plan(config, batch, machine, compiled, mixed=mixed, shards=processes)[1]  # every strategy composes with FSDP2
+    predictions = plan(config, batch, machine, compiled, mixed=mixed, shards=processes)[
+        1
+    ]  # every strategy composes with FSDP2
     fitting = [p.strategy for p in predictions if fits(p, machine, processes)]
     return (fitting[0] if fitting else None), fitting[1:], predictions[-1]
 
 
-def run_ceiling(names: list[str] | None, device: torch.device, say: Say, batch: int = 1, steps: int = 10, memory: str = "auto",
-                lr: float = 3e-4, processes: int = 1, argv: list[str] | None = None, gpu_limit: int | None = None) -> dict[str, Any]:
+def run_ceiling(
+    names: list[str] | None,
+    device: torch.device,
+    say: Say,
+    batch: int = 1,
+    steps: int = 10,
+    memory: str = "auto",
+    lr: float = 3e-4,
+    processes: int = 1,
+    argv: list[str] | None = None,
+    gpu_limit: int | None = None,
+) -> dict[str, Any]:
     """The `ceiling` document: one entry per rung climbed, the last being the first that did not fit.
     processes > 1: each rung on that many processes (torchrun + FSDP2, `batch` sequences each; an entry's
     batch is then all processes' sequences per step), launched by running `argv` (this command) again.
@@ -206,16 +260,31 @@ def run_ceiling(names: list[str] | None, device: torch.device, say: Say, batch: 
     machine = machine_memory(device)
     if gpu_limit is not None:
         if machine.gpu is None:
-            raise OneboxError(f"--gpu-memory limits each GPU, but this ceiling runs on {device.type}: leave it out there, or run on a GPU.")
+            raise OneboxError(
+                f"--gpu-memory limits each GPU, but this ceiling runs on {device.type}: leave it out there, or run on a GPU."
+            )
         if gpu_limit > machine.gpu:
-            raise OneboxError(f"--gpu-memory {gpu_limit / 1e9:g} GB is more than this GPU has ({machine.gpu / 1e9:.0f} GB): "
-                              "give a limit at or below it, or leave it out to use the whole GPU.")
+            raise OneboxError(
+                f"--gpu-memory {gpu_limit / 1e9:g} GB is more than this GPU has ({machine.gpu / 1e9:.0f} GB): "
+                "give a limit at or below it, or leave it out to use the whole GPU."
+            )
         machine = MachineMemory(gpu_limit, machine.host, f"{machine.label}, limited to {gpu_limit / 1e9:g} GB")
     compiled = compile_scope("auto", device) is not None
     mixed = autocast_dtype(device, "auto") is not None
-    doc = new_document("ceiling", device, {"batch": batch, "steps": steps, "memory": memory, "lr": lr, "ladder": names,
-                                           "tokens": "fixed synthetic batch", "processes": processes,
-                                           "gpu_memory_limit_bytes": gpu_limit})
+    doc = new_document(
+        "ceiling",
+        device,
+        {
+            "batch": batch,
+            "steps": steps,
+            "memory": memory,
+            "lr": lr,
+            "ladder": names,
+            "tokens": "fixed synthetic batch",
+            "processes": processes,
+            "gpu_memory_limit_bytes": gpu_limit,
+        },
+    )
     for config in configs:
         fallbacks: list[Strategy] = []
         if memory == "auto":
@@ -223,32 +292,60 @@ def run_ceiling(names: list[str] | None, device: torch.device, say: Say, batch: 
         else:
             chosen = resolve_strategy(memory, config, batch, device, compiled=compiled, mixed=mixed, shards=processes)
         if chosen is None:  # no strategy fits by the planner's arithmetic: the leanest one's numbers say why
-            doc["entries"].append({"config": config_record(config), "batch": batch * processes, "strategy": leanest.strategy.name,
-                                   "predicted": {"gpu_bytes": leanest.gpu, "host_bytes": leanest.host},
-                                   "result": {"status": "does not fit"}})
-            say(f"{config.name:<5} {config.num_params() / 1e9:5.1f}B  does not fit: the leanest strategy ({leanest.strategy.name}) needs "
-                f"{format_bytes(leanest.gpu)} on the device and {format_bytes(leanest.host)} of host memory")
+            doc["entries"].append(
+                {
+                    "config": config_record(config),
+                    "batch": batch * processes,
+                    "strategy": leanest.strategy.name,
+                    "predicted": {"gpu_bytes": leanest.gpu, "host_bytes": leanest.host},
+                    "result": {"status": "does not fit"},
+                }
+            )
+            say(
+                f"{config.name:<5} {config.num_params() / 1e9:5.1f}B  does not fit: the leanest strategy ({leanest.strategy.name}) needs "
+                f"{format_bytes(leanest.gpu)} on the device and {format_bytes(leanest.host)} of host memory"
+            )
             break
         attempts: list[dict[str, Any]] = []
         for option in [chosen] + [f for f in fallbacks if STRATEGIES.index(f) > STRATEGIES.index(chosen)]:
             predicted = predict(config, batch, option, compiled, mixed, processes)
-            say(f"{config.name:<5} {config.num_params() / 1e9:5.1f}B  {option.name}: predicted {format_bytes(predicted.gpu)} device, "
+            say(
+                f"{config.name:<5} {config.num_params() / 1e9:5.1f}B  {option.name}: predicted {format_bytes(predicted.gpu)} device, "
                 f"{format_bytes(predicted.host)} host{'' if fits(predicted, machine, processes) else ' (over the planner limit)'}"
-                f"{f' per process x {processes}' if processes > 1 else ''}; training {steps} steps ...")
+                f"{f' per process x {processes}' if processes > 1 else ''}; training {steps} steps ..."
+            )
             if processes > 1:
                 result = _climb_processes(config, option, processes, argv or [])
             else:
                 result = climb_isolated(config, option, device, batch, steps, lr, gpu_limit)
-            attempts.append({"strategy": option.name, "status": result["status"], **({"error": result["error"]} if "error" in result else {})})
+            attempts.append(
+                {
+                    "strategy": option.name,
+                    "status": result["status"],
+                    **({"error": result["error"]} if "error" in result else {}),
+                }
+            )
             if result["status"] != "oom":
                 break
-            say(f"{config.name:<5} {option.name}: out of memory{' (' + result['error'] + ')' if 'error' in result else ''}")
-        doc["entries"].append({"config": config_record(config), "batch": batch * processes, "strategy": option.name, "attempts": attempts,
-                               "predicted": {"gpu_bytes": predicted.gpu, "host_bytes": predicted.host}, "result": result})
+            say(
+                f"{config.name:<5} {option.name}: out of memory{' (' + result['error'] + ')' if 'error' in result else ''}"
+            )
+        doc["entries"].append(
+            {
+                "config": config_record(config),
+                "batch": batch * processes,
+                "strategy": option.name,
+                "attempts": attempts,
+                "predicted": {"gpu_bytes": predicted.gpu, "host_bytes": predicted.host},
+                "result": result,
+            }
+        )
         if result["status"] == "oom":
             say(f"{config.name:<5} out of memory with every strategy tried: the training ceiling is the rung below")
             break
-        say(f"{config.name:<5} {result['status']}: {result['ms_per_step']:,.0f} ms/step | {result['tokens_per_second']:,.0f} tok/s | "
+        say(
+            f"{config.name:<5} {result['status']}: {result['ms_per_step']:,.0f} ms/step | {result['tokens_per_second']:,.0f} tok/s | "
             f"device peak {format_bytes(result['peak_memory_bytes'])} | host peak {format_bytes(result['host_peak_bytes'])} | "
-            f"loss {result['loss_start']:.3f} -> {result['loss_end']:.3f}")
+            f"loss {result['loss_start']:.3f} -> {result['loss_end']:.3f}"
+        )
     return doc

@@ -74,7 +74,10 @@ def time_decode(engine: Engine, batch: int, prompt_len: int, new_tokens: int) ->
     the tokens handed out from the end of the first step (which prefills every request) to the last."""
     config = engine.config
     for round_ in range(2):  # the first round compiles and captures the graphs
-        requests = [engine.submit(Request(p, new_tokens if round_ else 4, temperature=0)) for p in _prompts(config, batch, prompt_len, round_)]
+        requests = [
+            engine.submit(Request(p, new_tokens if round_ else 4, temperature=0))
+            for p in _prompts(config, batch, prompt_len, round_)
+        ]
         engine.step()  # admits (prefills) every request and launches their first decode step
         synchronize(engine.device)
         start, emitted_before = time.perf_counter(), engine.emitted
@@ -97,7 +100,9 @@ def hf_baseline(model: Transformer) -> Any:
     try:
         import transformers
     except ImportError:
-        raise OneboxError("--baseline needs the transformers package: pip install transformers (or onebox[dev]).") from None
+        raise OneboxError(
+            "--baseline needs the transformers package: pip install transformers (or onebox[dev])."
+        ) from None
     from onebox.export import hf_config, hf_state_dict
 
     device = model.embed_tokens.weight.device
@@ -107,25 +112,33 @@ def hf_baseline(model: Transformer) -> Any:
         baseline = transformers.LlamaForCausalLM._from_config(config, dtype=dtype, attn_implementation="sdpa").eval()
     missing, unexpected = baseline.load_state_dict(hf_state_dict(model.state_dict(), model.config, dtype), strict=False)
     if unexpected or any(name != "lm_head.weight" for name in missing):  # lm_head is tied to the embedding
-        raise OneboxError(f"the transformers model did not take onebox's weights (missing {missing}, unexpected {unexpected}).")
+        raise OneboxError(
+            f"the transformers model did not take onebox's weights (missing {missing}, unexpected {unexpected})."
+        )
     baseline.tie_weights()
     baseline.generation_config.pad_token_id = 0
     return baseline
 
 
-def hf_generate_speed(baseline: Any, config: Any, batch: int, prompt_len: int, new_tokens: int, cache: str = "dynamic", repeats: int = 2) -> float:
+def hf_generate_speed(
+    baseline: Any, config: Any, batch: int, prompt_len: int, new_tokens: int, cache: str = "dynamic", repeats: int = 2
+) -> float:
     """transformers' generate() tokens/s (greedy, fixed length) as its documentation makes it fast: the call
     timed is repeated first, untimed, so that first-time costs (allocator growth to the cache's sizes,
     kernels loaded on first use; with the static cache, compilation) stay outside the timed window; the
     best of `repeats` timed calls, each timed whole (its prefill included)."""
     device = baseline.device
     ids = torch.tensor(_prompts(config, batch, prompt_len, 7), device=device)
-    kwargs = dict(attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False)  # (no eos: the length is fixed)
+    kwargs = dict(
+        attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False
+    )  # (no eos: the length is fixed)
     if cache == "static":
         kwargs["cache_implementation"] = "static"
     best = float("inf")
     with torch.inference_mode():
-        for attempt in range(repeats + (3 if cache == "static" else 1)):  # static: compile, then the graphs' first replays
+        for attempt in range(
+            repeats + (3 if cache == "static" else 1)
+        ):  # static: compile, then the graphs' first replays
             synchronize(device)
             start = time.perf_counter()
             out = baseline.generate(ids, **kwargs)
@@ -136,35 +149,72 @@ def hf_generate_speed(baseline: Any, config: Any, batch: int, prompt_len: int, n
     return batch * (out.shape[1] - prompt_len) / best
 
 
-def run_decode(model: Transformer, device: torch.device, say: Say, batches: list[int], prompt_len: int = 128, new_tokens: int = 128,
-               baseline: bool = False, kernels: bool | str | None = None) -> dict[str, Any]:
+def run_decode(
+    model: Transformer,
+    device: torch.device,
+    say: Say,
+    batches: list[int],
+    prompt_len: int = 128,
+    new_tokens: int = 128,
+    baseline: bool = False,
+    kernels: bool | str | None = None,
+) -> dict[str, Any]:
     """The `decode` document: one entry per batch size (`kernels` as Engine takes it)."""
     config = model.config
     if prompt_len + new_tokens > config.seq_len:
-        raise OneboxError(f"prompt {prompt_len} + new tokens {new_tokens} exceed the model's context of {config.seq_len}: lower --prompt-len or --new-tokens.")
+        raise OneboxError(
+            f"prompt {prompt_len} + new tokens {new_tokens} exceed the model's context of {config.seq_len}: lower --prompt-len or --new-tokens."
+        )
     bandwidth = memory_bandwidth(device)
     nbytes = weight_bytes(model)
-    doc = new_document("decode", device, {"prompt_len": prompt_len, "new_tokens": new_tokens, "batches": batches,
-                                          "dtype": str(model.embed_tokens.weight.dtype).replace("torch.", ""), "baseline": "hf" if baseline else None,
-                                          "memory_bytes_per_second": bandwidth, "weight_bytes": nbytes})
+    doc = new_document(
+        "decode",
+        device,
+        {
+            "prompt_len": prompt_len,
+            "new_tokens": new_tokens,
+            "batches": batches,
+            "dtype": str(model.embed_tokens.weight.dtype).replace("torch.", ""),
+            "baseline": "hf" if baseline else None,
+            "memory_bytes_per_second": bandwidth,
+            "weight_bytes": nbytes,
+        },
+    )
     prefill = time_prefill(model, prompt_len, device)
-    say(f"{config.name}: {nbytes / 1e9:.2f} GB of weights | prefill {prefill:,.0f} tok/s ({prompt_len} tokens) | "
-        f"memory bandwidth {'n/a' if bandwidth is None else f'{bandwidth / 1e12:.2f} TB/s'}")
+    say(
+        f"{config.name}: {nbytes / 1e9:.2f} GB of weights | prefill {prefill:,.0f} tok/s ({prompt_len} tokens) | "
+        f"memory bandwidth {'n/a' if bandwidth is None else f'{bandwidth / 1e12:.2f} TB/s'}"
+    )
     for batch in batches:
         engine = Engine(model, max_batch=batch, prefix_entries=0, kernels=kernels)
         decode = time_decode(engine, batch, prompt_len, new_tokens)
         bound = batch * bandwidth / nbytes if bandwidth else None
-        result = {"status": "ok", "prefill_tokens_per_second": prefill, "decode_tokens_per_second": decode, "bound_tokens_per_second": bound,
-                  "bound_fraction": decode / bound if bound else None, "kernels": ",".join(engine.kernels) or "torch"}
-        line = f"  batch {batch}: decode {decode:,.0f} tok/s" + (f" = {result['bound_fraction']:.1%} of the bound ({bound:,.0f} tok/s)" if bound else "")
+        result = {
+            "status": "ok",
+            "prefill_tokens_per_second": prefill,
+            "decode_tokens_per_second": decode,
+            "bound_tokens_per_second": bound,
+            "bound_fraction": decode / bound if bound else None,
+            "kernels": ",".join(engine.kernels) or "torch",
+        }
+        line = f"  batch {batch}: decode {decode:,.0f} tok/s" + (
+            f" = {result['bound_fraction']:.1%} of the bound ({bound:,.0f} tok/s)" if bound else ""
+        )
         if baseline:
             hf = hf_baseline(model)
             speeds = {cache: hf_generate_speed(hf, config, batch, prompt_len, new_tokens, cache) for cache in HF_CACHES}
             del hf
-            result["baseline"] = {"kind": "hf", "decode_tokens_per_second": speeds["dynamic"], "ratio": decode / speeds["dynamic"],
-                                  "static_decode_tokens_per_second": speeds["static"], "static_ratio": decode / speeds["static"]}
-            line += (f" | transformers generate() {speeds['dynamic']:,.0f} tok/s ({decode / speeds['dynamic']:.1f}x), "
-                     f"with its static cache, compiled, {speeds['static']:,.0f} ({decode / speeds['static']:.1f}x)")
+            result["baseline"] = {
+                "kind": "hf",
+                "decode_tokens_per_second": speeds["dynamic"],
+                "ratio": decode / speeds["dynamic"],
+                "static_decode_tokens_per_second": speeds["static"],
+                "static_ratio": decode / speeds["static"],
+            }
+            line += (
+                f" | transformers generate() {speeds['dynamic']:,.0f} tok/s ({decode / speeds['dynamic']:.1f}x), "
+                f"with its static cache, compiled, {speeds['static']:,.0f} ({decode / speeds['static']:.1f}x)"
+            )
         doc["entries"].append({"config": config_record(config), "batch": batch, "result": result})
         say(line)
         del engine

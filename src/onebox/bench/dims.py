@@ -21,7 +21,9 @@ HIDDEN_RATIO = 8 / 3  # hidden/dim of the LLaMA family (600m-A: 4096/1536)
 def layer_config(dim: int, ratio: float = HIDDEN_RATIO, seq: int = 512, head_dim: int = 128) -> ModelConfig:
     """One layer's shape at width dim: hidden = ratio x dim rounded to 128, head size 128."""
     hidden = max(128, round(dim * ratio / 128) * 128)
-    return ModelConfig(name=f"layer-{dim}", dim=dim, hidden=hidden, layers=1, heads=max(1, dim // head_dim), seq_len=seq).validate()
+    return ModelConfig(
+        name=f"layer-{dim}", dim=dim, hidden=hidden, layers=1, heads=max(1, dim // head_dim), seq_len=seq
+    ).validate()
 
 
 def layer_flops(config: ModelConfig, tokens: int) -> int:
@@ -59,14 +61,37 @@ def find_cliffs(points: list[dict[str, Any]], noise: float) -> list[dict[str, An
     for before, after in zip(points, points[1:]):
         ratio = after["ns_per_gflop"] / before["ns_per_gflop"]
         if ratio - 1 > threshold:
-            cliffs.append({"from_dim": before["dim"], "to_dim": after["dim"], "ratio": ratio, "threshold": 1 + threshold})
+            cliffs.append(
+                {"from_dim": before["dim"], "to_dim": after["dim"], "ratio": ratio, "threshold": 1 + threshold}
+            )
     return cliffs
 
 
-def run_dims(dims: list[int], device: torch.device, precision: str, say: Say, batch: int = 16, seq: int = 512, repeats: int = 3, iters: int = 5, warmup: int = 2) -> dict[str, Any]:
+def run_dims(
+    dims: list[int],
+    device: torch.device,
+    precision: str,
+    say: Say,
+    batch: int = 16,
+    seq: int = 512,
+    repeats: int = 3,
+    iters: int = 5,
+    warmup: int = 2,
+) -> dict[str, Any]:
     """The `dims` document: each width timed `repeats` times (interleaved), noise, and the cliffs."""
-    doc = new_document("dims", device, {"dims": dims, "batch": batch, "seq": seq, "hidden_ratio": HIDDEN_RATIO, "repeats": repeats, "iters": iters,
-                                        "precision": precision})
+    doc = new_document(
+        "dims",
+        device,
+        {
+            "dims": dims,
+            "batch": batch,
+            "seq": seq,
+            "hidden_ratio": HIDDEN_RATIO,
+            "repeats": repeats,
+            "iters": iters,
+            "precision": precision,
+        },
+    )
     configs = [layer_config(d, seq=seq) for d in dims]
     runs: dict[int, list[float]] = {d: [] for d in dims}
     for round_index in range(repeats):  # interleaved, so drift in clocks or heat shows up as noise
@@ -78,15 +103,28 @@ def run_dims(dims: list[int], device: torch.device, precision: str, say: Say, ba
         times = runs[config.dim]
         ms = median(times)
         flops = layer_flops(config, tokens)
-        point = {"dim": config.dim, "hidden": config.hidden, "heads": config.heads, "ms": ms, "runs_ms": times, "flops": flops,
-                 "ns_per_gflop": ms * 1e6 / (flops / 1e9), "tflops_per_second": flops / (ms / 1000) / 1e12, "spread": (max(times) - min(times)) / ms}
+        point = {
+            "dim": config.dim,
+            "hidden": config.hidden,
+            "heads": config.heads,
+            "ms": ms,
+            "runs_ms": times,
+            "flops": flops,
+            "ns_per_gflop": ms * 1e6 / (flops / 1e9),
+            "tflops_per_second": flops / (ms / 1000) / 1e12,
+            "spread": (max(times) - min(times)) / ms,
+        }
         doc["entries"].append(point)
-        say(f"dim {config.dim:>5} hidden {config.hidden:>6}: {ms:8.2f} ms  {point['tflops_per_second']:7.1f} TFLOP/s  spread {point['spread']:.1%}")
+        say(
+            f"dim {config.dim:>5} hidden {config.hidden:>6}: {ms:8.2f} ms  {point['tflops_per_second']:7.1f} TFLOP/s  spread {point['spread']:.1%}"
+        )
     noise = median([p["spread"] for p in doc["entries"]])
     doc["noise"] = noise
     doc["cliffs"] = find_cliffs(doc["entries"], noise)
     for cliff in doc["cliffs"]:
-        say(f"cliff: dim {cliff['from_dim']} -> {cliff['to_dim']}: time per FLOP x{cliff['ratio']:.2f} (noise threshold x{cliff['threshold']:.2f})")
+        say(
+            f"cliff: dim {cliff['from_dim']} -> {cliff['to_dim']}: time per FLOP x{cliff['ratio']:.2f} (noise threshold x{cliff['threshold']:.2f})"
+        )
     if not doc["cliffs"]:
         say(f"no cliff beyond the noise (median spread {noise:.1%})")
     return doc

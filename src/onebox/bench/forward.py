@@ -59,7 +59,9 @@ def h2d_bandwidth(device: torch.device, nbytes: int = 2**30, repeats: int = 3) -
     return nbytes / (median([clock.ms(a, b) for a, b in marks[1:]]) / 1000.0)
 
 
-def _time_passes(model: Callable[[torch.Tensor], torch.Tensor], tokens: torch.Tensor, device: torch.device, passes: int, warmup: int) -> list[float]:
+def _time_passes(
+    model: Callable[[torch.Tensor], torch.Tensor], tokens: torch.Tensor, device: torch.device, passes: int, warmup: int
+) -> list[float]:
     clock = PhaseClock(device)
     times = []
     with torch.inference_mode():
@@ -74,13 +76,25 @@ def _time_passes(model: Callable[[torch.Tensor], torch.Tensor], tokens: torch.Te
 def resident_blocks(config: Any, dtype: torch.dtype, budget: int) -> int:
     """How many blocks fit beside the embedding, output layer and two streaming buffers."""
     itemsize = torch.finfo(dtype).bits // 8
-    block = (config.num_params() - config.vocab_size * config.dim * (1 if config.tie_embeddings else 2) - config.dim) // config.layers * itemsize
+    block = (
+        (config.num_params() - config.vocab_size * config.dim * (1 if config.tie_embeddings else 2) - config.dim)
+        // config.layers
+        * itemsize
+    )
     rest = config.vocab_size * config.dim * (1 if config.tie_embeddings else 2) * itemsize + 2 * block
     return max(0, min(config.layers, (budget - rest) // block))
 
 
-def probe(config: Any, device: torch.device, dtype: torch.dtype, batch: int, passes: int, warmup: int, budget: int | None = None,
-          bandwidth: float | None = None) -> dict[str, Any]:
+def probe(
+    config: Any,
+    device: torch.device,
+    dtype: torch.dtype,
+    batch: int,
+    passes: int,
+    warmup: int,
+    budget: int | None = None,
+    bandwidth: float | None = None,
+) -> dict[str, Any]:
     """Time forward passes of one rung: resident when its weights fit `budget`, else with blocks streamed
     from host memory; status 'oom' when even that fails."""
     weight_bytes = config.num_params() * torch.finfo(dtype).bits // 8
@@ -94,7 +108,9 @@ def probe(config: Any, device: torch.device, dtype: torch.dtype, batch: int, pas
         tokens = torch.randint(0, config.vocab_size, (batch, config.seq_len), device=device)
         if streamed:
             model = build_streamed(config, device, dtype, resident_blocks(config, dtype, budget))
-            extra.update(resident_blocks=model.resident, streamed_blocks=len(model.streamed), streamed_bytes=model.streamed_bytes)
+            extra.update(
+                resident_blocks=model.resident, streamed_blocks=len(model.streamed), streamed_bytes=model.streamed_bytes
+            )
         else:
             model = build_random_model(config, device, dtype)
         pass_ms = _time_passes(model, tokens, device, passes, warmup)
@@ -103,18 +119,42 @@ def probe(config: Any, device: torch.device, dtype: torch.dtype, batch: int, pas
     except (torch.cuda.OutOfMemoryError, RuntimeError) as err:  # RuntimeError: pinned host memory that cannot be had
         if not isinstance(err, torch.cuda.OutOfMemoryError) and "out of memory" not in str(err).lower():
             raise
-        return {"status": "oom", "weight_bytes": weight_bytes, "estimated_bytes": weight_bytes, "ms_per_pass": None, "pass_ms": [],
-                "tokens_per_second": None, "peak_memory_bytes": None, **extra}
+        return {
+            "status": "oom",
+            "weight_bytes": weight_bytes,
+            "estimated_bytes": weight_bytes,
+            "ms_per_pass": None,
+            "pass_ms": [],
+            "tokens_per_second": None,
+            "peak_memory_bytes": None,
+            **extra,
+        }
     ms = median(pass_ms)
     if streamed and bandwidth:
         floor = extra["streamed_bytes"] / bandwidth * 1000.0
         extra.update(h2d_bytes_per_second=bandwidth, floor_ms=floor, over_floor=ms / floor)
-    return {"status": "ok", "weight_bytes": weight_bytes, "ms_per_pass": ms, "pass_ms": pass_ms, "tokens_per_second": batch * config.seq_len * 1000.0 / ms,
-            "peak_memory_bytes": peak, "memory_kind": memory_kind(device), **extra}
+    return {
+        "status": "ok",
+        "weight_bytes": weight_bytes,
+        "ms_per_pass": ms,
+        "pass_ms": pass_ms,
+        "tokens_per_second": batch * config.seq_len * 1000.0 / ms,
+        "peak_memory_bytes": peak,
+        "memory_kind": memory_kind(device),
+        **extra,
+    }
 
 
-def run_forward(names: list[str] | None, device: torch.device, precision: str, say: Say, batch: int = 1, passes: int = 3, warmup: int = 1,
-                budget: int | None = None) -> dict[str, Any]:
+def run_forward(
+    names: list[str] | None,
+    device: torch.device,
+    precision: str,
+    say: Say,
+    batch: int = 1,
+    passes: int = 3,
+    warmup: int = 1,
+    budget: int | None = None,
+) -> dict[str, Any]:
     """The `forward` document: one entry per rung, stopping at the first that does not fit.
 
     Rungs whose weights exceed the device's budget (its free memory, or `budget` when given) run with
@@ -124,19 +164,42 @@ def run_forward(names: list[str] | None, device: torch.device, precision: str, s
     configs = [preset(n) for n in names]
     dtype = forward_dtype(device, precision)
     bandwidth = h2d_bandwidth(device)
-    doc = new_document("forward", device, {"batch": batch, "passes": passes, "warmup": warmup, "dtype": str(dtype).replace("torch.", ""), "ladder": names,
-                                           "h2d_bytes_per_second": bandwidth})
+    doc = new_document(
+        "forward",
+        device,
+        {
+            "batch": batch,
+            "passes": passes,
+            "warmup": warmup,
+            "dtype": str(dtype).replace("torch.", ""),
+            "ladder": names,
+            "h2d_bytes_per_second": bandwidth,
+        },
+    )
     for config in configs:
-        result = probe(config, device, dtype, batch, passes, warmup, budget if budget is not None else device_budget(device), bandwidth)
+        result = probe(
+            config,
+            device,
+            dtype,
+            batch,
+            passes,
+            warmup,
+            budget if budget is not None else device_budget(device),
+            bandwidth,
+        )
         doc["entries"].append({"config": config_record(config), "batch": batch, "result": result})
         if result["status"] == "oom":
-            say(f"{config.name:<5} {config.num_params() / 1e9:5.1f}B  out of memory (weights alone {format_bytes(result['weight_bytes'])}): the forward ceiling")
+            say(
+                f"{config.name:<5} {config.num_params() / 1e9:5.1f}B  out of memory (weights alone {format_bytes(result['weight_bytes'])}): the forward ceiling"
+            )
             break
         how = ""
         if result["streamed"]:
             how = f" | {result['streamed_blocks']} of {config.layers} blocks streamed ({format_bytes(result['streamed_bytes'])})"
             if "floor_ms" in result:
                 how += f", floor {result['floor_ms']:,.0f} ms at {result['h2d_bytes_per_second'] / 1e9:.1f} GB/s: {result['over_floor']:.2f}x"
-        say(f"{config.name:<5} {config.num_params() / 1e9:5.1f}B  {result['ms_per_pass']:,.1f} ms/pass ({config.seq_len * batch} tokens) | "
-            f"{result['tokens_per_second']:,.0f} tok/s | peak {format_bytes(result['peak_memory_bytes'])}{how}")
+        say(
+            f"{config.name:<5} {config.num_params() / 1e9:5.1f}B  {result['ms_per_pass']:,.1f} ms/pass ({config.seq_len * batch} tokens) | "
+            f"{result['tokens_per_second']:,.0f} tok/s | peak {format_bytes(result['peak_memory_bytes'])}{how}"
+        )
     return doc

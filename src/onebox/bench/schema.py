@@ -26,12 +26,48 @@ from onebox.files import read_json, write_text_atomic
 SCHEMA_VERSION = 1
 BENCHMARKS = ("validate", "sweep", "forward", "dims", "ceiling", "decode", "serve")
 TRAINING_BENCHMARKS = ("validate", "sweep")
-TOP_FIELDS = ("schema_version", "onebox_version", "git_commit", "benchmark", "created_utc", "submitter", "hardware", "settings", "entries", "fingerprint")
-HARDWARE_FIELDS = ("accelerator", "accelerator_memory_bytes", "driver", "cuda_version", "torch_version", "power_limit_watts", "cpu", "cpu_cores", "host_memory_bytes", "os")
+TOP_FIELDS = (
+    "schema_version",
+    "onebox_version",
+    "git_commit",
+    "benchmark",
+    "created_utc",
+    "submitter",
+    "hardware",
+    "settings",
+    "entries",
+    "fingerprint",
+)
+HARDWARE_FIELDS = (
+    "accelerator",
+    "accelerator_memory_bytes",
+    "driver",
+    "cuda_version",
+    "torch_version",
+    "power_limit_watts",
+    "cpu",
+    "cpu_cores",
+    "host_memory_bytes",
+    "os",
+)
 CONFIG_FIELDS = ("name", "dim", "hidden", "heads", "kv_heads", "layers", "seq", "vocab", "params")
 TRAINING_RESULT_FIELDS = (
-    "status", "ms_per_step", "forward_ms", "backward_ms", "optimizer_ms", "tokens_per_second", "flops_per_token", "mfu",
-    "peak_flops", "peak_memory_bytes", "avg_power_watts", "tokens_per_joule", "loss_start", "loss_end", "loss_delta", "loss_trace",
+    "status",
+    "ms_per_step",
+    "forward_ms",
+    "backward_ms",
+    "optimizer_ms",
+    "tokens_per_second",
+    "flops_per_token",
+    "mfu",
+    "peak_flops",
+    "peak_memory_bytes",
+    "avg_power_watts",
+    "tokens_per_joule",
+    "loss_start",
+    "loss_end",
+    "loss_delta",
+    "loss_trace",
 )
 TOKENS_TOLERANCE = 0.05  # tokens/s vs batch x seq x 1000 / ms
 PHASES_TOLERANCE = 0.25  # forward + backward + optimizer vs ms/step
@@ -46,8 +82,16 @@ def git_commit() -> str | None:
         return os.environ["ONEBOX_GIT_COMMIT"]
     root = Path(__file__).resolve().parents[3]
     try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
     return sha + ("-dirty" if dirty else "")
@@ -88,9 +132,17 @@ def seal(doc: dict[str, Any]) -> dict[str, Any]:
 def config_record(config: Any) -> dict[str, Any]:
     """The configuration block of an entry."""
     return {
-        "name": config.name, "dim": config.dim, "hidden": config.hidden, "heads": config.heads, "kv_heads": config.kv_heads,
-        "layers": config.layers, "seq": config.seq_len, "vocab": config.vocab_size, "params": config.num_params(),
-        "activation": config.activation, "tie_embeddings": config.tie_embeddings,
+        "name": config.name,
+        "dim": config.dim,
+        "hidden": config.hidden,
+        "heads": config.heads,
+        "kv_heads": config.kv_heads,
+        "layers": config.layers,
+        "seq": config.seq_len,
+        "vocab": config.vocab_size,
+        "params": config.num_params(),
+        "activation": config.activation,
+        "tie_embeddings": config.tie_embeddings,
     }
 
 
@@ -109,7 +161,11 @@ def _training_problems(where: str, entry: dict[str, Any], batch: Any) -> list[st
     if result["status"] not in ("ok", "failed"):
         return [f"{where}: unknown status {result['status']!r}"]
     trace = result["loss_trace"]
-    if not trace or not all(_finite(x) for x in trace) or not all(_finite(result[k]) for k in ("loss_start", "loss_end")):
+    if (
+        not trace
+        or not all(_finite(x) for x in trace)
+        or not all(_finite(result[k]) for k in ("loss_start", "loss_end"))
+    ):
         problems.append(f"{where}: non-finite or missing losses")
     elif not result["loss_end"] < result["loss_start"]:
         problems.append(f"{where}: the loss did not fall ({result['loss_start']:.4f} -> {result['loss_end']:.4f})")
@@ -120,12 +176,16 @@ def _training_problems(where: str, entry: dict[str, Any], batch: Any) -> list[st
         return problems
     expected = batch * seq * 1000.0 / ms
     if abs(tps - expected) / expected > TOKENS_TOLERANCE:
-        problems.append(f"{where}: tokens/s {tps:.1f} is inconsistent with batch x seq x 1000 / ms = {expected:.1f} (over 5% apart)")
+        problems.append(
+            f"{where}: tokens/s {tps:.1f} is inconsistent with batch x seq x 1000 / ms = {expected:.1f} (over 5% apart)"
+        )
     phases = [result[k] for k in ("forward_ms", "backward_ms", "optimizer_ms")]
     if not all(_finite(p) and p >= 0 for p in phases):
         problems.append(f"{where}: phase times must be non-negative numbers")
     elif abs(sum(phases) - ms) / ms > PHASES_TOLERANCE:
-        problems.append(f"{where}: forward + backward + optimizer = {sum(phases):.1f} ms differs from ms/step {ms:.1f} by over 25%")
+        problems.append(
+            f"{where}: forward + backward + optimizer = {sum(phases):.1f} ms differs from ms/step {ms:.1f} by over 25%"
+        )
     if _finite(result.get("mfu")) and result["mfu"] > 1.0:
         problems.append(f"{where}: MFU {result['mfu']:.0%} exceeds the device's peak: implausibly fast")
     return problems
@@ -141,8 +201,17 @@ def _ceiling_problems(where: str, entry: dict[str, Any]) -> list[str]:
     trace = result.get("loss_trace") or []
     if not trace or not all(_finite(x) for x in trace):
         return [f"{where}: non-finite or missing losses"]
-    problems = [] if status == "failed" or trace[-1] < trace[0] else [f"{where}: the loss did not fall ({trace[0]:.4f} -> {trace[-1]:.4f})"]
-    ms, tps, batch, seq = result.get("ms_per_step"), result.get("tokens_per_second"), entry.get("batch"), (entry.get("config") or {}).get("seq")
+    problems = (
+        []
+        if status == "failed" or trace[-1] < trace[0]
+        else [f"{where}: the loss did not fall ({trace[0]:.4f} -> {trace[-1]:.4f})"]
+    )
+    ms, tps, batch, seq = (
+        result.get("ms_per_step"),
+        result.get("tokens_per_second"),
+        entry.get("batch"),
+        (entry.get("config") or {}).get("seq"),
+    )
     if not all(_finite(v) and v > 0 for v in (ms, tps, batch, seq)):
         return problems + [f"{where}: ms_per_step, tokens_per_second, batch and seq must be positive numbers"]
     if abs(tps - batch * seq * 1000.0 / ms) / tps > TOKENS_TOLERANCE:
@@ -194,12 +263,19 @@ def validate_document(doc: Any) -> list[str]:
                 problems.append(f"{where}: a 95th percentile below its median")
         elif doc["benchmark"] == "decode":
             result = entry.get("result") or {}
-            if not all(_finite(result.get(k)) and result[k] > 0 for k in ("prefill_tokens_per_second", "decode_tokens_per_second")):
+            if not all(
+                _finite(result.get(k)) and result[k] > 0
+                for k in ("prefill_tokens_per_second", "decode_tokens_per_second")
+            ):
                 problems.append(f"{where}: a decode entry needs positive prefill and decode tokens/s")
             elif _finite(result.get("bound_fraction")) and result["bound_fraction"] > 1.1:
-                problems.append(f"{where}: decode at {result['bound_fraction']:.0%} of the memory-bandwidth bound: implausibly fast")
+                problems.append(
+                    f"{where}: decode at {result['bound_fraction']:.0%} of the memory-bandwidth bound: implausibly fast"
+                )
         elif doc["benchmark"] == "dims":
-            if not (_finite(entry.get("ms")) and entry["ms"] > 0 and _finite(entry.get("flops")) and entry["flops"] > 0):
+            if not (
+                _finite(entry.get("ms")) and entry["ms"] > 0 and _finite(entry.get("flops")) and entry["flops"] > 0
+            ):
                 problems.append(f"{where}: a dimension point needs positive ms and flops")
     return problems
 

@@ -43,7 +43,14 @@ def _free_port() -> int:
 
 async def _one_stream(client: Any, url: str, prompt: list[int], max_tokens: int) -> tuple[float, float, int]:
     """(seconds to the first token, seconds to the end, tokens received) of one streaming request."""
-    body = {"model": "bench", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+    body = {
+        "model": "bench",
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     start = time.perf_counter()
     first, tokens = None, 0
     async with client.stream("POST", f"{url}/v1/completions", json=body, timeout=600) as response:
@@ -74,7 +81,9 @@ def _round(url: str, prompts: list[list[int]], max_tokens: int) -> tuple[list[tu
     return results, time.perf_counter() - started
 
 
-def run_serve_bench(model: Transformer, say: Say, clients: list[int], max_tokens: int = 64, prompt_len: int = 32) -> dict[str, Any]:
+def run_serve_bench(
+    model: Transformer, say: Say, clients: list[int], max_tokens: int = 64, prompt_len: int = 32
+) -> dict[str, Any]:
     """The `serve` document: one entry per client count."""
     import uvicorn
 
@@ -82,32 +91,56 @@ def run_serve_bench(model: Transformer, say: Say, clients: list[int], max_tokens
 
     config = model.config
     if prompt_len + max_tokens > config.seq_len:
-        raise OneboxError(f"prompt {prompt_len} + max tokens {max_tokens} exceed the model's context of {config.seq_len}.")
+        raise OneboxError(
+            f"prompt {prompt_len} + max tokens {max_tokens} exceed the model's context of {config.seq_len}."
+        )
     device = model.embed_tokens.weight.device
     engine = Engine(model, max_batch=max(clients), prefix_entries=0).warmup().start()
     port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(Server(engine, None, "bench", max_n=1)), host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_app(Server(engine, None, "bench", max_n=1)), host="127.0.0.1", port=port, log_level="warning"
+        )
+    )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     while not server.started:
         time.sleep(0.02)
     url = f"http://127.0.0.1:{port}"
     generator = torch.Generator().manual_seed(0)
-    doc = new_document("serve", device, {"clients": clients, "max_tokens": max_tokens, "prompt_len": prompt_len, "max_batch": max(clients)})
+    doc = new_document(
+        "serve",
+        device,
+        {"clients": clients, "max_tokens": max_tokens, "prompt_len": prompt_len, "max_batch": max(clients)},
+    )
     # The clients run in a process of their own, so that they do not take the server's interpreter lock.
     clients_process = concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
     try:
-        clients_process.submit(_round, url, [[1] * prompt_len] * max(clients), 4).result()  # warm-up: compile and capture first
+        clients_process.submit(
+            _round, url, [[1] * prompt_len] * max(clients), 4
+        ).result()  # warm-up: compile and capture first
         for count in clients:
-            prompts = [torch.randint(0, config.vocab_size, (prompt_len,), generator=generator).tolist() for _ in range(count)]
+            prompts = [
+                torch.randint(0, config.vocab_size, (prompt_len,), generator=generator).tolist() for _ in range(count)
+            ]
             results, wall = clients_process.submit(_round, url, prompts, max_tokens).result()
             ttft, total, tokens = [r[0] for r in results], [r[1] for r in results], sum(r[2] for r in results)
-            result = {"status": "ok", "requests": count, "tokens": tokens, "wall_seconds": wall, "tokens_per_second": tokens / wall,
-                      "ttft_p50_ms": 1000 * statistics.median(ttft), "ttft_p95_ms": 1000 * _percentile(ttft, 0.95),
-                      "latency_p50_ms": 1000 * statistics.median(total), "latency_p95_ms": 1000 * _percentile(total, 0.95)}
+            result = {
+                "status": "ok",
+                "requests": count,
+                "tokens": tokens,
+                "wall_seconds": wall,
+                "tokens_per_second": tokens / wall,
+                "ttft_p50_ms": 1000 * statistics.median(ttft),
+                "ttft_p95_ms": 1000 * _percentile(ttft, 0.95),
+                "latency_p50_ms": 1000 * statistics.median(total),
+                "latency_p95_ms": 1000 * _percentile(total, 0.95),
+            }
             doc["entries"].append({"config": config_record(config), "batch": count, "result": result})
-            say(f"  {plural(count, 'client'):>11}: {result['tokens_per_second']:,.0f} tok/s aggregate | time to first token p50 {result['ttft_p50_ms']:,.0f} ms, "
-                f"p95 {result['ttft_p95_ms']:,.0f} ms | latency p50 {result['latency_p50_ms']:,.0f} ms, p95 {result['latency_p95_ms']:,.0f} ms")
+            say(
+                f"  {plural(count, 'client'):>11}: {result['tokens_per_second']:,.0f} tok/s aggregate | time to first token p50 {result['ttft_p50_ms']:,.0f} ms, "
+                f"p95 {result['ttft_p95_ms']:,.0f} ms | latency p50 {result['latency_p50_ms']:,.0f} ms, p95 {result['latency_p95_ms']:,.0f} ms"
+            )
         base = doc["entries"][0]["result"]["tokens_per_second"]
         for entry in doc["entries"]:
             entry["result"]["over_first"] = entry["result"]["tokens_per_second"] / base

@@ -52,8 +52,18 @@ def _rows(doc: dict[str, Any]) -> list[tuple[Any, ...]]:
             continue
         result = entry["result"]
         ms = result.get("ms_per_step", result.get("ms_per_pass"))
-        rows.append((entry["config"]["name"], entry["config"]["params"], result["status"], result.get("tokens_per_second"), result.get("mfu"),
-                     result.get("peak_memory_bytes"), result.get("tokens_per_joule"), ms))
+        rows.append(
+            (
+                entry["config"]["name"],
+                entry["config"]["params"],
+                result["status"],
+                result.get("tokens_per_second"),
+                result.get("mfu"),
+                result.get("peak_memory_bytes"),
+                result.get("tokens_per_joule"),
+                ms,
+            )
+        )
     return rows
 
 
@@ -67,7 +77,9 @@ class ResultStore:
             self.db = sqlite3.connect(self.path)
             self.db.executescript(_SCHEMA)
         except sqlite3.DatabaseError as err:
-            raise OneboxError(f"{self.path} is not a onebox results database ({err}): give another --db path.") from None
+            raise OneboxError(
+                f"{self.path} is not a onebox results database ({err}): give another --db path."
+            ) from None
 
     def add(self, doc: dict[str, Any], name: str = "document") -> bool:
         """Validate and store a document; False when the same document is already stored."""
@@ -77,10 +89,14 @@ class ResultStore:
             return False
         device = device_of(doc)
         with self.db:
-            self.db.execute("INSERT INTO documents VALUES (?, ?, ?, ?, ?, ?)",
-                            (fingerprint, doc["benchmark"], device, doc["submitter"], doc["created_utc"], json.dumps(doc)))
-            self.db.executemany("INSERT INTO entries VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                                [(fingerprint, doc["benchmark"], device, *row) for row in _rows(doc)])
+            self.db.execute(
+                "INSERT INTO documents VALUES (?, ?, ?, ?, ?, ?)",
+                (fingerprint, doc["benchmark"], device, doc["submitter"], doc["created_utc"], json.dumps(doc)),
+            )
+            self.db.executemany(
+                "INSERT INTO entries VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [(fingerprint, doc["benchmark"], device, *row) for row in _rows(doc)],
+            )
         return True
 
     def add_file(self, path: str | Path) -> bool:
@@ -89,7 +105,9 @@ class ResultStore:
 
     def documents(self, benchmark: str | None = None) -> list[dict[str, Any]]:
         """Stored documents, oldest first, optionally of one benchmark."""
-        query = "SELECT document FROM documents" + (" WHERE benchmark = ?" if benchmark else "") + " ORDER BY created_utc"
+        query = (
+            "SELECT document FROM documents" + (" WHERE benchmark = ?" if benchmark else "") + " ORDER BY created_utc"
+        )
         return [json.loads(row[0]) for row in self.db.execute(query, (benchmark,) if benchmark else ())]
 
     def leaderboard(self, benchmark: str = "sweep") -> list[tuple[Any, ...]]:

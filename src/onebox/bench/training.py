@@ -57,7 +57,9 @@ class BenchSettings:
     def validate(self) -> BenchSettings:
         """Refuse settings that cannot give a measurement."""
         if self.batch < 1 or self.steps < 2 or self.timed_steps < 1:
-            raise OneboxError("bench needs batch >= 1, steps >= 2 (the loss must be seen to fall) and timed steps >= 1.")
+            raise OneboxError(
+                "bench needs batch >= 1, steps >= 2 (the loss must be seen to fall) and timed steps >= 1."
+            )
         return self
 
 
@@ -92,7 +94,9 @@ def build_hf(config: ModelConfig, device: torch.device, settings: BenchSettings,
     try:
         import transformers
     except ImportError:
-        raise OneboxError("--baseline needs the transformers package: pip install transformers (or onebox[dev]).") from None
+        raise OneboxError(
+            "--baseline needs the transformers package: pip install transformers (or onebox[dev])."
+        ) from None
     from onebox.export import hf_config
 
     hf = transformers.LlamaConfig(**hf_config(config, "float32", None))
@@ -101,17 +105,23 @@ def build_hf(config: ModelConfig, device: torch.device, settings: BenchSettings,
         model = transformers.LlamaForCausalLM(hf)
     model.train()
     forward = torch.compile(model) if compile_model else model
-    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, betas=(0.9, 0.95), weight_decay=0.1, fused=device.type == "cuda")
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=settings.lr, betas=(0.9, 0.95), weight_decay=0.1, fused=device.type == "cuda"
+    )
 
     def update() -> None:  # as transformers' Trainer does it
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad()
 
-    return Contender(lambda x, y: cross_entropy_loss(forward(input_ids=x, use_cache=False).logits, y), update, compile_model)
+    return Contender(
+        lambda x, y: cross_entropy_loss(forward(input_ids=x, use_cache=False).logits, y), update, compile_model
+    )
 
 
-def contender_step(contender: Contender, x: torch.Tensor, y: torch.Tensor, device: torch.device, dtype: torch.dtype | None) -> None:
+def contender_step(
+    contender: Contender, x: torch.Tensor, y: torch.Tensor, device: torch.device, dtype: torch.dtype | None
+) -> None:
     """One untimed training step of a contender (forward under autocast, backward, update): the probes' step."""
     with autocast(device, dtype):
         loss = contender.loss(x, y)
@@ -119,7 +129,9 @@ def contender_step(contender: Contender, x: torch.Tensor, y: torch.Tensor, devic
     contender.update()
 
 
-def synthetic_batch(config: ModelConfig, batch: int, device: torch.device, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def synthetic_batch(
+    config: ModelConfig, batch: int, device: torch.device, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """A fixed batch of uniform random tokens and their next-token targets."""
     generator = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, config.vocab_size, (batch, config.seq_len + 1), generator=generator)
@@ -134,24 +146,61 @@ def _release() -> None:
 
 def _oom_result(config: ModelConfig, settings: BenchSettings, mixed: bool) -> dict[str, Any]:
     estimate = estimate_training_memory(config, settings.batch, mixed)
-    fields = dict.fromkeys(("ms_per_step", "forward_ms", "backward_ms", "optimizer_ms", "tokens_per_second", "mfu", "peak_memory_bytes",
-                            "avg_power_watts", "tokens_per_joule", "loss_start", "loss_end", "loss_delta"))
-    return {"status": "oom", **fields, "loss_trace": [], "flops_per_token": config.flops_per_token(), "peak_flops": None, "estimated_bytes": estimate.total,
-            "estimate": asdict(estimate)}
+    fields = dict.fromkeys(
+        (
+            "ms_per_step",
+            "forward_ms",
+            "backward_ms",
+            "optimizer_ms",
+            "tokens_per_second",
+            "mfu",
+            "peak_memory_bytes",
+            "avg_power_watts",
+            "tokens_per_joule",
+            "loss_start",
+            "loss_end",
+            "loss_delta",
+        )
+    )
+    return {
+        "status": "oom",
+        **fields,
+        "loss_trace": [],
+        "flops_per_token": config.flops_per_token(),
+        "peak_flops": None,
+        "estimated_bytes": estimate.total,
+        "estimate": asdict(estimate),
+    }
 
 
 Builder = Callable[[ModelConfig, torch.device, BenchSettings], Contender]
 
 
-def build_sharded(config: ModelConfig, device: torch.device, settings: BenchSettings, reshard: bool | None = None, **shard_options: Any) -> Contender:
+def build_sharded(
+    config: ModelConfig,
+    device: torch.device,
+    settings: BenchSettings,
+    reshard: bool | None = None,
+    **shard_options: Any,
+) -> Contender:
     """onebox's multi-process path, as `onebox train` under torchrun builds it (plan.build_sharded_for_training;
     `reshard` None: as planned; it and `shard_options` are what benchmarks/scaling_probe.py varies)."""
     compiled = compile_scope(settings.compile, device) is not None
     mixed = autocast_dtype(device, settings.precision) is not None
     world = torch.distributed.get_world_size()
-    chosen = resolve_strategy(settings.memory, config, settings.batch, device, compiled=compiled, mixed=mixed, shards=world)
-    train = TrainConfig(lr=settings.lr, device=str(device), precision=settings.precision, compile=settings.compile, batch_size=settings.batch)
-    _, loss, optimizer, _ = build_sharded_for_training(config, train, chosen, device, world, reshard=reshard, **shard_options)
+    chosen = resolve_strategy(
+        settings.memory, config, settings.batch, device, compiled=compiled, mixed=mixed, shards=world
+    )
+    train = TrainConfig(
+        lr=settings.lr,
+        device=str(device),
+        precision=settings.precision,
+        compile=settings.compile,
+        batch_size=settings.batch,
+    )
+    _, loss, optimizer, _ = build_sharded_for_training(
+        config, train, chosen, device, world, reshard=reshard, **shard_options
+    )
 
     def update() -> None:
         optimizer.step(max_grad_norm=1.0)
@@ -160,8 +209,14 @@ def build_sharded(config: ModelConfig, device: torch.device, settings: BenchSett
     return Contender(loss, update, compiled, chosen.name)
 
 
-def measure_training(kind: str, config: ModelConfig, device: torch.device, settings: BenchSettings, build: Builder | None = None,
-                     ranks: DistInfo | None = None) -> dict[str, Any]:
+def measure_training(
+    kind: str,
+    config: ModelConfig,
+    device: torch.device,
+    settings: BenchSettings,
+    build: Builder | None = None,
+    ranks: DistInfo | None = None,
+) -> dict[str, Any]:
     """Build the contender ('onebox', 'hf', 'hf-compile', or `build` for a probe) and time it; out-of-memory gives status 'oom'."""
     settings.validate()
     dtype = autocast_dtype(device, settings.precision)
@@ -171,15 +226,30 @@ def measure_training(kind: str, config: ModelConfig, device: torch.device, setti
     _release()
     reset_peak_memory(device)
     try:
-        return _measure(kind, config, device, settings, dtype, build or (build_sharded if ranks is not None and ranks.active else None), ranks or DistInfo())
+        return _measure(
+            kind,
+            config,
+            device,
+            settings,
+            dtype,
+            build or (build_sharded if ranks is not None and ranks.active else None),
+            ranks or DistInfo(),
+        )
     except torch.cuda.OutOfMemoryError:
         pass  # leave the except block first so the traceback's tensors can be freed
     _release()
     return _oom_result(config, settings, dtype is not None)
 
 
-def _measure(kind: str, config: ModelConfig, device: torch.device, settings: BenchSettings, dtype: torch.dtype | None, build: Builder | None,
-             ranks: DistInfo) -> dict[str, Any]:
+def _measure(
+    kind: str,
+    config: ModelConfig,
+    device: torch.device,
+    settings: BenchSettings,
+    dtype: torch.dtype | None,
+    build: Builder | None,
+    ranks: DistInfo,
+) -> dict[str, Any]:
     torch.manual_seed(settings.seed)
     if build is not None:
         contender = build(config, device, settings)

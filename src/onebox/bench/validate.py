@@ -51,21 +51,30 @@ def _ratios(result: dict[str, Any], baseline: dict[str, Any]) -> dict[str, float
     }
 
 
-def run_entry(config: ModelConfig, device: torch.device, settings: BenchSettings, baseline: str | None, say: Say) -> dict[str, Any]:
+def run_entry(
+    config: ModelConfig, device: torch.device, settings: BenchSettings, baseline: str | None, say: Say
+) -> dict[str, Any]:
     """Benchmark one configuration (and its baseline): the entry of a training document."""
     if baseline is not None and baseline not in BASELINES:
         raise OneboxError(f"unknown baseline {baseline!r}: use {' or '.join(BASELINES)}.")
     say(f"{config.name} — {config.shape()} — ~{config.num_params() / 1e6:,.0f}M params — batch {settings.batch}")
     result = measure_training("onebox", config, device, settings)
     say(result_line("onebox", result))
-    entry: dict[str, Any] = {"config": config_record(config), "batch": settings.batch, "result": result, "baseline": None}
+    entry: dict[str, Any] = {
+        "config": config_record(config),
+        "batch": settings.batch,
+        "result": result,
+        "baseline": None,
+    }
     if baseline is not None:
         other = measure_training(baseline, config, device, settings)
         say(result_line(baseline, other))
         ratios = _ratios(result, other)
         entry["baseline"] = {"kind": baseline, "result": other, "ratios": ratios}
         if ratios["tokens_per_second"] is not None:
-            say(f"  onebox / {baseline}: tokens/s {ratios['tokens_per_second']:.2f}x, peak memory {ratios['peak_memory']:.2f}x")
+            say(
+                f"  onebox / {baseline}: tokens/s {ratios['tokens_per_second']:.2f}x, peak memory {ratios['peak_memory']:.2f}x"
+            )
     return entry
 
 
@@ -100,30 +109,55 @@ def add_scaling(doc: dict[str, Any], processes: int, argv: list[str], say: Say) 
             raise OneboxError(f"the {processes}-process measurement failed (its error is printed above).")
         result = json.loads(out.read_text())
     one = entry["result"]
-    scaling: dict[str, Any] = {"processes": processes, "result": result, "tokens_per_second_per_process": None, "efficiency": None}
+    scaling: dict[str, Any] = {
+        "processes": processes,
+        "result": result,
+        "tokens_per_second_per_process": None,
+        "efficiency": None,
+    }
     if result["status"] == "ok" and one["status"] == "ok":
         scaling["tokens_per_second_per_process"] = result["tokens_per_second"] / processes
         scaling["efficiency"] = scaling["tokens_per_second_per_process"] / one["tokens_per_second"]
     entry["scaling"] = scaling
     say(result_line(f"{processes} procs", result))
     if scaling["efficiency"] is not None:
-        say(f"  {processes} processes: {scaling['tokens_per_second_per_process']:,.0f} tok/s per process = {scaling['efficiency']:.1%} scaling efficiency against one")
+        say(
+            f"  {processes} processes: {scaling['tokens_per_second_per_process']:,.0f} tok/s per process = {scaling['efficiency']:.1%} scaling efficiency against one"
+        )
 
 
 def _settings_record(settings: BenchSettings, baseline: str | None) -> dict[str, Any]:
-    return {"batch": settings.batch, "steps": settings.steps, "timed_steps": settings.timed_steps, "precision": settings.precision,
-            "compile": settings.compile, "lr": settings.lr, "seed": settings.seed, "memory": settings.memory, "baseline": baseline,
-            "tokens": "fixed synthetic batch"}
+    return {
+        "batch": settings.batch,
+        "steps": settings.steps,
+        "timed_steps": settings.timed_steps,
+        "precision": settings.precision,
+        "compile": settings.compile,
+        "lr": settings.lr,
+        "seed": settings.seed,
+        "memory": settings.memory,
+        "baseline": baseline,
+        "tokens": "fixed synthetic batch",
+    }
 
 
-def run_validate(config: ModelConfig, device: torch.device, settings: BenchSettings, baseline: str | None, say: Say) -> dict[str, Any]:
+def run_validate(
+    config: ModelConfig, device: torch.device, settings: BenchSettings, baseline: str | None, say: Say
+) -> dict[str, Any]:
     """The `validate` document of one configuration."""
     doc = new_document("validate", device, _settings_record(settings, baseline))
     doc["entries"].append(run_entry(config, device, settings, baseline, say))
     return doc
 
 
-def run_sweep(scales: list[str], device: torch.device, base: BenchSettings, baseline: str | None, say: Say, batch: int | None = None) -> dict[str, Any]:
+def run_sweep(
+    scales: list[str],
+    device: torch.device,
+    base: BenchSettings,
+    baseline: str | None,
+    say: Say,
+    batch: int | None = None,
+) -> dict[str, Any]:
     """The `sweep` document: five variants per scale; configurations that do not fit are recorded as such."""
     for scale in scales:
         if scale not in SWEEP_SCALES:
@@ -149,9 +183,16 @@ def summarize_sweep(entries: list[dict[str, Any]]) -> dict[str, Any]:
         if fitted:
             top = max(fitted, key=lambda e: e["result"]["tokens_per_second"])
             r = top["result"]
-            best[scale] = {"name": top["config"]["name"], "params": top["config"]["params"], "tokens_per_second": r["tokens_per_second"],
-                           "ms_per_step": r["ms_per_step"], "mfu": r["mfu"], "peak_memory_bytes": r["peak_memory_bytes"],
-                           "avg_power_watts": r["avg_power_watts"], "tokens_per_joule": r["tokens_per_joule"]}
+            best[scale] = {
+                "name": top["config"]["name"],
+                "params": top["config"]["params"],
+                "tokens_per_second": r["tokens_per_second"],
+                "ms_per_step": r["ms_per_step"],
+                "mfu": r["mfu"],
+                "peak_memory_bytes": r["peak_memory_bytes"],
+                "avg_power_watts": r["avg_power_watts"],
+                "tokens_per_joule": r["tokens_per_joule"],
+            }
         else:
             best[scale] = None
     wide_vs_deep = []
@@ -159,7 +200,13 @@ def summarize_sweep(entries: list[dict[str, Any]]) -> dict[str, Any]:
         wide, deep = by_name.get(f"{scale}-C"), by_name.get(f"{scale}-B")
         if wide and deep and wide["result"]["status"] == "ok" and deep["result"]["status"] == "ok":
             ratio = wide["result"]["tokens_per_second"] / deep["result"]["tokens_per_second"]
-            wide_vs_deep.append({"scale": scale, "wide_over_deep": ratio, "winner": "wide+shallow (C)" if ratio > 1 else "deep+narrow (B)"})
+            wide_vs_deep.append(
+                {
+                    "scale": scale,
+                    "wide_over_deep": ratio,
+                    "winner": "wide+shallow (C)" if ratio > 1 else "deep+narrow (B)",
+                }
+            )
     crossover = next((row["scale"] for row in wide_vs_deep if row["wide_over_deep"] <= 1), None)
     return {"best_per_scale": best, "wide_vs_deep": wide_vs_deep, "deep_wins_from": crossover}
 
@@ -171,11 +218,17 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
         if best is None:
             lines.append(f"  {scale:<5} nothing fitted")
         else:
-            lines.append(f"  {scale:<5} {best['name']:<7} {best['tokens_per_second']:,.0f} tok/s | MFU {_n(best['mfu'], '.1%')} | "
-                         f"mem {format_bytes(best['peak_memory_bytes'])} | {_n(best['tokens_per_joule'], ',.0f', ' tok/J')}")
+            lines.append(
+                f"  {scale:<5} {best['name']:<7} {best['tokens_per_second']:,.0f} tok/s | MFU {_n(best['mfu'], '.1%')} | "
+                f"mem {format_bytes(best['peak_memory_bytes'])} | {_n(best['tokens_per_joule'], ',.0f', ' tok/J')}"
+            )
     for row in summary["wide_vs_deep"]:
-        lines.append(f"  {row['scale']:<5} wide+shallow / deep+narrow tokens/s = {row['wide_over_deep']:.2f}: {row['winner']} wins")
+        lines.append(
+            f"  {row['scale']:<5} wide+shallow / deep+narrow tokens/s = {row['wide_over_deep']:.2f}: {row['winner']} wins"
+        )
     if summary["wide_vs_deep"]:
         where = summary["deep_wins_from"]
-        lines.append(f"  deep+narrow wins from {where} on" if where else "  wide+shallow wins at every scale that fitted")
+        lines.append(
+            f"  deep+narrow wins from {where} on" if where else "  wide+shallow wins at every scale that fitted"
+        )
     return lines

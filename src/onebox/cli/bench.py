@@ -27,16 +27,24 @@ def _write_result(doc: dict[str, Any], out: str | None, label: str) -> None:
     console.print(f"result written to {path}", highlight=False)
     problems = validate_document(seal(doc))  # the same sealing write_document applied
     if problems:
-        errors.print("[yellow]this result would be rejected by `onebox results add`:[/yellow] " + "; ".join(problems), highlight=False)
+        errors.print(
+            "[yellow]this result would be rejected by `onebox results add`:[/yellow] " + "; ".join(problems),
+            highlight=False,
+        )
 
 
 def _bench_settings(args: argparse.Namespace, batch: int):
     from onebox.bench.training import BenchSettings
 
-    return BenchSettings(batch=batch, steps=args.steps, timed_steps=args.timed_steps, precision=args.precision, compile=args.compile, lr=args.lr,
-                         memory=args.memory).validate()
-
-
+    return BenchSettings(
+        batch=batch,
+        steps=args.steps,
+        timed_steps=args.timed_steps,
+        precision=args.precision,
+        compile=args.compile,
+        lr=args.lr,
+        memory=args.memory,
+    ).validate()
 
 
 def cmd_bench_validate(args: argparse.Namespace) -> int:
@@ -48,7 +56,9 @@ def cmd_bench_validate(args: argparse.Namespace) -> int:
     if os.environ.get("WORLD_SIZE", "1") != "1" and "ONEBOX_SCALING_OUT" in os.environ:  # a process of --gpus N
         from onebox.bench.validate import run_scaling_worker
 
-        return run_scaling_worker(config, args.device, _bench_settings(args, args.batch), os.environ["ONEBOX_SCALING_OUT"])
+        return run_scaling_worker(
+            config, args.device, _bench_settings(args, args.batch), os.environ["ONEBOX_SCALING_OUT"]
+        )
     doc = run_validate(config, pick_device(args.device), _bench_settings(args, args.batch), args.baseline, say)
     if args.gpus is not None and args.gpus > 1:
         from onebox.bench.validate import add_scaling
@@ -63,7 +73,9 @@ def cmd_bench_sweep(args: argparse.Namespace) -> int:
     from onebox.device import pick_device
 
     scales = [s.strip() for s in args.scales.split(",") if s.strip()]
-    doc = run_sweep(scales, pick_device(args.device), _bench_settings(args, args.batch or 1), args.baseline, say, batch=args.batch)
+    doc = run_sweep(
+        scales, pick_device(args.device), _bench_settings(args, args.batch or 1), args.baseline, say, batch=args.batch
+    )
     _write_result(doc, args.out, "-".join(scales))
     return 0
 
@@ -88,16 +100,36 @@ def cmd_bench_ceiling(args: argparse.Namespace) -> int:
         raise OneboxError(f"--gpu-memory {args.gpu_memory:g}: give the GB of each GPU to train within, more than 0.")
     limit = None if args.gpu_memory is None else int(args.gpu_memory * 1e9)
     ladder = [s.strip() for s in args.ladder.split(",")] if args.ladder else None
-    if os.environ.get("WORLD_SIZE", "1") != "1" and "ONEBOX_CEILING_OUT" in os.environ:  # one process of a --gpus N rung
+    if (
+        os.environ.get("WORLD_SIZE", "1") != "1" and "ONEBOX_CEILING_OUT" in os.environ
+    ):  # one process of a --gpus N rung
         from onebox.bench.ceiling import climb_sharded
         from onebox.config import preset
         from onebox.plan import sharded_strategy
 
-        return climb_sharded(preset(ladder[-1]), sharded_strategy(args.memory), args.device, args.batch, args.steps, args.lr, os.environ["ONEBOX_CEILING_OUT"],
-                             limit)
+        return climb_sharded(
+            preset(ladder[-1]),
+            sharded_strategy(args.memory),
+            args.device,
+            args.batch,
+            args.steps,
+            args.lr,
+            os.environ["ONEBOX_CEILING_OUT"],
+            limit,
+        )
     processes = args.gpus or 1
-    doc = run_ceiling(ladder, pick_device(args.device), say, batch=args.batch, steps=args.steps, memory=args.memory, lr=args.lr,
-                      processes=processes, argv=args.argv, gpu_limit=limit)
+    doc = run_ceiling(
+        ladder,
+        pick_device(args.device),
+        say,
+        batch=args.batch,
+        steps=args.steps,
+        memory=args.memory,
+        lr=args.lr,
+        processes=processes,
+        argv=args.argv,
+        gpu_limit=limit,
+    )
     _write_result(doc, args.out, "ladder")
     return 0
 
@@ -112,7 +144,9 @@ def _inference_model(args: argparse.Namespace, what: str) -> Any:
     from onebox.model import build_model
 
     if bool(args.preset) == bool(args.model):
-        raise OneboxError(f"bench {what} needs exactly one of --preset NAME (random weights) or --model PATH (a checkpoint, run or HF folder).")
+        raise OneboxError(
+            f"bench {what} needs exactly one of --preset NAME (random weights) or --model PATH (a checkpoint, run or HF folder)."
+        )
     device = pick_device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if args.preset:
@@ -148,8 +182,16 @@ def cmd_bench_decode(args: argparse.Namespace) -> int:
     batches = _int_list(args.batches, "--batches")
     model = _inference_model(args, "decode")
     kernels = {"auto": None, "none": False}.get(args.kernels, args.kernels)
-    doc = run_decode(model, model.embed_tokens.weight.device, say, batches, args.prompt_len, args.new_tokens, baseline=args.baseline == "hf",
-                     kernels=kernels)
+    doc = run_decode(
+        model,
+        model.embed_tokens.weight.device,
+        say,
+        batches,
+        args.prompt_len,
+        args.new_tokens,
+        baseline=args.baseline == "hf",
+        kernels=kernels,
+    )
     _write_result(doc, args.out, model.config.name)
     return 0
 
@@ -165,7 +207,16 @@ def cmd_bench_dims(args: argparse.Namespace) -> int:
         raise OneboxError(f"--dims expects START:STOP:STEP (e.g. 1024:8192:256), got {args.dims!r}.") from None
     if not dims or any(d % 128 for d in dims):
         raise OneboxError("--dims must give at least one width, each a multiple of 128 (head size 128).")
-    doc = run_dims(dims, pick_device(args.device), args.precision, say, batch=args.batch, seq=args.seq, repeats=args.repeats, iters=args.iters)
+    doc = run_dims(
+        dims,
+        pick_device(args.device),
+        args.precision,
+        say,
+        batch=args.batch,
+        seq=args.seq,
+        repeats=args.repeats,
+        iters=args.iters,
+    )
     _write_result(doc, args.out, f"{dims[0]}-{dims[-1]}")
     return 0
 
@@ -195,8 +246,15 @@ def cmd_results_list(args: argparse.Namespace) -> int:
     store = ResultStore(args.db)
     table = Table("device", "config", "params", "tok/s", "MFU", "peak memory", "tok/J")
     for device, name, params, tps, mfu, memory, tpj in store.leaderboard():
-        table.add_row(device, name, f"{params / 1e6:,.0f}M", f"{tps:,.0f}", "n/a" if mfu is None else f"{mfu:.1%}", format_bytes(memory),
-                      "n/a" if tpj is None else f"{tpj:,.0f}")
+        table.add_row(
+            device,
+            name,
+            f"{params / 1e6:,.0f}M",
+            f"{tps:,.0f}",
+            "n/a" if mfu is None else f"{mfu:.1%}",
+            format_bytes(memory),
+            "n/a" if tpj is None else f"{tpj:,.0f}",
+        )
     console.print(table)
     store.close()
     return 0
@@ -224,7 +282,6 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-
 def _plan_ladder(machine: Any, batch: int, on_gpu: bool, gpus: int) -> int:
     from onebox.config import LADDER, SHARDED_LADDER, preset
     from onebox.plan import plan
@@ -238,11 +295,20 @@ def _plan_ladder(machine: Any, batch: int, on_gpu: bool, gpus: int) -> int:
         config = preset(name)
         chosen, predictions = plan(config, batch, machine, compiled=on_gpu, mixed=on_gpu, shards=gpus)
         shown = next((p for p in predictions if p.strategy == chosen), predictions[-1])
-        table.add_row(name, f"{config.num_params() / 1e9:.1f}B", chosen.name if chosen else "does not fit", f"{shown.gpu / 1e9:.1f}", f"{shown.host / 1e9:.1f}")
+        table.add_row(
+            name,
+            f"{config.num_params() / 1e9:.1f}B",
+            chosen.name if chosen else "does not fit",
+            f"{shown.gpu / 1e9:.1f}",
+            f"{shown.host / 1e9:.1f}",
+        )
         ceiling = name if chosen else ceiling
     console.print(table)
     top = " (the top of the ladder)" if ceiling == ladder[-1] else ""
-    console.print(f"predicted training ceiling: {ceiling or 'below the ladder (5b)'}{top} (an estimate: `onebox bench ceiling` measures it)", highlight=False)
+    console.print(
+        f"predicted training ceiling: {ceiling or 'below the ladder (5b)'}{top} (an estimate: `onebox bench ceiling` measures it)",
+        highlight=False,
+    )
     return 0
 
 
@@ -268,64 +334,134 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.gpu_memory is not None or args.host_memory is not None:
         gpu = machine.gpu if args.gpu_memory is None else int(args.gpu_memory * 1e9)
         host = machine.host if args.host_memory is None else int(args.host_memory * 1e9)
-        machine = MachineMemory(gpu, host, f"{'no GPU' if gpu is None else f'{gpu / 1e9:.0f} GB GPU'}, {host / 1e9:.0f} GB host (as given)")
+        machine = MachineMemory(
+            gpu, host, f"{'no GPU' if gpu is None else f'{gpu / 1e9:.0f} GB GPU'}, {host / 1e9:.0f} GB host (as given)"
+        )
     on_gpu = machine.gpu is not None  # bf16 autocast and compiled blocks there, fp32 eager on the CPU
     if args.ladder:
         return _plan_ladder(machine, args.batch, on_gpu, args.gpus)
     if not args.preset:
-        raise OneboxError("onebox plan needs --preset NAME (one model) or --ladder (the training ceiling of this machine).")
+        raise OneboxError(
+            "onebox plan needs --preset NAME (one model) or --ladder (the training ceiling of this machine)."
+        )
     config = preset(args.preset)
     if args.seq_len:
         config = apply_overrides(config, {"seq_len": args.seq_len})
-    chosen, predictions = plan(config, args.batch, machine, compiled=on_gpu, optimizer=args.optimizer, grad_accum=args.grad_accum, mixed=on_gpu,
-                               shards=args.gpus)
+    chosen, predictions = plan(
+        config,
+        args.batch,
+        machine,
+        compiled=on_gpu,
+        optimizer=args.optimizer,
+        grad_accum=args.grad_accum,
+        mixed=on_gpu,
+        shards=args.gpus,
+    )
     gb = 1e9
-    table = Table(title=f"{config.name}: {config.num_params() / 1e9:.2f}B params, batch {args.batch} x seq {config.seq_len} on {machine.label}"
-                        f"{_per_process(args.gpus)}")
-    for column in ("strategy", "GPU GB" if on_gpu else "RAM GB", "weights", "optim", "activ", "grads", "host GB", "fits"):
+    table = Table(
+        title=f"{config.name}: {config.num_params() / 1e9:.2f}B params, batch {args.batch} x seq {config.seq_len} on {machine.label}"
+        f"{_per_process(args.gpus)}"
+    )
+    for column in (
+        "strategy",
+        "GPU GB" if on_gpu else "RAM GB",
+        "weights",
+        "optim",
+        "activ",
+        "grads",
+        "host GB",
+        "fits",
+    ):
         table.add_column(column, justify="left" if column == "strategy" else "right")
     for p in predictions:
-        table.add_row(p.strategy.name, f"{p.gpu / gb:.1f}", f"{p.weights / gb:.1f}", f"{p.optimizer / gb:.1f}", f"{p.activations / gb:.1f}",
-                      f"{p.gradients / gb:.1f}", f"{p.host / gb:.1f}", "yes" if fits(p, machine, args.gpus) else "no")
+        table.add_row(
+            p.strategy.name,
+            f"{p.gpu / gb:.1f}",
+            f"{p.weights / gb:.1f}",
+            f"{p.optimizer / gb:.1f}",
+            f"{p.activations / gb:.1f}",
+            f"{p.gradients / gb:.1f}",
+            f"{p.host / gb:.1f}",
+            "yes" if fits(p, machine, args.gpus) else "no",
+        )
     console.print(table)
     for p in predictions:
         console.print(f"  {p.strategy.name}: {p.strategy.summary}", highlight=False)
     limits = f"usable: {GPU_HEADROOM:.0%} of GPU memory, {HOST_HEADROOM:.0%} of host RAM"
     if chosen is None:
-        console.print(f"nothing fits ({limits}): lower --batch or --seq-len, or choose a smaller preset.", highlight=False)
+        console.print(
+            f"nothing fits ({limits}): lower --batch or --seq-len, or choose a smaller preset.", highlight=False
+        )
         return 1
-    console.print(f"planned: [bold]{chosen.name}[/bold], the fastest strategy that fits ({limits}); `onebox train` uses it "
-                  f"with --memory auto, or name one with --memory.", highlight=False)
+    console.print(
+        f"planned: [bold]{chosen.name}[/bold], the fastest strategy that fits ({limits}); `onebox train` uses it "
+        f"with --memory auto, or name one with --memory.",
+        highlight=False,
+    )
     return 0
 
 
-
 def add_bench_parsers(sub: Any) -> None:
-    bench = sub.add_parser("bench", help="measure this machine: validate, sweep, forward, dims").add_subparsers(dest="bench", required=True)
+    bench = sub.add_parser("bench", help="measure this machine: validate, sweep, forward, dims").add_subparsers(
+        dest="bench", required=True
+    )
 
     def common(p: argparse.ArgumentParser, training: bool) -> None:
         p.add_argument("--device", default="auto", help=DEVICE_HELP)
         if training:
-            p.add_argument("--precision", default="auto", choices=PRECISIONS, help="auto (bf16 on CUDA, fp32 elsewhere), bf16, fp32, or fp8: "
-                           "the blocks' products in float8 through torchao (the baseline stays bf16)")
+            p.add_argument(
+                "--precision",
+                default="auto",
+                choices=PRECISIONS,
+                help="auto (bf16 on CUDA, fp32 elsewhere), bf16, fp32, or fp8: "
+                "the blocks' products in float8 through torchao (the baseline stays bf16)",
+            )
         else:
-            p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"], help="auto (bf16 on CUDA, fp32 elsewhere), bf16 or fp32")
+            p.add_argument(
+                "--precision",
+                default="auto",
+                choices=["auto", "bf16", "fp32"],
+                help="auto (bf16 on CUDA, fp32 elsewhere), bf16 or fp32",
+            )
         p.add_argument("--out", help="result JSON path (default results/<benchmark>-<label>-<device>-<time>.json)")
         if training:
-            p.add_argument("--steps", type=int, default=10, help="untimed training steps on the fixed batch (default 10)")
+            p.add_argument(
+                "--steps", type=int, default=10, help="untimed training steps on the fixed batch (default 10)"
+            )
             p.add_argument("--timed-steps", type=int, default=10, help="timed steps after them (default 10)")
-            p.add_argument("--compile", default="auto", choices=COMPILE_SETTINGS, help="as train's --compile (default auto: on for CUDA)")
-            p.add_argument("--memory", default="auto", choices=MEMORY_SETTINGS, help="memory strategy (default: the planner's choice, as in training; see onebox plan)")
+            p.add_argument(
+                "--compile",
+                default="auto",
+                choices=COMPILE_SETTINGS,
+                help="as train's --compile (default auto: on for CUDA)",
+            )
+            p.add_argument(
+                "--memory",
+                default="auto",
+                choices=MEMORY_SETTINGS,
+                help="memory strategy (default: the planner's choice, as in training; see onebox plan)",
+            )
             p.add_argument("--lr", type=float, default=3e-4, help="learning rate (default 3e-4)")
-            p.add_argument("--baseline", choices=["hf", "hf-compile"], help="also run transformers' Llama in the same process")
+            p.add_argument(
+                "--baseline", choices=["hf", "hf-compile"], help="also run transformers' Llama in the same process"
+            )
 
     p = bench.add_parser("validate", help="time training steps of one preset on fixed synthetic tokens")
     p.add_argument("--preset", required=True)
     p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--gpus", type=int, help="also measure on this many processes (torchrun + FSDP2, --batch each) and the scaling against one")
+    p.add_argument(
+        "--gpus",
+        type=int,
+        help="also measure on this many processes (torchrun + FSDP2, --batch each) and the scaling against one",
+    )
     common(p, training=True)
     for item in fields(ModelConfig):  # shape overrides, e.g. --seq-len 1024
-        p.add_argument(f"--{item.name.replace('_', '-')}", dest=f"model.{item.name}", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        p.add_argument(
+            f"--{item.name.replace('_', '-')}",
+            dest=f"model.{item.name}",
+            default=argparse.SUPPRESS,
+            help=argparse.SUPPRESS,
+        )
     p.set_defaults(func=cmd_bench_validate)
 
     p = bench.add_parser("sweep", help="the 25-configuration width/depth sweep (five variants per scale)")
@@ -341,16 +477,31 @@ def add_bench_parsers(sub: Any) -> None:
     common(p, training=False)
     p.set_defaults(func=cmd_bench_forward)
 
-    p = bench.add_parser("ceiling", help="the largest model this machine trains: rung by rung, each with its planned memory strategy")
-    p.add_argument("--ladder", help="comma-separated presets (default 5b,7b,10b,13b,15b,20b,25b,30b; with --gpus on to 40b,50b,60b)")
+    p = bench.add_parser(
+        "ceiling", help="the largest model this machine trains: rung by rung, each with its planned memory strategy"
+    )
+    p.add_argument(
+        "--ladder",
+        help="comma-separated presets (default 5b,7b,10b,13b,15b,20b,25b,30b; with --gpus on to 40b,50b,60b)",
+    )
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--steps", type=int, default=10, help="training steps per rung on one fixed batch (default 10)")
-    p.add_argument("--memory", default="auto", choices=MEMORY_SETTINGS, help="memory strategy for every rung (default: planned per rung; see onebox plan)")
+    p.add_argument(
+        "--memory",
+        default="auto",
+        choices=MEMORY_SETTINGS,
+        help="memory strategy for every rung (default: planned per rung; see onebox plan)",
+    )
     p.add_argument("--lr", type=float, default=3e-4, help="learning rate (default 3e-4)")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--gpus", type=int, help="train each rung on this many processes (torchrun + FSDP2, --batch each)")
-    p.add_argument("--gpu-memory", type=float, metavar="GB", help="plan and train within this many GB of each GPU (a smaller card's ceiling, "
-                   "e.g. 80 on a 141 GB H200); memory outside PyTorch's allocator is not counted")
+    p.add_argument(
+        "--gpu-memory",
+        type=float,
+        metavar="GB",
+        help="plan and train within this many GB of each GPU (a smaller card's ceiling, "
+        "e.g. 80 on a 141 GB H200); memory outside PyTorch's allocator is not counted",
+    )
     p.add_argument("--out", help="result JSON path (default results/ceiling-ladder-<device>-<time>.json)")
     p.set_defaults(func=cmd_bench_ceiling)
 
@@ -360,17 +511,29 @@ def add_bench_parsers(sub: Any) -> None:
         p.add_argument("--device", default="auto", help=DEVICE_HELP)
         p.add_argument("--out", help="result JSON path")
 
-    p = bench.add_parser("decode", help="prefill and decode tokens/s against the memory-bandwidth bound, beside transformers")
+    p = bench.add_parser(
+        "decode", help="prefill and decode tokens/s against the memory-bandwidth bound, beside transformers"
+    )
     model_source(p)
     p.add_argument("--batches", default="1,8", help="batch sizes (default 1,8)")
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=128)
-    p.add_argument("--baseline", choices=["hf"], help="also time transformers' generate() on the same weights, with its default and its static (compiled) cache")
-    p.add_argument("--kernels", default="auto", help="onebox's decode kernels: auto (gemv,attention,rope on CUDA; pdl,chain on Hopper), none "
-                   "(cuBLAS and SDPA), or a comma list of gemv, norm, attention, swiglu, pdl, prefetch, chain, rope")
+    p.add_argument(
+        "--baseline",
+        choices=["hf"],
+        help="also time transformers' generate() on the same weights, with its default and its static (compiled) cache",
+    )
+    p.add_argument(
+        "--kernels",
+        default="auto",
+        help="onebox's decode kernels: auto (gemv,attention,rope on CUDA; pdl,chain on Hopper), none "
+        "(cuBLAS and SDPA), or a comma list of gemv, norm, attention, swiglu, pdl, prefetch, chain, rope",
+    )
     p.set_defaults(func=cmd_bench_decode)
 
-    p = bench.add_parser("serve", help="concurrent streaming clients against a live server: latency percentiles and aggregate tokens/s")
+    p = bench.add_parser(
+        "serve", help="concurrent streaming clients against a live server: latency percentiles and aggregate tokens/s"
+    )
     model_source(p)
     p.add_argument("--clients", default="1,8,32", help="client counts (default 1,8,32)")
     p.add_argument("--max-tokens", type=int, default=64)
@@ -403,15 +566,30 @@ def add_bench_parsers(sub: Any) -> None:
 
 
 def add_plan_parser(sub: Any) -> None:
-    p = sub.add_parser("plan", help="predicted GPU and host memory of each training memory strategy, and the one training would use")
+    p = sub.add_parser(
+        "plan", help="predicted GPU and host memory of each training memory strategy, and the one training would use"
+    )
     p.add_argument("--preset", help="the model to plan for")
-    p.add_argument("--ladder", action="store_true", help="plan every rung of the ladder (5b..30b; with --gpus N > 1 on to 60b): the predicted training ceiling")
+    p.add_argument(
+        "--ladder",
+        action="store_true",
+        help="plan every rung of the ladder (5b..30b; with --gpus N > 1 on to 60b): the predicted training ceiling",
+    )
     p.add_argument("--batch", type=int, default=1, help="sequences per micro-batch (default 1)")
     p.add_argument("--seq-len", type=int, help="override the preset's sequence length")
     p.add_argument("--optimizer", default="adamw", choices=["adamw", "muon"])
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
-    p.add_argument("--gpu-memory", type=float, metavar="GB", help="plan for a GPU of this many GB instead of this machine's")
-    p.add_argument("--host-memory", type=float, metavar="GB", help="plan for this much host RAM instead of this machine's")
-    p.add_argument("--gpus", type=int, default=1, help="plan for this many FSDP2 processes, one per GPU, sharing this host (default 1)")
+    p.add_argument(
+        "--gpu-memory", type=float, metavar="GB", help="plan for a GPU of this many GB instead of this machine's"
+    )
+    p.add_argument(
+        "--host-memory", type=float, metavar="GB", help="plan for this much host RAM instead of this machine's"
+    )
+    p.add_argument(
+        "--gpus",
+        type=int,
+        default=1,
+        help="plan for this many FSDP2 processes, one per GPU, sharing this host (default 1)",
+    )
     p.set_defaults(func=cmd_plan)

@@ -46,13 +46,22 @@ FIELD_HELP = {
     "log_every": "steps between progress lines",
     "grad_clip": "global gradient-norm clip (0 = off)",
 }
-FIELD_CHOICES = {"optimizer": OPTIMIZERS, "precision": PRECISIONS, "compile": COMPILE_SETTINGS, "memory": MEMORY_SETTINGS}
+FIELD_CHOICES = {
+    "optimizer": OPTIMIZERS,
+    "precision": PRECISIONS,
+    "compile": COMPILE_SETTINGS,
+    "memory": MEMORY_SETTINGS,
+}
 
 
 def add_config_fields(parser: argparse.ArgumentParser) -> None:
     """One --flag per ModelConfig and TrainConfig field, overriding the preset / TOML value by name."""
     for section, cls in (("model", ModelConfig), ("train", TrainConfig)):
-        title = "model fields (default: the preset's)" if section == "model" else "train fields (override --config; defaults as shown)"
+        title = (
+            "model fields (default: the preset's)"
+            if section == "model"
+            else "train fields (override --config; defaults as shown)"
+        )
         group = parser.add_argument_group(title)
         for item in fields(cls):
             default = item.default
@@ -90,4 +99,4 @@ def refuse_unknown(parser: argparse.ArgumentParser, unknown: list[str]) -> NoRet
 def overrides(args: argparse.Namespace, section: str) -> dict[str, Any]:
     """The config fields given on the command line for one section ('model' or 'train')."""
     prefix = f"{section}."
-    return {key[len(prefix):]: value for key, value in vars(args).items() if key.startswith(prefix)}
+    return {key[len(prefix) :]: value for key, value in vars(args).items() if key.startswith(prefix)}

@@ -144,9 +144,18 @@ def compile_options(mode: str, pdl: bool) -> dict:
 class Engine:
     """Continuous-batching decoder over one model."""
 
-    def __init__(self, model: Transformer, max_batch: int = 8, prefix_entries: int = 16, compile: bool | str | None = None,
-                 prefill_tokens: int = 8192, fuse: bool = True, windows: bool = False, kernels: bool | str | None = None,
-                 max_queue: int | None = None) -> None:
+    def __init__(
+        self,
+        model: Transformer,
+        max_batch: int = 8,
+        prefix_entries: int = 16,
+        compile: bool | str | None = None,
+        prefill_tokens: int = 8192,
+        fuse: bool = True,
+        windows: bool = False,
+        kernels: bool | str | None = None,
+        max_queue: int | None = None,
+    ) -> None:
         """compile: True, False, None (on CUDA only) or a torch.compile mode (default reduce-overhead: CUDA graphs).
         kernels: decode work through onebox's Triton kernels (infer/kernels.py): True for all of them, or a
         comma-separated choice of gemv (one-row products), norm (RMSNorm folded into the product after it),
@@ -175,12 +184,16 @@ class Engine:
         max_queue: the most requests that may wait for a slot (None: no bound); submit() raises QueueFull past it."""
         self.model = fuse_projections(model.eval()) if fuse else model.eval()
         if kernels is None:
-            kernels = "gemv,attention,pdl,rope,chain" if kernels_available(self.model.embed_tokens.weight.device) else False
+            kernels = (
+                "gemv,attention,pdl,rope,chain" if kernels_available(self.model.embed_tokens.weight.device) else False
+            )
         launches = {"pdl", "prefetch", "chain"}  # how the kernels are launched (Hopper and later), not which
         known = {"gemv", "norm", "attention", "swiglu", "rope"} | launches
         chosen = set(known) if kernels is True else set(kernels.split(",")) if kernels else set()
         if chosen - known:
-            raise OneboxError(f"unknown decode kernels {sorted(chosen - known)}: choose among {', '.join(sorted(known))}.")
+            raise OneboxError(
+                f"unknown decode kernels {sorted(chosen - known)}: choose among {', '.join(sorted(known))}."
+            )
         if chosen & {"prefetch", "chain"}:
             chosen.add("pdl")
         if not pdl_available(self.model.embed_tokens.weight.device):
@@ -217,7 +230,11 @@ class Engine:
             for buffer in [self.tokens, self.positions] + [t for cache in self.caches for t in cache.buffers()]:
                 torch._dynamo.mark_static_address(buffer)
         mode = compile if isinstance(compile, str) else "reduce-overhead"
-        self._decode = torch.compile(self._decode_eager, fullgraph=True, **compile_options(mode, "pdl" in chosen)) if compile else self._decode_eager
+        self._decode = (
+            torch.compile(self._decode_eager, fullgraph=True, **compile_options(mode, "pdl" in chosen))
+            if compile
+            else self._decode_eager
+        )
 
     def _decode_eager(self) -> Tensor:
         """One token for every row: logits (max_batch, vocab); the greedy choice becomes each row's next input."""
@@ -235,7 +252,9 @@ class Engine:
         if min(prompt_ids) < 0 or max(prompt_ids) >= self.config.vocab_size:
             raise OneboxError(f"prompt token ids must lie in [0, {self.config.vocab_size}).")
         if len(prompt_ids) >= self.config.seq_len:
-            raise OneboxError(f"the prompt has {len(prompt_ids)} tokens; the model's context is {self.config.seq_len} (prompt plus completion).")
+            raise OneboxError(
+                f"the prompt has {len(prompt_ids)} tokens; the model's context is {self.config.seq_len} (prompt plus completion)."
+            )
         if max_new_tokens < 1:
             raise OneboxError("max_tokens must be at least 1.")
         return min(max_new_tokens, self.config.seq_len - len(prompt_ids))
@@ -251,7 +270,9 @@ class Engine:
             request.max_new_tokens = self.check(request.prompt_ids, request.max_new_tokens)
         with self.cond:
             if self.max_queue is not None and len(self.pending) + len(requests) > self.max_queue:
-                raise QueueFull(f"the server is busy: {len(self.pending)} requests wait for a slot (at most {self.max_queue}); try again shortly.")
+                raise QueueFull(
+                    f"the server is busy: {len(self.pending)} requests wait for a slot (at most {self.max_queue}); try again shortly."
+                )
             self.pending.extend(requests)
             self.cond.notify()
         return requests
@@ -319,7 +340,7 @@ class Engine:
         if copied is not None:
             copied.synchronize()
         values = self.fed.tolist()  # read before the next step's copy is enqueued
-        for i, a in active:
+        for i, _ in active:
             self._emit(i, values[i])
 
     def window_sizes(self) -> list[int]:
@@ -415,8 +436,13 @@ class Engine:
         for row, (slot, request) in enumerate(batch):
             if self.prefix.max_entries > 0:
                 length = len(request.prompt_ids)
-                self.prefix.store(request.prompt_ids, [(c.k[slot, :, :length].clone(), c.v[slot, :, :length].clone()) for c in self.caches])
-            self.slots[slot] = active = _Active(request, seeded_generator(request.seed, self.device), len(request.prompt_ids))
+                self.prefix.store(
+                    request.prompt_ids,
+                    [(c.k[slot, :, :length].clone(), c.v[slot, :, :length].clone()) for c in self.caches],
+                )
+            self.slots[slot] = active = _Active(
+                request, seeded_generator(request.seed, self.device), len(request.prompt_ids)
+            )
             if request.temperature > 0:
                 first[row] = self._sample(active, logits[row : row + 1])[0]
         self.tokens[slots] = first[:, None]

@@ -79,7 +79,9 @@ def generate(
     if max(prompt_ids) >= config.vocab_size or min(prompt_ids) < 0:
         raise OneboxError(f"prompt token ids must lie in [0, {config.vocab_size}).")
     if len(prompt_ids) >= config.seq_len:
-        raise OneboxError(f"the prompt has {len(prompt_ids)} tokens; the model's context is {config.seq_len}: shorten it.")
+        raise OneboxError(
+            f"the prompt has {len(prompt_ids)} tokens; the model's context is {config.seq_len}: shorten it."
+        )
     if max_new_tokens < 1 or samples < 1:
         raise OneboxError("max_new_tokens and samples must be at least 1.")
     max_new_tokens = min(max_new_tokens, config.seq_len - len(prompt_ids))

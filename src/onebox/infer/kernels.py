@@ -67,7 +67,10 @@ PREFETCH_COLUMNS = 2048
 # CHAIN: the GEMVs let the next kernel launch right after their wait, and the folded-RoPE attention is launched with PDL
 # too, loading its stretch of the cache before its wait (then letting the next kernel launch).
 LAUNCH, PREFETCH, CHAIN = 1, 2, 4
-AFTER_LOADS, AFTER_WAIT = 1, 2  # where a kernel calls gdc_launch_dependents (TRIGGER; 0: never, the next launches at its end)
+AFTER_LOADS, AFTER_WAIT = (
+    1,
+    2,
+)  # where a kernel calls gdc_launch_dependents (TRIGGER; 0: never, the next launches at its end)
 PLAIN, NORM, SWIGLU = 0, 1, 2  # the GEMV kernel's ROW: x itself, RMSNorm(x) with scale g, silu(x[:K]) * x[K:]
 
 try:  # Triton comes with PyTorch's CUDA builds; CPU builds have none
@@ -92,24 +95,48 @@ if triton is not None:
         return x
 
     @triton.jit
-    def _gemv_kernel(x_ptr, g_ptr, w_ptr, y_ptr, N, K, stride_w, eps, ROW: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     PDL: tl.constexpr, WHOLE: tl.constexpr, TRIGGER: tl.constexpr):
+    def _gemv_kernel(
+        x_ptr,
+        g_ptr,
+        w_ptr,
+        y_ptr,
+        N,
+        K,
+        stride_w,
+        eps,
+        ROW: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        PDL: tl.constexpr,
+        WHOLE: tl.constexpr,
+        TRIGGER: tl.constexpr,
+    ):
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_mask = rows < N
         if PDL:  # launched while the kernel before still runs: load weights (no kernel writes them), then wait for x
             if WHOLE > 0:  # all of this program's rows at once (WHOLE: K's next power of two)
                 spread = tl.arange(0, WHOLE)
-                slab = tl.load(w_ptr + rows[:, None] * stride_w + spread[None, :], mask=row_mask[:, None] & (spread < K)[None, :], other=0.0,
-                               eviction_policy="evict_first")
+                slab = tl.load(
+                    w_ptr + rows[:, None] * stride_w + spread[None, :],
+                    mask=row_mask[:, None] & (spread < K)[None, :],
+                    other=0.0,
+                    eviction_policy="evict_first",
+                )
             else:  # the first tile
                 head = tl.arange(0, BLOCK_K)
-                first = tl.load(w_ptr + rows[:, None] * stride_w + head[None, :], mask=row_mask[:, None] & (head < K)[None, :], other=0.0,
-                                eviction_policy="evict_first")
+                first = tl.load(
+                    w_ptr + rows[:, None] * stride_w + head[None, :],
+                    mask=row_mask[:, None] & (head < K)[None, :],
+                    other=0.0,
+                    eviction_policy="evict_first",
+                )
             tl.extra.cuda.gdc_wait()
             if TRIGGER == 2:  # AFTER_WAIT: the next kernel may launch now (it waits for this one's end before it reads)
                 tl.extra.cuda.gdc_launch_dependents()
         rstd = 0.0
-        if ROW == 1:  # NORM: RMSNorm's reciprocal root mean square, computed by every program (the row is a few KB, from L2)
+        if (
+            ROW == 1
+        ):  # NORM: RMSNorm's reciprocal root mean square, computed by every program (the row is a few KB, from L2)
             squares = tl.zeros((BLOCK_K,), dtype=tl.float32)
             for start in range(0, K, BLOCK_K):
                 cols = start + tl.arange(0, BLOCK_K)
@@ -133,8 +160,12 @@ if triton is not None:
                 cols = start + tl.arange(0, BLOCK_K)
                 col_mask = cols < K
                 x = _row_tile(x_ptr, g_ptr, cols, col_mask, K, rstd, ROW)
-                w = tl.load(w_ptr + rows[:, None] * stride_w + cols[None, :], mask=row_mask[:, None] & col_mask[None, :], other=0.0,
-                            eviction_policy="evict_first").to(tl.float32)  # read once: keep it out of L2's way
+                w = tl.load(
+                    w_ptr + rows[:, None] * stride_w + cols[None, :],
+                    mask=row_mask[:, None] & col_mask[None, :],
+                    other=0.0,
+                    eviction_policy="evict_first",
+                ).to(tl.float32)  # read once: keep it out of L2's way
                 acc += w * x[None, :]
             if TRIGGER == 1:
                 tl.extra.cuda.gdc_launch_dependents()
@@ -151,12 +182,48 @@ if triton is not None:
         return ((x * cos).to(dtype).to(tl.float32) + (other * sin).to(dtype).to(tl.float32)).to(dtype)
 
     @triton.jit
-    def _attention_chunk_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, spos_b, part_ptr, stat_ptr, HEADS, GROUP, CHUNKS, scale,
-                                sq_b, sq_h, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s,
-                                kn_ptr, vn_ptr, cos_ptr, sin_ptr, skn_b, skn_h, svn_b, svn_h, scos_b,
-                                count_ptr, o_ptr, so_b, so_h,
-                                D: tl.constexpr, CHUNK: tl.constexpr, ROPE: tl.constexpr, EARLY_V: tl.constexpr, MERGE: tl.constexpr,
-                                MERGE_BLOCK: tl.constexpr, TRIGGER: tl.constexpr, PDL: tl.constexpr):
+    def _attention_chunk_kernel(
+        q_ptr,
+        k_ptr,
+        v_ptr,
+        pos_ptr,
+        spos_b,
+        part_ptr,
+        stat_ptr,
+        HEADS,
+        GROUP,
+        CHUNKS,
+        scale,
+        sq_b,
+        sq_h,
+        sk_b,
+        sk_h,
+        sk_s,
+        sv_b,
+        sv_h,
+        sv_s,
+        kn_ptr,
+        vn_ptr,
+        cos_ptr,
+        sin_ptr,
+        skn_b,
+        skn_h,
+        svn_b,
+        svn_h,
+        scos_b,
+        count_ptr,
+        o_ptr,
+        so_b,
+        so_h,
+        D: tl.constexpr,
+        CHUNK: tl.constexpr,
+        ROPE: tl.constexpr,
+        EARLY_V: tl.constexpr,
+        MERGE: tl.constexpr,
+        MERGE_BLOCK: tl.constexpr,
+        TRIGGER: tl.constexpr,
+        PDL: tl.constexpr,
+    ):
         row_head = tl.program_id(0)  # row * HEADS + head
         chunk = tl.program_id(1)
         row, head = row_head // HEADS, row_head % HEADS
@@ -173,15 +240,25 @@ if triton is not None:
         cached = valid
         if ROPE:
             cached = valid & (positions != last)
-        k = tl.load(k_ptr + row * sk_b + kv_head * sk_h + positions[:, None] * sk_s + dims[None, :], mask=cached[:, None], other=0.0).to(tl.float32)
+        k = tl.load(
+            k_ptr + row * sk_b + kv_head * sk_h + positions[:, None] * sk_s + dims[None, :],
+            mask=cached[:, None],
+            other=0.0,
+        ).to(tl.float32)
         if EARLY_V:  # small tiles: V's load in flight with K's (one memory round trip instead of two)
-            v = tl.load(v_ptr + row * sv_b + kv_head * sv_h + positions[:, None] * sv_s + dims[None, :], mask=cached[:, None], other=0.0).to(tl.float32)
+            v = tl.load(
+                v_ptr + row * sv_b + kv_head * sv_h + positions[:, None] * sv_s + dims[None, :],
+                mask=cached[:, None],
+                other=0.0,
+            ).to(tl.float32)
         if PDL:  # q (and this step's k, v) come from the kernel before; every store below lands after it has ended
             tl.extra.cuda.gdc_wait()
             if TRIGGER == 2:
                 tl.extra.cuda.gdc_launch_dependents()
         if start < length:
-            if ROPE:  # q, and this step's k, still unrotated: rotate them here; this step's k and v go into the cache here
+            if (
+                ROPE
+            ):  # q, and this step's k, still unrotated: rotate them here; this step's k and v go into the cache here
                 dtype = q_ptr.dtype.element_ty
                 partner = (dims + D // 2) % D
                 sign = tl.where(dims < D // 2, -1.0, 1.0)
@@ -191,21 +268,33 @@ if triton is not None:
                 if last < start + CHUNK:  # the chunk that holds this step's position: k from this step, rotated
                     k_new = _rope_row(kn_ptr + row * skn_b + kv_head * skn_h, dims, partner, sign, cos, sin)
                     k = tl.where((positions == last)[:, None], k_new.to(tl.float32)[None, :], k)
-                    if head % GROUP == 0:  # one program per key/value head writes this step's k (and v, below) into the cache
-                        tl.store(k_ptr + row * sk_b + kv_head * sk_h + last * sk_s + dims, k_new.to(k_ptr.dtype.element_ty))
+                    if (
+                        head % GROUP == 0
+                    ):  # one program per key/value head writes this step's k (and v, below) into the cache
+                        tl.store(
+                            k_ptr + row * sk_b + kv_head * sk_h + last * sk_s + dims, k_new.to(k_ptr.dtype.element_ty)
+                        )
             else:
                 q = tl.load(q_ptr + row * sq_b + head * sq_h + dims).to(tl.float32) * scale
             scores = tl.where(valid, tl.sum(k * q[None, :], axis=1), float("-inf"))
             top = tl.max(scores, axis=0)
             weights = tl.exp(scores - top)
-            if not EARLY_V:  # large tiles: V after K's scores (both at once would double the registers: 195 at chunk 64, 4 warps)
-                v = tl.load(v_ptr + row * sv_b + kv_head * sv_h + positions[:, None] * sv_s + dims[None, :], mask=cached[:, None], other=0.0).to(tl.float32)
+            if (
+                not EARLY_V
+            ):  # large tiles: V after K's scores (both at once would double the registers: 195 at chunk 64, 4 warps)
+                v = tl.load(
+                    v_ptr + row * sv_b + kv_head * sv_h + positions[:, None] * sv_s + dims[None, :],
+                    mask=cached[:, None],
+                    other=0.0,
+                ).to(tl.float32)
             if ROPE:
                 if last < start + CHUNK:
                     v_new = tl.load(vn_ptr + row * svn_b + kv_head * svn_h + dims)
                     v = tl.where((positions == last)[:, None], v_new.to(tl.float32)[None, :], v)
                     if head % GROUP == 0:  # (no program reads the cache at this position: see `cached`)
-                        tl.store(v_ptr + row * sv_b + kv_head * sv_h + last * sv_s + dims, v_new.to(v_ptr.dtype.element_ty))
+                        tl.store(
+                            v_ptr + row * sv_b + kv_head * sv_h + last * sv_s + dims, v_new.to(v_ptr.dtype.element_ty)
+                        )
             tl.store(part_ptr + out * D + dims, tl.sum(weights[:, None] * v, axis=0))
             tl.store(stat_ptr + out * 2, top)
             tl.store(stat_ptr + out * 2 + 1, tl.sum(weights, axis=0))
@@ -220,7 +309,19 @@ if triton is not None:
                 _merge_row(part_ptr, stat_ptr, o_ptr, row_head, HEADS, CHUNKS, so_b, so_h, D, MERGE_BLOCK, TRIGGER)
 
     @triton.jit
-    def _merge_row(part_ptr, stat_ptr, o_ptr, row_head, HEADS, CHUNKS, so_b, so_h, D: tl.constexpr, BLOCK: tl.constexpr, TRIGGER: tl.constexpr):
+    def _merge_row(
+        part_ptr,
+        stat_ptr,
+        o_ptr,
+        row_head,
+        HEADS,
+        CHUNKS,
+        so_b,
+        so_h,
+        D: tl.constexpr,
+        BLOCK: tl.constexpr,
+        TRIGGER: tl.constexpr,
+    ):
         """One (row, head)'s chunk results merged (their softmax rescaled to one maximum), BLOCK chunks at a time;
         read from L2 (.cg): other programs wrote them during this kernel."""
         row, head = row_head // HEADS, row_head % HEADS
@@ -231,12 +332,20 @@ if triton is not None:
         for first in range(0, CHUNKS, BLOCK):
             chunks = first + tl.arange(0, BLOCK)
             live = chunks < CHUNKS
-            tops = tl.load(stat_ptr + (row_head * CHUNKS + chunks) * 2, mask=live, other=float("-inf"), cache_modifier=".cg")
+            tops = tl.load(
+                stat_ptr + (row_head * CHUNKS + chunks) * 2, mask=live, other=float("-inf"), cache_modifier=".cg"
+            )
             sums = tl.load(stat_ptr + (row_head * CHUNKS + chunks) * 2 + 1, mask=live, other=0.0, cache_modifier=".cg")
             filled = tops > float("-inf")
-            parts = tl.load(part_ptr + (row_head * CHUNKS + chunks)[:, None] * D + dims[None, :], mask=filled[:, None], other=0.0,
-                            cache_modifier=".cg")
-            new_top = tl.maximum(top, tl.max(tops, axis=0))  # the first block holds chunk 0, which holds position 0: finite from here
+            parts = tl.load(
+                part_ptr + (row_head * CHUNKS + chunks)[:, None] * D + dims[None, :],
+                mask=filled[:, None],
+                other=0.0,
+                cache_modifier=".cg",
+            )
+            new_top = tl.maximum(
+                top, tl.max(tops, axis=0)
+            )  # the first block holds chunk 0, which holds position 0: finite from here
             scale = tl.where(filled, tl.exp(tops - new_top), 0.0)
             carry = tl.exp(top - new_top)  # 0 on the first block
             acc = acc * carry + tl.sum(parts * scale[:, None], axis=0)
@@ -247,7 +356,18 @@ if triton is not None:
         tl.store(o_ptr + row * so_b + head * so_h + dims, (acc / total).to(o_ptr.dtype.element_ty))
 
     @triton.jit
-    def _attention_merge_kernel(part_ptr, stat_ptr, o_ptr, HEADS, CHUNKS, so_b, so_h, D: tl.constexpr, MERGE_BLOCK: tl.constexpr, TRIGGER: tl.constexpr):
+    def _attention_merge_kernel(
+        part_ptr,
+        stat_ptr,
+        o_ptr,
+        HEADS,
+        CHUNKS,
+        so_b,
+        so_h,
+        D: tl.constexpr,
+        MERGE_BLOCK: tl.constexpr,
+        TRIGGER: tl.constexpr,
+    ):
         _merge_row(part_ptr, stat_ptr, o_ptr, tl.program_id(0), HEADS, CHUNKS, so_b, so_h, D, MERGE_BLOCK, TRIGGER)
 
 
@@ -259,17 +379,29 @@ def available(device: torch.device) -> bool:
 def pdl_available(device: torch.device) -> bool:
     """Whether the GEMVs can be launched with programmatic dependent launch on `device` (Hopper, sm_90, and
     later, with a Triton that has grid dependency control: 3.3 onwards)."""
-    return (available(device) and torch.cuda.get_device_capability(device)[0] >= 9
-            and hasattr(getattr(getattr(tl, "extra", None), "cuda", None), "gdc_wait"))
+    return (
+        available(device)
+        and torch.cuda.get_device_capability(device)[0] >= 9
+        and hasattr(getattr(getattr(tl, "extra", None), "cuda", None), "gdc_wait")
+    )
 
 
 def usable(x: Tensor, weight: Tensor) -> bool:
     """Whether `gemv` takes this product: one row, on CUDA, half or bf16, contiguous, Triton present."""
-    return (triton is not None and x.is_cuda and x.shape[:-1].numel() == 1 and x.dtype == weight.dtype
-            and x.dtype in (torch.bfloat16, torch.float16) and weight.dim() == 2 and weight.is_contiguous())
+    return (
+        triton is not None
+        and x.is_cuda
+        and x.shape[:-1].numel() == 1
+        and x.dtype == weight.dtype
+        and x.dtype in (torch.bfloat16, torch.float16)
+        and weight.dim() == 2
+        and weight.is_contiguous()
+    )
 
 
-def _product(row: Tensor, weight: Tensor, kind: int, scale: Tensor | None = None, eps: float = 0.0, pdl: int = 0) -> Tensor:
+def _product(
+    row: Tensor, weight: Tensor, kind: int, scale: Tensor | None = None, eps: float = 0.0, pdl: int = 0
+) -> Tensor:
     """One launch of the GEMV kernel: `row` (..., K or 2K) as `kind` says (PLAIN, NORM, SWIGLU), weight (N, K);
     `pdl` (LAUNCH or PREFETCH): through the `onebox::gemv_pdl` operator (programmatic dependent launch)."""
     if pdl:
@@ -284,9 +416,24 @@ def _launch(row: Tensor, weight: Tensor, kind: int, scale: Tensor | None, eps: f
     options = {"launch_pdl": True} if pdl else {}
     whole = triton.next_power_of_2(k) if pdl & PREFETCH and k <= PREFETCH_COLUMNS else 0
     trigger = AFTER_WAIT if pdl & CHAIN else AFTER_LOADS if pdl & PREFETCH else 0
-    _gemv_kernel[(triton.cdiv(n, BLOCK_N),)](row, row if scale is None else scale, weight, y, n, k, weight.stride(0), eps, ROW=kind,
-                                             BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, PDL=pdl > 0, WHOLE=whole, TRIGGER=trigger,
-                                             num_warps=gemv_warps(n), **options)
+    _gemv_kernel[(triton.cdiv(n, BLOCK_N),)](
+        row,
+        row if scale is None else scale,
+        weight,
+        y,
+        n,
+        k,
+        weight.stride(0),
+        eps,
+        ROW=kind,
+        BLOCK_N=BLOCK_N,
+        BLOCK_K=BLOCK_K,
+        PDL=pdl > 0,
+        WHOLE=whole,
+        TRIGGER=trigger,
+        num_warps=gemv_warps(n),
+        **options,
+    )
     return y
 
 
@@ -346,8 +493,16 @@ def normed_linear(x: Tensor, weight: Tensor, norm: nn.Module, pdl: int = 0) -> T
     return F.linear(norm(x), weight)
 
 
-def decode_attention(q: Tensor, k: Tensor, v: Tensor, input_pos: Tensor, chunk: int | None = None, warps: int | None = None, pdl: int = 0,
-                     counts: Tensor | None = None) -> Tensor:
+def decode_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    input_pos: Tensor,
+    chunk: int | None = None,
+    warps: int | None = None,
+    pdl: int = 0,
+    counts: Tensor | None = None,
+) -> Tensor:
     """Attention of one query token per row, q (B, H, 1, D), over the cache k, v (B, KV, S, D) up to each
     row's position (input_pos: (B, 1) per row, or (1,) for all): what SDPA computes under the causal mask
     (the reference, `onebox.model.cached_attention`), for the rows' filled positions only. `chunk`
@@ -358,8 +513,20 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, input_pos: Tensor, chunk: 
     return _attention(q, k, v, input_pos, None, chunk, warps, pdl, counts)
 
 
-def rope_decode_attention(q: Tensor, k_new: Tensor, v_new: Tensor, cos: Tensor, sin: Tensor, cache_k: Tensor, cache_v: Tensor,
-                          input_pos: Tensor, chunk: int | None = None, warps: int | None = None, pdl: int = 0, counts: Tensor | None = None) -> Tensor:
+def rope_decode_attention(
+    q: Tensor,
+    k_new: Tensor,
+    v_new: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    cache_k: Tensor,
+    cache_v: Tensor,
+    input_pos: Tensor,
+    chunk: int | None = None,
+    warps: int | None = None,
+    pdl: int = 0,
+    counts: Tensor | None = None,
+) -> Tensor:
     """`decode_attention` with the two steps before it folded in: q and this step's k (B, H or KV, 1, D) still
     unrotated, rotated by cos, sin (B, 1, D) or (1, D), fp32 (`onebox.model.apply_rope`), and this step's k
     and v written into the cache at each row's position (`KVCache.update`), in the same kernel: the
@@ -379,23 +546,50 @@ def attention_launch(rows: int, rope: bool = False) -> tuple[int, int]:
     return ATTN_CHUNK, 2 if rope or rows > 1 else 4
 
 
-def _attention(q: Tensor, k: Tensor, v: Tensor, input_pos: Tensor, fresh: tuple[Tensor, Tensor, Tensor, Tensor] | None, chunk: int | None,
-               warps: int | None, pdl: int, counts: Tensor | None) -> Tensor:
+def _attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    input_pos: Tensor,
+    fresh: tuple[Tensor, Tensor, Tensor, Tensor] | None,
+    chunk: int | None,
+    warps: int | None,
+    pdl: int,
+    counts: Tensor | None,
+) -> Tensor:
     batch, heads = q.shape[:2]
     launch = attention_launch(batch, fresh is not None)
     chunk, warps = chunk or launch[0], warps or launch[1]
-    if counts is not None and (counts.numel() != batch * heads or counts.dtype != torch.int32 or not counts.is_contiguous()):
-        raise ValueError(f"counts must be int32, contiguous, one per (row, head): {batch} x {heads}, got {tuple(counts.shape)} {counts.dtype}")
-    if pdl & CHAIN and fresh is not None and counts is not None:  # one kernel, launched with PDL through its own operator
+    if counts is not None and (
+        counts.numel() != batch * heads or counts.dtype != torch.int32 or not counts.is_contiguous()
+    ):
+        raise ValueError(
+            f"counts must be int32, contiguous, one per (row, head): {batch} x {heads}, got {tuple(counts.shape)} {counts.dtype}"
+        )
+    if (
+        pdl & CHAIN and fresh is not None and counts is not None
+    ):  # one kernel, launched with PDL through its own operator
         return torch.ops.onebox.rope_attention_pdl(q, *fresh, k, v, input_pos, counts, chunk, warps, pdl)
     return _attention_launch(q, k, v, input_pos, fresh, chunk, warps, pdl, counts, chained=False)
 
 
-def _attention_launch(q: Tensor, k: Tensor, v: Tensor, input_pos: Tensor, fresh: tuple[Tensor, Tensor, Tensor, Tensor] | None, chunk: int,
-                      warps: int, pdl: int, counts: Tensor | None, chained: bool) -> Tensor:
+def _attention_launch(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    input_pos: Tensor,
+    fresh: tuple[Tensor, Tensor, Tensor, Tensor] | None,
+    chunk: int,
+    warps: int,
+    pdl: int,
+    counts: Tensor | None,
+    chained: bool,
+) -> Tensor:
     batch, heads, _, dim = q.shape
     kv_heads, slots = k.shape[1], k.shape[2]
-    pos = input_pos.reshape(-1, input_pos.shape[-1])[:, -1]  # each row's position (B,), or one for all (1,): read by the kernel
+    pos = input_pos.reshape(-1, input_pos.shape[-1])[
+        :, -1
+    ]  # each row's position (B,), or one for all (1,): read by the kernel
     chunks = triton.cdiv(slots, chunk)
     parts = torch.empty(batch * heads * chunks, dim, dtype=torch.float32, device=q.device)
     stats = torch.empty(batch * heads * chunks, 2, dtype=torch.float32, device=q.device)
@@ -405,20 +599,70 @@ def _attention_launch(q: Tensor, k: Tensor, v: Tensor, input_pos: Tensor, fresh:
         fresh_strides = (0, 0, 0, 0, 0)
     else:
         k_new, v_new, cos, sin = fresh
-        fresh_strides = (k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1), dim if cos.shape[0] > 1 else 0)
+        fresh_strides = (
+            k_new.stride(0),
+            k_new.stride(1),
+            v_new.stride(0),
+            v_new.stride(1),
+            dim if cos.shape[0] > 1 else 0,
+        )
     merge = counts is not None
     trigger = AFTER_WAIT if chained else AFTER_LOADS if pdl & PREFETCH else 0
     block = min(16, triton.next_power_of_2(chunks))
-    _attention_chunk_kernel[(batch * heads, chunks)](q, k, v, pos, pos.stride(0) if pos.numel() > 1 else 0, parts, stats, heads, heads // kv_heads,
-                                                     chunks, 1.0 / math.sqrt(dim), q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2),
-                                                     v.stride(0), v.stride(1), v.stride(2), k_new, v_new, cos, sin, *fresh_strides,
-                                                     counts if merge else stats, out, out.stride(0), out.stride(2),
-                                                     D=dim, CHUNK=chunk, ROPE=fresh is not None, EARLY_V=early_v(chunk, dim), MERGE=merge,
-                                                     MERGE_BLOCK=block, TRIGGER=trigger, PDL=chained, num_warps=warps,
-                                                     **({"launch_pdl": True} if chained else {}))
+    _attention_chunk_kernel[(batch * heads, chunks)](
+        q,
+        k,
+        v,
+        pos,
+        pos.stride(0) if pos.numel() > 1 else 0,
+        parts,
+        stats,
+        heads,
+        heads // kv_heads,
+        chunks,
+        1.0 / math.sqrt(dim),
+        q.stride(0),
+        q.stride(1),
+        k.stride(0),
+        k.stride(1),
+        k.stride(2),
+        v.stride(0),
+        v.stride(1),
+        v.stride(2),
+        k_new,
+        v_new,
+        cos,
+        sin,
+        *fresh_strides,
+        counts if merge else stats,
+        out,
+        out.stride(0),
+        out.stride(2),
+        D=dim,
+        CHUNK=chunk,
+        ROPE=fresh is not None,
+        EARLY_V=early_v(chunk, dim),
+        MERGE=merge,
+        MERGE_BLOCK=block,
+        TRIGGER=trigger,
+        PDL=chained,
+        num_warps=warps,
+        **({"launch_pdl": True} if chained else {}),
+    )
     if not merge:
-        _attention_merge_kernel[(batch * heads,)](parts, stats, out, heads, chunks, out.stride(0), out.stride(2), D=dim, MERGE_BLOCK=block,
-                                                  TRIGGER=trigger, num_warps=4)
+        _attention_merge_kernel[(batch * heads,)](
+            parts,
+            stats,
+            out,
+            heads,
+            chunks,
+            out.stride(0),
+            out.stride(2),
+            D=dim,
+            MERGE_BLOCK=block,
+            TRIGGER=trigger,
+            num_warps=4,
+        )
     return out.transpose(1, 2)
 
 
@@ -428,15 +672,43 @@ def _attention_launch(q: Tensor, k: Tensor, v: Tensor, input_pos: Tensor, fresh:
 # it, so neither may be written by that kernel: input_pos comes from outside the compiled step (the Engine's positions
 # buffer) and the cache is the Engine's own static buffers, which inductor mutates in place (no copy kernel before the
 # operator: the probe's kernel count per step is the same with and without `chain`, 175 at 600m-A).
-@torch.library.custom_op("onebox::rope_attention_pdl", mutates_args=("cache_k", "cache_v", "counts"), device_types="cuda")
-def _rope_attention_pdl(q: Tensor, k_new: Tensor, v_new: Tensor, cos: Tensor, sin: Tensor, cache_k: Tensor, cache_v: Tensor, input_pos: Tensor,
-                        counts: Tensor, chunk: int, warps: int, pdl: int) -> Tensor:
-    return _attention_launch(q, cache_k, cache_v, input_pos, (k_new, v_new, cos, sin), chunk, warps, pdl, counts, chained=True)
+@torch.library.custom_op(
+    "onebox::rope_attention_pdl", mutates_args=("cache_k", "cache_v", "counts"), device_types="cuda"
+)
+def _rope_attention_pdl(
+    q: Tensor,
+    k_new: Tensor,
+    v_new: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    cache_k: Tensor,
+    cache_v: Tensor,
+    input_pos: Tensor,
+    counts: Tensor,
+    chunk: int,
+    warps: int,
+    pdl: int,
+) -> Tensor:
+    return _attention_launch(
+        q, cache_k, cache_v, input_pos, (k_new, v_new, cos, sin), chunk, warps, pdl, counts, chained=True
+    )
 
 
 @_rope_attention_pdl.register_fake
-def _(q: Tensor, k_new: Tensor, v_new: Tensor, cos: Tensor, sin: Tensor, cache_k: Tensor, cache_v: Tensor, input_pos: Tensor,
-      counts: Tensor, chunk: int, warps: int, pdl: int) -> Tensor:
+def _(
+    q: Tensor,
+    k_new: Tensor,
+    v_new: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    cache_k: Tensor,
+    cache_v: Tensor,
+    input_pos: Tensor,
+    counts: Tensor,
+    chunk: int,
+    warps: int,
+    pdl: int,
+) -> Tensor:
     batch, heads, _, dim = q.shape
     return q.new_empty(batch, 1, heads, dim).transpose(1, 2)
 
@@ -449,25 +721,59 @@ def early_v(chunk: int, dim: int) -> bool:
 def attention_usable(q: Tensor, k: Tensor) -> bool:
     """Whether `decode_attention` takes this step: one token, on CUDA, half or bf16, a power-of-two head size."""
     dim = q.shape[-1]
-    return (triton is not None and q.is_cuda and q.shape[2] == 1 and q.dtype == k.dtype and q.dtype in (torch.bfloat16, torch.float16)
-            and dim >= 16 and dim & (dim - 1) == 0 and q.stride(-1) == 1 and k.stride(-1) == 1)
+    return (
+        triton is not None
+        and q.is_cuda
+        and q.shape[2] == 1
+        and q.dtype == k.dtype
+        and q.dtype in (torch.bfloat16, torch.float16)
+        and dim >= 16
+        and dim & (dim - 1) == 0
+        and q.stride(-1) == 1
+        and k.stride(-1) == 1
+    )
 
 
-def attend(q: Tensor, k: Tensor, v: Tensor, input_pos: Tensor, reference: Callable[..., Tensor], pdl: int = 0) -> Tensor:
+def attend(
+    q: Tensor, k: Tensor, v: Tensor, input_pos: Tensor, reference: Callable[..., Tensor], pdl: int = 0
+) -> Tensor:
     """decode_attention where it applies, else `reference` (same arguments)."""
     if attention_usable(q, k):
         return decode_attention(q, k, v, input_pos, pdl=pdl)
     return reference(q, k, v, input_pos)
 
 
-def rope_attend(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, cache: nn.Module, input_pos: Tensor, attend: Callable[..., Tensor],
-                reference: Callable[..., Tensor], pdl: int = 0) -> Tensor:
+def rope_attend(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    cache: nn.Module,
+    input_pos: Tensor,
+    attend: Callable[..., Tensor],
+    reference: Callable[..., Tensor],
+    pdl: int = 0,
+) -> Tensor:
     """rope_decode_attention where it applies (one token into a whole KVCache of q's dtype, no window), else
     `reference` (same arguments: `onebox.model.rope_cached_attention`)."""
-    if (getattr(cache, "window", 0) is None and cache.k.dtype == q.dtype and attention_usable(q, cache.k) and k.stride(-1) == 1
-            and v.stride(-1) == 1 and cache.k.is_contiguous() and cache.v.is_contiguous()):
-        counts = getattr(cache, "counts", None)  # the chunks merge themselves where the cache holds one counter per (row, head)
-        counts = counts if counts is not None and counts.numel() == q.shape[0] * q.shape[1] and counts.is_contiguous() else None
+    if (
+        getattr(cache, "window", 0) is None
+        and cache.k.dtype == q.dtype
+        and attention_usable(q, cache.k)
+        and k.stride(-1) == 1
+        and v.stride(-1) == 1
+        and cache.k.is_contiguous()
+        and cache.v.is_contiguous()
+    ):
+        counts = getattr(
+            cache, "counts", None
+        )  # the chunks merge themselves where the cache holds one counter per (row, head)
+        counts = (
+            counts
+            if counts is not None and counts.numel() == q.shape[0] * q.shape[1] and counts.is_contiguous()
+            else None
+        )
         return rope_decode_attention(q, k, v, cos, sin, cache.k, cache.v, input_pos, pdl=pdl, counts=counts)
     return reference(q, k, v, cos, sin, cache, input_pos, attend)
 
@@ -497,8 +803,15 @@ def _folded(project: Callable[..., Tensor]) -> bool:
     return isinstance(project, functools.partial) and project.func is normed_linear
 
 
-def use_decode_kernels(model: nn.Module, gemv: bool = True, norm: bool = True, attention: bool = True, swiglu: bool = True,
-                       pdl: int = 0, rope: bool = False) -> nn.Module:
+def use_decode_kernels(
+    model: nn.Module,
+    gemv: bool = True,
+    norm: bool = True,
+    attention: bool = True,
+    swiglu: bool = True,
+    pdl: int = 0,
+    rope: bool = False,
+) -> nn.Module:
     """Route a Transformer's decode work through the kernels above, in place (same weights, same state
     dict; idempotent): the one-row products (fused q/k/v and gate/up,
     o_proj, down, the output layer; `gemv`), each block's two norms into the products after them (`norm`;
@@ -519,11 +832,18 @@ def use_decode_kernels(model: nn.Module, gemv: bool = True, norm: bool = True, a
             module.attend = functools.partial(attend, reference=module.attend, pdl=pdl)
         if rope and hasattr(module, "cached") and not isinstance(module.cached, functools.partial):
             module.cached = functools.partial(rope_attend, reference=module.cached, pdl=pdl)
-        if swiglu and getattr(module, "gate_up_weight", None) is not None and getattr(module, "activation", None) == "swiglu":
+        if (
+            swiglu
+            and getattr(module, "gate_up_weight", None) is not None
+            and getattr(module, "activation", None) == "swiglu"
+        ):
             module.gated_down = functools.partial(swiglu_down, pdl=pdl) if pdl else swiglu_down
     if norm:
         for block in getattr(model, "layers", []):
-            pairs = ((block, "input_layernorm", block.self_attn, "qkv_weight"), (block, "post_attention_layernorm", block.mlp, "gate_up_weight"))
+            pairs = (
+                (block, "input_layernorm", block.self_attn, "qkv_weight"),
+                (block, "post_attention_layernorm", block.mlp, "gate_up_weight"),
+            )
             for owner, name, user, fused in pairs:
                 inner = getattr(owner, name)
                 if getattr(user, fused) is None or isinstance(inner, DeferredRMSNorm):

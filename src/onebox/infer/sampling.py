@@ -20,16 +20,22 @@ class InvalidSampling(OneboxError):
         self.param = param
 
 
-def check_sampling(temperature: float, top_k: int, top_p: float, seed: int | None = None, max_tokens: int | None = None) -> None:
+def check_sampling(
+    temperature: float, top_k: int, top_p: float, seed: int | None = None, max_tokens: int | None = None
+) -> None:
     """Raise InvalidSampling naming the first setting out of range."""
     if not 0 <= temperature <= MAX_TEMPERATURE:
-        raise InvalidSampling(f"temperature must be between 0 (greedy) and {MAX_TEMPERATURE:g}, got {temperature}.", "temperature")
+        raise InvalidSampling(
+            f"temperature must be between 0 (greedy) and {MAX_TEMPERATURE:g}, got {temperature}.", "temperature"
+        )
     if not 0 < top_p <= 1:
         raise InvalidSampling(f"top_p must be in (0, 1], got {top_p}.", "top_p")
     if top_k < 0:
         raise InvalidSampling(f"top_k must be 0 (off) or positive, got {top_k}.", "top_k")
     if seed is not None and not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
-        raise InvalidSampling(f"seed must be a 64-bit signed integer (between {SEED_RANGE[0]} and {SEED_RANGE[1]}), got {seed}.", "seed")
+        raise InvalidSampling(
+            f"seed must be a 64-bit signed integer (between {SEED_RANGE[0]} and {SEED_RANGE[1]}), got {seed}.", "seed"
+        )
     if max_tokens is not None and max_tokens < 1:
         raise InvalidSampling(f"max_tokens must be at least 1, got {max_tokens}.", "max_tokens")
 
@@ -44,7 +50,13 @@ def seeded_generator(seed: int | None, device: torch.device | str) -> torch.Gene
     return generator
 
 
-def sample_next(logits: Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, generator: torch.Generator | None = None) -> Tensor:
+def sample_next(
+    logits: Tensor,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> Tensor:
     """Next token ids (B,) from last-position logits (B, vocab). temperature 0 = greedy argmax."""
     if temperature <= 0:
         return logits.argmax(dim=-1)

@@ -69,7 +69,9 @@ class Sampling(BaseModel):
             try:
                 text.encode("utf-8")
             except UnicodeEncodeError:
-                raise ValueError("the request holds a string that is not valid Unicode (a lone surrogate such as \\ud800)") from None
+                raise ValueError(
+                    "the request holds a string that is not valid Unicode (a lone surrogate such as \\ud800)"
+                ) from None
         return self
 
     @property
@@ -95,13 +97,23 @@ def _max_token_bytes(tokenizer: Tokenizer) -> int:
     ids = range(tokenizer.get_vocab_size(with_added_tokens=True))
     decoded = tokenizer.decode_batch([[i] for i in ids], skip_special_tokens=False)
     written = (tokenizer.id_to_token(i) or "" for i in ids)
-    return max(max((len(t.encode("utf-8", "replace")) for t in decoded), default=1), max((len(t.encode("utf-8", "replace")) for t in written), default=1))
+    return max(
+        max((len(t.encode("utf-8", "replace")) for t in decoded), default=1),
+        max((len(t.encode("utf-8", "replace")) for t in written), default=1),
+    )
 
 
 class Server:
     """What the endpoints share: the engine, the tokenizer, the served name and the limits."""
 
-    def __init__(self, engine: Engine, tokenizer: Tokenizer | None, model_name: str, max_n: int = 8, chat_template: ChatTemplate | str | None = None) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        tokenizer: Tokenizer | None,
+        model_name: str,
+        max_n: int = 8,
+        chat_template: ChatTemplate | str | None = None,
+    ) -> None:
         self.engine, self.tokenizer, self.model_name, self.max_n = engine, tokenizer, model_name, max_n
         self.chat_template = ChatTemplate(chat_template) if isinstance(chat_template, str) else chat_template
         self.eos = eos_id(tokenizer) if tokenizer is not None else None
@@ -112,7 +124,12 @@ class Server:
     # ---- requests into engine requests
     def check(self, body: Sampling) -> None:
         if body.model != self.model_name:
-            raise ApiError(f"The model '{body.model[:200]}' does not exist; this server serves '{self.model_name}'.", 404, "model", "model_not_found")
+            raise ApiError(
+                f"The model '{body.model[:200]}' does not exist; this server serves '{self.model_name}'.",
+                404,
+                "model",
+                "model_not_found",
+            )
         if not 1 <= body.n <= self.max_n:
             raise ApiError(f"n must be between 1 and {self.max_n} on this server, got {body.n}.", 400, "n")
         try:
@@ -130,8 +147,12 @@ class Server:
         context = self.engine.config.seq_len
         size = len(text.encode("utf-8"))
         if size > 2 * self.max_token_bytes * context:  # (twice: a normalizer may drop some characters)
-            raise ApiError(f"the prompt ({size:,} bytes of text) is far longer than this model's context of {context} tokens.", 400, param,
-                           "context_length_exceeded")
+            raise ApiError(
+                f"the prompt ({size:,} bytes of text) is far longer than this model's context of {context} tokens.",
+                400,
+                param,
+                "context_length_exceeded",
+            )
         ids = self.tokenizer.encode(text, add_special_tokens=False).ids
         return ([self.eos] if self.eos is not None else []) + ids
 
@@ -149,17 +170,28 @@ class Server:
         if len(prompt_ids) <= (1 if self.eos is not None and prompt_ids[:1] == [self.eos] else 0):
             raise ApiError("the prompt is empty.", 400, "prompt")
         if len(prompt_ids) >= context:
-            raise ApiError(f"the prompt has {len(prompt_ids)} tokens; this model's context is {context} tokens (prompt plus completion).",
-                           400, "prompt", "context_length_exceeded")
+            raise ApiError(
+                f"the prompt has {len(prompt_ids)} tokens; this model's context is {context} tokens (prompt plus completion).",
+                400,
+                "prompt",
+                "context_length_exceeded",
+            )
         max_tokens = body.max_tokens if body.max_tokens is not None else min(default_max, context - len(prompt_ids))
         if len(prompt_ids) + max_tokens > context:
-            raise ApiError(f"max_tokens {max_tokens} plus the prompt's {len(prompt_ids)} tokens exceed this model's context of {context} tokens.",
-                           400, "max_tokens", "context_length_exceeded")
+            raise ApiError(
+                f"max_tokens {max_tokens} plus the prompt's {len(prompt_ids)} tokens exceed this model's context of {context} tokens.",
+                400,
+                "max_tokens",
+                "context_length_exceeded",
+            )
         if max(prompt_ids) >= self.engine.config.vocab_size or min(prompt_ids) < 0:
             raise ApiError(f"prompt token ids must lie in [0, {self.engine.config.vocab_size}).", 400, "prompt")
         stops = (self.eos,) if self.eos is not None else ()
         seeds = [None if body.seed is None else body.seed + i for i in range(body.n)]
-        made = [EngineRequest(list(prompt_ids), max_tokens, body.temperature, body.top_k, body.top_p, seed, stops) for seed in seeds]
+        made = [
+            EngineRequest(list(prompt_ids), max_tokens, body.temperature, body.top_k, body.top_p, seed, stops)
+            for seed in seeds
+        ]
         try:
             return self.engine.submit_all(made)
         except QueueFull as err:
@@ -223,5 +255,9 @@ class TextStream:
 
 
 def usage(prompt_ids: list[int], completion: int, cached: int) -> dict[str, Any]:
-    return {"prompt_tokens": len(prompt_ids), "completion_tokens": completion, "total_tokens": len(prompt_ids) + completion,
-            "prompt_tokens_details": {"cached_tokens": cached}}
+    return {
+        "prompt_tokens": len(prompt_ids),
+        "completion_tokens": completion,
+        "total_tokens": len(prompt_ids) + completion,
+        "prompt_tokens_details": {"cached_tokens": cached},
+    }

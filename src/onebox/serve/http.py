@@ -55,13 +55,20 @@ class BodyLimit:
     def __init__(self, app: Any, limit: int) -> None:
         self.app, self.limit = app, limit
 
-    async def __call__(self, scope: dict, receive: Callable[[], Awaitable[dict]], send: Callable[[dict], Awaitable[None]]) -> None:
+    async def __call__(
+        self, scope: dict, receive: Callable[[], Awaitable[dict]], send: Callable[[dict], Awaitable[None]]
+    ) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
-            response = _error_response(f"the request body is larger than this server's limit of {self.limit:,} bytes.", 413, None, "body_too_large")
+            response = _error_response(
+                f"the request body is larger than this server's limit of {self.limit:,} bytes.",
+                413,
+                None,
+                "body_too_large",
+            )
             await response(scope, receive, send)
             return
         received = 0
@@ -72,7 +79,9 @@ class BodyLimit:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.limit:
-                    raise StarletteHTTPException(413, f"the request body is larger than this server's limit of {self.limit:,} bytes.")
+                    raise StarletteHTTPException(
+                        413, f"the request body is larger than this server's limit of {self.limit:,} bytes."
+                    )
             return message
 
         await self.app(scope, limited, send)
@@ -82,7 +91,9 @@ class ClientGone(Exception):
     """The client of a request disconnected: its engine requests were cancelled."""
 
 
-async def _tokens(requests: list[EngineRequest], disconnected: Callable[[], Awaitable[bool]] | None = None) -> AsyncIterator[tuple[int, int | None]]:
+async def _tokens(
+    requests: list[EngineRequest], disconnected: Callable[[], Awaitable[bool]] | None = None
+) -> AsyncIterator[tuple[int, int | None]]:
     """(choice index, token) as the engine hands them out, None ending a choice; every choice's end is yielded.
     With `disconnected` (looked at every DISCONNECT_POLL_SECONDS), a client that leaves cancels the requests (ClientGone)."""
     queue: asyncio.Queue[tuple[int, int | None]] = asyncio.Queue()
@@ -93,7 +104,9 @@ async def _tokens(requests: list[EngineRequest], disconnected: Callable[[], Awai
     checked = time.monotonic()
     while open_choices:
         try:
-            index, token = await asyncio.wait_for(queue.get(), DISCONNECT_POLL_SECONDS) if disconnected else await queue.get()
+            index, token = (
+                await asyncio.wait_for(queue.get(), DISCONNECT_POLL_SECONDS) if disconnected else await queue.get()
+            )
         except asyncio.TimeoutError:
             index = None
         if disconnected is not None and time.monotonic() - checked >= DISCONNECT_POLL_SECONDS:
@@ -112,7 +125,9 @@ def _reason(stream: TextStream, request: EngineRequest) -> str:
     return "stop" if stream.stopped or request.finish_reason == "stop" else "length"
 
 
-async def _complete(server: Server, requests: list[EngineRequest], stops: list[str], http: Request) -> list[tuple[str, int, str]]:
+async def _complete(
+    server: Server, requests: list[EngineRequest], stops: list[str], http: Request
+) -> list[tuple[str, int, str]]:
     """Run every choice to its end: (text, completion tokens, finish reason) each; a client that leaves cancels them."""
     streams = [TextStream(server, stops) for _ in requests]
     texts = [""] * len(requests)
@@ -126,11 +141,21 @@ async def _complete(server: Server, requests: list[EngineRequest], stops: list[s
             texts[index] += stream.push(token)
             if stream.stopped:
                 request.cancel()
-    return [(text, len(stream.ids), _reason(stream, request)) for text, stream, request in zip(texts, streams, requests)]
+    return [
+        (text, len(stream.ids), _reason(stream, request)) for text, stream, request in zip(texts, streams, requests)
+    ]
 
 
-async def _events(server: Server, requests: list[EngineRequest], stops: list[str], prompt_ids: list[int], ident: str, model: str,
-                  chat: bool, include_usage: bool) -> AsyncIterator[str]:
+async def _events(
+    server: Server,
+    requests: list[EngineRequest],
+    stops: list[str],
+    prompt_ids: list[int],
+    ident: str,
+    model: str,
+    chat: bool,
+    include_usage: bool,
+) -> AsyncIterator[str]:
     """Server-sent events for all choices, interleaved as tokens arrive; a client that leaves cancels them."""
     kind = "chat.completion.chunk" if chat else "text_completion"
     created = int(time.time())
@@ -138,7 +163,9 @@ async def _events(server: Server, requests: list[EngineRequest], stops: list[str
 
     def chunk(index: int, text: str | None, reason: str | None, first: bool = False) -> str:
         if chat:
-            delta: dict[str, Any] = {"role": "assistant", "content": ""} if first else ({} if text is None else {"content": text})
+            delta: dict[str, Any] = (
+                {"role": "assistant", "content": ""} if first else ({} if text is None else {"content": text})
+            )
             choice = {"index": index, "delta": delta, "finish_reason": reason, "logprobs": None}
         else:
             choice = {"index": index, "text": text or "", "finish_reason": reason, "logprobs": None}
@@ -189,7 +216,9 @@ def create_app(server: Server, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> 
         where = ".".join(str(p) for p in problem.get("loc", ()) if p != "body")
         if problem.get("type") == "json_invalid":
             return _error_response("the request body is not valid JSON.", 400, None, "invalid_json")
-        return _error_response(f"invalid request: {where or 'body'}: {problem.get('msg', 'invalid value')}.", 400, where or None)
+        return _error_response(
+            f"invalid request: {where or 'body'}: {problem.get('msg', 'invalid value')}.", 400, where or None
+        )
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, err: StarletteHTTPException) -> JSONResponse:
@@ -205,15 +234,20 @@ def create_app(server: Server, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> 
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": server.model_name, "object": "model", "created": server.created, "owned_by": "onebox"}]}
+        return {
+            "object": "list",
+            "data": [{"id": server.model_name, "object": "model", "created": server.created, "owned_by": "onebox"}],
+        }
 
     async def respond(body: Sampling, prompt_ids: list[int], chat: bool, http: Request) -> Any:
         stops = server.stop_strings(body, chat)
         requests = server.requests(body, prompt_ids, default_max=16 if not chat else 256)
         ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         if body.stream:
-            return StreamingResponse(_events(server, requests, stops, prompt_ids, ident, body.model, chat, body.include_usage),
-                                     media_type="text/event-stream")
+            return StreamingResponse(
+                _events(server, requests, stops, prompt_ids, ident, body.model, chat, body.include_usage),
+                media_type="text/event-stream",
+            )
         try:
             results = await _complete(server, requests, stops, http)
         except ClientGone:
@@ -224,12 +258,25 @@ def create_app(server: Server, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> 
         choices = []
         for i, (text, _, reason) in enumerate(results):
             if chat:
-                choices.append({"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": reason, "logprobs": None})
+                choices.append(
+                    {
+                        "index": i,
+                        "message": {"role": "assistant", "content": text},
+                        "finish_reason": reason,
+                        "logprobs": None,
+                    }
+                )
             else:
                 choices.append({"index": i, "text": text, "finish_reason": reason, "logprobs": None})
         total = usage(prompt_ids, sum(r[1] for r in results), requests[0].cached_tokens)
-        return {"id": ident, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()), "model": body.model,
-                "choices": choices, "usage": total}
+        return {
+            "id": ident,
+            "object": "chat.completion" if chat else "text_completion",
+            "created": int(time.time()),
+            "model": body.model,
+            "choices": choices,
+            "usage": total,
+        }
 
     @app.post("/v1/completions")
     async def completions(body: CompletionBody, http: Request) -> Any:
@@ -251,12 +298,23 @@ def check_port(host: str, port: int) -> None:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             probe.bind((host, port))
     except OSError as err:
-        raise OneboxError(f"cannot listen on {host}:{port} ({err.strerror}): another program holds that port, or the address is not this "
-                          f"machine's. Choose another with --port (e.g. --port {port + 1}) or --host.") from None
+        raise OneboxError(
+            f"cannot listen on {host}:{port} ({err.strerror}): another program holds that port, or the address is not this "
+            f"machine's. Choose another with --port (e.g. --port {port + 1}) or --host."
+        ) from None
 
 
-def run_server(model_path: str, host: str = "127.0.0.1", port: int = 8000, model_name: str | None = None, device: str = "auto",
-               max_batch: int = 8, max_n: int = 8, max_queue: int = 64, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> None:
+def run_server(
+    model_path: str,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    model_name: str | None = None,
+    device: str = "auto",
+    max_batch: int = 8,
+    max_n: int = 8,
+    max_queue: int = 64,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+) -> None:
     """Load a model, start the engine and serve until interrupted."""
     import uvicorn
 

@@ -49,8 +49,10 @@ def run_jsonl(server: Server, lines: Iterable[str], write: Callable[[str], None]
             stops = server.stop_strings(body, chat=False)
             requests = server.requests(body, prompt_ids, default_max=16)
             results = [collect(server, r, stops) for r in requests]
-            response = {"choices": [{"index": i, "text": t, "finish_reason": f} for i, (t, _, f) in enumerate(results)],
-                        "usage": usage(prompt_ids, sum(r[1] for r in results), requests[0].cached_tokens)}
+            response = {
+                "choices": [{"index": i, "text": t, "finish_reason": f} for i, (t, _, f) in enumerate(results)],
+                "usage": usage(prompt_ids, sum(r[1] for r in results), requests[0].cached_tokens),
+            }
         except (json.JSONDecodeError, ValidationError, ApiError) as err:
             failed += 1
             message = err.message if isinstance(err, ApiError) else f"line {number}: {err}".splitlines()[0]
