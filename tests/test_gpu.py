@@ -85,7 +85,7 @@ def test_low_memory_strategies_on_cuda_track_the_standard_one(tmp_path, corpus_d
 
 
 def test_pinned_zeros_are_page_locked_exactly_sized_and_copy_both_ways():
-    from onebox.device import pinned_zeros
+    from onebox.host import pinned_zeros
 
     host = pinned_zeros((3, 1000, 333), torch.bfloat16)  # not a power of two, not a whole number of pages
     assert host.is_pinned() and host.shape == (3, 1000, 333) and not host.any()
@@ -297,7 +297,7 @@ def test_rope_decode_attention_matches_rotate_write_attend(batch, heads, kv_head
         ).float()  # the kernel, no fallback
         torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2 * want.abs().max().item())
         assert torch.equal(ours.v, ref.v) and not ours.counts.any()
-        # on an H100 (session 15) 89 of 153,600 values came out one bf16 unit of the rotation's products apart from
+        # on an H100, 89 of 153,600 values came out one bf16 unit of the rotation's products apart from
         # torch's (at most 2**-6, where products near 2-4 nearly cancel): allowed at the products' scale, not the result's
         torch.testing.assert_close(ours.k.float(), ref.k.float(), rtol=2**-8, atol=2**-7 * k.abs().max().item())
         changed = (ours.k != before).any(dim=-1)  # (batch, kv_heads, slots): only each row's own position

@@ -214,7 +214,7 @@ def test_a_fresh_run_refuses_to_overwrite_an_existing_one(tmp_path, corpus_dir):
 def test_training_collects_garbage_on_its_own_schedule():
     import gc
 
-    from onebox.device import GC_EVERY, collect_young, steady_collection
+    from onebox.host import GC_EVERY, collect_young, steady_collection
 
     assert gc.isenabled()
     with steady_collection():

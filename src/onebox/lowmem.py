@@ -20,7 +20,7 @@ norm so far divided by the share that had arrived at the same parameter in the p
 exact when a step's gradients are a scaled copy of the previous step's, and a spike is clipped as
 it arrives. (Clipping with the previous step's norm instead trailed torch's AdamW by 3% at 600m-A
 after 300 steps on an H100: early, when norms fall fast, every update was scaled too small against
-Adam's history; benchmarks/NOTES.md.) The very first step only measures: its gradients are dropped
+Adam's history.) The very first step only measures: its gradients are dropped
 and nothing moves (unclipped, a first gradient many times the clip norm swells the second moment for
 a hundred steps). Parameters updated at step() use the step's own norm; with every update at step()
 clipping is exact, as in torch.nn.utils.clip_grad_norm_. The arithmetic
@@ -37,9 +37,9 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from onebox.config import TrainConfig
-from onebox.device import pinned_zeros
 from onebox.distributed import DTensor
 from onebox.errors import OneboxError
+from onebox.host import pinned_zeros
 from onebox.optim import param_groups
 
 

@@ -46,13 +46,11 @@ from onebox.data import (
 from onebox.device import (
     autocast,
     autocast_dtype,
-    collect_young,
     format_bytes,
     peak_flops,
     peak_memory_bytes,
     pick_device,
     reset_peak_memory,
-    steady_collection,
     synchronize,
 )
 from onebox.display import ProgressDisplay, plural
@@ -70,6 +68,7 @@ from onebox.distributed import (
 from onebox.errors import OneboxError
 from onebox.export import load_hf
 from onebox.files import is_disk_full
+from onebox.host import collect_young, steady_collection
 from onebox.memory import out_of_memory_message
 from onebox.model import cross_entropy_loss
 from onebox.optim import lr_factor

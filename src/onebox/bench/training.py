@@ -28,11 +28,11 @@ from onebox.device import (
     peak_memory_bytes,
     quiet_optional_imports,
     reset_peak_memory,
-    steady_collection,
     synchronize,
 )
 from onebox.distributed import DistInfo, sum_over_ranks
 from onebox.errors import OneboxError
+from onebox.host import steady_collection
 from onebox.memory import estimate_training_memory
 from onebox.model import cross_entropy_loss
 from onebox.plan import build_for_training, build_sharded_for_training, resolve_strategy

@@ -11,7 +11,7 @@ from typing import Any
 from rich.table import Table
 
 from onebox import __version__
-from onebox.cli.bench import add_bench_parsers, add_plan_parser
+from onebox.cli.bench import add_bench_parsers
 from onebox.cli.common import (
     DEVICE_HELP,
     add_config_fields,
@@ -22,6 +22,8 @@ from onebox.cli.common import (
     plural,
     refuse_unknown,
 )
+from onebox.cli.plan import add_plan_parser
+from onebox.cli.results import add_results_parsers
 from onebox.config import PRESETS
 from onebox.errors import OneboxError
 
@@ -316,6 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("presets", help="list the model presets")
     p.set_defaults(func=cmd_presets)
     add_bench_parsers(sub)
+    add_results_parsers(sub)
     mark_subcommands(parser)
     return parser
 

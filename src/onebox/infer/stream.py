@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from onebox.config import ModelConfig
-from onebox.device import pinned_zeros
+from onebox.host import pinned_zeros
 from onebox.model import Block, Transformer, rope_tables
 
 
