@@ -1,4 +1,4 @@
-"""Accuracy probe (issue 5): the low-memory AdamW against torch's AdamW on the CPU, one variant per run.
+"""Accuracy probe: the low-memory AdamW against torch's AdamW on the CPU, one variant per run.
 
   PYTHONPATH=src python benchmarks/accuracy_probe.py VARIANT[,VARIANT...] [--steps 300] [--dim 256 --layers 4]
   PYTHONPATH=src python benchmarks/accuracy_probe.py ref,hook,w16 --preset 600m-A --batch 32 --device cuda
@@ -10,8 +10,8 @@ AdamW, fp32 weights) or a join of: w16 (bf16 matrices, stochastic rounding; norm
 moments; fp32 otherwise), hook (update inside backward), noclip (no clipping, for both), ckpt (activation
 checkpointing), compile (per-block torch.compile); any other name (e.g. `lm`) is the low-memory AdamW
 with fp32 weights and moments, stepped at step(). --preset takes a preset's shape (and its seq_len) instead
-of --dim/--layers; --device cuda runs on the GPU (bf16 autocast there too). The figures in benchmarks/NOTES.md (session 11) came
-from this at 4 x 256 (and 8 x 512 with --dim 512 --layers 8), one run per variant, two at a time on 2 cores.
+of --dim/--layers; --device cuda runs on the GPU (bf16 autocast there too). Batch 4 x 256 (and 8 x 512 with
+--dim 512 --layers 8), one run per variant, two at a time, fits 2 cores.
 """
 
 from __future__ import annotations

@@ -1,13 +1,12 @@
-"""Decode probe (issue 6): where a decode step's time goes, on the GPU machine (PYTHONPATH=src).
+"""Decode probe: where a decode step's time goes, on the GPU machine (PYTHONPATH=src).
 
   python benchmarks/decode_probe.py --preset 600m-A --batch 1 --variants plain,fused,fused+autotune --out $OUT
 
 A variant is plain (separate q/k/v and gate/up products) or fused, optionally +autotune (torch.compile
 mode max-autotune instead of reduce-overhead) and +math/+efficient/+cudnn (the SDPA kernel, forced), +gemv/+norm/+attention/+swiglu/+rope/+prefetch/+chain/+kernels (onebox's Triton decode kernels, infer/kernels.py, one or all; without them cuBLAS and SDPA),
 +window (attention over the cache up to the next power of two past the furthest position), +pdl (inductor's
-kernels with programmatic dependent launch), +kpdl (the Engine's `pdl` kernel option: onebox's GEMVs with it and, since
-session 14's measurements, inductor's kernels too; at 49ade89 it was the GEMVs only), +sepmerge (with +rope: a merge kernel
-after the attention's chunks, as before session 15, instead of the last chunk merging). For each it prints: whether CUDA graphs were skipped (inductor's counters), the engine's tokens/s (as bench decode
+kernels with programmatic dependent launch), +kpdl (the Engine's `pdl` kernel option: onebox's GEMVs and inductor's kernels with
+it), +sepmerge (with +rope: a merge kernel after the attention's chunks instead of the last chunk merging). For each it prints: whether CUDA graphs were skipped (inductor's counters), the engine's tokens/s (as bench decode
 measures it), the compiled step alone in a loop of back-to-back launches (no host work: the floor of
 this design), and a profile of a few engine steps (host time per step, GPU busy time per step).
 """
@@ -54,9 +53,7 @@ def probe(preset: str, batch: int, variant: str, out: Path) -> str:
         + (",pdl" if "+kpdl" in variant else "")
         or False,
     )
-    if (
-        "+sepmerge" in variant
-    ):  # +rope with the merge kernel after the chunks (session 14's design) instead of the chunks merging themselves
+    if "+sepmerge" in variant:  # +rope with a merge kernel after the chunks instead of the chunks merging themselves
         for cache in engine.caches:
             cache.counts = torch.zeros(0, dtype=torch.int32, device=device)
     backend = next((b for b in ("math", "efficient", "flash", "cudnn") if f"+{b}" in variant), None)

@@ -1,4 +1,4 @@
-"""GEMV probe (issue 6): one-row bf16 products of the decode step's shapes, cuBLAS against Triton designs.
+"""GEMV probe: one-row bf16 products of the decode step's shapes, cuBLAS against Triton designs.
 
   python benchmarks/gemv_probe.py --presets 600m-A,3b-A [--attention]
 

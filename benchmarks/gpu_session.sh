@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One call on the GPU machine (device tool): GPU tests, the main job, and the bench smoke runs.
+# One call on a GPU machine: GPU tests, the main job, and the bench smoke runs.
 # Usage there: ONEBOX_GIT_COMMIT=<sha> bash benchmarks/gpu_session.sh [steps...]
 # Steps: tests train validate validate:<preset>:<batch>[:<precision>] forward dims sweep:<scales> losscmp
 # (default: tests train validate forward dims). losscmp trains 600m-A for 300 steps on the default corpus

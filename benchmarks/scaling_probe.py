@@ -1,4 +1,4 @@
-"""Scaling probe (issue 7): FSDP2 settings side by side on several GPUs, under torchrun (PYTHONPATH=src).
+"""Scaling probe: FSDP2 settings side by side on several GPUs, under torchrun (PYTHONPATH=src).
 
   torchrun --standalone --nproc-per-node 2 benchmarks/scaling_probe.py --preset 3b-A --batch 8 \
       --variants base,noreshard,bf16reduce,prefetch2 --one 21965
@@ -10,7 +10,7 @@ after forward or not as planned for the memory, the last one kept, blocks per FS
 noreshard (no block resharded: no all-gather in backward, the gathered bf16 weights held from forward
 to backward),
 bf16reduce (gradients reduce-scattered in bf16), prefetchN (all-gathers issued N blocks ahead; one block per
-unit), groupN (N blocks per FSDP2 unit; group1 as before session 14), autogc (Python's collector left on during the steps, as before b098900).
+unit), groupN (N blocks per FSDP2 unit), autogc (Python's collector left on during the steps).
 Rank 0 prints one row per variant: ms per step by phase, tokens/s per process, the efficiency against
 `--one` (one GPU's tokens/s from `onebox bench validate` in the same call), and peak memory.
 `--profile VARIANT,...` then profiles 3 steps of each on every rank (GPU kernels on CUDA; on the CPU all is idle) and prints one line per rank:

@@ -1,4 +1,4 @@
-"""Speed probe for the training step (issue 4): time variants side by side and profile where the step goes.
+"""Speed probe for the training step: time variants side by side and profile where the step goes.
 
 Run on the GPU machine (PYTHONPATH=src):
   python benchmarks/speed_probe.py --preset 600m-A --batch 32 --variants block,block+fp8,hf-compile \
@@ -70,7 +70,7 @@ def builder(variant: str):
             return Contender(loss, side_stream_update(model, settings.lr, device), scope != "off")
         train = TrainConfig(lr=settings.lr, device=str(device))
         optimizer = build_optimizer(model, train)
-        if "torchadam" in parts:  # torch's fused AdamW instead of onebox's Triton one (the default before session 16)
+        if "torchadam" in parts:  # torch's fused AdamW instead of onebox's Triton one
             optimizer = OptimizerSet(
                 [
                     torch.optim.AdamW(

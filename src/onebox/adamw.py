@@ -1,12 +1,12 @@
 """AdamW whose update on CUDA is one Triton kernel per parameter, moving the fewest bytes AdamW can.
 
-The training step's default optimizer (issue 4). torch's fused AdamW is the reference: the same
+The training step's default optimizer on CUDA. torch's fused AdamW is the reference: the same
 arithmetic (decoupled weight decay, bias correction, eps outside the square root, all in fp32), the
 same state (exp_avg, exp_avg_sq, step), so checkpoints move between the two. What differs is traffic:
 onebox applies the clip factor as AdamW's grad_scale (optim.OptimizerSet.step), and torch's fused
 kernel then writes every unscaled gradient back, 32 bytes a parameter in all; this kernel reads the
 weight, gradient and two moments and writes the weight and moments, 28 bytes, and does it at a higher
-share of the memory bandwidth (numbers in benchmarks/NOTES.md, session 16). Elsewhere (CPU, MPS,
+share of the memory bandwidth (figures: docs/perf/training-h100-2026-11.md). Elsewhere (CPU, MPS,
 sharded DTensor parameters) `make_adamw` returns torch's own AdamW.
 """
 

@@ -366,7 +366,7 @@ def fuse_projections(model: Transformer) -> Transformer:
     """For inference: each block's q/k/v weights, and its gate/up weights, become views of one concatenated
     matrix (so no memory is added once done), and the forward runs one matrix product where it ran three,
     and two: at decode, where every product is a small matrix-vector one, fewer kernels is most of the
-    gain. Training keeps them apart (measured slower fused, benchmarks/NOTES.md). Idempotent."""
+    gain. Training keeps them apart (measured slower fused). Idempotent."""
     for layer in model.layers:
         attn, mlp = layer.self_attn, layer.mlp
         if attn.qkv_weight is None:

@@ -300,7 +300,7 @@ def units_of(reshard: bool) -> int:
     resharded (a unit's gathered weights are what the lean plans budget for). Each unit costs the host its
     hooks, copy-in/copy-out and collective launches every step, and the 2-process step is bound by its
     host: 3b-A batch 8 on 2 x H200 issued a step in ~235 ms against ~185 ms of GPU work, and two blocks
-    per unit gave 94.4% scaling against 80.1% in the same call (benchmarks/NOTES.md, session 14)."""
+    per unit gave 94.4% scaling against 80.1% with one (docs/perf/multi-gpu-h200x2-2026-11.md)."""
     return 1 if reshard else 2
 
 
@@ -316,7 +316,7 @@ def reshard_after_forward(
     """Whether FSDP2 should free each block's gathered weights after forward and gather them again in
     backward (the lean choice), rather than keep them until backward: kept when every block's gathered
     copy fits beside the sharded prediction, which saves one all-gather of the model per step (3b-A on
-    2 x H200: 94.6% scaling efficiency kept, 65-82% regathered; benchmarks/NOTES.md)."""
+    2 x H200: 94.6% scaling efficiency kept, 65-82% regathered)."""
     prediction = predict(config, batch, chosen, compiled, mixed, shards)
     gathered = (2 if mixed else 4) * (config.num_params() - config.vocab_size * config.dim)
     if machine.gpu is None:

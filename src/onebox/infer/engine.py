@@ -169,18 +169,12 @@ class Engine:
         stretch of the cache before it waits), rope (q and k rotated and k, v written into the
         cache by the attention kernel, whose chunks merge themselves); None: gemv, attention, rope, pdl and
         chain wherever they run (CUDA with Triton; pdl and chain on Hopper and later); False: none (cuBLAS
-        and SDPA). Measured on H100, batch 1 (benchmarks/NOTES.md, sessions 13-15): gemv 600m-A 869 -> 933
-        tok/s, 3b-A 272 -> 283; attention on top 600m-A +3%, 3b-A -1% (noise); pdl on top 600m-A 957 ->
-        1,050, 3b-A 280 -> 293 (inductor's kernels alone with it: 1,035 and 277); rope on top 600m-A 1,120
-        -> 1,211, 3b-A 310 -> 331; chain on top 600m-A 1,297 -> 1,380, 3b-A 338 -> 347. Not
-        default: norm (906 against gemv alone 933: the folded norm costs more than the kernel it saves),
-        swiglu (973 against 957 without pdl, but 962-967 against 1,050 with it) and prefetch (1,120 -> 1,093;
-        with rope 747).
+        and SDPA). What each option buys, measured: docs/perf/decode-h100-2026-11.md (norm, swiglu and
+        prefetch were measured slower and stay off by default).
         windows: attention in a decode step reads only the cache up to the next power of two past the
         furthest active position (from 64 or a 32nd of the context, so at most 6 windows), one compiled
-        graph per window, instead of the whole context. Off by default: measured on H100 at 600m-A (bench
-        decode, prompt 128 + 128 tokens) it gains 3% at batch 1 (870 -> 896 tok/s) but loses 23% at batch 8
-        (6,870 -> 5,276): benchmarks/NOTES.md. `warmup()` compiles every graph up front.
+        graph per window, instead of the whole context. Off by default (measured +3% at batch 1 but -23% at
+        batch 8, docs/perf/decode-h100-2026-11.md). `warmup()` compiles every graph up front.
         max_queue: the most requests that may wait for a slot (None: no bound); submit() raises QueueFull past it."""
         self.model = fuse_projections(model.eval()) if fuse else model.eval()
         if kernels is None:

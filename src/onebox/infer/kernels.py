@@ -1,46 +1,35 @@
 """Triton kernels for decode steps (one token per row), where every weight matrix is read whole to
 multiply it by one row and attention reads a short stretch of the KV cache.
 
-- `gemv`: the one-row matrix-vector product. At batch 1 the H100's cuBLAS kernels read 600m-A's weights
-  at 0.9-2.3 TB/s of the card's ~3 TB/s (benchmarks/NOTES.md, session 11: q/k/v 2.0, o_proj 0.9, gate/up
-  2.3, down 1.5): a GEMM library tiles for many rows, and a (1 x K) by (K x N) product has too few tiles
-  to keep the card busy. Here each program owns 4 output rows and reads them 512 columns per load with
-  fp32 accumulation. One fixed configuration, chosen by `benchmarks/gemv_probe.py` on an H100 (best or
-  within 3% of the best for every decode shape of 600m-A and 3b-A, 5-20% faster than cuBLAS with L2
-  defeated). Not autotuned: under triton.autotune the decode step's products took 11.9 us each against
-  cuBLAS's 7.9 at 600m-A, most likely because the autotuner times each candidate on one weight again and
-  again, i.e. from L2, where the decode step reads every weight once from HBM.
+- `gemv`: the one-row matrix-vector product. A GEMM library tiles for many rows, and a (1 x K) by
+  (K x N) product has too few tiles to keep the card busy: cuBLAS reads these weights at 0.9-2.3 TB/s
+  of an H100's ~3. Here each program owns 4 output rows and reads them 512 columns per load with fp32
+  accumulation: one fixed configuration, chosen by `benchmarks/gemv_probe.py` (best or within 3% of
+  the best for every decode shape of 600m-A and 3b-A on an H100). Not autotuned: the autotuner times
+  each candidate on one weight again and again, from L2, where a decode step reads every weight once
+  from HBM, and it picked configurations slower than cuBLAS.
 - `norm_gemv`: the block's RMSNorm folded into the product that follows it (q/k/v, gate/up): each
-  program computes the row's norm itself (the row is a few KB, read from L2), so the norm's own kernel
-  goes; roundings as RMSNorm's (normed to the row's dtype, then scaled). Measured slower than the norm's
-  kernel plus `gemv` (H100, 600m-A: +24 us per step): off by default (the Engine's `kernels`).
-- `swiglu_gemv`: SwiGLU's silu(gate) * up computed as the down product loads it (one kernel where
-  there were two; roundings as torch's). Not measured yet: off by default.
+  program computes the row's norm itself; roundings as RMSNorm's. Measured slower than the norm's own
+  kernel plus `gemv`: off by default (the Engine's `kernels`).
+- `swiglu_gemv`: SwiGLU's silu(gate) * up computed as the down product loads it; roundings as
+  torch's. Measured slower under programmatic dependent launch: off by default.
 - `decode_attention`: one query token per row against the cache up to that row's position
   (flash-decoding: the positions split in chunks of 32, each program one (row, head, chunk) with an
   online softmax; the last program of a (row, head) to finish, found by an atomic ticket on a counter
   the KV cache holds, merges the chunks, or without counters a second kernel does), where SDPA reads
-  the whole cache under a materialised mask (cuDNN 9.6 us per layer at 600m-A, plus the mask and
-  layout kernels).
+  the whole cache under a materialised mask.
 - `rope_decode_attention`: the same with RoPE and the cache write folded in: q and this step's k
   rotated in the kernel, this step's k and v written into the cache by the programs that hold their
-  position, where inductor ran four small kernels per layer for them (~90 us of a 600m-A step on an
-  H100, session 14's profile). Measured (session 15, H100): 600m-A 1,200 -> 1,297 tok/s with the
-  chunks merging themselves (1,214 with a merge kernel), 3b-A 310 -> 331 (merge kernel).
-- Programmatic dependent launch (`pdl`, Hopper and later): the GEMVs launched while the kernel before
-  them finishes, loading their first weight tile before they wait for their input (LAUNCH); with
-  inductor's kernels launched the same way (the Engine does both) 600m-A decodes 957 -> 1,050 tok/s on
-  an H100. PREFETCH (opt-in): products of up to PREFETCH_COLUMNS columns load all their weights before
-  the wait, and the GEMVs and the attention's merge let the next kernel launch once their loads are
-  issued (`gdc_launch_dependents`, as inductor's kernels do). Measured slower (session 15, H100,
-  600m-A: 1,120 -> 1,093 tok/s; with rope 1,211 -> 747): not default. CHAIN (default on Hopper): the GEMVs
-  let the next kernel launch right after their wait, and the folded-RoPE attention is launched with PDL
-  too (`onebox::rope_attention_pdl`), loading its stretch of the cache before its wait: 600m-A 1,297 ->
-  1,380 tok/s, 3b-A 338 -> 347 (session 15, H100).
+  position, where inductor runs four small kernels per layer for them.
+- Programmatic dependent launch (Hopper and later). LAUNCH: the GEMVs launched while the kernel
+  before them finishes, loading their first weight tile before they wait for their input (the Engine
+  launches inductor's kernels the same way). CHAIN (default on Hopper): the GEMVs let the next kernel
+  launch right after their wait, and the folded-RoPE attention is launched with PDL too
+  (`onebox::rope_attention_pdl`), loading its stretch of the cache before its wait. PREFETCH (opt-in,
+  measured slower): products of up to PREFETCH_COLUMNS columns load all their weights before the
+  wait, and the next kernel launches once their loads are issued.
 
-Measured (benchmarks/NOTES.md, sessions 13-15): `gemv` + `decode_attention` take 600m-A from 869 to 958
-tok/s at batch 1 on an H100 (34% -> 37.6% of the bandwidth bound), 3b-A from 272 to 281 (58.9% -> 61.1%);
-with pdl, rope and chain (the Engine's default on Hopper) `bench decode` reads 1,380 (54.1%) and 349 (76.1%).
+What each of them buys, measured on an H100: docs/perf/decode-h100-2026-11.md.
 `use_decode_kernels(model)` routes a model's decode products through them; `torch.compile` takes the
 kernels into its graph (and so into the decode step's CUDA graph). Anything they do not take (more
 than one row: prefill, other devices, other dtypes, no Triton) goes the reference way (F.linear,
@@ -539,10 +528,9 @@ def rope_decode_attention(
 
 def attention_launch(rows: int, rope: bool = False) -> tuple[int, int]:
     """Positions per program and warps for the decode attention kernel: chunks of 32; 2 warps with RoPE
-    folded in, else 4 for one row and 2 for more (H100, `gemv_probe.py --attention` at position 255,
-    session 15, chunks merging themselves: 600m-A batch 1 rope 8.0 us per layer at 32 x 2, 8.5 at 32 x 4,
-    9.9 at session 14's 64 x 8 with a merge kernel; plain 8.1 at 32 x 4, 11.7 at 64 x 4; batch 8 13.9 / 12.9
-    at 32 x 2)."""
+    folded in, else 4 for one row and 2 for more: the fastest of the chunk x warps sweep of
+    `gemv_probe.py --attention` on an H100 (600m-A at position 255: with RoPE 8.0 us per layer at 32 x 2
+    against 8.5 at 32 x 4 and 9.9 at 64 x 8; without, 8.1 at 32 x 4 against 11.7 at 64 x 4)."""
     return ATTN_CHUNK, 2 if rope or rows > 1 else 4
 
 
