@@ -30,8 +30,12 @@ $(VENV)/.dev: $(VENV)/.installed
 	$(BIN)/python -m pip install -q $(PIP_TORCH) -e '.[dev]'
 	touch $@
 
+# make run replaces only a run folder it wrote itself (marked by .written-by-make-run), never one of yours.
 run: install
+	@if [ -e $(RUN_DIR) ] && [ ! -e $(RUN_DIR)/.written-by-make-run ]; then \
+	  echo "$(RUN_DIR) exists and was not written by make run: move it aside, or give another folder (make run RUN_DIR=runs/demo)."; exit 1; fi
 	rm -rf $(RUN_DIR)
+	mkdir -p $(RUN_DIR) && touch $(RUN_DIR)/.written-by-make-run
 	$(BIN)/onebox train --config configs/tiny-shakespeare.toml --out-dir $(RUN_DIR) $(RUN_FLAGS)
 	$(BIN)/onebox export $(RUN_DIR) $(RUN_DIR)/hf
 	$(BIN)/onebox generate $(RUN_DIR)/hf --prompt "ROMEO:" --max-new-tokens 120 --seed 1
