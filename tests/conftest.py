@@ -58,11 +58,15 @@ def corpus_tokenizer(corpus_dir):
     return tokenizer_from_json((corpus_dir / "tokenizer.json").read_text())
 
 
+MICRO_SHAPE = dict(vocab_size=512, dim=64, hidden=160, layers=2, heads=4, kv_heads=2, seq_len=64)
+MICRO_FLAGS = [
+    item for key, value in MICRO_SHAPE.items() for item in (f"--{key.replace('_', '-')}", str(value))
+]  # the same, as CLI flags
+
+
 def micro_model(**changes) -> ModelConfig:
     """A two-layer GQA model of about 100k parameters."""
-    base = dict(name="micro", vocab_size=512, dim=64, hidden=160, layers=2, heads=4, kv_heads=2, seq_len=64)
-    base.update(changes)
-    return ModelConfig(**base).validate()
+    return ModelConfig(**{"name": "micro", **MICRO_SHAPE, **changes}).validate()
 
 
 def micro_train(out_dir, data_dir, **changes) -> TrainConfig:

@@ -10,25 +10,9 @@ import sys
 import time
 
 import pytest
+from conftest import MICRO_FLAGS
 
 from onebox.cli import main
-
-MICRO = [
-    "--dim",
-    "64",
-    "--hidden",
-    "160",
-    "--layers",
-    "2",
-    "--heads",
-    "4",
-    "--kv-heads",
-    "2",
-    "--seq-len",
-    "64",
-    "--vocab-size",
-    "512",
-]
 
 
 def _env():
@@ -50,7 +34,7 @@ def test_prepare_train_export_generate(tmp_path, capsys):
     code = main(
         [
             "train",
-            *MICRO,
+            *MICRO_FLAGS,
             "--data",
             str(tmp_path / "data"),
             "--out-dir",
@@ -170,7 +154,7 @@ def test_ctrl_c_writes_a_checkpoint_and_resume_continues(tmp_path, corpus_dir):
         "-m",
         "onebox.cli",
         "train",
-        *MICRO,
+        *MICRO_FLAGS,
         "--data",
         str(corpus_dir),
         "--out-dir",

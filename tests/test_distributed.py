@@ -9,29 +9,13 @@ import sys
 
 import pytest
 import torch
+from conftest import MICRO_FLAGS
 
 from onebox.checkpoint import load_checkpoint
 from onebox.cli import main
 from onebox.errors import OneboxError
 from onebox.launch import failure_summary, launch, torchrun_command
 from onebox.plan import sharded_strategy
-
-MICRO = [
-    "--vocab-size",
-    "512",
-    "--dim",
-    "64",
-    "--hidden",
-    "160",
-    "--layers",
-    "2",
-    "--heads",
-    "4",
-    "--kv-heads",
-    "2",
-    "--seq-len",
-    "64",
-]
 
 
 def _losses(run) -> dict[int, float]:
@@ -44,7 +28,7 @@ def _train(out, corpus_dir, *extra: str) -> int:
     return main(
         [
             "train",
-            *MICRO,
+            *MICRO_FLAGS,
             "--data",
             str(corpus_dir),
             "--device",
