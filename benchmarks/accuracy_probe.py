@@ -17,16 +17,18 @@ of --dim/--layers; --device cuda runs on the GPU (bf16 autocast there too). Batc
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 
 import torch
 
 from onebox.config import ModelConfig, TrainConfig, preset
 from onebox.data import BatchLoader, default_data_dir, find_shards, prepare_default_corpus
-from onebox.lowmem import LowMemAdamW, keep_vectors_fp32
-from onebox.model import build_model, cross_entropy_loss
+from onebox.lowmem import LowMemAdamW
+from onebox.model import cross_entropy_loss
 from onebox.optim import build_optimizer, lr_factor
-from onebox.transforms import apply_activation_checkpointing, apply_compile
+from onebox.plan import Strategy
+from onebox.training.recipe import build
 
 
 def main() -> None:
@@ -67,29 +69,31 @@ def run(variant: str, config: ModelConfig, batch: int, steps: int, device: str, 
     train_shards, val_shards = find_shards(data)
     loader = BatchLoader(train_shards, batch, config.seq_len, seed=1)
     torch.manual_seed(0)
-    model = build_model(config, device, torch.bfloat16 if "w16" in variant else torch.float32)
-    if "w16" in variant and "v16" not in variant:  # as the bf16 strategies do (v16: vectors in bf16 too, as before)
-        keep_vectors_fp32(model)
+    # The variant's weights and checkpointing; its optimizer is swapped in below (built without hooks here,
+    # so only the variant's own optimizer updates inside backward).
+    chosen = Strategy("probe", "w16" in variant, False, False, "ckpt" in variant, variant)
+    train = dataclasses.replace(
+        train, device=device, precision="bf16", compile="block" if "compile" in variant else "off", memory="standard"
+    )
+    recipe = build(config, train, torch.device(device), chosen)  # as `onebox train` builds a run
+    model = recipe.model
+    if "v16" in variant:  # norm vectors in bf16 too (the bf16 strategies keep them fp32)
+        for p in model.parameters():
+            p.data = p.data.to(torch.bfloat16)
     if variant == "ref":
-        optimizer = build_optimizer(model, train)
-    else:
+        recipe.optimizer = build_optimizer(model, train)
+    else:  # the low-memory AdamW with the variant's moments, fp32 ones included (which no strategy uses)
         moments = "int8" if "m8" in variant else (torch.bfloat16 if "m16" in variant else torch.float32)
-        optimizer = LowMemAdamW(model, train, moments, False, "hook" in variant)
-    if "ckpt" in variant:
-        apply_activation_checkpointing(model)
-    if "compile" in variant:
-        apply_compile(model)
+        recipe.optimizer = LowMemAdamW(model, train, moments, False, "hook" in variant)
+
+    def next_batch():
+        return tuple(t.to(device) for t in loader.next_batch())
+
     losses = []
     started = time.time()
     for step in range(steps):
-        optimizer.set_lr_factor(lr_factor(step, train))
-        x, y = (t.to(device) for t in loader.next_batch())
-        with torch.autocast(torch.device(device).type, torch.bfloat16):
-            loss = cross_entropy_loss(model(x), y)
-        loss.backward()
-        optimizer.step(train.grad_clip)
-        optimizer.zero_grad()
-        losses.append(loss.detach())
+        recipe.set_lr_factor(lr_factor(step, train))
+        losses.append(recipe.step(next_batch, 1, train.grad_clip))
     losses = torch.stack(losses).float().cpu().tolist()
     val = BatchLoader(val_shards, batch, config.seq_len, shuffle=False)
     with torch.no_grad(), torch.autocast(torch.device(device).type, torch.bfloat16):

@@ -30,29 +30,38 @@ from pathlib import Path
 
 import torch
 
-from onebox.bench.training import (
-    BenchSettings,
-    Contender,
-    build_sharded,
-    contender_step,
-    measure_training,
-    synthetic_batch,
-)
+from onebox.bench.training import BenchSettings, build_onebox, contender_step, measure_training, synthetic_batch
 from onebox.config import PRESETS, ModelConfig
-from onebox.device import autocast_dtype, pick_device, synchronize
+from onebox.device import pick_device, synchronize
 from onebox.distributed import init_distributed, shutdown
+from onebox.training.recipe import Recipe
+
+
+class _CollectorOn:
+    """The recipe's optimizer with Python's collector turned back on after each step (the benchmarks turn
+    it off around the steps)."""
+
+    def __init__(self, optimizer) -> None:
+        self.optimizer, self.param_groups = optimizer, optimizer.param_groups
+
+    def step(self, clip: float) -> None:
+        self.optimizer.step(clip)
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad()
+        gc.enable()
 
 
 def builder(variant: str):
-    """The probe's build of one variant: onebox's own multi-process build (bench.training.build_sharded, as
-    `onebox train` under torchrun) with the variant's FSDP2 settings."""
+    """The probe's build of one variant: onebox's own multi-process build (the recipe, as `onebox train`
+    under torchrun builds it) with the variant's FSDP2 settings."""
     options = set(variant.split("+"))
     prefetch = next((int(m.group(1)) for o in options if (m := re.fullmatch(r"prefetch(\d+)", o))), 0)
     group = next((int(m.group(1)) for o in options if (m := re.fullmatch(r"group(\d+)", o))), None)  # None: as planned
     reshard = False if "noreshard" in options else True if "reshard" in options else None  # None: as planned
 
-    def build(config: ModelConfig, device: torch.device, settings: BenchSettings) -> Contender:
-        contender = build_sharded(
+    def build(config: ModelConfig, device: torch.device, settings: BenchSettings) -> Recipe:
+        recipe = build_onebox(
             config,
             device,
             settings,
@@ -62,14 +71,9 @@ def builder(variant: str):
             prefetch=prefetch,
             **({} if group is None else {"group": group}),
         )
-        if "autogc" not in options:
-            return contender
-
-        def update() -> None:
-            contender.update()
-            gc.enable()  # Python's collector left on (the benchmarks turn it off around the steps)
-
-        return Contender(contender.loss, update, contender.compiled, contender.strategy)
+        if "autogc" in options:
+            recipe.optimizer = _CollectorOn(recipe.optimizer)
+        return recipe
 
     return build
 
@@ -114,9 +118,8 @@ def profile_ranks(variant: str, config: ModelConfig, device: torch.device, setti
     torch.manual_seed(settings.seed)
     contender = builder(variant)(config, device, settings)
     x, y = synthetic_batch(config, settings.batch, device, settings.seed + rank)
-    dtype = autocast_dtype(device, settings.precision)
     for _ in range(6):
-        contender_step(contender, x, y, device, dtype)
+        contender_step(contender, x, y)
     synchronize(device)
     activities = [torch.profiler.ProfilerActivity.CPU] + (
         [torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else []
@@ -126,7 +129,7 @@ def profile_ranks(variant: str, config: ModelConfig, device: torch.device, setti
         start = time.perf_counter()
         for _ in range(3):
             begun = time.perf_counter()
-            contender_step(contender, x, y, device, dtype)
+            contender_step(contender, x, y)
             issue += time.perf_counter() - begun
         synchronize(device)
         wall = (time.perf_counter() - start) / 3 * 1e6

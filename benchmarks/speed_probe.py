@@ -4,7 +4,7 @@ Run on the GPU machine (PYTHONPATH=src):
   python benchmarks/speed_probe.py --preset 600m-A --batch 32 --variants block,block+fp8,hf-compile \
       --profile block --out $OUT
 A variant is a compile scope (eager, block, model) joined with options: fp8 (torchao float8, per-tensor
-scales), fp8row (per-row scales), ckpt (activation checkpointing), clip2 (clipping as its own pass), torchadam (torch's fused AdamW, not onebox's Triton one), sidestep (each
+scales), ckpt (activation checkpointing), clip2 (clipping as its own pass), torchadam (torch's fused AdamW, not onebox's Triton one), sidestep (each
 block's AdamW step on a second stream during backward), autotune (inductor's max-autotune: Triton matmul
 templates with fused epilogues where they beat cuBLAS), cdt (inductor's coordinate-descent tuning of its Triton kernels);
 @B sets its batch. Prints one table row per variant, and
@@ -28,12 +28,14 @@ import torch
 from onebox.adamw import TritonAdamW, triton_ready
 from onebox.bench.decode import memory_bandwidth
 from onebox.bench.timing import PhaseClock, median
-from onebox.bench.training import BenchSettings, Contender, build_hf, contender_step, measure_training, synthetic_batch
+from onebox.bench.training import BenchSettings, build_hf, contender_step, measure_training, synthetic_batch
 from onebox.config import PRESETS, ModelConfig, TrainConfig
-from onebox.device import autocast_dtype, peak_flops
+from onebox.device import peak_flops
 from onebox.model import Transformer
-from onebox.optim import OptimizerSet, build_optimizer, param_groups
-from onebox.transforms import apply_float8, prepare_training
+from onebox.optim import OptimizerSet, param_groups
+from onebox.plan import strategy
+from onebox.training.recipe import Recipe
+from onebox.training.recipe import build as build_run
 
 KINDS = [  # (kind, pattern on the kernel name), first match wins
     ("attention", r"flash|fmha|attention"),
@@ -53,41 +55,57 @@ def set_inductor_knobs(parts: list[str]) -> None:
     torch._inductor.config.coordinate_descent_tuning = "cdt" in parts
 
 
+class _Update:
+    """An optimizer the probe swaps into a recipe: its own update per step (the recipe zeroes nothing more)."""
+
+    def __init__(self, update, param_groups=()) -> None:
+        self.update, self.param_groups = update, list(param_groups)
+
+    def step(self, clip: float) -> None:
+        self.update()
+
+    def zero_grad(self) -> None:
+        pass
+
+
 def builder(variant: str):
+    """A variant built as `onebox train` builds a run (the recipe: compile scope, fp8, checkpointing), then
+    with the probe's optimizer experiments swapped in (sidestep, torchadam, clip2)."""
     parts = variant.split("+")
     scope = {"eager": "off", "block": "block", "model": "model"}[parts[0]]
 
-    def build(config: ModelConfig, device: torch.device, settings: BenchSettings) -> Contender:
+    def build(config: ModelConfig, device: torch.device, settings: BenchSettings) -> Recipe:
         set_inductor_knobs(parts)
-        with torch.device(device):
-            model = Transformer(config)
-        if "fp8row" in parts:
-            apply_float8(model, device, recipe="rowwise")
-        elif "fp8" in parts:
-            apply_float8(model, device)
-        loss = prepare_training(model, device, "bf16", scope, "ckpt" in parts)
+        train = TrainConfig(
+            lr=settings.lr,
+            device=str(device),
+            precision="fp8" if "fp8" in parts else "bf16",
+            compile=scope,
+            activation_checkpointing="ckpt" in parts,
+            memory="standard",
+        )
+        recipe = build_run(config, train, device, strategy("standard"))
+        model = recipe.model
         if "sidestep" in parts:
-            return Contender(loss, side_stream_update(model, settings.lr, device), scope != "off")
-        train = TrainConfig(lr=settings.lr, device=str(device))
-        optimizer = build_optimizer(model, train)
-        if "torchadam" in parts:  # torch's fused AdamW instead of onebox's Triton one
-            optimizer = OptimizerSet(
+            recipe.optimizer = _Update(side_stream_update(model, settings.lr, device))
+        elif "torchadam" in parts:  # torch's fused AdamW instead of onebox's Triton one
+            recipe.optimizer = OptimizerSet(
                 [
                     torch.optim.AdamW(
                         param_groups(model, train), betas=(train.beta1, train.beta2), eps=train.eps, fused=True
                     )
                 ]
             )
+        elif "clip2" in parts:  # the separate clipping pass, as before the clip factor went into AdamW's grad_scale
+            optimizer = recipe.optimizer
 
-        def update() -> None:
-            if "clip2" in parts:  # the separate clipping pass, as before the clip factor went into AdamW's grad_scale
+            def update() -> None:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
                 optimizer.step()
-            else:
-                optimizer.step(max_grad_norm=1.0)
-            optimizer.zero_grad()
+                optimizer.zero_grad()
 
-        return Contender(loss, update, scope != "off")
+            recipe.optimizer = _Update(update)
+        return recipe
 
     return build
 
@@ -144,7 +162,7 @@ def side_stream_update(model: Transformer, lr: float, device: torch.device):
     return update
 
 
-def contender(variant: str, config: ModelConfig, device: torch.device, settings: BenchSettings) -> Contender:
+def contender(variant: str, config: ModelConfig, device: torch.device, settings: BenchSettings) -> Recipe:
     set_inductor_knobs([])
     if variant.startswith("hf"):
         return build_hf(config, device, settings, compile_model=variant == "hf-compile")
@@ -297,10 +315,9 @@ def profile(
     torch.manual_seed(0)
     c = contender(variant, config, device, settings)
     x, y = synthetic_batch(config, settings.batch, device, 0)
-    dtype = autocast_dtype(device, "auto")
 
     def step() -> None:
-        contender_step(c, x, y, device, dtype)
+        contender_step(c, x, y)
 
     for _ in range(4):
         step()

@@ -9,13 +9,14 @@ import sys
 
 import pytest
 import torch
-from conftest import MICRO_FLAGS
+from conftest import MICRO_FLAGS, micro_model
 
 from onebox.checkpoint import load_checkpoint
 from onebox.cli import main
+from onebox.config import TrainConfig
 from onebox.errors import OneboxError
 from onebox.launch import failure_summary, launch, torchrun_command
-from onebox.plan import sharded_strategy
+from onebox.training.recipe import choose_strategy
 
 
 def _losses(run) -> dict[int, float]:
@@ -145,6 +146,17 @@ def test_torchrun_command_drops_the_gpus_flag():
         torchrun_command(0, ["train"])
 
 
+def test_benchmark_workers_have_their_own_entry_point(monkeypatch, capsys):
+    from onebox.bench import workers
+
+    command = torchrun_command(2, ["ceiling", "spec.json", "out.json"], "onebox.bench.workers")
+    assert command[-5:] == ["-m", "onebox.bench.workers", "ceiling", "spec.json", "out.json"]
+    assert workers.main(["train", "spec.json", "out.json"]) == 2 and "usage" in capsys.readouterr().err
+    monkeypatch.setenv("WORLD_SIZE", "2")  # --gpus inside a torchrun job would start torchrun in every process
+    with pytest.raises(OneboxError, match="already one of a torchrun job"):
+        launch(2, ["train", "--preset", "tiny"])
+
+
 def test_launch_refuses_more_gpus_than_the_machine_has():
     import torch
 
@@ -217,11 +229,20 @@ def test_the_compiled_steps_hidden_states_path_works_on_a_sharded_model(tmp_path
         )  # same loss as unsharded; the tied embedding got its gradient
 
 
-def test_sharded_runs_take_the_strategy_asked_for_and_auto_is_standard():
-    assert sharded_strategy("auto").name == "standard" and sharded_strategy("checkpointed").checkpointing
-    assert sharded_strategy("offload-int8").int8_moments
+def test_sharded_runs_take_the_strategy_asked_for_and_auto_is_planned_for_the_processes():
+    def chosen(memory: str, saved: dict | None = None) -> str:
+        train = TrainConfig(memory=memory, device="cpu", batch_size=2)
+        return choose_strategy(micro_model(), train, torch.device("cpu"), 2, saved).name
+
+    assert chosen("auto") == "standard" and chosen("checkpointed") == "checkpointed"
+    assert chosen("bf16-checkpointed") == "bf16-checkpointed"
     with pytest.raises(OneboxError, match="unknown memory strategy"):
-        sharded_strategy("nonsense")
+        chosen("nonsense")
+    one_process = {"path": "run/ckpt_0000002.pt", "memory": "bf16", "sharded": False}
+    with pytest.raises(OneboxError, match="written by one process"):
+        chosen("auto", one_process)
+    with pytest.raises(OneboxError, match="optimizer state of the bf16 memory strategy"):
+        chosen("standard", one_process)
 
 
 @pytest.mark.parametrize("memory", ["bf16", "bf16-checkpointed"])
@@ -407,7 +428,6 @@ def test_bench_ceiling_trains_each_rung_on_several_processes(tmp_path, memory):
 
 
 def test_a_rung_that_runs_out_of_memory_on_any_process_ends_the_sharded_climb(monkeypatch):
-    import os
     from pathlib import Path
 
     import onebox.launch
@@ -415,15 +435,15 @@ def test_a_rung_that_runs_out_of_memory_on_any_process_ends_the_sharded_climb(mo
 
     tried = []
 
-    def out_of_memory(processes, argv):  # as a rank that ran out would leave it
-        tried.append(argv[argv.index("--memory") + 1])
-        Path(os.environ["ONEBOX_CEILING_OUT"] + ".oom1").write_text("out of memory")
+    def out_of_memory(processes, argv, module, device):  # as a rank that ran out would leave it
+        job, spec, out = argv
+        assert module == "onebox.bench.workers" and job == "ceiling" and device == "cpu"
+        tried.append(json.loads(Path(spec).read_text())["strategy"])
+        Path(out + ".oom1").write_text("out of memory")
         return 1
 
     monkeypatch.setattr(onebox.launch, "launch", out_of_memory)
-    doc = run_ceiling(
-        ["tiny", "tiny"], torch.device("cpu"), lambda message: None, steps=2, processes=2, argv=["bench", "ceiling"]
-    )
+    doc = run_ceiling(["tiny", "tiny"], torch.device("cpu"), lambda message: None, steps=2, processes=2)
     assert [e["result"]["status"] for e in doc["entries"]] == ["oom"]  # stopped after the first rung
     assert tried == [
         "standard",
@@ -434,18 +454,18 @@ def test_a_rung_that_runs_out_of_memory_on_any_process_ends_the_sharded_climb(mo
 
 
 def test_sharded_ceiling_counts_every_process_pinned_moments_against_the_one_host():
-    from onebox.bench.ceiling import _choices
     from onebox.config import preset
-    from onebox.plan import MachineMemory, predict, strategy
+    from onebox.plan import MachineMemory, fits, plan, predict, strategy
+
+    def fitting(machine: MachineMemory) -> list[str]:
+        return [p.strategy.name for p in plan(config, 1, machine, True, shards=2)[1] if fits(p, machine, 2)]
 
     config = preset("30b")
     host = predict(config, 1, strategy("offload-int8"), True, True, 2).host  # one process's pinned 8-bit moments
     machine = MachineMemory(gpu=80 * 10**9, host=int(host * 1.5 / 0.8), label="test")  # room for one process's, not two
-    chosen, others, _ = _choices(config, 1, machine, True, True, 2)
-    assert chosen is None or "offload-int8" not in [s.name for s in [chosen, *others]]
+    assert "offload-int8" not in fitting(machine)
     roomy = MachineMemory(gpu=80 * 10**9, host=int(host * 2.5 / 0.8), label="test")
-    chosen, others, _ = _choices(config, 1, roomy, True, True, 2)
-    assert "offload-int8" in [s.name for s in [chosen, *others]]
+    assert "offload-int8" in fitting(roomy)
 
 
 def test_plan_for_several_gpus_divides_the_model_and_shares_the_host(capsys):

@@ -12,7 +12,7 @@ from onebox.data import BatchLoader, dataset_info
 from onebox.errors import OneboxError
 from onebox.export import export_hf, load_hf, model_from_hf
 from onebox.model import Transformer
-from onebox.train import train
+from onebox.training import train
 
 transformers = pytest.importorskip("transformers")
 

@@ -8,7 +8,7 @@ from conftest import micro_model, micro_train
 
 from onebox.infer.generate import generate
 from onebox.model import Transformer, cross_entropy_loss
-from onebox.train import train
+from onebox.training import train
 
 pytestmark = pytest.mark.gpu
 

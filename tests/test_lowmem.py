@@ -16,19 +16,12 @@ from onebox.errors import OneboxError
 from onebox.lowmem import Int8State, LowMemAdamW, _load, stochastic_round_bf16
 from onebox.model import Transformer, build_model, cross_entropy_loss
 from onebox.optim import build_optimizer
-from onebox.plan import (
-    STRATEGIES,
-    MachineMemory,
-    build_for_training,
-    fits,
-    plan,
-    predict,
-    resolve_strategy,
-    strategy,
-)
-from onebox.train import resume_configs, train
+from onebox.plan import STRATEGIES, MachineMemory, fits, plan, predict, strategy
+from onebox.training import resume_configs, train
+from onebox.training.recipe import build, choose_strategy
 
 GB = 10**9
+CPU = torch.device("cpu")
 
 
 def test_stochastic_rounding_is_unbiased_and_exact_on_bf16_values():
@@ -175,9 +168,8 @@ def test_build_model_in_bf16_allocates_bf16_and_keeps_fp32_rope():
 
 
 def test_bf16_strategy_keeps_norm_scales_and_their_moments_in_fp32():
-    model, optimizer = build_for_training(
-        micro_model(), TrainConfig(device="cpu"), strategy("offload-int8"), torch.device("cpu")
-    )
+    recipe = build(micro_model(), TrainConfig(device="cpu"), torch.device("cpu"), strategy("offload-int8"))
+    model, optimizer = recipe.model, recipe.optimizer
     vectors = {name: p for name, p in model.named_parameters() if p.ndim == 1}
     assert vectors and all(p.dtype == torch.float32 for p in vectors.values())
     assert all(p.dtype == torch.bfloat16 for p in model.parameters() if p.ndim == 2)
@@ -187,9 +179,7 @@ def test_bf16_strategy_keeps_norm_scales_and_their_moments_in_fp32():
     # From a checkpoint the vectors keep their exact fp32 values, not values rounded through bf16.
     state = {name: t.clone() for name, t in model.state_dict().items()}
     state["norm.weight"] = torch.full_like(state["norm.weight"], 1.0 + 2**-12)  # between two bf16 values
-    resumed, _ = build_for_training(
-        micro_model(), TrainConfig(device="cpu"), strategy("bf16"), torch.device("cpu"), state
-    )
+    resumed = build(micro_model(), TrainConfig(device="cpu"), torch.device("cpu"), strategy("bf16"), state=state).model
     assert torch.equal(resumed.norm.weight, state["norm.weight"])
 
 
@@ -265,10 +255,10 @@ def test_named_strategies_are_checked():
     with pytest.raises(OneboxError, match="unknown memory strategy 'tiny'.*offload"):
         strategy("tiny")
     with pytest.raises(OneboxError, match="offload needs a GPU"):
-        resolve_strategy("offload", micro_model(), 1, torch.device("cpu"))
+        choose_strategy(micro_model(), TrainConfig(memory="offload", batch_size=1), CPU)
     with pytest.raises(OneboxError, match="--optimizer adamw"):
-        resolve_strategy("bf16", micro_model(), 1, torch.device("cpu"), optimizer="muon")
-    assert resolve_strategy("auto", micro_model(), 1, torch.device("cpu")).name == "standard"
+        choose_strategy(micro_model(), TrainConfig(memory="bf16", batch_size=1, optimizer="muon"), CPU)
+    assert choose_strategy(micro_model(), TrainConfig(batch_size=1), CPU).name == "standard"
 
 
 def test_plan_command_prints_every_strategy_and_the_choice(capsys):
@@ -311,7 +301,7 @@ def test_ceiling_records_out_of_memory_and_stops(monkeypatch):
     def no_memory(*args, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory")
 
-    monkeypatch.setattr(ceiling, "build_for_training", no_memory)
+    monkeypatch.setattr(ceiling, "build", no_memory)
     doc = ceiling.run_ceiling(["tiny", "tiny"], torch.device("cpu"), lambda message: None, steps=2, memory="bf16")
     assert [e["result"]["status"] for e in doc["entries"]] == ["oom"] and doc["entries"][0]["strategy"] == "bf16"
     assert validate_document(seal(doc)) == []
@@ -321,15 +311,15 @@ def test_ceiling_falls_back_to_a_leaner_strategy_when_the_planned_one_runs_out(m
     import onebox.bench.ceiling as ceiling
     from onebox.bench.schema import seal, validate_document
 
-    real = ceiling.build_for_training
+    real = ceiling.build
     planned = ceiling.plan(preset("tiny"), 1, ceiling.machine_memory(torch.device("cpu")), False, mixed=False)[0]
 
-    def planned_runs_out(config, train_config, strategy, device):
+    def planned_runs_out(config, train_config, device, strategy, *args, **kwargs):
         if strategy is planned:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory")
-        return real(config, train_config, strategy, device)
+        return real(config, train_config, device, strategy, *args, **kwargs)
 
-    monkeypatch.setattr(ceiling, "build_for_training", planned_runs_out)
+    monkeypatch.setattr(ceiling, "build", planned_runs_out)
     doc = ceiling.run_ceiling(["tiny"], torch.device("cpu"), lambda message: None, steps=3)
     entry = doc["entries"][0]
     assert entry["attempts"][0] == {"strategy": planned.name, "status": "oom"} and entry["result"]["status"] == "ok"

@@ -17,7 +17,7 @@ from onebox.checkpoint import list_checkpoints, load_checkpoint
 from onebox.cli import main
 from onebox.data import write_shard
 from onebox.errors import OneboxError
-from onebox.train import resume_configs, train
+from onebox.training import resume_configs, train
 
 
 def _steps(folder):

@@ -390,7 +390,7 @@ def test_serve_command_starts_a_server_for_a_run_folder(tmp_path, corpus_dir):
 
     from conftest import micro_train
 
-    from onebox.train import train
+    from onebox.training import train
 
     train(
         micro_model(),

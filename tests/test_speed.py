@@ -13,7 +13,7 @@ from onebox.config import TrainConfig
 from onebox.errors import OneboxError
 from onebox.model import Transformer
 from onebox.optim import build_optimizer
-from onebox.train import train
+from onebox.training import train
 from onebox.transforms import apply_float8, training_loss
 
 

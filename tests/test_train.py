@@ -19,7 +19,7 @@ from onebox.checkpoint import (
 from onebox.config import apply_overrides
 from onebox.errors import OneboxError
 from onebox.optim import lr_factor
-from onebox.train import NonFiniteLoss, resume_configs, train
+from onebox.training import NonFiniteLoss, resume_configs, train
 
 
 def _losses(run_dir):

@@ -91,16 +91,14 @@ def model_state(payload: dict[str, Any]) -> dict[str, Any]:
         return payload["model"]
     from onebox.config import model_config_from_dict
     from onebox.distributed import load_sharded
-    from onebox.model import Transformer
+    from onebox.model import build_model
 
     folder = sharded_folder(payload["path"])
     if not folder.is_dir():
         raise OneboxError(
             f"checkpoint {payload['path']} was written by several processes, but its shard folder {folder} is missing."
         )
-    with torch.device("meta"):
-        model = Transformer(model_config_from_dict(payload["model_config"]))
-    model.to_empty(device="cpu")
+    model = build_model(model_config_from_dict(payload["model_config"]), "meta").to_empty(device="cpu")
     load_sharded(folder, model)
     return model.state_dict()
 

@@ -16,7 +16,7 @@ from onebox.checkpoint import list_checkpoints
 from onebox.config import ModelConfig
 from onebox.errors import OneboxError
 from onebox.files import check_output_folder, is_disk_full, publish_folder, read_json, staging_folder
-from onebox.model import Transformer
+from onebox.model import Transformer, build_model
 from onebox.tokenizer import eos_id, hf_tokenizer_files, tokenizer_from_json
 
 _ACT_TO_HF = {"swiglu": "silu", "relu2": "relu2"}
@@ -271,8 +271,7 @@ def load_hf(folder: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor], s
 
 
 def _check_keys(state: dict[str, torch.Tensor], config: ModelConfig) -> None:
-    with torch.device("meta"):
-        expected = set(Transformer(config).state_dict())
+    expected = set(build_model(config, "meta").state_dict())
     missing, unexpected = expected - set(state), set(state) - expected
     if missing or unexpected:
         raise OneboxError(
@@ -283,19 +282,4 @@ def _check_keys(state: dict[str, torch.Tensor], config: ModelConfig) -> None:
 def model_from_hf(folder: str | Path, device: torch.device | str = "cpu") -> tuple[Transformer, str | None]:
     """A ready Transformer (fp32) and tokenizer.json text from a Llama folder."""
     config, state, tokenizer = load_hf(folder)
-    return model_from_state(config, state, device), tokenizer
-
-
-def model_from_state(
-    config: ModelConfig,
-    state: dict[str, torch.Tensor],
-    device: torch.device | str = "cpu",
-    dtype: torch.dtype = torch.float32,
-) -> Transformer:
-    """Build a Transformer on `device` in `dtype` straight from a state dict (no random init, no double memory)."""
-    with torch.device("meta"):
-        model = Transformer(config)
-    model.to(dtype).to_empty(device=device)
-    model.load_state_dict(state, strict=True)
-    model.reset_rope()
-    return model
+    return build_model(config, device, state=state), tokenizer

@@ -349,15 +349,29 @@ class Transformer(nn.Module):
         ]
 
 
-def build_model(config: ModelConfig, device: torch.device | str, dtype: torch.dtype = torch.float32) -> Transformer:
-    """A freshly initialised model on `device` in `dtype`, allocated once in that dtype (built on the
-    meta device first), so a 20B model in bf16 never needs its fp32 size. Rotary tables stay fp32.
-    With the same seed every dtype starts from the same weights (rounded to it), so the memory
-    strategies are compared from one starting point."""
+def build_model(
+    config: ModelConfig,
+    device: torch.device | str,
+    dtype: torch.dtype = torch.float32,
+    state: dict[str, Tensor] | None = None,
+) -> Transformer:
+    """The one way a Transformer is built: on the meta device first, then allocated once in `dtype` on
+    `device` (so a 20B model in bf16 never needs its fp32 size) and either initialised from the seed or
+    filled from `state` (strict: every weight, nothing else). On the meta device nothing is allocated:
+    that model is for sharding before memory is taken (`to_empty` + `init_weights` afterwards).
+    Rotary tables stay fp32. With the same seed every dtype starts from the same weights (rounded to
+    it), so the memory strategies are compared from one starting point."""
     with torch.device("meta"):
         model = Transformer(config)
-    model.to(dtype).to_empty(device=device)
-    model.init_weights()
+    model.to(dtype)
+    if torch.device(device).type == "meta":
+        return model
+    model.to_empty(device=device)
+    if state is None:
+        model.init_weights()
+    else:
+        model.load_state_dict(state, strict=True)
+        model.reset_rope()
     return model
 
 

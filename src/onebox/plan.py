@@ -11,20 +11,12 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
-from onebox.config import ModelConfig, TrainConfig
-from onebox.device import autocast_dtype
-from onebox.distributed import shard_model
+from onebox.config import ModelConfig
 from onebox.errors import OneboxError
-from onebox.export import model_from_state
-from onebox.lowmem import LowMemAdamW, keep_vectors_fp32
 from onebox.memory import activation_bytes_per_token, estimate_training_memory
-from onebox.model import Transformer, build_model
-from onebox.optim import build_optimizer
-from onebox.transforms import compile_scope, prepare_training
 
 GPU_HEADROOM = (
     0.92  # of the card's memory: the allocator's fragmentation and the CUDA context (5b-A peaked at 94% of an H100)
@@ -211,26 +203,6 @@ def plan(
     return chosen, predictions
 
 
-def resolve_strategy(
-    setting: str,
-    config: ModelConfig,
-    batch: int,
-    device: torch.device,
-    optimizer: str = "adamw",
-    grad_accum: int = 1,
-    compiled: bool = True,
-    mixed: bool = True,
-    shards: int = 1,
-) -> Strategy:
-    """The strategy a run uses: the named one, or (auto) the planner's choice on this machine for
-    `shards` FSDP2 processes."""
-    machine = machine_memory(device)
-    if setting == "auto":
-        chosen, predictions = plan(config, batch, machine, compiled, optimizer, grad_accum, mixed, shards)
-        return chosen or predictions[-1].strategy  # nothing fits by the estimate: try the leanest rather than refuse
-    return usable(strategy(setting), machine, optimizer, grad_accum)
-
-
 def usable(chosen: Strategy, machine: MachineMemory, optimizer: str = "adamw", grad_accum: int = 1) -> Strategy:
     """`chosen` itself, or a clear error where it cannot run on this machine or with these settings."""
     if chosen not in candidates(machine, optimizer, grad_accum):
@@ -239,59 +211,6 @@ def usable(chosen: Strategy, machine: MachineMemory, optimizer: str = "adamw", g
             f"(use --optimizer adamw and --grad-accum 1), and offload needs a GPU. Run `onebox plan` to see the usable ones."
         )
     return chosen
-
-
-def sharded_strategy(setting: str) -> Strategy:
-    """A named strategy for a multi-process (FSDP2) run, where every strategy composes with sharding (the
-    bf16 ones update each process's own shards inside backward, from FSDP2's per-shard gradient hooks);
-    `auto` without a model to plan for is standard (resolve_strategy(..., shards=N) plans one)."""
-    return strategy("standard" if setting == "auto" else setting)
-
-
-def build_sharded_for_training(
-    config: ModelConfig,
-    train: TrainConfig,
-    chosen: Strategy,
-    device: torch.device,
-    world: int,
-    checkpointing: bool | None = None,
-    reshard: bool | None = None,
-    **shard_options: Any,
-) -> tuple[Transformer, Any, Any, bool]:
-    """A model sharded over `world` FSDP2 processes, as `onebox train` under torchrun, `bench validate
-    --gpus` and `bench ceiling --gpus` build it: on the meta device, the strategy's dtypes, the transforms
-    (fp8, checkpointing, compile: torchtitan's order), FSDP2, and only then memory for this process's
-    shards, initialised as one process would from the same seed; then the strategy's optimizer.
-    `shard_options` go to `distributed.shard_model` (what benchmarks/scaling_probe.py varies).
-    Returns (model, loss function, optimizer, whether blocks regather their weights in backward)."""
-    with torch.device("meta"):
-        model = Transformer(config)
-    if chosen.bf16_weights:  # bf16 matrices, fp32 norm scales kept whole on every process
-        keep_vectors_fp32(model.to(torch.bfloat16))
-    mixed = autocast_dtype(device, train.precision) is not None
-    compiled = compile_scope(train.compile, device) is not None
-    loss = prepare_training(
-        model, device, train.precision, train.compile, chosen.checkpointing if checkpointing is None else checkpointing
-    )
-    if reshard is None:
-        reshard = reshard_after_forward(
-            config, train.batch_size, chosen, machine_memory(device), world, compiled, mixed
-        )
-    if not shard_options.get("prefetch"):
-        shard_options.setdefault("group", units_of(reshard))
-    shard_model(model, mixed, reshard_after_forward=reshard, replicate_vectors=chosen.bf16_weights, **shard_options)
-    model.to_empty(device=device)
-    model.init_weights()
-    return model, loss, build_optimizer_for(model, train, chosen), reshard
-
-
-def build_optimizer_for(model: Transformer, train: TrainConfig, chosen: Strategy) -> Any:
-    """The strategy's optimizer over a model (sharded or not): onebox's low-memory AdamW for the bf16
-    strategies, torch's otherwise."""
-    if chosen.bf16_weights:
-        moments: torch.dtype | str = "int8" if chosen.int8_moments else torch.bfloat16
-        return LowMemAdamW(model, train, moments, chosen.state_on_host, chosen.in_backward)
-    return build_optimizer(model, train)
 
 
 def units_of(reshard: bool) -> int:
@@ -322,21 +241,3 @@ def reshard_after_forward(
     if machine.gpu is None:
         return prediction.gpu + gathered > HOST_HEADROOM * machine.host
     return prediction.gpu + gathered > GPU_HEADROOM * machine.gpu
-
-
-def build_for_training(
-    config: ModelConfig,
-    train: TrainConfig,
-    chosen: Strategy,
-    device: torch.device,
-    state: dict[str, torch.Tensor] | None = None,
-) -> tuple[Transformer, Any]:
-    """The model (fresh, or from `state`) in the strategy's weight dtype on `device`, and its optimizer.
-
-    Activation checkpointing and compile are applied by transforms.prepare_training afterwards.
-    """
-    dtype = torch.bfloat16 if chosen.bf16_weights else torch.float32
-    model = build_model(config, device, dtype) if state is None else model_from_state(config, state, device, dtype)
-    if chosen.bf16_weights:
-        keep_vectors_fp32(model, state)
-    return model, build_optimizer_for(model, train, chosen)

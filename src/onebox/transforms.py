@@ -106,21 +106,3 @@ def training_loss(model: Transformer, scope: str | None) -> LossFn:
     apply_compile(model)
     head = torch.compile(lambda hidden, y: cross_entropy_loss(model.logits(hidden), y))
     return lambda x, y: head(model.hidden_states(x), y)
-
-
-def prepare_training(
-    model: Transformer,
-    device: torch.device,
-    precision: str,
-    compile_setting: str,
-    activation_checkpointing: bool = False,
-) -> LossFn:
-    """Apply the training transforms in the order they compose (FP8 swap, checkpointing, compile); return the loss function.
-
-    `onebox train` and the benchmarks both build their step through this, so what is timed is what trains.
-    """
-    if precision == "fp8":
-        apply_float8(model, device)
-    if activation_checkpointing:
-        apply_activation_checkpointing(model)
-    return training_loss(model, compile_scope(compile_setting, device))

@@ -13,11 +13,11 @@ climb stops at the first rung that no strategy fits.
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import gc
 import json
 import math
 import multiprocessing
-import os
 import resource
 import statistics
 import tempfile
@@ -30,9 +30,8 @@ import torch
 
 from onebox.bench.schema import config_record, new_document
 from onebox.bench.training import synthetic_batch
-from onebox.config import LADDER, SHARDED_LADDER, TrainConfig, preset
+from onebox.config import LADDER, SHARDED_LADDER, TrainConfig, config_dict, preset
 from onebox.device import (
-    autocast,
     autocast_dtype,
     cap_gpu_memory,
     format_bytes,
@@ -42,19 +41,9 @@ from onebox.device import (
     synchronize,
 )
 from onebox.errors import OneboxError
-from onebox.plan import (
-    STRATEGIES,
-    MachineMemory,
-    Strategy,
-    build_for_training,
-    build_sharded_for_training,
-    fits,
-    machine_memory,
-    plan,
-    predict,
-    resolve_strategy,
-)
-from onebox.transforms import compile_scope, prepare_training
+from onebox.plan import STRATEGIES, MachineMemory, Strategy, fits, machine_memory, plan, predict
+from onebox.training.recipe import Recipe, build, choose_strategy
+from onebox.transforms import compile_scope
 
 Say = Callable[[str], None]
 
@@ -71,29 +60,22 @@ def _release() -> None:
 
 
 def _train_steps(
-    loss_fn: Any,
-    optimizer: Any,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    device: torch.device,
-    dtype: torch.dtype | None,
-    steps: int,
-    reported: Callable[[torch.Tensor], torch.Tensor],
+    recipe: Recipe, x: torch.Tensor, y: torch.Tensor, steps: int, reported: Callable[[torch.Tensor], torch.Tensor]
 ) -> tuple[list[float], list[float]]:
     """`steps` steps on one fixed batch: the losses (as `reported` gives them) and each step's ms; reading
     the loss syncs, so every step is timed whole."""
     losses, times = [], []
     for _ in range(steps):
         start = time.perf_counter()
-        with autocast(device, dtype):
-            loss = loss_fn(x, y)
-        loss.backward()
-        optimizer.step(1.0)
-        optimizer.zero_grad()
-        losses.append(reported(loss).item())
-        synchronize(device)
+        losses.append(reported(recipe.step(lambda: (x, y))).item())
+        synchronize(recipe.device)
         times.append((time.perf_counter() - start) * 1000.0)
     return losses, times
+
+
+def _rung_config(batch: int, lr: float, device: torch.device) -> TrainConfig:
+    """A rung trains as `onebox train` would with these settings: bf16 autocast and compile where they apply."""
+    return TrainConfig(lr=lr, device=str(device), warmup_steps=0, batch_size=batch)
 
 
 def climb(
@@ -105,15 +87,12 @@ def climb(
     torch._dynamo.reset()
     _release()
     reset_peak_memory(device)
-    dtype = autocast_dtype(device, "auto")
-    train_config = TrainConfig(lr=lr, device=str(device), warmup_steps=0)
     try:
-        model, optimizer = build_for_training(config, train_config, chosen, device)
-        loss_fn = prepare_training(model, device, "auto", "auto", chosen.checkpointing)
+        recipe = build(config, _rung_config(batch, lr, device), device, chosen)
         x, y = synthetic_batch(config, batch, device, seed=0)
-        losses, times = _train_steps(loss_fn, optimizer, x, y, device, dtype, steps, lambda loss: loss)
+        losses, times = _train_steps(recipe, x, y, steps, lambda loss: loss)
         peak = peak_memory_bytes(device)
-        del model, optimizer, loss_fn, x, y
+        del recipe, x, y
     except torch.cuda.OutOfMemoryError:
         return {"status": "oom"}
     except RuntimeError as err:  # pinned host memory that cannot be had
@@ -167,16 +146,10 @@ def climb_sharded(
     try:
         cap_gpu_memory(device, gpu_limit)
         reset_peak_memory(device)
-        dtype = autocast_dtype(device, "auto")
         try:
-            train = TrainConfig(lr=lr, device=str(device), warmup_steps=0, batch_size=batch)
-            model, loss_fn, optimizer, _ = build_sharded_for_training(
-                config, train, chosen, device, ranks.world, reshard=True
-            )  # the lean choice
+            recipe = build(config, _rung_config(batch, lr, device), device, chosen, ranks.world, reshard=True)  # lean
             x, y = synthetic_batch(config, batch, device, seed=ranks.rank)
-            losses, times = _train_steps(
-                loss_fn, optimizer, x, y, device, dtype, steps, lambda loss: mean_over_ranks(loss, ranks)
-            )
+            losses, times = _train_steps(recipe, x, y, steps, lambda loss: mean_over_ranks(loss, ranks))
         except torch.cuda.OutOfMemoryError:
             Path(f"{out}.oom{ranks.rank}").write_text("out of memory")
             raise
@@ -197,18 +170,31 @@ def climb_sharded(
     return 0
 
 
-def _climb_processes(config: Any, chosen: Strategy, processes: int, argv: list[str]) -> dict[str, Any]:
-    """Run one rung on `processes` processes (torchrun + FSDP2): this command again with the rung and strategy fixed."""
-    from onebox.launch import launch
+def _climb_processes(
+    config: Any,
+    chosen: Strategy,
+    processes: int,
+    device: str,
+    batch: int,
+    steps: int,
+    lr: float,
+    gpu_limit: int | None,
+) -> dict[str, Any]:
+    """Run one rung on `processes` processes (torchrun + FSDP2: `onebox.bench.workers ceiling`)."""
+    from onebox.launch import run_job
 
+    spec = {
+        "model": config_dict(config),
+        "strategy": chosen.name,
+        "device": device,
+        "batch": batch,
+        "steps": steps,
+        "lr": lr,
+        "gpu_limit": gpu_limit,
+    }
     with tempfile.TemporaryDirectory() as folder:
-        out = Path(folder) / "rung.json"
-        os.environ["ONEBOX_CEILING_OUT"] = str(out)
-        try:
-            code = launch(processes, [*argv, "--ladder", config.name, "--memory", chosen.name])
-        finally:
-            os.environ.pop("ONEBOX_CEILING_OUT", None)
-        if any(Path(folder).glob("rung.json.oom*")):
+        code, out = run_job(processes, "onebox.bench.workers", "ceiling", spec, Path(folder))
+        if any(Path(folder).glob(f"{out.name}.oom*")):
             return {"status": "oom", "error": "a process ran out of device memory"}
         if code != 0 or not out.is_file():
             raise OneboxError(f"the {processes}-process run of {config.name} failed (its error is printed above).")
@@ -228,17 +214,6 @@ def climb_isolated(
             return {"status": "oom", "error": "the rung's process was killed (host memory ran out)"}
 
 
-def _choices(
-    config: Any, batch: int, machine: Any, compiled: bool, mixed: bool, processes: int
-) -> tuple[Strategy | None, list[Strategy], Any]:
-    """The planned strategy, the leaner ones that also fit, and the leanest prediction (for a rung that fits none)."""
-    predictions = plan(config, batch, machine, compiled, mixed=mixed, shards=processes)[
-        1
-    ]  # every strategy composes with FSDP2
-    fitting = [p.strategy for p in predictions if fits(p, machine, processes)]
-    return (fitting[0] if fitting else None), fitting[1:], predictions[-1]
-
-
 def run_ceiling(
     names: list[str] | None,
     device: torch.device,
@@ -248,12 +223,12 @@ def run_ceiling(
     memory: str = "auto",
     lr: float = 3e-4,
     processes: int = 1,
-    argv: list[str] | None = None,
+    device_setting: str | None = None,
     gpu_limit: int | None = None,
 ) -> dict[str, Any]:
     """The `ceiling` document: one entry per rung climbed, the last being the first that did not fit.
     processes > 1: each rung on that many processes (torchrun + FSDP2, `batch` sequences each; an entry's
-    batch is then all processes' sequences per step), launched by running `argv` (this command) again.
+    batch is then all processes' sequences per step), each process given `device_setting` (the --device asked for; default: `device`).
     gpu_limit: plan and train within this many bytes of each GPU (a smaller card's ceiling on a larger one)."""
     names = names or list(LADDER if processes == 1 else SHARDED_LADDER)
     configs = [preset(n) for n in names]  # unknown names fail before anything runs
@@ -287,10 +262,13 @@ def run_ceiling(
     )
     for config in configs:
         fallbacks: list[Strategy] = []
-        if memory == "auto":
-            chosen, fallbacks, leanest = _choices(config, batch, machine, compiled, mixed, processes)
+        if memory == "auto":  # the planner's choice, the leaner ones that also fit, the leanest one's numbers
+            chosen, predictions = plan(config, batch, machine, compiled, mixed=mixed, shards=processes)
+            fallbacks = [p.strategy for p in predictions if fits(p, machine, processes)][1:]
+            leanest = predictions[-1]
         else:
-            chosen = resolve_strategy(memory, config, batch, device, compiled=compiled, mixed=mixed, shards=processes)
+            train = dataclasses.replace(_rung_config(batch, lr, device), memory=memory)
+            chosen = choose_strategy(config, train, device, processes, machine=machine)
         if chosen is None:  # no strategy fits by the planner's arithmetic: the leanest one's numbers say why
             doc["entries"].append(
                 {
@@ -315,7 +293,9 @@ def run_ceiling(
                 f"{f' per process x {processes}' if processes > 1 else ''}; training {steps} steps ..."
             )
             if processes > 1:
-                result = _climb_processes(config, option, processes, argv or [])
+                result = _climb_processes(
+                    config, option, processes, device_setting or str(device), batch, steps, lr, gpu_limit
+                )
             else:
                 result = climb_isolated(config, option, device, batch, steps, lr, gpu_limit)
             attempts.append(

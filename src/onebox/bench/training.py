@@ -21,7 +21,6 @@ from onebox.bench.timing import PhaseClock
 from onebox.config import ModelConfig, TrainConfig
 from onebox.device import (
     EnergyMeter,
-    autocast,
     autocast_dtype,
     memory_kind,
     peak_flops,
@@ -35,8 +34,8 @@ from onebox.errors import OneboxError
 from onebox.host import steady_collection
 from onebox.memory import estimate_training_memory
 from onebox.model import cross_entropy_loss
-from onebox.plan import build_for_training, build_sharded_for_training, resolve_strategy
-from onebox.transforms import compile_scope, prepare_training
+from onebox.plan import strategy
+from onebox.training.recipe import Recipe, build, choose_strategy
 
 BASELINES = ("hf", "hf-compile")
 
@@ -63,32 +62,46 @@ class BenchSettings:
         return self
 
 
-@dataclass
-class Contender:
-    """A model under test: its parameters, a loss function and an optimizer."""
-
-    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-    update: Callable[[], None]  # clip the gradients to norm 1, step, zero them
-    compiled: bool
-    strategy: str = "standard"  # the memory strategy; with updates in backward, "backward" includes the blocks' updates
-
-
-def build_onebox(config: ModelConfig, device: torch.device, settings: BenchSettings) -> Contender:
-    """onebox's training path: the model, its transforms and its optimizer, as `onebox train` builds them."""
-    compiled = compile_scope(settings.compile, device) is not None
-    mixed = autocast_dtype(device, settings.precision) is not None
-    chosen = resolve_strategy(settings.memory, config, settings.batch, device, compiled=compiled, mixed=mixed)
-    model, optimizer = build_for_training(config, TrainConfig(lr=settings.lr, device=str(device)), chosen, device)
-    loss = prepare_training(model, device, settings.precision, settings.compile, chosen.checkpointing)
-
-    def update() -> None:
-        optimizer.step(max_grad_norm=1.0)
-        optimizer.zero_grad()
-
-    return Contender(loss, update, compiled, chosen.name)
+def run_config(settings: BenchSettings, device: torch.device) -> TrainConfig:
+    """The training config a benchmark's settings stand for: what `onebox train` would be given."""
+    return TrainConfig(
+        lr=settings.lr,
+        device=str(device),
+        precision=settings.precision,
+        compile=settings.compile,
+        batch_size=settings.batch,
+        memory=settings.memory,
+        seed=settings.seed,
+        warmup_steps=0,
+    )
 
 
-def build_hf(config: ModelConfig, device: torch.device, settings: BenchSettings, compile_model: bool) -> Contender:
+def build_onebox(config: ModelConfig, device: torch.device, settings: BenchSettings, **options: Any) -> Recipe:
+    """onebox's training path as `onebox train` builds it (the recipe), over this process group's processes
+    when there are several (`options`: the recipe's FSDP2 choices, what benchmarks/scaling_probe.py varies)."""
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    train = run_config(settings, device)
+    return build(config, train, device, choose_strategy(config, train, device, world), world, **options)
+
+
+class _ClippedAdamW:
+    """torch's fused AdamW stepped as transformers' Trainer steps it: clip the gradients' norm, step, zero."""
+
+    def __init__(self, model: torch.nn.Module, lr: float, device: torch.device) -> None:
+        self.params = list(model.parameters())
+        self.adamw = torch.optim.AdamW(
+            self.params, lr=lr, betas=(0.9, 0.95), weight_decay=0.1, fused=device.type == "cuda"
+        )
+
+    def step(self, clip: float) -> None:
+        torch.nn.utils.clip_grad_norm_(self.params, clip)
+        self.adamw.step()
+
+    def zero_grad(self) -> None:
+        self.adamw.zero_grad()
+
+
+def build_hf(config: ModelConfig, device: torch.device, settings: BenchSettings, compile_model: bool) -> Recipe:
     """transformers' LlamaForCausalLM of the same shape with torch's fused AdamW (the baseline)."""
     quiet_optional_imports()
     try:
@@ -105,28 +118,20 @@ def build_hf(config: ModelConfig, device: torch.device, settings: BenchSettings,
         model = transformers.LlamaForCausalLM(hf)
     model.train()
     forward = torch.compile(model) if compile_model else model
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=settings.lr, betas=(0.9, 0.95), weight_decay=0.1, fused=device.type == "cuda"
-    )
-
-    def update() -> None:  # as transformers' Trainer does it
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad()
-
-    return Contender(
-        lambda x, y: cross_entropy_loss(forward(input_ids=x, use_cache=False).logits, y), update, compile_model
+    return Recipe(
+        model,
+        lambda x, y: cross_entropy_loss(forward(input_ids=x, use_cache=False).logits, y),
+        _ClippedAdamW(model, settings.lr, device),
+        strategy("standard"),
+        device,
+        autocast_dtype(device, settings.precision),
+        compiled=compile_model,
     )
 
 
-def contender_step(
-    contender: Contender, x: torch.Tensor, y: torch.Tensor, device: torch.device, dtype: torch.dtype | None
-) -> None:
-    """One untimed training step of a contender (forward under autocast, backward, update): the probes' step."""
-    with autocast(device, dtype):
-        loss = contender.loss(x, y)
-    loss.backward()
-    contender.update()
+def contender_step(contender: Recipe, x: torch.Tensor, y: torch.Tensor) -> None:
+    """One untimed training step of a contender on a fixed batch: the probes' step."""
+    contender.step(lambda: (x, y))
 
 
 def synthetic_batch(
@@ -173,40 +178,7 @@ def _oom_result(config: ModelConfig, settings: BenchSettings, mixed: bool) -> di
     }
 
 
-Builder = Callable[[ModelConfig, torch.device, BenchSettings], Contender]
-
-
-def build_sharded(
-    config: ModelConfig,
-    device: torch.device,
-    settings: BenchSettings,
-    reshard: bool | None = None,
-    **shard_options: Any,
-) -> Contender:
-    """onebox's multi-process path, as `onebox train` under torchrun builds it (plan.build_sharded_for_training;
-    `reshard` None: as planned; it and `shard_options` are what benchmarks/scaling_probe.py varies)."""
-    compiled = compile_scope(settings.compile, device) is not None
-    mixed = autocast_dtype(device, settings.precision) is not None
-    world = torch.distributed.get_world_size()
-    chosen = resolve_strategy(
-        settings.memory, config, settings.batch, device, compiled=compiled, mixed=mixed, shards=world
-    )
-    train = TrainConfig(
-        lr=settings.lr,
-        device=str(device),
-        precision=settings.precision,
-        compile=settings.compile,
-        batch_size=settings.batch,
-    )
-    _, loss, optimizer, _ = build_sharded_for_training(
-        config, train, chosen, device, world, reshard=reshard, **shard_options
-    )
-
-    def update() -> None:
-        optimizer.step(max_grad_norm=1.0)
-        optimizer.zero_grad()
-
-    return Contender(loss, update, compiled, chosen.name)
+Builder = Callable[[ModelConfig, torch.device, BenchSettings], Recipe]
 
 
 def measure_training(
@@ -226,15 +198,7 @@ def measure_training(
     _release()
     reset_peak_memory(device)
     try:
-        return _measure(
-            kind,
-            config,
-            device,
-            settings,
-            dtype,
-            build or (build_sharded if ranks is not None and ranks.active else None),
-            ranks or DistInfo(),
-        )
+        return _measure(kind, config, device, settings, build, ranks or DistInfo())
     except torch.cuda.OutOfMemoryError:
         pass  # leave the except block first so the traceback's tensors can be freed
     _release()
@@ -246,7 +210,6 @@ def _measure(
     config: ModelConfig,
     device: torch.device,
     settings: BenchSettings,
-    dtype: torch.dtype | None,
     build: Builder | None,
     ranks: DistInfo,
 ) -> dict[str, Any]:
@@ -263,17 +226,10 @@ def _measure(
     clock = PhaseClock(device)
     losses: list[torch.Tensor] = []
 
-    def step() -> tuple[Any, Any, Any, Any]:
-        start = clock.mark()
-        with autocast(device, dtype):
-            loss = contender.loss(x, y)
-        after_forward = clock.mark()
-        loss.backward()
-        after_backward = clock.mark()
-        contender.update()
-        end = clock.mark()
-        losses.append(loss.detach())
-        return start, after_forward, after_backward, end
+    def step() -> list[Any]:
+        marks: list[Any] = []
+        losses.append(contender.step(lambda: (x, y), mark=lambda: marks.append(clock.mark())))
+        return marks
 
     with steady_collection():  # no collector pauses inside the timed steps (nor one rank's while the other waits)
         started = time.perf_counter()
@@ -321,7 +277,7 @@ def _measure(
         "loss_trace": trace,
         "first_step_seconds": first_step_seconds,
         "compiled": contender.compiled,
-        "memory_strategy": contender.strategy,
+        "memory_strategy": contender.strategy.name,
         "processes": ranks.world,
     }
     return result

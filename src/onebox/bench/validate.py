@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -13,7 +13,7 @@ import torch
 
 from onebox.bench.schema import config_record, new_document
 from onebox.bench.training import BASELINES, BenchSettings, measure_training
-from onebox.config import SWEEP_SCALES, ModelConfig, preset, sweep_presets
+from onebox.config import SWEEP_SCALES, ModelConfig, config_dict, preset, sweep_presets
 from onebox.device import format_bytes
 from onebox.errors import OneboxError
 
@@ -78,33 +78,17 @@ def run_entry(
     return entry
 
 
-def run_scaling_worker(config: ModelConfig, device_setting: str, settings: BenchSettings, out: str) -> int:
-    """One process of `bench validate --gpus N` under torchrun: the sharded measurement; rank 0 writes it to `out`."""
-    from onebox.device import pick_device
-    from onebox.distributed import init_distributed, shutdown
-
-    ranks, device = init_distributed(device_setting)
-    try:
-        result = measure_training("onebox", config, pick_device(device), settings, ranks=ranks)
-        if ranks.main:
-            Path(out).write_text(json.dumps(result))
-    finally:
-        shutdown(ranks)
-    return 0
-
-
-def add_scaling(doc: dict[str, Any], processes: int, argv: list[str], say: Say) -> None:
-    """Run the same measurement on `processes` processes (torchrun + FSDP2) and record the scaling against one."""
-    from onebox.launch import launch
+def add_scaling(
+    doc: dict[str, Any], processes: int, config: ModelConfig, device: str, settings: BenchSettings, say: Say
+) -> None:
+    """Run the same measurement on `processes` processes (torchrun + FSDP2: `onebox.bench.workers validate`)
+    and record the scaling against one."""
+    from onebox.launch import run_job
 
     entry = doc["entries"][0]
+    spec = {"model": config_dict(config), "device": device, "settings": dataclasses.asdict(settings)}
     with tempfile.TemporaryDirectory() as folder:
-        out = Path(folder) / "scaling.json"
-        os.environ["ONEBOX_SCALING_OUT"] = str(out)
-        try:
-            code = launch(processes, argv)
-        finally:
-            os.environ.pop("ONEBOX_SCALING_OUT", None)
+        code, out = run_job(processes, "onebox.bench.workers", "validate", spec, Path(folder))
         if code != 0 or not out.is_file():
             raise OneboxError(f"the {processes}-process measurement failed (its error is printed above).")
         result = json.loads(out.read_text())

@@ -51,9 +51,9 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from onebox.config import config_dict, resolve_configs
-    from onebox.train import resume_configs, train
+    from onebox.training import resume_configs, train
 
-    if args.gpus is not None and "WORLD_SIZE" not in os.environ:
+    if args.gpus is not None:
         from onebox.launch import launch
 
         return launch(args.gpus, args.argv)
@@ -332,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = argv
     import torch
 
-    from onebox.train import Interrupted
+    from onebox.training import Interrupted
 
     try:
         return args.func(args)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 from dataclasses import fields
 from typing import Any
 
@@ -50,17 +49,12 @@ def cmd_bench_validate(args: argparse.Namespace) -> int:
     from onebox.device import pick_device
 
     config = apply_overrides(preset(args.preset), overrides(args, "model")).validate()
-    if os.environ.get("WORLD_SIZE", "1") != "1" and "ONEBOX_SCALING_OUT" in os.environ:  # a process of --gpus N
-        from onebox.bench.validate import run_scaling_worker
-
-        return run_scaling_worker(
-            config, args.device, _bench_settings(args, args.batch), os.environ["ONEBOX_SCALING_OUT"]
-        )
-    doc = run_validate(config, pick_device(args.device), _bench_settings(args, args.batch), args.baseline, say)
+    settings = _bench_settings(args, args.batch)
+    doc = run_validate(config, pick_device(args.device), settings, args.baseline, say)
     if args.gpus is not None and args.gpus > 1:
         from onebox.bench.validate import add_scaling
 
-        add_scaling(doc, args.gpus, args.argv, say)
+        add_scaling(doc, args.gpus, config, args.device, settings, say)
     _write_result(doc, args.out, config.name)
     return 0 if doc["entries"][0]["result"]["status"] == "ok" else 1
 
@@ -97,23 +91,6 @@ def cmd_bench_ceiling(args: argparse.Namespace) -> int:
         raise OneboxError(f"--gpu-memory {args.gpu_memory:g}: give the GB of each GPU to train within, more than 0.")
     limit = None if args.gpu_memory is None else int(args.gpu_memory * 1e9)
     ladder = [s.strip() for s in args.ladder.split(",")] if args.ladder else None
-    if (
-        os.environ.get("WORLD_SIZE", "1") != "1" and "ONEBOX_CEILING_OUT" in os.environ
-    ):  # one process of a --gpus N rung
-        from onebox.bench.ceiling import climb_sharded
-        from onebox.config import preset
-        from onebox.plan import sharded_strategy
-
-        return climb_sharded(
-            preset(ladder[-1]),
-            sharded_strategy(args.memory),
-            args.device,
-            args.batch,
-            args.steps,
-            args.lr,
-            os.environ["ONEBOX_CEILING_OUT"],
-            limit,
-        )
     processes = args.gpus or 1
     doc = run_ceiling(
         ladder,
@@ -124,7 +101,7 @@ def cmd_bench_ceiling(args: argparse.Namespace) -> int:
         memory=args.memory,
         lr=args.lr,
         processes=processes,
-        argv=args.argv,
+        device_setting=args.device,
         gpu_limit=limit,
     )
     _write_result(doc, args.out, "ladder")

@@ -13,9 +13,9 @@ from onebox.checkpoint import load_checkpoint, model_state
 from onebox.config import model_config_from_dict
 from onebox.device import synchronize
 from onebox.errors import OneboxError
-from onebox.export import model_from_hf, model_from_state
+from onebox.export import model_from_hf
 from onebox.infer.sampling import sample_next
-from onebox.model import Transformer
+from onebox.model import Transformer, build_model
 from onebox.tokenizer import eos_id, tokenizer_from_json
 
 
@@ -43,7 +43,7 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[Tr
         model, tokenizer_json = model_from_hf(path, device)
     else:
         payload = load_checkpoint(path)
-        model = model_from_state(model_config_from_dict(payload["model_config"]), model_state(payload), device)
+        model = build_model(model_config_from_dict(payload["model_config"]), device, state=model_state(payload))
         tokenizer_json = payload.get("tokenizer_json")
     model.eval()
     return model, tokenizer_from_json(tokenizer_json) if tokenizer_json else None

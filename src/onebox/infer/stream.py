@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from onebox.config import ModelConfig
 from onebox.host import pinned_zeros
-from onebox.model import Block, Transformer, rope_tables
+from onebox.model import Block, Transformer, build_model, rope_tables
 
 
 class StreamedTransformer:
@@ -93,8 +93,7 @@ def build_streamed(config: ModelConfig, device: torch.device, dtype: torch.dtype
     sampling tens of GB of normals on the CPU; nothing is ever allocated at fp32 size.
     """
     resident = max(0, min(resident, config.layers))
-    with torch.device("meta"):
-        model = Transformer(config).to(dtype)
+    model = build_model(config, "meta", dtype)
     for name, child in model.named_children():
         if name != "layers":
             child.to_empty(device=device)
