@@ -3,8 +3,8 @@
   python benchmarks/decode_probe.py --preset 600m-A --batch 1 --variants plain,fused,fused+autotune --out $OUT
 
 A variant is plain (separate q/k/v and gate/up products) or fused, optionally +autotune (torch.compile
-mode max-autotune instead of reduce-overhead) and +math/+efficient/+cudnn (the SDPA kernel, forced), +gemv/+norm/+attention/+swiglu/+rope/+prefetch/+chain/+kernels (onebox's Triton decode kernels, infer/kernels.py, one or all; without them cuBLAS and SDPA),
-+window (attention over the cache up to the next power of two past the furthest position), +pdl (inductor's
+mode max-autotune instead of reduce-overhead) and +math/+efficient/+cudnn (the SDPA kernel, forced), +gemv/+attention/+rope/+chain/+kernels
+(onebox's Triton decode kernels, infer/decode.py, one or all; without them cuBLAS and SDPA), +pdl (inductor's
 kernels with programmatic dependent launch), +kpdl (the Engine's `pdl` kernel option: onebox's GEMVs and inductor's kernels with
 it), +sepmerge (with +rope: a merge kernel after the attention's chunks instead of the last chunk merging). For each it prints: whether CUDA graphs were skipped (inductor's counters), the engine's tokens/s (as bench decode
 measures it), the compiled step alone in a loop of back-to-back launches (no host work: the floor of
@@ -44,12 +44,9 @@ def probe(preset: str, batch: int, variant: str, out: Path) -> str:
         prefix_entries=0,
         compile=mode,
         fuse=variant.startswith("fused"),
-        windows="+window" in variant,
         kernels=True
         if "+kernels" in variant
-        else ",".join(
-            k for k in ("gemv", "norm", "attention", "swiglu", "rope", "prefetch", "chain") if f"+{k}" in variant
-        )
+        else ",".join(k for k in ("gemv", "attention", "rope", "chain") if f"+{k}" in variant)
         + (",pdl" if "+kpdl" in variant else "")
         or False,
     )

@@ -5,11 +5,11 @@
 Each design is checked against an fp32 reference, then timed inside one CUDA graph that runs it over
 COPIES distinct weight matrices (more bytes than L2 holds, as in a decode step where every weight is
 read once), and reported as TB/s of weight bytes. Designs: `tile` (a BLOCK_N x BLOCK_K fp32 tile
-accumulated, summed at the end: onebox's kernel in infer/kernels.py), `rowsum` (summed every iteration: fewer registers, more
+accumulated, summed at the end: onebox's kernel in infer/kernels/matvec.py), `rowsum` (summed every iteration: fewer registers, more
 programs per SM), `splitk` (SPLIT programs share each row block's columns and write fp32 partials that a
 second small kernel sums). For each design every config of a small grid is timed; the best is printed.
 --attention times decode attention instead: SDPA under the mask against onebox's chunked kernel
-(infer/kernels.py) per chunk size and warp count.
+(infer/kernels/attention.py) per chunk size and warp count.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import triton.language as tl
 from triton.testing import do_bench_cudagraph
 
 from onebox.config import PRESETS
-from onebox.infer import kernels
+from onebox.infer.kernels import matvec as gemv_kernel
 
 COPIES = 24
 
@@ -83,19 +83,18 @@ def run(design: str, cfg: dict, x: torch.Tensor, w: torch.Tensor, y: torch.Tenso
             x, w, part, n, k, w.stride(0), chunk, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages
         )
         splitk_sum_kernel[(triton.cdiv(n, 256),)](part, y, n, SPLIT=split, BLOCK=256, num_warps=4)
-    elif design == "tile":  # onebox's own kernel (infer/kernels.py), plain rows
-        kernels._gemv_kernel[(triton.cdiv(n, bn),)](
-            x,
+    elif design == "tile":  # onebox's own kernel (infer/kernels/matvec.py)
+        gemv_kernel._gemv_kernel[(triton.cdiv(n, bn),)](
             x,
             w,
             y,
             n,
             k,
             w.stride(0),
-            0.0,
-            ROW=kernels.PLAIN,
             BLOCK_N=bn,
             BLOCK_K=bk,
+            PDL=False,
+            CHAINED=False,
             num_warps=warps,
             num_stages=stages,
         )

@@ -90,3 +90,27 @@ def test_top_k_and_top_p_keep_only_the_allowed_tokens():
     assert set(sample_next(logits, 1.0, top_p=0.8, generator=gen).tolist()) == {0, 1}
     assert set(sample_next(logits, 1.0, top_p=0.5, generator=gen).tolist()) == {0}
     assert sample_next(logits[:1], 0.0).tolist() == [0]
+
+
+def test_generate_and_the_engine_refuse_a_bad_request_with_the_same_check(model):
+    """One check (infer.requests) for generate, the engine and the server: the same prompt is refused the
+    same way by each caller; within the context, max_tokens is cut (generate, engine) or refused (strict: the API)."""
+    from onebox.infer.engine import Engine, Request
+    from onebox.infer.requests import InvalidRequest, check_prompt
+
+    engine = Engine(model, max_batch=1, compile=False)
+    context, vocab = model.config.seq_len, model.config.vocab_size
+    for prompt, needle in (([], "prompt is empty"), ([vocab], "must lie in"), ([1] * context, "context is 96 tokens")):
+        with pytest.raises(InvalidRequest, match=needle):
+            generate(model, prompt, 4)
+        with pytest.raises(InvalidRequest, match=needle):
+            engine.submit(Request(prompt, 4))
+    with pytest.raises(InvalidRequest, match="temperature"):
+        engine.submit(Request([1, 2], 4, temperature=9.0))
+    assert not engine.pending  # nothing queued by a refused request
+    assert check_prompt([1] * 90, vocab, context, 50) == 6 and check_prompt([1] * 90, vocab, context) == 6
+    with pytest.raises(InvalidRequest, match="exceed this model's context") as refused:
+        check_prompt([1] * 90, vocab, context, 50, strict=True)
+    assert refused.value.param == "max_tokens" and refused.value.code == "context_length_exceeded"
+    with pytest.raises(InvalidRequest, match="prompt is empty"):
+        check_prompt([0], vocab, context, leading=1)  # only the end-of-text token put before a text prompt

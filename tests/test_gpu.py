@@ -193,41 +193,23 @@ def test_sharded_low_memory_strategies_on_two_gpus_track_one_and_resume(tmp_path
 
 
 @pytest.mark.parametrize("n,k", [(4608, 1536), (1536, 1536), (8192, 2560), (2560, 6912), (1000, 777)])
-def test_triton_gemv_and_norm_gemv_match_the_reference_in_bf16(n, k):
-    """The decode GEMV (and with RMSNorm or SwiGLU folded in) against an fp32 reference on random bf16 inputs:
-    within one bf16 rounding of the output (2^-8 relative) plus accumulation-order noise, and as close as
-    cuBLAS's F.linear (both round the fp32 sum to bf16 once). Odd sizes exercise the row and column masks."""
+def test_triton_gemv_matches_the_reference_in_bf16(n, k):
+    """The decode GEMV against an fp32 reference on random bf16 inputs: within one bf16 rounding of the
+    output (2^-8 relative) plus accumulation-order noise, and as close as cuBLAS's F.linear (both round the
+    fp32 sum to bf16 once), launched plainly and (Hopper and later) with programmatic dependent launch.
+    Odd sizes exercise the row and column masks."""
     from onebox.infer import kernels
-    from onebox.model import RMSNorm
 
     torch.manual_seed(n + k)
     x = torch.randn(1, 1, k, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
     assert kernels.usable(x, w)
-    norm = RMSNorm(k, 1e-5).cuda().to(torch.bfloat16)
-    norm.weight.data = torch.rand(k, device="cuda", dtype=torch.bfloat16) + 0.5
-    gate_up = torch.randn(1, 1, 2 * k, device="cuda", dtype=torch.bfloat16) * 2
-    cases = [
-        (kernels.gemv(x, w), x),  # (ours, the row the reference multiplies)
-        (
-            kernels.norm_gemv(x * 3, norm.weight, norm.eps, w),
-            norm(x * 3),
-        ),  # the norm folded in: RMSNorm's own roundings first
-        (kernels.swiglu_gemv(gate_up, w), torch.nn.functional.silu(gate_up[..., :k]) * gate_up[..., k:]),
-    ]  # SwiGLU folded in
-    if kernels.pdl_available(
-        x.device
-    ):  # the same kernels launched with programmatic dependent launch (Hopper and later)
-        for level in (kernels.LAUNCH, kernels.PREFETCH, kernels.LAUNCH | kernels.CHAIN):
-            cases += [
-                (kernels.gemv(x, w, pdl=level), x),
-                (kernels.norm_gemv(x * 3, norm.weight, norm.eps, w, pdl=level), norm(x * 3)),
-                (kernels.swiglu_gemv(gate_up, w, pdl=level), cases[2][1]),
-            ]
-    for got, row in cases:
-        ref = row.float() @ w.float().T
-        got, cublas = got.float(), torch.nn.functional.linear(row, w).float()
-        scale = ref.abs().max().item()
+    levels = [0] + ([kernels.LAUNCH, kernels.LAUNCH | kernels.CHAIN] if kernels.pdl_available(x.device) else [])
+    ref = x.float() @ w.float().T
+    cublas = torch.nn.functional.linear(x, w).float()
+    scale = ref.abs().max().item()
+    for level in levels:
+        got = kernels.gemv(x, w, pdl=level).float()
         torch.testing.assert_close(got, ref, rtol=2**-7, atol=2e-3 * scale)
         assert (got - ref).norm() <= 1.5 * (cublas - ref).norm() + 1e-6 * scale
 
@@ -268,6 +250,7 @@ def test_rope_decode_attention_matches_rotate_write_attend(batch, heads, kv_head
     in bf16, write, SDPA under the mask): output within 2e-2 of its scale, the cache written at each row's
     position within one bf16 unit of the rotation's products and nowhere else; per-row and shared positions."""
     from onebox.infer import kernels
+    from onebox.infer.decode import DecodeKVCache
     from onebox.model import KVCache, rope_cached_attention, rope_tables
 
     torch.manual_seed(batch * heads + slots)
@@ -283,18 +266,17 @@ def test_rope_decode_attention_matches_rotate_write_attend(batch, heads, kv_head
         positions[0, 0], positions[-1, 0] = 0, slots - 1
         input_pos = positions[-1, :] if shared else positions
         # with one counter per query head the chunks merge themselves; with one per key/value head (GQA) the merge kernel runs
-        ours, ref = (
-            KVCache(batch, kv_heads, slots, dim, torch.bfloat16, "cuda", heads=heads if shared else None)
-            for _ in range(2)
-        )
+        ours = DecodeKVCache(batch, heads if shared else kv_heads, kv_heads, slots, dim, torch.bfloat16, "cuda")
+        ref = KVCache(batch, kv_heads, slots, dim, torch.bfloat16, "cuda")
         ours.k.normal_(), ours.v.normal_()
         ref.k.copy_(ours.k), ref.v.copy_(ours.v)
         before = ours.k.clone()
         cos, sin = cos_table[input_pos], sin_table[input_pos]
         want = rope_cached_attention(q, k, v, cos, sin, ref, input_pos).float()
-        got = kernels.rope_attend(
-            q, k, v, cos, sin, ours, input_pos, None, reference=None
-        ).float()  # the kernel, no fallback
+        counts = ours.counts if ours.counts.numel() == batch * heads else None
+        got = kernels.rope_decode_attention(
+            q, k, v, cos, sin, ours.k, ours.v, input_pos, counts=counts
+        ).float()  # the kernel itself
         torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2 * want.abs().max().item())
         assert torch.equal(ours.v, ref.v) and not ours.counts.any()
         # on an H100, 89 of 153,600 values came out one bf16 unit of the rotation's products apart from
@@ -308,37 +290,35 @@ def test_rope_decode_attention_matches_rotate_write_attend(batch, heads, kv_head
 
 
 @pytest.mark.parametrize(
-    "rows,options",
+    "rows,kernels_",
     [
-        (2, {}),
-        (1, {}),
-        (1, {"swiglu": True, "pdl": True}),
-        (2, {"rope": True}),
-        (1, {"rope": True, "pdl": True}),
-        (2, {"rope": True, "pdl": 2}),
-        (1, {"pdl": 2}),
-        (1, {"rope": True, "pdl": 5}),
-        (2, {"rope": True, "pdl": 5}),
+        (2, "gemv,attention"),
+        (1, "gemv,attention"),
+        (1, "gemv,attention,pdl"),
+        (2, "gemv,attention,rope"),
+        (1, "gemv,attention,rope,pdl"),
+        (1, "gemv,attention,chain"),
+        (1, "gemv,attention,rope,chain"),
+        (2, "gemv,attention,rope,chain"),
     ],
-)  # 5: LAUNCH | CHAIN
-def test_decode_kernels_inside_a_compiled_cuda_graph_decode_step(rows, options):
-    """The kernels under torch.compile with CUDA graphs (reduce-overhead, fullgraph), as the engine runs them:
-    a bf16 model's one-token logits equal the reference path's within bf16 tolerance, at five positions
-    (two rows: attention only; one row: the GEMVs too; with SwiGLU folded in, programmatic dependent
-    launch, RoPE and the cache write folded into attention, that attention launched with PDL too), and prefill
-    (many rows) is untouched."""
+)
+def test_decode_kernels_inside_a_compiled_cuda_graph_decode_step(rows, kernels_):
+    """The decode model (infer.decode.to_decode) under torch.compile with CUDA graphs (reduce-overhead,
+    fullgraph), as the engine runs it: a bf16 model's one-token logits equal the plain model's within bf16
+    tolerance, at five positions (two rows: attention only; one row: the GEMVs too; with programmatic
+    dependent launch, RoPE and the cache write folded into attention, that attention launched with PDL
+    too), and prefill (many rows) is untouched."""
     from onebox.infer import kernels
-    from onebox.model import fuse_projections
+    from onebox.infer.decode import to_decode
 
     torch._dynamo.reset()  # one code object (the lambda below) per case: past 8 cases dynamo's recompile limit would fail the run
     torch.manual_seed(3)
     config = micro_model(dim=256, heads=2, kv_heads=1, seq_len=160, hidden=768)
-    ref_model = fuse_projections(Transformer(config).cuda().to(torch.bfloat16).eval())
-    model = fuse_projections(Transformer(config).cuda().to(torch.bfloat16).eval())
-    model.load_state_dict(ref_model.state_dict())
-    if options.get("pdl") and not kernels.pdl_available(torch.device("cuda")):
+    ref_model = Transformer(config).cuda().to(torch.bfloat16).eval()
+    if ("pdl" in kernels_ or "chain" in kernels_) and not kernels.pdl_available(torch.device("cuda")):
         pytest.skip("programmatic dependent launch needs a Hopper or later GPU")
-    kernels.use_decode_kernels(model, **options)
+    model = to_decode(ref_model, kernels_)
+    assert sorted(model.kernels) == sorted(set(kernels_.split(",")) | ({"pdl"} if "chain" in kernels_ else set()))
     ids = torch.randint(0, 512, (rows, 100), device="cuda")
     with torch.inference_mode():
         caches, ref_caches = model.new_kv_caches(rows), ref_model.new_kv_caches(rows)

@@ -1,4 +1,4 @@
-"""onebox's Triton decode kernels (infer/kernels.py) against their reference computations on random
+"""onebox's Triton decode kernels (infer/kernels/) against their reference computations on random
 inputs, on the CPU through Triton's interpreter (TRITON_INTERPRET=1, in a fresh process: the variable
 is read when the kernels are defined). The same comparisons run compiled on CUDA in tests/test_gpu.py;
 this one keeps them in CI, which has no GPU. Tolerances (bf16 inputs): products within one bf16
@@ -6,7 +6,7 @@ rounding of the output (2^-7 relative) plus 2e-3 of the output's scale for accum
 attention within 2e-2 of the output's scale (SDPA's kernels round probabilities to bf16); and the
 error's norm under 6e-3 of the output's (a bias of a few tenths of a percent passes the element-wise
 bounds, not this). The interpreter rounds fp32 to bf16 toward zero where GPUs round to nearest, so the
-reference of the norm folded into a product rounds its two bf16 steps toward zero too."""
+reference of RoPE folded into attention rounds its bf16 steps toward zero too."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ if tuple(int(p) for p in triton.__version__.split(".")[:2]) < (3, 7):
 SCRIPT = textwrap.dedent("""
     import torch
     from onebox.infer import kernels
-    from onebox.model import KVCache, RMSNorm, cached_attention, rope_cached_attention, rope_tables
+    from onebox.model import KVCache, cached_attention, rope_tables
 
     def close(got, ref, rtol, atol, what):
         torch.testing.assert_close(got, ref, rtol=rtol, atol=atol, msg=lambda m: f"{what}: {m}")
@@ -37,24 +37,13 @@ SCRIPT = textwrap.dedent("""
     def toward_zero(t):  # fp32 -> bf16 -> fp32 as the interpreter rounds: the low 16 bits dropped
         return (t.float().view(torch.int32) & -65536).view(torch.float32)
 
-    def rms_norm_toward_zero(x, norm):
-        normed = toward_zero(x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + norm.eps))
-        return toward_zero(normed * norm.weight.float())
-
     torch.manual_seed(0)
     for n, k in [(100, 777), (64, 1536), (7, 2048)]:  # ragged rows and columns, several column blocks
         x = torch.randn(1, 1, k, dtype=torch.bfloat16)
         w = torch.randn(n, k, dtype=torch.bfloat16)
-        norm = RMSNorm(k, 1e-5).to(torch.bfloat16)
-        norm.weight.data = torch.rand(k, dtype=torch.bfloat16) + 0.5
-        gate_up = torch.randn(1, 1, 2 * k, dtype=torch.bfloat16) * 2
-        swiglu_row = toward_zero(toward_zero(torch.nn.functional.silu(gate_up[..., :k].float())) * gate_up[..., k:].float())
-        cases = [(kernels.gemv(x, w), x, "gemv"), (kernels.norm_gemv(x * 3, norm.weight, norm.eps, w), rms_norm_toward_zero(x * 3, norm), "norm_gemv"),
-                 (kernels.swiglu_gemv(gate_up, w), swiglu_row, "swiglu_gemv")]
-        for got, row, what in cases:
-            ref = row.float() @ w.float().T
-            assert got.shape == ref.shape and got.dtype == torch.bfloat16, what
-            close(got.float(), ref, 2**-7, 2e-3 * ref.abs().max().item(), f"{what} {n}x{k}")
+        got, ref = kernels.gemv(x, w), x.float() @ w.float().T
+        assert got.shape == ref.shape and got.dtype == torch.bfloat16
+        close(got.float(), ref, 2**-7, 2e-3 * ref.abs().max().item(), f"gemv {n}x{k}")
     for batch, heads, kv_heads, slots in [(1, 4, 4, 130), (3, 8, 2, 200)]:
         q = torch.randn(batch, 1, heads, 64, dtype=torch.bfloat16).transpose(1, 2)  # the model's layout
         k = torch.randn(batch, kv_heads, slots, 64, dtype=torch.bfloat16)
@@ -148,34 +137,21 @@ def test_decode_kernels_compile_for_hopper_without_spilling():
         assert "STACK:0" in usage and "LOCAL:0" in usage, f"{kernel.fn.__name__} {constexprs} spills: {usage}"
         return binary.asm["ptx"]
 
-    bf16 = {"x_ptr": "*bf16", "g_ptr": "*bf16", "w_ptr": "*bf16", "y_ptr": "*bf16"}
-    for row in (K.PLAIN, K.NORM, K.SWIGLU):
-        for n in (1536, 4608):  # both warp counts
-            # off, LAUNCH, PREFETCH (whole rows, and not), CHAIN
-            for pdl, whole, trigger in (
-                (False, 0, 0),
-                (True, 0, 0),
-                (True, K.PREFETCH_COLUMNS, K.AFTER_LOADS),
-                (True, 0, K.AFTER_LOADS),
-                (True, 0, K.AFTER_WAIT),
-            ):
-                ptx = compiled(
-                    K._gemv_kernel,
-                    bf16,
-                    {
-                        "ROW": row,
-                        "BLOCK_N": K.BLOCK_N,
-                        "BLOCK_K": K.BLOCK_K,
-                        "PDL": pdl,
-                        "WHOLE": whole,
-                        "TRIGGER": trigger,
-                    },
-                    num_warps=K.gemv_warps(n),
-                    launch_pdl=pdl,
-                )
-                assert ("griddepcontrol.wait" in ptx) == pdl and ("griddepcontrol.launch_dependents" in ptx) == (
-                    trigger > 0
-                )
+    bf16 = {"x_ptr": "*bf16", "w_ptr": "*bf16", "y_ptr": "*bf16"}
+    from onebox.infer.kernels import matvec as gemv_module
+
+    for n in (1536, 4608):  # both warp counts
+        for pdl, chained in ((False, False), (True, False), (True, True)):  # off, LAUNCH, LAUNCH | CHAIN
+            ptx = compiled(
+                gemv_module._gemv_kernel,
+                bf16,
+                {"BLOCK_N": K.BLOCK_N, "BLOCK_K": K.BLOCK_K, "PDL": pdl, "CHAINED": chained},
+                num_warps=K.gemv_warps(n),
+                launch_pdl=pdl,
+            )
+            assert ("griddepcontrol.wait" in ptx) == pdl and ("griddepcontrol.launch_dependents" in ptx) == chained
+    from onebox.infer.kernels import flash_decode as attention_module
+
     pointers = {
         "q_ptr": "*bf16",
         "k_ptr": "*bf16",
@@ -197,7 +173,7 @@ def test_decode_kernels_compile_for_hopper_without_spilling():
                 # chunks merged by the last to finish (an atomic ticket), or by the merge kernel; CHAIN: launched with PDL
                 for merge, pdl in ((False, False), (True, False), (True, rope)):
                     ptx = compiled(
-                        K._attention_chunk_kernel,
+                        attention_module._attention_chunk_kernel,
                         pointers,
                         {
                             "D": dim,
@@ -206,7 +182,6 @@ def test_decode_kernels_compile_for_hopper_without_spilling():
                             "EARLY_V": K.early_v(chunk, dim),
                             "MERGE": merge,
                             "MERGE_BLOCK": 16,
-                            "TRIGGER": K.AFTER_WAIT if pdl else 0,
                             "PDL": pdl,
                         },
                         num_warps=warps,
@@ -214,8 +189,5 @@ def test_decode_kernels_compile_for_hopper_without_spilling():
                     )
                     assert ("atom.global.gpu.acq_rel.add" in ptx) == merge and ("bar.sync" in ptx or not merge)
                     assert ("griddepcontrol.wait" in ptx) == pdl and ("griddepcontrol.launch_dependents" in ptx) == pdl
-    for trigger in (0, K.AFTER_LOADS):
-        ptx = compiled(
-            K._attention_merge_kernel, pointers, {"D": 128, "MERGE_BLOCK": 8, "TRIGGER": trigger}, num_warps=4
-        )
-        assert ("griddepcontrol.launch_dependents" in ptx) == (trigger > 0)
+    ptx = compiled(attention_module._attention_merge_kernel, pointers, {"D": 128, "MERGE_BLOCK": 8}, num_warps=4)
+    assert "griddepcontrol" not in ptx

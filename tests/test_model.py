@@ -169,22 +169,6 @@ def test_fused_projections_give_the_same_logits_and_share_the_weights(activation
     assert list(model.state_dict()) == keys and sum(p.numel() for p in model.parameters()) == params
 
 
-def test_a_cache_window_past_the_position_changes_nothing_and_a_shorter_one_does():
-    torch.manual_seed(0)
-    model = Transformer(micro_model()).eval()
-    ids = torch.randint(0, 512, (2, 41))
-    outs = {}
-    for window in (None, 41, 40):
-        caches = model.new_kv_caches(2)
-        with torch.no_grad():
-            model(ids[:, :40], torch.arange(40), caches)
-            for cache in caches:
-                cache.window = window
-            outs[window] = model(ids[:, 40:], torch.arange(40, 41), caches)
-    torch.testing.assert_close(outs[41], outs[None], rtol=1e-5, atol=1e-5)
-    assert not torch.allclose(outs[40], outs[None], atol=1e-4)  # the query's own key is cut off
-
-
 def test_a_bf16_model_starts_from_the_fp32_models_weights_with_the_same_seed():
     """The memory strategies (bf16 weights) are compared against fp32 AdamW from one starting point."""
     config = ModelConfig(name="t", dim=64, hidden=128, layers=2, heads=4, seq_len=32, vocab_size=256)

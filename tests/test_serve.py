@@ -58,11 +58,9 @@ def test_batched_decode_gives_the_one_at_a_time_greedy_tokens(model):
     assert engine.decode_steps < sum(len(t) for t in got)  # decoded together, not one after another
 
 
-@pytest.mark.parametrize("windows", [False, True])
-def test_one_batched_prefill_of_mixed_requests_gives_each_ones_own_tokens(model, windows):
+def test_one_batched_prefill_of_mixed_requests_gives_each_ones_own_tokens(model):
     """Greedy and seeded sampled requests of different lengths, one filling the context to its end and one
-    starting from a cached prefix, prefilled together and decoded together: each equals generate() alone.
-    With windows the attention reads 64 positions, then the whole context of 96, as the furthest row moves on."""
+    starting from a cached prefix, prefilled together and decoded together: each equals generate() alone."""
     prompts = _prompts(5, seed=3)
     shared = prompts[0] + [11, 12]
     cases = [
@@ -73,7 +71,7 @@ def test_one_batched_prefill_of_mixed_requests_gives_each_ones_own_tokens(model,
         (shared, 12, 0.0, 0, 1.0, None),
     ]
     expected = [generate(model, p, n, temperature=t, top_k=k, top_p=q, seed=s).samples[0] for p, n, t, k, q, s in cases]
-    engine = Engine(model, max_batch=4, windows=windows)
+    engine = Engine(model, max_batch=4)
     warm = engine.submit(Request(list(prompts[0]), 1, temperature=0))
     while warm.finish_reason is None:
         engine.step()
@@ -84,21 +82,15 @@ def test_one_batched_prefill_of_mixed_requests_gives_each_ones_own_tokens(model,
     assert got == expected
     assert requests[4].cached_tokens == len(prompts[0])  # the shared prefix came from the cache
     assert [r.finish_reason for r in requests] == ["length"] * 5
-    assert engine.caches[0].window == (CONTEXT if windows else None)
-    if windows:  # powers of two from 64, capped at the context
-        for needed, window in ((1, 64), (64, 64), (65, CONTEXT), (CONTEXT, CONTEXT)):
-            engine._set_window(needed)
-            assert all(c.window == window for c in engine.caches), (needed, window)
 
 
-def test_a_warmed_up_engine_steps_through_every_window_and_still_gives_generates_tokens(model):
-    engine = Engine(model, max_batch=2, windows=True)
-    assert engine.window_sizes() == [64, CONTEXT]
-    seen = []
+def test_a_warmed_up_engine_gives_generates_tokens(model):
+    engine = Engine(model, max_batch=2)
+    calls = []
     original = engine._decode
-    engine._decode = lambda: (seen.append(engine.caches[0].window), original())[1]
+    engine._decode = lambda: (calls.append(1), original())[1]
     engine.warmup()
-    assert sorted(set(seen)) == [64, CONTEXT] and int(engine.positions.max()) == 0
+    assert len(calls) == 3 and int(engine.positions.max()) == 0
     prompt = _prompts(1, seed=9)[0]
     request = engine.submit(Request(list(prompt), 6, temperature=0))
     with pytest.raises(OneboxError, match="before submitting"):
@@ -435,76 +427,59 @@ def test_serve_command_starts_a_server_for_a_run_folder(tmp_path, corpus_dir):
         server.wait(timeout=20)
 
 
-def test_decode_kernel_routing_falls_back_to_the_reference_off_cuda(model):
-    """use_decode_kernels reroutes a decode step's work (fused q/k/v and gate/up with their norms folded in,
-    o_proj, down, the output layer, attention over the cache) and keeps the state dict; where the kernels
-    do not apply (here: the CPU) each part is the reference computation, bit for bit. The kernels themselves
-    are compared with the reference on CUDA (tests/test_gpu.py)."""
-    from onebox.infer import kernels
+def test_the_decode_model_is_a_conversion_that_falls_back_to_the_reference_off_cuda(model):
+    """to_decode builds a decode model beside the plain one (the same weights and state dict; the plain
+    model is left as it was): its blocks' attention and feed-forward and its root are the decode modules,
+    its caches hold the attention kernel's counters; where the kernels do not apply (here: the CPU) each
+    part is the reference computation, bit for bit. The kernels themselves are compared with the reference
+    through Triton's interpreter (tests/test_kernels.py) and on CUDA (tests/test_gpu.py)."""
+    from onebox.infer import decode, kernels
     from onebox.infer.engine import Engine
-    from onebox.model import fuse_projections
+    from onebox.model import Attention
 
-    clone = fuse_projections(Transformer(model.config).eval())
-    clone.load_state_dict(model.state_dict())
-    keys = set(clone.state_dict())
+    plain = Transformer(model.config).eval()
+    plain.load_state_dict(model.state_dict())
+    keys = set(plain.state_dict())
     ids = torch.randint(0, 512, (2, 12))
     with torch.no_grad():
-        caches = clone.new_kv_caches(2)
-        before = [clone(ids[:, :11], torch.arange(11), caches), clone(ids[:, 11:], torch.tensor([[11], [11]]), caches)]
-        kernels.use_decode_kernels(clone)
-        kernels.use_decode_kernels(clone)  # idempotent
-        block = clone.layers[0]
-        assert (
-            clone.project is kernels.linear
-            and type(block.self_attn.o_proj) is kernels.GemvLinear
-            and type(block.mlp.down_proj) is kernels.GemvLinear
+        caches = plain.new_kv_caches(2)
+        before = [plain(ids[:, :11], torch.arange(11), caches), plain(ids[:, 11:], torch.tensor([[11], [11]]), caches)]
+        fast = decode.to_decode(plain, "gemv,attention,rope")
+        assert decode.to_decode(fast) is fast  # idempotent
+        block = fast.layers[0]
+        assert isinstance(fast, decode.DecodeTransformer) and fast.kernels == ["attention", "gemv", "rope"]
+        assert isinstance(block.self_attn, decode.DecodeAttention) and isinstance(block.mlp, decode.DecodeFeedForward)
+        assert isinstance(block.self_attn.o_proj, decode.GemvLinear) and isinstance(
+            block.mlp.down_proj, decode.GemvLinear
         )
-        assert (
-            isinstance(block.input_layernorm, kernels.DeferredRMSNorm)
-            and block.self_attn.project.func is kernels.normed_linear
-        )
-        assert (
-            block.self_attn.attend.func is kernels.attend
-            and block.mlp.gated_down is kernels.swiglu_down
-            and set(clone.state_dict()) == keys
-        )
-        caches = clone.new_kv_caches(2)
-        after = [clone(ids[:, :11], torch.arange(11), caches), clone(ids[:, 11:], torch.tensor([[11], [11]]), caches)]
+        assert type(plain.layers[0].self_attn) is Attention  # the plain model is not touched
+        assert set(fast.state_dict()) == keys and fast.embed_tokens.weight is plain.embed_tokens.weight
+        caches = fast.new_kv_caches(2)
+        assert all(isinstance(c, decode.DecodeKVCache) and c.counts.shape == (2, model.config.heads) for c in caches)
+        assert caches[0].rows(1, 2).counts.shape == (1, model.config.heads)
+        after = [fast(ids[:, :11], torch.arange(11), caches), fast(ids[:, 11:], torch.tensor([[11], [11]]), caches)]
     assert all(torch.equal(a, b) for a, b in zip(after, before))
     row = torch.randn(1, 1, 8, dtype=torch.bfloat16)
     assert not kernels.available(torch.device("cpu")) and not kernels.usable(
         row, torch.randn(4, 8, dtype=torch.bfloat16)
     )
     assert Engine(Transformer(model.config), max_batch=1, compile=False).kernels == []  # none on the CPU by default
-    with pytest.raises(OneboxError, match="unknown decode kernels"):
-        Engine(Transformer(model.config), max_batch=1, compile=False, kernels="gemv,flash")
+    for wrong in ("gemv,flash", "gemv,norm", "swiglu", "prefetch"):  # norm/swiglu folding and prefetch are gone
+        with pytest.raises(OneboxError, match="unknown decode kernels"):
+            Engine(Transformer(model.config), max_batch=1, compile=False, kernels=wrong)
 
 
 def test_programmatic_dependent_launch_routes_and_compile_options(model):
-    """`pdl` routes the products through the launch-attribute operator and `rope` attention through the
-    kernel with RoPE and the cache write folded in (on CUDA; here the references run, bit for bit), is dropped where no Hopper GPU is (the record says so), and adds inductor's PDL to the
-    decode step's compile options without losing the mode's own (CUDA graphs); the compiled step with
-    those options computes what the eager one does."""
+    """pdl and chain are dropped where no Hopper GPU is (the record says so); inductor's PDL is added to the
+    decode step's compile options without losing the mode's own (CUDA graphs); the compiled step with those
+    options computes what the eager one does."""
     import torch._inductor.config as inductor_config
 
     from onebox.infer import kernels
     from onebox.infer.engine import Engine, compile_options
-    from onebox.model import fuse_projections
 
-    clone = fuse_projections(Transformer(model.config).eval())
-    clone.load_state_dict(model.state_dict())
-    ids = torch.randint(0, 512, (1, 9))
-    with torch.no_grad():
-        before = clone(ids, torch.arange(9), clone.new_kv_caches(1))
-        kernels.use_decode_kernels(clone, norm=False, pdl=True, rope=True)
-        assert clone.project.func is kernels.linear and clone.project.keywords == {"pdl": True}
-        assert (
-            clone.layers[0].self_attn.cached.func is kernels.rope_attend
-        )  # RoPE and the cache write folded into attention
-        assert clone.layers[0].self_attn.o_proj.pdl and clone.layers[0].mlp.gated_down.keywords == {"pdl": True}
-        assert torch.equal(clone(ids, torch.arange(9), clone.new_kv_caches(1)), before)
     assert not kernels.pdl_available(torch.device("cpu"))
-    for asked in ("gemv,pdl", "gemv,prefetch"):
+    for asked in ("gemv,pdl", "gemv,chain"):
         assert Engine(Transformer(model.config), max_batch=1, compile=False, kernels=asked).kernels == ["gemv"]
     assert compile_options("reduce-overhead", False) == {"mode": "reduce-overhead"}
     options = compile_options("reduce-overhead", True)

@@ -123,6 +123,22 @@ def shard_model(
             block.set_modules_to_backward_prefetch(blocks[max(0, index - prefetch) : index][::-1])
 
 
+@torch.no_grad()
+def init_sharded(model: Any) -> None:
+    """Initialise a model sharded by FSDP2 (after `to_empty`) as one process initialises it from the same
+    seed: each parameter drawn whole, one at a time, and this process's part kept (`Transformer.init_parameter`)."""
+    for name, param in model.named_parameters():
+        if not isinstance(param, DTensor):
+            model.init_parameter(name, param)
+            continue
+        full = torch.empty(param.shape, dtype=torch.float32, device=param.to_local().device)
+        model.init_parameter(name, full)
+        param.to_local().copy_(
+            distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None).to_local()
+        )
+    model.reset_rope()
+
+
 def mean_over_ranks(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
     """The mean of a scalar over all processes (itself when alone)."""
     if not info.active:

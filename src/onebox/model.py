@@ -9,14 +9,13 @@ training: compile, activation checkpointing and fused losses are applied from ou
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from onebox.config import ModelConfig
-from onebox.distributed import DTensor, distribute_tensor
 
 
 def rope_tables(seq_len: int, head_dim: int, base: float, device: torch.device | None = None) -> tuple[Tensor, Tensor]:
@@ -63,20 +62,11 @@ class KVCache(nn.Module):
         head_dim: int,
         dtype: torch.dtype,
         device: torch.device | str,
-        heads: int | None = None,
     ) -> None:
         super().__init__()
         shape = (batch, kv_heads, max_seq, head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        # one counter per (row, query head) for the decode attention kernel (infer/kernels.py): its chunks' programs take a
-        # ticket each and the last one merges their results; it leaves the counters at zero for the next step
-        self.register_buffer(
-            "counts", torch.zeros(batch, heads or kv_heads, dtype=torch.int32, device=device), persistent=False
-        )
-        self.window: int | None = (
-            None  # when set, attention reads only the first `window` positions (all writes land below it)
-        )
 
     def update(self, input_pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Write k, v (B, kv_heads, T, head_dim) at positions input_pos ((T,), or (B, T) per row); return the whole cache."""
@@ -87,15 +77,13 @@ class KVCache(nn.Module):
             rows = torch.arange(k.shape[0], device=k.device)[:, None]
             self.k[rows, :, input_pos] = k.transpose(1, 2).to(self.k.dtype)
             self.v[rows, :, input_pos] = v.transpose(1, 2).to(self.v.dtype)
-        if self.window is not None:
-            return self.k[:, :, : self.window], self.v[:, :, : self.window]
         return self.k, self.v
 
     def rows(self, start: int, stop: int) -> KVCache:
         """A cache over rows start:stop of this one, sharing its memory (a slot of a batched cache)."""
-        view = KVCache.__new__(KVCache)
+        view = type(self).__new__(type(self))
         nn.Module.__init__(view)
-        view.k, view.v, view.counts = self.k[start:stop], self.v[start:stop], self.counts[start:stop]
+        view.k, view.v = self.k[start:stop], self.v[start:stop]
         return view
 
     def select(self, rows: Tensor) -> KVRows:
@@ -106,7 +94,6 @@ class KVCache(nn.Module):
         """Repeat a batch-1 cache (after one shared prefill) for `batch` sequences."""
         self.k = self.k.expand(batch, -1, -1, -1).contiguous()
         self.v = self.v.expand(batch, -1, -1, -1).contiguous()
-        self.counts = self.counts.expand(batch, -1).contiguous()
 
 
 class KVRows:
@@ -135,20 +122,13 @@ def cached_attention(q: Tensor, k: Tensor, v: Tensor, input_pos: Tensor) -> Tens
 
 
 def rope_cached_attention(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    cos: Tensor,
-    sin: Tensor,
-    cache: KVCache | KVRows,
-    input_pos: Tensor,
-    attend: Callable[..., Tensor] = cached_attention,
+    q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | KVRows, input_pos: Tensor
 ) -> Tensor:
     """Attention with a cache: q and k (B, H or KV, T, D) rotated, k and v written into the cache at
-    input_pos, then `attend` over the cache (the reference of infer.kernels.rope_decode_attention)."""
+    input_pos, then attention over the cache (the reference of infer.kernels.rope_decode_attention)."""
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     k, v = cache.update(input_pos, k, v)
-    return attend(q, k, v, input_pos)
+    return cached_attention(q, k, v, input_pos)
 
 
 class Attention(nn.Module):
@@ -162,9 +142,6 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(config.dim, config.kv_dim, bias=False)
         self.o_proj = nn.Linear(config.dim, config.dim, bias=False)
         self.register_buffer("qkv_weight", None, persistent=False)  # set by fuse_projections (inference)
-        self.project = F.linear  # the fused product's function (infer.kernels.use_decode_kernels swaps it for decode)
-        self.attend = cached_attention  # attention over a KV cache (swapped the same way)
-        self.cached = rope_cached_attention  # RoPE, the cache write and `attend` (swapped the same way)
 
     def forward(
         self,
@@ -179,7 +156,7 @@ class Attention(nn.Module):
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         else:
             kv_dim = self.kv_heads * self.head_dim
-            q, k, v = self.project(x, self.qkv_weight).split([dim, kv_dim, kv_dim], dim=-1)
+            q, k, v = F.linear(x, self.qkv_weight).split([dim, kv_dim, kv_dim], dim=-1)
         q = q.view(batch, seq, self.heads, self.head_dim).transpose(1, 2)
         k = k.view(batch, seq, self.kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(batch, seq, self.kv_heads, self.head_dim).transpose(1, 2)
@@ -187,7 +164,7 @@ class Attention(nn.Module):
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.kv_heads != self.heads)
         else:
-            out = self.cached(q, k, v, cos, sin, cache, input_pos, self.attend)
+            out = rope_cached_attention(q, k, v, cos, sin, cache, input_pos)
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq, dim))
 
 
@@ -201,19 +178,12 @@ class FeedForward(nn.Module):
         self.up_proj = nn.Linear(config.dim, config.hidden, bias=False)
         self.down_proj = nn.Linear(config.hidden, config.dim, bias=False)
         self.register_buffer("gate_up_weight", None, persistent=False)  # set by fuse_projections (inference)
-        self.project = F.linear  # as in Attention
-        self.gated_down: Callable[[Tensor, nn.Linear], Tensor] | None = (
-            None  # (gate|up, down_proj) -> output, for decode (infer.kernels)
-        )
 
     def forward(self, x: Tensor) -> Tensor:
         if self.gate_up_weight is None:
             gate, up = self.gate_proj(x), self.up_proj(x)
         else:
-            gate_up = self.project(x, self.gate_up_weight)
-            if self.gated_down is not None:
-                return self.gated_down(gate_up, self.down_proj)
-            gate, up = gate_up.chunk(2, dim=-1)
+            gate, up = F.linear(x, self.gate_up_weight).chunk(2, dim=-1)
         gate = F.silu(gate) if self.activation == "swiglu" else F.relu(gate).square()
         return self.down_proj(gate * up)
 
@@ -254,7 +224,6 @@ class Transformer(nn.Module):
         cos, sin = rope_tables(config.seq_len, config.head_dim, config.rope_base)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
-        self.project = F.linear  # the output layer's function (as in Attention)
         self.init_weights()
 
     @property
@@ -272,18 +241,8 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def init_parameter(self, name: str, param: Tensor) -> None:
-        """Initialise one parameter (by its name in this model) in place; see init_weights."""
-        if isinstance(
-            param, DTensor
-        ):  # a shard under FSDP2: the whole parameter drawn as one process draws it, this process's part kept
-            full = torch.empty(
-                param.shape, dtype=torch.float32, device=param.to_local().device
-            )  # one parameter at a time
-            self.init_parameter(name, full)
-            param.to_local().copy_(
-                distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None).to_local()
-            )
-            return
+        """Initialise one parameter (by its name in this model) in place; see init_weights (a shard under
+        FSDP2: `distributed.init_sharded`)."""
         std = self.config.init_std
         if name.endswith("layernorm.weight") or name == "norm.weight":
             param.fill_(1.0)
@@ -323,7 +282,7 @@ class Transformer(nn.Module):
 
     def logits(self, hidden: Tensor) -> Tensor:
         """Project hidden states to vocabulary logits, soft-capped when the config asks."""
-        out = self.project(hidden, self.output_weight)
+        out = F.linear(hidden, self.output_weight)
         cap = self.config.logit_softcap
         return cap * torch.tanh(out / cap) if cap > 0 else out
 
@@ -343,7 +302,6 @@ class Transformer(nn.Module):
                 self.config.head_dim,
                 dtype or weight.dtype,
                 weight.device,
-                heads=self.config.heads,
             )
             for _ in self.layers
         ]

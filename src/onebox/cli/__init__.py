@@ -118,7 +118,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     from onebox.device import pick_device
     from onebox.infer.generate import encode_prompt, generate, load_model
-    from onebox.infer.sampling import check_sampling
+    from onebox.infer.requests import check_sampling
     from onebox.tokenizer import eos_id
 
     check_sampling(args.temperature, args.top_k, args.top_p, args.seed, args.max_new_tokens)

@@ -321,7 +321,7 @@ def add_bench_parsers(sub: Any) -> None:
         "--kernels",
         default="auto",
         help="onebox's decode kernels: auto (gemv,attention,rope on CUDA; pdl,chain on Hopper), none "
-        "(cuBLAS and SDPA), or a comma list of gemv, norm, attention, swiglu, pdl, prefetch, chain, rope",
+        "(cuBLAS and SDPA), or a comma list of gemv, attention, rope, pdl, chain",
     )
     p.set_defaults(func=cmd_bench_decode)
 

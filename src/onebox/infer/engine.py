@@ -26,10 +26,10 @@ import torch
 from torch import Tensor
 
 from onebox.errors import OneboxError
-from onebox.infer.kernels import CHAIN, LAUNCH, PREFETCH, pdl_available, use_decode_kernels
-from onebox.infer.kernels import available as kernels_available
-from onebox.infer.sampling import check_sampling, sample_next, seeded_generator
-from onebox.model import Transformer, fuse_projections
+from onebox.infer.decode import to_decode
+from onebox.infer.requests import check_prompt, check_sampling
+from onebox.infer.sampling import sample_next, seeded_generator
+from onebox.model import Transformer
 
 
 @dataclass
@@ -152,57 +152,22 @@ class Engine:
         compile: bool | str | None = None,
         prefill_tokens: int = 8192,
         fuse: bool = True,
-        windows: bool = False,
         kernels: bool | str | None = None,
         max_queue: int | None = None,
     ) -> None:
         """compile: True, False, None (on CUDA only) or a torch.compile mode (default reduce-overhead: CUDA graphs).
-        kernels: decode work through onebox's Triton kernels (infer/kernels.py): True for all of them, or a
-        comma-separated choice of gemv (one-row products), norm (RMSNorm folded into the product after it),
-        attention (over each row's filled cache only), swiglu (the activation folded into the down
-        product), pdl (programmatic dependent launch, Hopper and later, for the products and for
-        inductor's kernels in the step: each kernel is launched while the one before it finishes, and the
-        products load their first weights before they wait for their input), prefetch (pdl, and products
-        of up to 2048 columns load all their weights before the wait; the next kernel launches once a
-        product's or the attention's loads are issued), chain (pdl, and the products let the next kernel
-        launch right after their wait; the attention with rope is launched with PDL too, loading its
-        stretch of the cache before it waits), rope (q and k rotated and k, v written into the
-        cache by the attention kernel, whose chunks merge themselves); None: gemv, attention, rope, pdl and
-        chain wherever they run (CUDA with Triton; pdl and chain on Hopper and later); False: none (cuBLAS
-        and SDPA). What each option buys, measured: docs/perf/decode-h100-2026-11.md (norm, swiglu and
-        prefetch were measured slower and stay off by default).
-        windows: attention in a decode step reads only the cache up to the next power of two past the
-        furthest active position (from 64 or a 32nd of the context, so at most 6 windows), one compiled
-        graph per window, instead of the whole context. Off by default (measured +3% at batch 1 but -23% at
-        batch 8, docs/perf/decode-h100-2026-11.md). `warmup()` compiles every graph up front.
+        kernels: the decode model's Triton kernels (`infer.decode.to_decode`: True, False, None for all that
+        run here, or a comma-separated choice of gemv, attention, rope, pdl, chain); with fuse False the
+        model runs as given (no fused products, no kernels).
         max_queue: the most requests that may wait for a slot (None: no bound); submit() raises QueueFull past it."""
-        self.model = fuse_projections(model.eval()) if fuse else model.eval()
-        if kernels is None:
-            kernels = (
-                "gemv,attention,pdl,rope,chain" if kernels_available(self.model.embed_tokens.weight.device) else False
-            )
-        launches = {"pdl", "prefetch", "chain"}  # how the kernels are launched (Hopper and later), not which
-        known = {"gemv", "norm", "attention", "swiglu", "rope"} | launches
-        chosen = set(known) if kernels is True else set(kernels.split(",")) if kernels else set()
-        if chosen - known:
-            raise OneboxError(
-                f"unknown decode kernels {sorted(chosen - known)}: choose among {', '.join(sorted(known))}."
-            )
-        if chosen & {"prefetch", "chain"}:
-            chosen.add("pdl")
-        if not pdl_available(self.model.embed_tokens.weight.device):
-            chosen -= launches  # needs Hopper or later: the kernels launch the ordinary way
-        self.kernels = sorted(chosen)  # what the decode steps use (for the record)
-        if chosen:
-            level = ("pdl" in chosen) * LAUNCH | ("prefetch" in chosen) * PREFETCH | ("chain" in chosen) * CHAIN
-            use_decode_kernels(self.model, **{name: name in chosen for name in known - launches}, pdl=level)
+        self.model = to_decode(model, kernels) if fuse else model.eval()
+        self.kernels = list(getattr(self.model, "kernels", []))  # what the decode steps use (for the record)
         self.config = model.config
         self.max_batch = max_batch
         self.prefill_tokens = prefill_tokens  # the most (padded) prompt tokens one batched prefill takes
         self.max_queue = max_queue
-        self.windows = windows
         self.device = model.embed_tokens.weight.device
-        self.caches = model.new_kv_caches(max_batch, self.config.seq_len)
+        self.caches = self.model.new_kv_caches(max_batch, self.config.seq_len)
         # What each row feeds at the next decode step, and at which position: device state, updated by the step itself.
         self.tokens = torch.zeros(max_batch, 1, dtype=torch.long, device=self.device)
         self.positions = torch.zeros(max_batch, 1, dtype=torch.long, device=self.device)
@@ -225,7 +190,7 @@ class Engine:
                 torch._dynamo.mark_static_address(buffer)
         mode = compile if isinstance(compile, str) else "reduce-overhead"
         self._decode = (
-            torch.compile(self._decode_eager, fullgraph=True, **compile_options(mode, "pdl" in chosen))
+            torch.compile(self._decode_eager, fullgraph=True, **compile_options(mode, "pdl" in self.kernels))
             if compile
             else self._decode_eager
         )
@@ -239,29 +204,19 @@ class Engine:
         return logits
 
     # ---- submitting (any thread)
-    def check(self, prompt_ids: list[int], max_new_tokens: int) -> int:
-        """Refuse a request the model cannot serve; return max_new_tokens cut to the context left."""
-        if not prompt_ids:
-            raise OneboxError("the prompt is empty.")
-        if min(prompt_ids) < 0 or max(prompt_ids) >= self.config.vocab_size:
-            raise OneboxError(f"prompt token ids must lie in [0, {self.config.vocab_size}).")
-        if len(prompt_ids) >= self.config.seq_len:
-            raise OneboxError(
-                f"the prompt has {len(prompt_ids)} tokens; the model's context is {self.config.seq_len} (prompt plus completion)."
-            )
-        if max_new_tokens < 1:
-            raise OneboxError("max_tokens must be at least 1.")
-        return min(max_new_tokens, self.config.seq_len - len(prompt_ids))
-
     def submit(self, request: Request) -> Request:
         """Queue one request for decoding (see submit_all)."""
         return self.submit_all([request])[0]
 
     def submit_all(self, requests: list[Request]) -> list[Request]:
-        """Queue requests together: all of them, or (QueueFull, OneboxError for a bad one) none."""
+        """Queue requests together: all of them, or (QueueFull, InvalidRequest for a bad one) none; each one's
+        max_new_tokens is cut to the context its prompt leaves."""
         for request in requests:
             check_sampling(request.temperature, request.top_k, request.top_p, request.seed)
-            request.max_new_tokens = self.check(request.prompt_ids, request.max_new_tokens)
+            config = self.config
+            request.max_new_tokens = check_prompt(
+                request.prompt_ids, config.vocab_size, config.seq_len, request.max_new_tokens
+            )
         with self.cond:
             if self.max_queue is not None and len(self.pending) + len(requests) > self.max_queue:
                 raise QueueFull(
@@ -321,8 +276,6 @@ class Engine:
         copied = torch.cuda.Event() if self.device.type == "cuda" else None
         if copied is not None:
             copied.record()
-        if self.windows:
-            self._set_window(max(a.position for _, a in active) + 1)
         logits = self._decode()
         for _, a in active:
             a.position += 1
@@ -337,32 +290,16 @@ class Engine:
         for i, _ in active:
             self._emit(i, values[i])
 
-    def window_sizes(self) -> list[int]:
-        """Every attention window a decode step may use, smallest first."""
-        sizes = [max(64, self.config.seq_len // 32)]
-        while sizes[-1] < self.config.seq_len:
-            sizes.append(min(sizes[-1] * 2, self.config.seq_len))
-        return sizes
-
     @torch.inference_mode()
     def warmup(self) -> Engine:
-        """Compile (and capture) the decode step for every window before the first request, so no request
-        waits for a compilation. Call it before any request is admitted: it steps the idle rows."""
+        """Compile (and capture) the decode step before the first request, so no request waits for a
+        compilation. Call it before any request is admitted: it steps the idle rows."""
         if any(self.slots) or self.pending:
             raise OneboxError("warm the engine up before submitting requests.")
-        for window in self.window_sizes() if self.windows else [None]:
-            for cache in self.caches:
-                cache.window = window
-            for _ in range(3):  # CUDA graph trees record on the second or third call
-                self._decode()
+        for _ in range(3):  # CUDA graph trees record on the second or third call
+            self._decode()
         self.positions.zero_()
         return self
-
-    def _set_window(self, needed: int) -> None:
-        window = next((w for w in self.window_sizes() if w >= needed), self.config.seq_len)
-        if self.caches[0].window != window:
-            for cache in self.caches:
-                cache.window = window
 
     def _admit(self) -> None:
         """Prefill as many waiting requests as there are free slots, in padded batches of at most prefill_tokens."""

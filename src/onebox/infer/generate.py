@@ -14,6 +14,7 @@ from onebox.config import model_config_from_dict
 from onebox.device import synchronize
 from onebox.errors import OneboxError
 from onebox.export import model_from_hf
+from onebox.infer.requests import check_prompt, check_sampling
 from onebox.infer.sampling import sample_next
 from onebox.model import Transformer, build_model
 from onebox.tokenizer import eos_id, tokenizer_from_json
@@ -74,17 +75,10 @@ def generate(
 ) -> Generation:
     """Sample `samples` continuations of one prompt; with use_cache they share a single prefill."""
     config = model.config
-    if not prompt_ids:
-        raise OneboxError("the prompt is empty: give some text or token ids.")
-    if max(prompt_ids) >= config.vocab_size or min(prompt_ids) < 0:
-        raise OneboxError(f"prompt token ids must lie in [0, {config.vocab_size}).")
-    if len(prompt_ids) >= config.seq_len:
-        raise OneboxError(
-            f"the prompt has {len(prompt_ids)} tokens; the model's context is {config.seq_len}: shorten it."
-        )
-    if max_new_tokens < 1 or samples < 1:
-        raise OneboxError("max_new_tokens and samples must be at least 1.")
-    max_new_tokens = min(max_new_tokens, config.seq_len - len(prompt_ids))
+    if samples < 1:
+        raise OneboxError(f"samples must be at least 1, got {samples}.")
+    check_sampling(temperature, top_k, top_p, seed)
+    max_new_tokens = check_prompt(prompt_ids, config.vocab_size, config.seq_len, max_new_tokens)
     device = model.embed_tokens.weight.device
     generator = torch.Generator(device=device)
     generator.manual_seed(seed if seed is not None else torch.seed())

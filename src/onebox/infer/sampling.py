@@ -1,43 +1,10 @@
-"""Choosing the next token from logits: greedy, temperature, top-k and top-p (nucleus), and the one check
-of sampling settings that generate, the server and the engine share."""
+"""Choosing the next token from logits: greedy, temperature, top-k and top-p (nucleus); the settings are
+checked once, in `infer.requests`."""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
-
-from onebox.errors import OneboxError
-
-SEED_RANGE = (-(2**63), 2**63 - 1)  # a 64-bit signed integer, as the OpenAI API and vLLM take it
-MAX_TEMPERATURE = 2.0
-
-
-class InvalidSampling(OneboxError):
-    """A sampling setting out of its range; `param` names it (as the API calls it)."""
-
-    def __init__(self, message: str, param: str) -> None:
-        super().__init__(message)
-        self.param = param
-
-
-def check_sampling(
-    temperature: float, top_k: int, top_p: float, seed: int | None = None, max_tokens: int | None = None
-) -> None:
-    """Raise InvalidSampling naming the first setting out of range."""
-    if not 0 <= temperature <= MAX_TEMPERATURE:
-        raise InvalidSampling(
-            f"temperature must be between 0 (greedy) and {MAX_TEMPERATURE:g}, got {temperature}.", "temperature"
-        )
-    if not 0 < top_p <= 1:
-        raise InvalidSampling(f"top_p must be in (0, 1], got {top_p}.", "top_p")
-    if top_k < 0:
-        raise InvalidSampling(f"top_k must be 0 (off) or positive, got {top_k}.", "top_k")
-    if seed is not None and not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
-        raise InvalidSampling(
-            f"seed must be a 64-bit signed integer (between {SEED_RANGE[0]} and {SEED_RANGE[1]}), got {seed}.", "seed"
-        )
-    if max_tokens is not None and max_tokens < 1:
-        raise InvalidSampling(f"max_tokens must be at least 1, got {max_tokens}.", "max_tokens")
 
 
 def seeded_generator(seed: int | None, device: torch.device | str) -> torch.Generator:

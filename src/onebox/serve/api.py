@@ -18,7 +18,7 @@ from onebox.chat import ChatTemplate, TemplateError
 from onebox.errors import OneboxError
 from onebox.infer.engine import Engine, QueueFull
 from onebox.infer.engine import Request as EngineRequest
-from onebox.infer.sampling import SEED_RANGE, InvalidSampling, check_sampling
+from onebox.infer.requests import SEED_RANGE, InvalidRequest, check_prompt, check_sampling
 from onebox.tokenizer import eos_id
 
 PLAIN_ROLES = {"system": "System", "user": "User", "assistant": "Assistant"}
@@ -134,7 +134,7 @@ class Server:
             raise ApiError(f"n must be between 1 and {self.max_n} on this server, got {body.n}.", 400, "n")
         try:
             check_sampling(body.temperature, body.top_k, body.top_p, body.seed, body.max_tokens)
-        except InvalidSampling as err:
+        except InvalidRequest as err:
             raise ApiError(str(err), 400, err.param) from None
         stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         if len(stops) > MAX_STOPS or any(len(s) > 256 for s in stops):
@@ -166,26 +166,16 @@ class Server:
 
     def requests(self, body: Sampling, prompt_ids: list[int], default_max: int) -> list[EngineRequest]:
         """The engine requests of one API request (one a choice), all queued or none."""
-        context = self.engine.config.seq_len
-        if len(prompt_ids) <= (1 if self.eos is not None and prompt_ids[:1] == [self.eos] else 0):
-            raise ApiError("the prompt is empty.", 400, "prompt")
-        if len(prompt_ids) >= context:
-            raise ApiError(
-                f"the prompt has {len(prompt_ids)} tokens; this model's context is {context} tokens (prompt plus completion).",
-                400,
-                "prompt",
-                "context_length_exceeded",
-            )
-        max_tokens = body.max_tokens if body.max_tokens is not None else min(default_max, context - len(prompt_ids))
-        if len(prompt_ids) + max_tokens > context:
-            raise ApiError(
-                f"max_tokens {max_tokens} plus the prompt's {len(prompt_ids)} tokens exceed this model's context of {context} tokens.",
-                400,
-                "max_tokens",
-                "context_length_exceeded",
-            )
-        if max(prompt_ids) >= self.engine.config.vocab_size or min(prompt_ids) < 0:
-            raise ApiError(f"prompt token ids must lie in [0, {self.engine.config.vocab_size}).", 400, "prompt")
+        config = self.engine.config
+        leading = 1 if self.eos is not None and prompt_ids[:1] == [self.eos] else 0
+        try:
+            if body.max_tokens is None:  # the server's default, within the context the prompt leaves
+                room = check_prompt(prompt_ids, config.vocab_size, config.seq_len, leading=leading)
+                max_tokens = min(default_max, room)
+            else:
+                max_tokens = check_prompt(prompt_ids, config.vocab_size, config.seq_len, body.max_tokens, True, leading)
+        except InvalidRequest as err:
+            raise ApiError(str(err), 400, err.param, err.code) from None
         stops = (self.eos,) if self.eos is not None else ()
         seeds = [None if body.seed is None else body.seed + i for i in range(body.n)]
         made = [

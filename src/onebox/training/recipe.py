@@ -22,7 +22,15 @@ from torch import Tensor
 from onebox.checkpoint import sharded_folder
 from onebox.config import ModelConfig, TrainConfig
 from onebox.device import autocast, autocast_dtype
-from onebox.distributed import DistInfo, barrier, load_full_state, load_sharded, save_sharded, shard_model
+from onebox.distributed import (
+    DistInfo,
+    barrier,
+    init_sharded,
+    load_full_state,
+    load_sharded,
+    save_sharded,
+    shard_model,
+)
 from onebox.errors import OneboxError
 from onebox.lowmem import LowMemAdamW, keep_vectors_fp32
 from onebox.model import Transformer, build_model
@@ -235,7 +243,7 @@ def build(
             **shard_options,
         )
         model.to_empty(device=device)
-        model.init_weights()
+        init_sharded(model)
     optimizer = build_optimizer_for(model, train, chosen)
     if from_shards:
         load_sharded(sharded_folder(saved["path"]), model, optimizer)

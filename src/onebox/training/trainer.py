@@ -9,11 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-import signal
-import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,10 +36,10 @@ from onebox.distributed import DistInfo, any_rank, barrier, init_distributed, me
 from onebox.errors import OneboxError
 from onebox.files import is_disk_full
 from onebox.host import collect_young, steady_collection
-from onebox.memory import out_of_memory_message
 from onebox.model import cross_entropy_loss
 from onebox.optim import lr_factor
 from onebox.runs import disk_full_message
+from onebox.training.guards import memory_errors, stop_on_sigint
 from onebox.training.recipe import build, choose_strategy
 from onebox.training.start import Start, check_host_memory, start
 from onebox.transforms import compile_scope
@@ -89,47 +85,6 @@ def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
     torch.set_rng_state(state["torch"])
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], device)
-
-
-@contextmanager
-def _memory_errors(model: ModelConfig, config: TrainConfig, mixed: bool, device: torch.device) -> Iterator[None]:
-    """Turn out-of-memory failures into OneboxError carrying the estimate and the remedies."""
-    try:
-        yield
-    except torch.cuda.OutOfMemoryError:
-        raise OneboxError(
-            out_of_memory_message(
-                model, config.batch_size, mixed, config.optimizer, config.activation_checkpointing, "GPU"
-            )
-        ) from None
-    except RuntimeError as err:
-        if "can't allocate memory" not in str(err) and "out of memory" not in str(err).lower():
-            raise
-        raise OneboxError(
-            out_of_memory_message(
-                model, config.batch_size, mixed, config.optimizer, config.activation_checkpointing, device.type
-            )
-        ) from None
-
-
-@contextmanager
-def _stop_on_sigint() -> Iterator[dict[str, bool]]:
-    """First Ctrl-C asks the loop to stop after the current step; a second one interrupts at once."""
-    flag = {"stop": False}
-    if threading.current_thread() is not threading.main_thread():
-        yield flag
-        return
-
-    def handler(signum: int, frame: Any) -> None:
-        if flag["stop"]:
-            raise KeyboardInterrupt
-        flag["stop"] = True
-
-    previous = signal.signal(signal.SIGINT, handler)
-    try:
-        yield flag
-    finally:
-        signal.signal(signal.SIGINT, previous)
 
 
 @torch.no_grad()
@@ -246,8 +201,8 @@ class Trainer:
         reset_peak_memory(self.device)
         try:
             with (
-                _stop_on_sigint() as stop,
-                _memory_errors(self.model_config, config, self.recipe.dtype is not None, self.device),
+                stop_on_sigint() as stop,
+                memory_errors(self.model_config, config, self.recipe.dtype is not None, self.device),
                 steady_collection(),
             ):
                 while self.step < config.max_steps:
