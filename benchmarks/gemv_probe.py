@@ -129,7 +129,7 @@ def attention_rows(name: str, batch: int, position: int) -> list[str]:
     from onebox.model import cached_attention
 
     c = PRESETS[name]
-    shape = (batch, c.kv_heads, c.seq_len, c.head_dim)
+    shape = (batch, c.kv_heads, c.seq_len, c.head_size)
     caches = [
         (
             torch.randn(shape, device="cuda", dtype=torch.bfloat16),
@@ -137,9 +137,9 @@ def attention_rows(name: str, batch: int, position: int) -> list[str]:
         )
         for _ in range(COPIES)
     ]
-    q = torch.randn(batch, 1, c.heads, c.head_dim, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+    q = torch.randn(batch, 1, c.heads, c.head_size, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
     pos = torch.full((batch, 1), position, device="cuda")
-    read = 2 * batch * c.kv_heads * (position + 1) * c.head_dim * 2  # the bytes a step must read
+    read = 2 * batch * c.kv_heads * (position + 1) * c.head_size * 2  # the bytes a step must read
     ref = cached_attention(q, *caches[0], pos).float()
     t = time_it(lambda: [cached_attention(q, k, v, pos) for k, v in caches])
     line = [f"{name:7} attention batch {batch} at {position}: {read / 1e6:5.2f} MB | sdpa {t * 1e6:6.2f} us"]
@@ -165,11 +165,11 @@ def attention_rows(name: str, batch: int, position: int) -> list[str]:
         )
         line.append(f"m{chunk}/w{warps} {t * 1e6:5.2f}{'' if ok else ' WRONG'}")
     # RoPE and the cache write folded in (rope_decode_attention): this step's q, k, v unrotated, written at `position`
-    qkv = torch.randn(batch, 1, (c.heads + 2 * c.kv_heads) * c.head_dim, device="cuda", dtype=torch.bfloat16)
+    qkv = torch.randn(batch, 1, (c.heads + 2 * c.kv_heads) * c.head_size, device="cuda", dtype=torch.bfloat16)
     q_raw, k_new, v_new = (
-        t.view(batch, 1, -1, c.head_dim).transpose(1, 2) for t in qkv.split([c.dim, c.kv_dim, c.kv_dim], dim=-1)
+        t.view(batch, 1, -1, c.head_size).transpose(1, 2) for t in qkv.split([c.dim, c.kv_dim, c.kv_dim], dim=-1)
     )
-    cos, sin = (torch.randn(batch, 1, c.head_dim, device="cuda") for _ in range(2))
+    cos, sin = (torch.randn(batch, 1, c.head_size, device="cuda") for _ in range(2))
     rope = [f"{name:7} rope attention batch {batch} at {position}"]
     for merged, chunk, warps in [(False, c, w) for c, w in itertools.product((16, 32, 64), (2, 4, 8))] + [
         (True, c, w) for c, w in ((16, 2), (16, 4), (32, 2), (32, 4))

@@ -210,13 +210,13 @@ def _attention_ms(config: ModelConfig, batch: int, device: torch.device) -> floa
     best = float("inf")
     for transposed in (True, False):
         q, k, v = (
-            torch.randn(batch, config.seq_len, heads, config.head_dim, device=device, dtype=torch.bfloat16).transpose(
+            torch.randn(batch, config.seq_len, heads, config.head_size, device=device, dtype=torch.bfloat16).transpose(
                 1, 2
             )
             for heads in (config.heads, config.kv_heads, config.kv_heads)
         )
         q, k, v = ((t if transposed else t.contiguous()).requires_grad_() for t in (q, k, v))
-        grad = torch.randn(batch, config.heads, config.seq_len, config.head_dim, device=device, dtype=torch.bfloat16)
+        grad = torch.randn(batch, config.heads, config.seq_len, config.head_size, device=device, dtype=torch.bfloat16)
 
         def run(q=q, k=k, v=v, grad=grad) -> None:
             out = torch.nn.functional.scaled_dot_product_attention(

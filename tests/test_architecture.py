@@ -11,8 +11,8 @@ SOURCE = Path(__file__).resolve().parents[1] / "src" / "onebox"
 LAYERS = [
     {"errors", "files", "display"},
     {"config", "device", "host", "tokenizer", "chat"},
-    {"distributed", "launch", "model"},
-    {"data", "checkpoint", "export", "memory", "optim", "adamw", "lowmem", "transforms"},
+    {"distributed", "launch", "model", "rope"},
+    {"data", "checkpoint", "export", "families", "memory", "optim", "adamw", "lowmem", "transforms"},
     {"plan", "runs"},
     {"training", "infer"},
     {"serve"},

@@ -57,7 +57,7 @@ def test_prepare_train_export_generate(tmp_path, capsys):
     assert "val bits/byte" in out and (run / "ckpt_0000008.pt").is_file()
     assert json.loads((run / "config.json").read_text())["model"]["dim"] == 64
     assert main(["export", str(run), str(tmp_path / "hf")]) == 0
-    assert "as a Hugging Face Llama folder" in capsys.readouterr().out
+    assert "as a Hugging Face llama folder" in capsys.readouterr().out
     assert main(["generate", str(tmp_path / "hf"), "--prompt", "KING:", "--max-new-tokens", "10", "--seed", "1"]) == 0
     assert capsys.readouterr().out.startswith("KING:")
     assert main(["generate", str(run), "--prompt-ids", "1,2,3", "--max-new-tokens", "5", "--temperature", "0"]) == 0

@@ -129,14 +129,28 @@ def test_train_init_from_starts_at_the_imported_weights(tmp_path, corpus_dir):
 def test_import_refuses_what_onebox_cannot_run(tmp_path):
     folder = tmp_path / "m"
     folder.mkdir()
-    (folder / "config.json").write_text(json.dumps({"model_type": "mistral"}))
-    with pytest.raises(OneboxError, match="only Llama models"):
-        load_hf(folder)
-    (folder / "config.json").write_text(
-        json.dumps({"model_type": "llama", "rope_scaling": {"rope_type": "llama3", "factor": 8.0}})
-    )
-    with pytest.raises(OneboxError, match="RoPE scaling"):
-        load_hf(folder)
+    shape = {
+        "vocab_size": 512,
+        "hidden_size": 64,
+        "intermediate_size": 160,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+    }
+    cases = [
+        ({"model_type": "gpt2", **shape}, "model_type 'gpt2'"),
+        ({"model_type": "llama"}, "no valid vocab_size"),
+        ({"model_type": "llama", **shape, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope_type = 'yarn'"),
+        (
+            {"model_type": "llama", **shape, "rope_scaling": {"rope_type": "llama3"}},
+            "llama3 RoPE settings are incomplete",
+        ),
+        ({"model_type": "llama", **shape, "hidden_act": "gelu"}, "hidden_act = 'gelu'"),
+        ({"model_type": "mistral", **shape, "attention_bias": True}, "attention_bias = True"),
+    ]
+    for config, needle in cases:
+        (folder / "config.json").write_text(json.dumps(config))
+        with pytest.raises(OneboxError, match=needle):
+            load_hf(folder)
     with pytest.raises(OneboxError, match="not a folder"):
         load_hf(tmp_path / "missing")
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from conftest import micro_model
 
-from onebox.config import PRESETS, ModelConfig, preset
+from onebox.config import PRESETS, REAL_PRESETS, ModelConfig, preset
 from onebox.errors import OneboxError
 from onebox.model import Transformer, apply_rope, build_model, rope_tables
 
@@ -103,13 +103,14 @@ def test_num_params_is_exact(tie):
     assert config.num_params() == sum(p.numel() for p in Transformer(config).parameters())
 
 
-def test_presets_have_the_issue_shapes():
+def test_presets_have_their_shapes():
     assert len([n for n in PRESETS if n[-2:] in ("-A", "-B", "-C", "-D", "-E")]) == 25
     assert preset("600m-A").shape() == "1536d/4096h/20L/seq512"
     assert preset("5b-E").seq_len == 256 and preset("5b-E").dim == 3072
     assert preset("30b").shape() == "6144d/16384h/64L/seq512"
     assert preset("48m").shape() == "768d/2048h/6L/seq512"
-    assert all(cfg.head_dim == 128 for name, cfg in PRESETS.items() if name not in ("tiny",))
+    synthetic = [cfg for name, cfg in PRESETS.items() if name != "tiny" and name not in REAL_PRESETS]
+    assert all(cfg.head_size == 128 and cfg.family == "llama" for cfg in synthetic)
     assert 1e6 < preset("tiny").num_params() < 10e6
 
 

@@ -16,6 +16,8 @@ else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
 
 ACTIVATIONS = ("swiglu", "relu2")
+ROPE_SCALINGS = ("none", "linear", "llama3")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3")  # the Hugging Face model_type a model exports as
 COMPILE_SETTINGS = ("auto", "on", "off", "block", "model")
 PRECISIONS = ("auto", "bf16", "fp8", "fp32")
 OPTIMIZERS = ("adamw", "muon")
@@ -46,22 +48,42 @@ class ModelConfig:
     tie_embeddings: bool = True
     logit_softcap: float = 0.0  # 0 = off; otherwise logits = c * tanh(logits / c)
     norm_eps: float = 1e-5
-    rope_base: float = 10000.0
+    rope_base: float = 10000.0  # rope_theta
     init_std: float = 0.02
+    head_dim: int = 0  # 0 means dim / heads; otherwise the size of one attention head, whatever dim and heads are
+    rope_scaling: str = (
+        "none"  # none | linear (positions divided by rope_factor) | llama3 (Llama 3.1's frequency bands)
+    )
+    rope_factor: float = 1.0  # linear and llama3: how much longer the context is than the one the model was made for
+    rope_low_freq_factor: float = 1.0  # llama3: wavelengths longer than original_context / this are scaled fully
+    rope_high_freq_factor: float = 4.0  # llama3: wavelengths shorter than original_context / this are kept
+    rope_original_context: int = 0  # llama3: the context before scaling (original_max_position_embeddings)
+    qkv_bias: bool = False  # biases on the q, k and v projections (Qwen2; Llama's attention_bias)
+    o_bias: bool = False  # a bias on the attention's output projection (Llama's attention_bias)
+    mlp_bias: bool = False  # biases on gate, up and down (Llama's mlp_bias)
+    qk_norm: bool = False  # RMSNorm over each head of q and k before RoPE (Qwen3)
+    max_positions: int = 0  # 0 means seq_len: the longest context the weights were made for (max_position_embeddings)
+    sliding_window: int = 0  # 0: none; else the attention window of the layers that slide (seq_len may not exceed it)
+    family: str = "llama"  # the Hugging Face model_type the model exports as: llama, mistral, qwen2 or qwen3
 
     def __post_init__(self) -> None:
         if self.kv_heads == 0:
             self.kv_heads = self.heads
 
     @property
-    def head_dim(self) -> int:
-        """Size of one attention head."""
-        return self.dim // self.heads
+    def head_size(self) -> int:
+        """Size of one attention head: head_dim, or dim / heads where head_dim is 0."""
+        return self.head_dim or self.dim // self.heads
+
+    @property
+    def q_dim(self) -> int:
+        """Width of the query projection (heads x head size; dim unless head_dim says otherwise)."""
+        return self.heads * self.head_size
 
     @property
     def kv_dim(self) -> int:
         """Width of the key (and of the value) projection."""
-        return self.kv_heads * self.head_dim
+        return self.kv_heads * self.head_size
 
     def validate(self) -> ModelConfig:
         """Raise OneboxError naming the first inconsistent field; return self when valid."""
@@ -70,14 +92,16 @@ class ModelConfig:
             value = getattr(self, key)
             if not isinstance(value, int) or value <= 0:
                 raise OneboxError(f"model {key} must be a positive integer, got {value!r}.")
-        if self.dim % self.heads:
+        if not isinstance(self.head_dim, int) or self.head_dim < 0:
+            raise OneboxError(f"model head_dim must be 0 (dim / heads) or a positive integer, got {self.head_dim!r}.")
+        if self.head_dim == 0 and self.dim % self.heads:
             raise OneboxError(
                 f"model dim {self.dim} is not divisible by heads {self.heads}: "
                 f"choose heads so that dim / heads is a whole head size (e.g. heads={max(1, self.dim // 128)} "
-                f"for head size 128)."
+                f"for head size 128), or set head_dim."
             )
-        if self.head_dim % 2:
-            raise OneboxError(f"head size dim/heads = {self.head_dim} must be even for rotary embeddings.")
+        if self.head_size % 2:
+            raise OneboxError(f"head size {self.head_size} must be even for rotary embeddings.")
         if self.heads % self.kv_heads:
             raise OneboxError(
                 f"heads {self.heads} is not a multiple of kv_heads {self.kv_heads}: grouped-query "
@@ -89,6 +113,33 @@ class ModelConfig:
             raise OneboxError(f"logit_softcap must be 0 (off) or positive, got {self.logit_softcap}.")
         if self.norm_eps <= 0 or self.rope_base <= 0 or self.init_std <= 0:
             raise OneboxError("norm_eps, rope_base and init_std must be positive.")
+        if self.rope_scaling not in ROPE_SCALINGS:
+            raise OneboxError(
+                f"model rope_scaling must be one of {', '.join(ROPE_SCALINGS)}, got {self.rope_scaling!r}."
+            )
+        if self.rope_scaling != "none" and self.rope_factor < 1:
+            raise OneboxError(
+                f"rope_factor must be at least 1 with rope_scaling {self.rope_scaling}, got {self.rope_factor}."
+            )
+        if self.rope_scaling == "llama3" and (
+            self.rope_original_context <= 0 or self.rope_high_freq_factor <= self.rope_low_freq_factor
+        ):
+            raise OneboxError(
+                "rope_scaling llama3 needs rope_original_context > 0 and rope_high_freq_factor > rope_low_freq_factor, "
+                f"got {self.rope_original_context}, {self.rope_high_freq_factor} and {self.rope_low_freq_factor}."
+            )
+        if not isinstance(self.max_positions, int) or self.max_positions < 0:
+            raise OneboxError(f"model max_positions must be 0 (seq_len) or positive, got {self.max_positions!r}.")
+        if not isinstance(self.sliding_window, int) or self.sliding_window < 0:
+            raise OneboxError(f"model sliding_window must be 0 (none) or positive, got {self.sliding_window!r}.")
+        if self.sliding_window and self.seq_len > self.sliding_window:
+            raise OneboxError(
+                f"model seq_len {self.seq_len} is longer than its sliding_window {self.sliding_window}: onebox runs "
+                "sliding-window models at a context up to the window (where sliding and full attention agree); "
+                f"use --seq-len {self.sliding_window} or less."
+            )
+        if self.family not in FAMILIES:
+            raise OneboxError(f"model family must be one of {', '.join(FAMILIES)}, got {self.family!r}.")
         return self
 
     def shape(self) -> str:
@@ -99,11 +150,17 @@ class ModelConfig:
 
     def matmul_params_per_layer(self) -> int:
         """Weights of one block that take part in matrix products (q, k, v, o, gate, up, down)."""
-        return 2 * self.dim * self.dim + 2 * self.dim * self.kv_dim + 3 * self.dim * self.hidden
+        return 2 * self.dim * self.q_dim + 2 * self.dim * self.kv_dim + 3 * self.dim * self.hidden
+
+    def vector_params_per_layer(self) -> int:
+        """Parameters of one block outside the matrices: the two RMSNorm scales, biases, q/k norms."""
+        biases = (self.q_dim + 2 * self.kv_dim) * self.qkv_bias + self.dim * self.o_bias
+        biases += (2 * self.hidden + self.dim) * self.mlp_bias
+        return 2 * self.dim + biases + 2 * self.head_size * self.qk_norm
 
     def num_params(self) -> int:
         """Exact number of parameters of the model (tied embeddings counted once)."""
-        per_layer = self.matmul_params_per_layer() + 2 * self.dim  # two RMSNorm weights
+        per_layer = self.matmul_params_per_layer() + self.vector_params_per_layer()
         embeddings = self.vocab_size * self.dim * (1 if self.tie_embeddings else 2)
         return embeddings + self.layers * per_layer + self.dim  # + final norm
 
@@ -121,7 +178,7 @@ class ModelConfig:
         so MFU figures compare with theirs. Norms, RoPE and softmax are left out.
         """
         seq = self.seq_len if seq_len is None else seq_len
-        return 6 * self.num_matmul_params() + 12 * self.layers * self.dim * seq
+        return 6 * self.num_matmul_params() + 12 * self.layers * self.q_dim * seq
 
     def forward_flops_per_token(self, seq_len: int | None = None) -> int:
         """Forward-only FLOPs per token: a third of flops_per_token."""
@@ -161,6 +218,132 @@ FORWARD_LADDER = tuple(_LADDER)[:10]  # and on to 50b for forward passes streame
 SHARDED_LADDER = tuple(_LADDER)  # 5b .. 60b: the training ceiling's rungs on several GPUs
 
 
+# The shapes of the models people have, from their config.json files (random weights: for benchmarks and
+# planning; import the real ones with --init-from / a model folder). seq_len 2048 is the context runs use;
+# max_positions is the model's own.
+_LLAMA3_ROPE = dict(rope_base=500000.0, rope_scaling="llama3", rope_low_freq_factor=1.0, rope_high_freq_factor=4.0)
+_REAL = {
+    "llama3.2-1b": dict(
+        family="llama",
+        vocab_size=128256,
+        dim=2048,
+        hidden=8192,
+        layers=16,
+        heads=32,
+        kv_heads=8,
+        head_dim=64,
+        tie_embeddings=True,
+        max_positions=131072,
+        rope_factor=32.0,
+        rope_original_context=8192,
+        **_LLAMA3_ROPE,
+    ),
+    "llama3.2-3b": dict(
+        family="llama",
+        vocab_size=128256,
+        dim=3072,
+        hidden=8192,
+        layers=28,
+        heads=24,
+        kv_heads=8,
+        head_dim=128,
+        tie_embeddings=True,
+        max_positions=131072,
+        rope_factor=32.0,
+        rope_original_context=8192,
+        **_LLAMA3_ROPE,
+    ),
+    "llama3.1-8b": dict(
+        family="llama",
+        vocab_size=128256,
+        dim=4096,
+        hidden=14336,
+        layers=32,
+        heads=32,
+        kv_heads=8,
+        head_dim=128,
+        tie_embeddings=False,
+        max_positions=131072,
+        rope_factor=8.0,
+        rope_original_context=8192,
+        **_LLAMA3_ROPE,
+    ),
+    "qwen3-0.6b": dict(
+        family="qwen3",
+        vocab_size=151936,
+        dim=1024,
+        hidden=3072,
+        layers=28,
+        heads=16,
+        kv_heads=8,
+        head_dim=128,
+        tie_embeddings=True,
+        qk_norm=True,
+        rope_base=1000000.0,
+        norm_eps=1e-6,
+        max_positions=40960,
+    ),
+    "qwen3-4b": dict(
+        family="qwen3",
+        vocab_size=151936,
+        dim=2560,
+        hidden=9728,
+        layers=36,
+        heads=32,
+        kv_heads=8,
+        head_dim=128,
+        tie_embeddings=True,
+        qk_norm=True,
+        rope_base=1000000.0,
+        norm_eps=1e-6,
+        max_positions=40960,
+    ),
+    "qwen3-8b": dict(
+        family="qwen3",
+        vocab_size=151936,
+        dim=4096,
+        hidden=12288,
+        layers=36,
+        heads=32,
+        kv_heads=8,
+        head_dim=128,
+        tie_embeddings=False,
+        qk_norm=True,
+        rope_base=1000000.0,
+        norm_eps=1e-6,
+        max_positions=40960,
+    ),
+    "qwen2.5-7b": dict(
+        family="qwen2",
+        vocab_size=152064,
+        dim=3584,
+        hidden=18944,
+        layers=28,
+        heads=28,
+        kv_heads=4,
+        tie_embeddings=False,
+        qkv_bias=True,
+        rope_base=1000000.0,
+        norm_eps=1e-6,
+        max_positions=131072,
+    ),
+    "mistral-7b": dict(
+        family="mistral",
+        vocab_size=32768,
+        dim=4096,
+        hidden=14336,
+        layers=32,
+        heads=32,
+        kv_heads=8,
+        head_dim=128,
+        tie_embeddings=False,
+        rope_base=1000000.0,
+        max_positions=32768,
+    ),
+}
+REAL_PRESETS = tuple(_REAL)
+
+
 def _build_presets() -> dict[str, ModelConfig]:
     table: dict[str, ModelConfig] = {
         # A few million parameters: the CPU demo (make run) and the tests' upper size.
@@ -175,6 +358,8 @@ def _build_presets() -> dict[str, ModelConfig]:
             table[name] = ModelConfig(name=name, dim=dim, hidden=hidden, layers=layers, heads=dim // 128, seq_len=seq)
     for name, (dim, hidden, layers) in _LADDER.items():
         table[name] = ModelConfig(name=name, dim=dim, hidden=hidden, layers=layers, heads=dim // 128, seq_len=512)
+    for name, fields_ in _REAL.items():
+        table[name] = ModelConfig(name=name, seq_len=2048, **fields_).validate()
     return table
 
 

@@ -1,62 +1,27 @@
-"""Hugging Face Llama folders: export a onebox model to one, and import one (ours or transformers')."""
+"""Hugging Face folders (llama, mistral, qwen2, qwen3): export a onebox model to one, and import one (ours or
+transformers'); the config fields of each family are in families.py."""
 
 from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from onebox import __version__
 from onebox.checkpoint import list_checkpoints
 from onebox.config import ModelConfig
 from onebox.errors import OneboxError
+from onebox.families import config_from_hf, hf_config
 from onebox.files import check_output_folder, is_disk_full, publish_folder, read_json, staging_folder
 from onebox.model import Transformer, build_model
 from onebox.tokenizer import eos_id, hf_tokenizer_files, tokenizer_from_json
 
-_ACT_TO_HF = {"swiglu": "silu", "relu2": "relu2"}
-_HF_TO_ACT = {v: k for k, v in _ACT_TO_HF.items()}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def hf_config(config: ModelConfig, dtype: str, eos: int | None) -> dict[str, Any]:
-    """The config.json of LlamaForCausalLM for a onebox model (refusing what Llama cannot express)."""
-    if config.logit_softcap > 0:
-        raise OneboxError(
-            f"this model uses a logit soft-cap ({config.logit_softcap}), which Hugging Face's Llama cannot express: "
-            "an exported model would give different outputs. Train without --logit-softcap to export."
-        )
-    return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "vocab_size": config.vocab_size,
-        "hidden_size": config.dim,
-        "intermediate_size": config.hidden,
-        "num_hidden_layers": config.layers,
-        "num_attention_heads": config.heads,
-        "num_key_value_heads": config.kv_heads,
-        "head_dim": config.head_dim,
-        "hidden_act": _ACT_TO_HF[config.activation],
-        "max_position_embeddings": config.seq_len,
-        "rms_norm_eps": config.norm_eps,
-        "rope_theta": config.rope_base,
-        "rope_scaling": None,
-        "tie_word_embeddings": config.tie_embeddings,
-        "attention_bias": False,
-        "attention_dropout": 0.0,
-        "mlp_bias": False,
-        "initializer_range": config.init_std,
-        "bos_token_id": eos,
-        "eos_token_id": eos,
-        "torch_dtype": dtype,
-        "use_cache": True,
-        "onebox_version": __version__,
-    }
 
 
 def hf_state_dict(
@@ -184,102 +149,87 @@ def _state_bytes(state: dict[str, torch.Tensor], dtype: torch.dtype) -> int:
 # --- import -----------------------------------------------------------------------------------
 
 
-_FOLDER_HINT = "give a Hugging Face Llama folder (config.json + model.safetensors)"
+_FOLDER_HINT = (
+    "give a Hugging Face folder (config.json + model.safetensors, or shards with model.safetensors.index.json)"
+)
+_SKIPPED = ("rotary_emb.inv_freq",)  # buffers some older checkpoints saved beside the weights
 
 
-def config_from_hf(hf: dict[str, Any], name: str = "hf") -> ModelConfig:
-    """A ModelConfig from a Llama config.json, refusing features onebox does not implement."""
-    if hf.get("model_type") != "llama":
-        raise OneboxError(
-            f"only Llama models can be imported; this config.json has model_type {hf.get('model_type')!r}."
-        )
-    rope = hf.get("rope_parameters") or {}
-    rope_type = rope.get("rope_type", "default") if isinstance(rope, dict) else "default"
-    if hf.get("rope_scaling") or rope_type != "default":
-        raise OneboxError(
-            "this Llama uses RoPE scaling, which onebox does not implement: import a model with plain RoPE."
-        )
-    if hf.get("attention_bias") or hf.get("mlp_bias"):
-        raise OneboxError("this Llama has attention or MLP biases, which onebox's model does not have.")
-    act = hf.get("hidden_act", "silu")
-    if act not in _HF_TO_ACT:
-        raise OneboxError(f"hidden_act {act!r} is not supported: onebox implements silu (SwiGLU) and relu2.")
-    heads = hf["num_attention_heads"]
-    head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
-    if head_dim * heads != hf["hidden_size"]:
-        raise OneboxError(
-            f"head_dim {head_dim} x heads {heads} differs from hidden_size {hf['hidden_size']}: not supported."
-        )
-    return ModelConfig(
-        name=name,
-        vocab_size=hf["vocab_size"],
-        dim=hf["hidden_size"],
-        hidden=hf["intermediate_size"],
-        layers=hf["num_hidden_layers"],
-        heads=heads,
-        kv_heads=hf.get("num_key_value_heads") or heads,
-        seq_len=hf.get("max_position_embeddings", 2048),
-        activation=_HF_TO_ACT[act],
-        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        norm_eps=hf.get("rms_norm_eps", 1e-5),
-        rope_base=float(
-            rope.get("rope_theta", hf.get("rope_theta", 10000.0))
-            if isinstance(rope, dict)
-            else hf.get("rope_theta", 10000.0)
-        ),
-        init_std=hf.get("initializer_range", 0.02),
-    ).validate()
+class SafetensorsState(Mapping):
+    """A model's weights by onebox name, read on demand from a folder's safetensors files (memory-mapped):
+    a tensor is in memory only while it is copied into the model, so importing never holds two copies.
+    The files and the index are checked when it is made: every shard present and readable, every tensor
+    the index names in its shard."""
+
+    def __init__(self, folder: Path, config: ModelConfig) -> None:
+        index = folder / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = read_json(index, "weight index", _FOLDER_HINT).get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise OneboxError(f"{index} has no weight_map: {_FOLDER_HINT}.")
+        elif (folder / "model.safetensors").is_file():
+            weight_map = None
+        else:
+            raise OneboxError(f"{folder} holds no model.safetensors (nor an index of shards): {_FOLDER_HINT}.")
+        files = sorted(set(weight_map.values())) if weight_map else ["model.safetensors"]
+        self.handles, self.where = [], {}
+        for file in files:
+            path = folder / file
+            if not path.is_file() or path.parent.resolve() != folder.resolve():
+                raise OneboxError(f"the shard {path} is missing: the folder must hold every file its index names.")
+            try:
+                handle = safe_open(str(path), framework="pt")
+            except (SafetensorError, OSError) as err:
+                raise OneboxError(f"{path} is not a readable safetensors file ({err}).") from None
+            self.handles.append(handle)
+            names = set(handle.keys())
+            for name in names if weight_map is None else [n for n, f in weight_map.items() if f == file]:
+                if name not in names:
+                    raise OneboxError(
+                        f"the index puts {name} in {path}, which does not hold it: the shard is damaged or from another model."
+                    )
+                key = name.removeprefix("model.")
+                if key.endswith(_SKIPPED) or (config.tie_embeddings and key == "lm_head.weight"):
+                    continue
+                self.where[key] = (handle, name)
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        handle, name = self.where[key]
+        return handle.get_tensor(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.where)
+
+    def __len__(self) -> int:
+        return len(self.where)
 
 
-def _load_safetensors(folder: Path) -> dict[str, torch.Tensor]:
-    index = folder / "model.safetensors.index.json"
-    files = (
-        sorted(set(read_json(index, "weight index", _FOLDER_HINT)["weight_map"].values()))
-        if index.is_file()
-        else ["model.safetensors"]
-    )
-    tensors: dict[str, torch.Tensor] = {}
-    for name in files:
-        path = folder / name
-        if not path.is_file():
-            raise OneboxError(f"{path} is missing: the folder must hold the model's .safetensors weights.")
-        try:
-            tensors.update(load_file(str(path)))
-        except (SafetensorError, OSError) as err:
-            raise OneboxError(f"{path} is not a readable safetensors file ({err}).") from None
-    return tensors
-
-
-def load_hf(folder: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor], str | None]:
-    """(config, onebox state dict in fp32, tokenizer.json text or None) from a Llama folder."""
+def load_hf(folder: str | Path) -> tuple[ModelConfig, SafetensorsState, str | None]:
+    """(config, the weights by onebox name, read lazily, tokenizer.json text or None) from a Hugging Face
+    folder of one of the families (families.py)."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise OneboxError(
-            f"{folder} is not a folder: give a Hugging Face Llama folder written by `onebox export` or transformers."
-        )
+        raise OneboxError(f"{folder} is not a folder: {_FOLDER_HINT}, written by `onebox export` or transformers.")
     config = config_from_hf(read_json(folder / "config.json", "model config", _FOLDER_HINT), name=folder.name)
-    tensors = _load_safetensors(folder)
-    state = {}
-    for name, tensor in tensors.items():
-        key = name.removeprefix("model.")
-        if config.tie_embeddings and key == "lm_head.weight":
-            continue
-        state[key] = tensor.float()
+    state = SafetensorsState(folder, config)
     _check_keys(state, config)
     tokenizer = folder / "tokenizer.json"
     return config, state, tokenizer.read_text() if tokenizer.is_file() else None
 
 
-def _check_keys(state: dict[str, torch.Tensor], config: ModelConfig) -> None:
+def _check_keys(state: Mapping[str, torch.Tensor], config: ModelConfig) -> None:
     expected = set(build_model(config, "meta").state_dict())
-    missing, unexpected = expected - set(state), set(state) - expected
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
     if missing or unexpected:
         raise OneboxError(
-            f"the weights do not match the config: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}."
+            f"the weights do not match the config: missing {missing[:5]}, unexpected {unexpected[:5]}. "
+            "The folder's config.json must describe its safetensors files."
         )
 
 
-def model_from_hf(folder: str | Path, device: torch.device | str = "cpu") -> tuple[Transformer, str | None]:
-    """A ready Transformer (fp32) and tokenizer.json text from a Llama folder."""
+def model_from_hf(
+    folder: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+) -> tuple[Transformer, str | None]:
+    """A ready Transformer in `dtype` on `device`, filled straight from the files, and tokenizer.json text."""
     config, state, tokenizer = load_hf(folder)
-    return build_model(config, device, state=state), tokenizer
+    return build_model(config, device, dtype, state=state), tokenizer

@@ -9,33 +9,17 @@ training: compile, activation checkpointing and fused losses are applied from ou
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from onebox.config import ModelConfig
-
-
-def rope_tables(seq_len: int, head_dim: int, base: float, device: torch.device | None = None) -> tuple[Tensor, Tensor]:
-    """cos and sin tables of shape (seq_len, head_dim), fp32, Hugging Face Llama layout."""
-    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim))
-    positions = torch.arange(seq_len, dtype=torch.int64, device=device).float()
-    angles = torch.outer(positions, inv_freq)
-    angles = torch.cat((angles, angles), dim=-1)
-    return angles.cos(), angles.sin()
-
-
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate (B, H, T, head_dim) by the angles of its positions (cos, sin: (T, head_dim), or (B, T, head_dim)
-    when each row has its own positions)."""
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    if cos.dim() == 3:
-        cos, sin = cos[:, None], sin[:, None]
-    first, second = x.chunk(2, dim=-1)
-    rotated = torch.cat((-second, first), dim=-1)
-    return x * cos + rotated * sin
+from onebox.errors import OneboxError
+from onebox.rope import apply_rope as apply_rope
+from onebox.rope import model_rope_tables
+from onebox.rope import rope_tables as rope_tables
 
 
 class RMSNorm(nn.Module):
@@ -136,12 +120,36 @@ class Attention(nn.Module):
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.heads, self.kv_heads, self.head_dim = config.heads, config.kv_heads, config.head_dim
-        self.q_proj = nn.Linear(config.dim, config.dim, bias=False)
-        self.k_proj = nn.Linear(config.dim, config.kv_dim, bias=False)
-        self.v_proj = nn.Linear(config.dim, config.kv_dim, bias=False)
-        self.o_proj = nn.Linear(config.dim, config.dim, bias=False)
+        self.heads, self.kv_heads, self.head_dim = config.heads, config.kv_heads, config.head_size
+        self.q_proj = nn.Linear(config.dim, config.q_dim, bias=config.qkv_bias)
+        self.k_proj = nn.Linear(config.dim, config.kv_dim, bias=config.qkv_bias)
+        self.v_proj = nn.Linear(config.dim, config.kv_dim, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(config.q_dim, config.dim, bias=config.o_bias)
+        self.q_norm = RMSNorm(config.head_size, config.norm_eps) if config.qk_norm else None  # per head (Qwen3)
+        self.k_norm = RMSNorm(config.head_size, config.norm_eps) if config.qk_norm else None
         self.register_buffer("qkv_weight", None, persistent=False)  # set by fuse_projections (inference)
+        self.register_buffer("qkv_bias", None, persistent=False)
+
+    def heads_of(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """q (B, H, T, D), k and v (B, KV, T, D) of x (B, T, dim): projected (fused for inference), q and k
+        normed per head where the model does so, not yet rotated."""
+        batch, seq, _ = x.shape
+        if self.qkv_weight is None:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        else:
+            kv_dim = self.kv_heads * self.head_dim
+            q, k, v = F.linear(x, self.qkv_weight, self.qkv_bias).split(
+                [self.heads * self.head_dim, kv_dim, kv_dim], dim=-1
+            )
+        return self.split_heads(q, k, v, batch, seq)
+
+    def split_heads(self, q: Tensor, k: Tensor, v: Tensor, batch: int, seq: int) -> tuple[Tensor, Tensor, Tensor]:
+        q = q.view(batch, seq, self.heads, self.head_dim)
+        k = k.view(batch, seq, self.kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        v = v.view(batch, seq, self.kv_heads, self.head_dim)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
     def forward(
         self,
@@ -151,21 +159,14 @@ class Attention(nn.Module):
         cache: KVCache | KVRows | None = None,
         input_pos: Tensor | None = None,
     ) -> Tensor:
-        batch, seq, dim = x.shape
-        if self.qkv_weight is None:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        else:
-            kv_dim = self.kv_heads * self.head_dim
-            q, k, v = F.linear(x, self.qkv_weight).split([dim, kv_dim, kv_dim], dim=-1)
-        q = q.view(batch, seq, self.heads, self.head_dim).transpose(1, 2)
-        k = k.view(batch, seq, self.kv_heads, self.head_dim).transpose(1, 2)
-        v = v.view(batch, seq, self.kv_heads, self.head_dim).transpose(1, 2)
+        batch, seq, _ = x.shape
+        q, k, v = self.heads_of(x)
         if cache is None:
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.kv_heads != self.heads)
         else:
             out = rope_cached_attention(q, k, v, cos, sin, cache, input_pos)
-        return self.o_proj(out.transpose(1, 2).reshape(batch, seq, dim))
+        return self.o_proj(out.transpose(1, 2).reshape(batch, seq, self.heads * self.head_dim))
 
 
 class FeedForward(nn.Module):
@@ -174,16 +175,17 @@ class FeedForward(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.activation = config.activation
-        self.gate_proj = nn.Linear(config.dim, config.hidden, bias=False)
-        self.up_proj = nn.Linear(config.dim, config.hidden, bias=False)
-        self.down_proj = nn.Linear(config.hidden, config.dim, bias=False)
+        self.gate_proj = nn.Linear(config.dim, config.hidden, bias=config.mlp_bias)
+        self.up_proj = nn.Linear(config.dim, config.hidden, bias=config.mlp_bias)
+        self.down_proj = nn.Linear(config.hidden, config.dim, bias=config.mlp_bias)
         self.register_buffer("gate_up_weight", None, persistent=False)  # set by fuse_projections (inference)
+        self.register_buffer("gate_up_bias", None, persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.gate_up_weight is None:
             gate, up = self.gate_proj(x), self.up_proj(x)
         else:
-            gate, up = F.linear(x, self.gate_up_weight).chunk(2, dim=-1)
+            gate, up = F.linear(x, self.gate_up_weight, self.gate_up_bias).chunk(2, dim=-1)
         gate = F.silu(gate) if self.activation == "swiglu" else F.relu(gate).square()
         return self.down_proj(gate * up)
 
@@ -221,7 +223,7 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(config) for _ in range(config.layers))
         self.norm = RMSNorm(config.dim, config.norm_eps)
         self.lm_head = None if config.tie_embeddings else nn.Linear(config.dim, config.vocab_size, bias=False)
-        cos, sin = rope_tables(config.seq_len, config.head_dim, config.rope_base)
+        cos, sin = model_rope_tables(config)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.init_weights()
@@ -244,8 +246,11 @@ class Transformer(nn.Module):
         """Initialise one parameter (by its name in this model) in place; see init_weights (a shard under
         FSDP2: `distributed.init_sharded`)."""
         std = self.config.init_std
-        if name.endswith("layernorm.weight") or name == "norm.weight":
+        if name.endswith(("layernorm.weight", "q_norm.weight", "k_norm.weight")) or name == "norm.weight":
             param.fill_(1.0)
+            return
+        if name.endswith(".bias"):
+            param.zero_()
             return
         if name.endswith(("o_proj.weight", "down_proj.weight")):
             std = std / math.sqrt(2 * self.config.layers)
@@ -258,9 +263,7 @@ class Transformer(nn.Module):
     def reset_rope(self) -> None:
         """Recompute the rotary tables in place (needed after to_empty, e.g. from the meta device)."""
         if self.rope_cos.device.type != "meta":  # always fp32, even in a model cast to bf16
-            self.rope_cos, self.rope_sin = rope_tables(
-                self.config.seq_len, self.config.head_dim, self.config.rope_base, self.rope_cos.device
-            )
+            self.rope_cos, self.rope_sin = model_rope_tables(self.config, self.rope_cos.device)
 
     def hidden_states(
         self, idx: Tensor, input_pos: Tensor | None = None, caches: Sequence[KVCache | KVRows] | None = None
@@ -299,7 +302,7 @@ class Transformer(nn.Module):
                 batch,
                 self.config.kv_heads,
                 max_seq or self.config.seq_len,
-                self.config.head_dim,
+                self.config.head_size,
                 dtype or weight.dtype,
                 weight.device,
             )
@@ -328,9 +331,31 @@ def build_model(
     if state is None:
         model.init_weights()
     else:
-        model.load_state_dict(state, strict=True)
+        load_weights(model, state)
         model.reset_rope()
     return model
+
+
+@torch.no_grad()
+def load_weights(model: nn.Module, state: Mapping[str, Tensor]) -> None:
+    """Copy `state` into the model one tensor at a time, converting to each parameter's dtype and device, so a
+    lazy mapping (weights read from memory-mapped files as they are asked for) never holds a second copy of
+    the model; every weight must be there with the model's shape, and nothing else."""
+    own = model.state_dict()
+    missing, unexpected = sorted(set(own) - set(state.keys())), sorted(set(state.keys()) - set(own))
+    if missing or unexpected:
+        raise OneboxError(
+            f"the weights do not match the model's config: missing {missing[:5]}{' ...' if len(missing) > 5 else ''}, "
+            f"unexpected {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}. Check that the config belongs to these weights."
+        )
+    for name, target in own.items():
+        source = state[name]
+        if tuple(source.shape) != tuple(target.shape):
+            raise OneboxError(
+                f"{name} has shape {tuple(source.shape)} in the weights but {tuple(target.shape)} by the model's config: "
+                "the config does not describe these weights."
+            )
+        target.copy_(source)
 
 
 @torch.no_grad()
@@ -342,15 +367,23 @@ def fuse_projections(model: Transformer) -> Transformer:
     for layer in model.layers:
         attn, mlp = layer.self_attn, layer.mlp
         if attn.qkv_weight is None:
-            attn.qkv_weight = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])
-            dim, kv_dim = attn.q_proj.weight.shape[0], attn.k_proj.weight.shape[0]
-            attn.q_proj.weight.data, attn.k_proj.weight.data, attn.v_proj.weight.data = attn.qkv_weight.split(
-                [dim, kv_dim, kv_dim]
-            )
+            attn.qkv_weight, attn.qkv_bias = _fused([attn.q_proj, attn.k_proj, attn.v_proj])
         if mlp.gate_up_weight is None:
-            mlp.gate_up_weight = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])
-            mlp.gate_proj.weight.data, mlp.up_proj.weight.data = mlp.gate_up_weight.chunk(2)
+            mlp.gate_up_weight, mlp.gate_up_bias = _fused([mlp.gate_proj, mlp.up_proj])
     return model
+
+
+def _fused(linears: list[nn.Linear]) -> tuple[Tensor, Tensor | None]:
+    """One matrix (and bias) concatenating the linears' rows; each linear's own becomes a view of it."""
+    weight = torch.cat([m.weight for m in linears])
+    for m, part in zip(linears, weight.split([m.out_features for m in linears])):
+        m.weight.data = part
+    if linears[0].bias is None:
+        return weight, None
+    bias = torch.cat([m.bias for m in linears])
+    for m, part in zip(linears, bias.split([m.out_features for m in linears])):
+        m.bias.data = part
+    return weight, bias
 
 
 def cross_entropy_loss(logits: Tensor, targets: Tensor) -> Tensor:

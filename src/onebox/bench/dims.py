@@ -12,7 +12,8 @@ from onebox.bench.schema import new_document
 from onebox.bench.timing import PhaseClock, median
 from onebox.config import ModelConfig
 from onebox.device import autocast, autocast_dtype
-from onebox.model import Block, rope_tables
+from onebox.model import Block
+from onebox.rope import model_rope_tables
 
 Say = Callable[[str], None]
 HIDDEN_RATIO = 8 / 3  # hidden/dim of the LLaMA family (600m-A: 4096/1536)
@@ -37,7 +38,7 @@ def time_layer(config: ModelConfig, device: torch.device, precision: str, batch:
         block = Block(config)
         x = torch.randn(batch, config.seq_len, config.dim, requires_grad=True)
         grad = torch.randn(batch, config.seq_len, config.dim)
-    cos, sin = (t.to(device) for t in rope_tables(config.seq_len, config.head_dim, config.rope_base))
+    cos, sin = (t.to(device) for t in model_rope_tables(config))
     dtype = autocast_dtype(device, precision)
     clock = PhaseClock(device)
     marks = []

@@ -102,7 +102,8 @@ class _ClippedAdamW:
 
 
 def build_hf(config: ModelConfig, device: torch.device, settings: BenchSettings, compile_model: bool) -> Recipe:
-    """transformers' LlamaForCausalLM of the same shape with torch's fused AdamW (the baseline)."""
+    """transformers' model of the same family and shape (LlamaForCausalLM, Qwen3ForCausalLM, ...) with torch's
+    fused AdamW (the baseline)."""
     quiet_optional_imports()
     try:
         import transformers
@@ -110,12 +111,13 @@ def build_hf(config: ModelConfig, device: torch.device, settings: BenchSettings,
         raise OneboxError(
             "--baseline needs the transformers package: pip install transformers (or onebox[dev])."
         ) from None
-    from onebox.export import hf_config
+    from onebox.families import hf_config
 
-    hf = transformers.LlamaConfig(**hf_config(config, "float32", None))
+    fields = hf_config(config, "float32", None)
+    hf = transformers.AutoConfig.for_model(fields.pop("model_type"), **fields)
     hf._attn_implementation = "sdpa"
     with torch.device(device):
-        model = transformers.LlamaForCausalLM(hf)
+        model = transformers.AutoModelForCausalLM.from_config(hf)
     model.train()
     forward = torch.compile(model) if compile_model else model
     return Recipe(

@@ -110,7 +110,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         run_dir=Path(payload["path"]).parent,
     )
     console.print(
-        f"exported {payload['path']} (step {payload['step']}) to {out} as a Hugging Face Llama folder", highlight=False
+        f"exported {payload['path']} (step {payload['step']}) to {out} as a Hugging Face {payload['model_config'].get('family', 'llama')} folder",
+        highlight=False,
     )
     return 0
 
@@ -251,7 +252,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_fields(p)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("export", help="write a Hugging Face Llama folder (SafeTensors) from a checkpoint")
+    p = sub.add_parser(
+        "export",
+        help="write a Hugging Face folder (SafeTensors; the model's family: llama, mistral, qwen2 or qwen3) from a checkpoint",
+    )
     p.add_argument("checkpoint", help="a ckpt_*.pt file or a run folder (its latest checkpoint)")
     p.add_argument("out_dir", help="a new or empty folder (an earlier export is replaced only with --force)")
     p.add_argument(

@@ -125,9 +125,7 @@ def _inference_model(args: argparse.Namespace, what: str) -> Any:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if args.preset:
         return build_model(preset(args.preset), device, dtype).eval()
-    model = load_model(args.model, device)[0].to(dtype)
-    model.reset_rope()
-    return model
+    return load_model(args.model, device, dtype)[0]
 
 
 def _int_list(text: str, flag: str) -> list[int]:
@@ -237,7 +235,9 @@ def add_bench_parsers(sub: Any) -> None:
             )
             p.add_argument("--lr", type=float, default=3e-4, help="learning rate (default 3e-4)")
             p.add_argument(
-                "--baseline", choices=["hf", "hf-compile"], help="also run transformers' Llama in the same process"
+                "--baseline",
+                choices=["hf", "hf-compile"],
+                help="also run transformers' model of the same family in the same process",
             )
 
     p = bench.add_parser("validate", help="time training steps of one preset on fixed synthetic tokens")

@@ -128,15 +128,15 @@ class DecodeAttention(Attention):
         cache: KVCache | KVRows | None = None,
         input_pos: Tensor | None = None,
     ) -> Tensor:
-        batch, seq, dim = x.shape
+        batch, seq, _ = x.shape
         if cache is None or seq != 1 or self.qkv_weight is None or not isinstance(cache, KVCache):
             return super().forward(x, cos, sin, cache, input_pos)
-        kv_dim = self.kv_heads * self.head_dim
-        project = linear(x, self.qkv_weight, pdl=self.pdl) if self.gemv else F.linear(x, self.qkv_weight)
-        q, k, v = project.split([dim, kv_dim, kv_dim], dim=-1)
-        q = q.view(batch, 1, self.heads, self.head_dim).transpose(1, 2)
-        k = k.view(batch, 1, self.kv_heads, self.head_dim).transpose(1, 2)
-        v = v.view(batch, 1, self.kv_heads, self.head_dim).transpose(1, 2)
+        q_dim, kv_dim = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        if self.gemv:
+            project = linear(x, self.qkv_weight, self.qkv_bias, pdl=self.pdl)
+        else:
+            project = F.linear(x, self.qkv_weight, self.qkv_bias)
+        q, k, v = self.split_heads(*project.split([q_dim, kv_dim, kv_dim], dim=-1), batch, 1)
         if self.rope and self._folds(q, k, v, cache):
             counts = getattr(cache, "counts", None)  # the chunks merge themselves where the cache holds counters
             if counts is not None and (counts.numel() != q.shape[0] * q.shape[1] or not counts.is_contiguous()):
@@ -149,7 +149,7 @@ class DecodeAttention(Attention):
                 out = decode_attention(q, k, v, input_pos, pdl=self.pdl)
             else:
                 out = cached_attention(q, k, v, input_pos)
-        return self.o_proj(out.transpose(1, 2).reshape(batch, 1, dim))
+        return self.o_proj(out.transpose(1, 2).reshape(batch, 1, q_dim))
 
     @staticmethod
     def _folds(q: Tensor, k: Tensor, v: Tensor, cache: KVCache) -> bool:
@@ -175,7 +175,7 @@ class DecodeFeedForward(FeedForward):
     def forward(self, x: Tensor) -> Tensor:
         if self.gate_up_weight is None:
             return super().forward(x)
-        gate, up = linear(x, self.gate_up_weight, pdl=self.pdl).chunk(2, dim=-1)
+        gate, up = linear(x, self.gate_up_weight, self.gate_up_bias, pdl=self.pdl).chunk(2, dim=-1)
         gate = F.silu(gate) if self.activation == "swiglu" else F.relu(gate).square()
         return self.down_proj(gate * up)
 
@@ -202,7 +202,7 @@ class DecodeTransformer(Transformer):
                 config.heads,
                 config.kv_heads,
                 max_seq or config.seq_len,
-                config.head_dim,
+                config.head_size,
                 dtype or weight.dtype,
                 weight.device,
             )

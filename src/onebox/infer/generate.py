@@ -37,14 +37,17 @@ class Generation:
         return steps / self.decode_seconds if self.decode_seconds > 0 and steps else None
 
 
-def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[Transformer, Tokenizer | None]:
-    """A model for inference from a Hugging Face folder, a checkpoint file or a run folder."""
+def load_model(
+    path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+) -> tuple[Transformer, Tokenizer | None]:
+    """A model for inference, in `dtype` on `device`, from a Hugging Face folder, a checkpoint file or a run folder."""
     path = Path(path)
     if path.is_dir() and (path / "config.json").is_file() and any(path.glob("*.safetensors")):
-        model, tokenizer_json = model_from_hf(path, device)
+        model, tokenizer_json = model_from_hf(path, device, dtype)
     else:
         payload = load_checkpoint(path)
-        model = build_model(model_config_from_dict(payload["model_config"]), device, state=model_state(payload))
+        config = model_config_from_dict(payload["model_config"])
+        model = build_model(config, device, dtype, state=model_state(payload))
         tokenizer_json = payload.get("tokenizer_json")
     model.eval()
     return model, tokenizer_from_json(tokenizer_json) if tokenizer_json else None

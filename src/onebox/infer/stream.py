@@ -15,7 +15,8 @@ from torch import Tensor, nn
 
 from onebox.config import ModelConfig
 from onebox.host import pinned_zeros
-from onebox.model import Block, Transformer, build_model, rope_tables
+from onebox.model import Block, Transformer, build_model
+from onebox.rope import model_rope_tables
 
 
 class StreamedTransformer:
@@ -119,7 +120,7 @@ def build_streamed(config: ModelConfig, device: torch.device, dtype: torch.dtype
     for name, param in names.items():
         if not name.startswith("layers."):
             model.init_parameter(name, param)
-    model.rope_cos, model.rope_sin = rope_tables(config.seq_len, config.head_dim, config.rope_base, device)
+    model.rope_cos, model.rope_sin = model_rope_tables(config, device)
     streamed = StreamedTransformer(model.eval(), resident, device)
     streamed.pinned = pinned
     return streamed

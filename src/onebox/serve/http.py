@@ -28,6 +28,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -323,7 +324,8 @@ def run_server(
     from onebox.infer.generate import load_model
 
     check_port(host, port)
-    model, tokenizer = load_model(model_path, pick_device(device))
+    target = pick_device(device)  # bf16 on a GPU, as the decode kernels and `bench serve` run it
+    model, tokenizer = load_model(model_path, target, torch.bfloat16 if target.type == "cuda" else torch.float32)
     template = load_chat_template(model_path)
     engine = Engine(model, max_batch=max_batch, max_queue=max_queue)
     if engine.device.type == "cuda":  # the compiled decode step's CUDA graphs, made before the first request

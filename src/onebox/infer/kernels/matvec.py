@@ -127,7 +127,8 @@ def gemv(x: Tensor, weight: Tensor, pdl: int = 0) -> Tensor:
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, pdl: int = 0) -> Tensor:
-    """F.linear, through `gemv` where it applies (one row on CUDA)."""
-    if bias is None and usable(x, weight):
-        return gemv(x, weight, pdl)
+    """F.linear, through `gemv` where it applies (one row on CUDA; a bias is added after it)."""
+    if usable(x, weight):
+        out = gemv(x, weight, pdl)
+        return out if bias is None else out + bias.to(out.dtype)
     return F.linear(x, weight, bias)
