@@ -40,28 +40,32 @@ print(f"{params} {seconds:.1f} {resource.getrusage(resource.RUSAGE_SELF).ru_maxr
 
 
 def write_folder(name: str, folder: Path) -> None:
+    """A folder of the preset's shape and family with random bf16 weights, each shard written once full."""
     config = preset(name)
     folder.mkdir(parents=True)
     shapes = {k: v.shape for k, v in build_model(config, "meta").state_dict().items()}
-    generator = torch.Generator().manual_seed(0)
-    shards: list[dict[str, torch.Tensor]] = [{}]
+    plan: list[list[str]] = [[]]  # the tensors of each shard, at most SHARD_BYTES each
     size = 0
     for key, shape in shapes.items():
-        tensor = torch.empty(shape, dtype=torch.bfloat16)
-        tensor.normal_(0.0, 0.02, generator=generator) if len(shape) > 1 else tensor.fill_(1.0)
-        if size + tensor.numel() * 2 > SHARD_BYTES and shards[-1]:
-            shards.append({})
+        numel = torch.Size(shape).numel()
+        if size + 2 * numel > SHARD_BYTES and plan[-1]:
+            plan.append([])
             size = 0
-        shards[-1]["lm_head.weight" if key == "lm_head.weight" else f"model.{key}"] = tensor
-        size += tensor.numel() * 2
+        plan[-1].append(key)
+        size += 2 * numel
+    generator = torch.Generator().manual_seed(0)
     weight_map = {}
-    for i, shard in enumerate(shards):
-        file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+    for i, keys in enumerate(plan):
+        file = f"model-{i + 1:05d}-of-{len(plan):05d}.safetensors"
+        shard = {}
+        for key in keys:
+            tensor = torch.empty(shapes[key], dtype=torch.bfloat16)
+            tensor.normal_(0.0, 0.02, generator=generator) if tensor.dim() > 1 else tensor.fill_(1.0)
+            shard[key if key == "lm_head.weight" else f"model.{key}"] = tensor
         save_file(shard, str(folder / file), metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(shard, file))
         print(f"wrote {file} ({sum(t.numel() for t in shard.values()) * 2 / 1e9:.2f} GB)", flush=True)
-        shard.clear()
-    total = sum(t.numel() for t in shapes.values()) * 2
+    total = sum(torch.Size(s).numel() for s in shapes.values()) * 2
     (folder / "model.safetensors.index.json").write_text(
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map})
     )

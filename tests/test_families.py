@@ -178,3 +178,20 @@ def test_the_real_presets_have_their_models_shapes_and_export_as_their_family(na
     with torch.device("meta"):
         theirs = transformers.AutoModelForCausalLM.from_config(hf)
     assert sum(p.numel() for p in theirs.parameters()) == config.num_params() + (0 if not config.tie_embeddings else 0)
+
+
+def test_the_decode_model_says_when_a_kernel_cannot_take_the_models_head_size():
+    from onebox.config import preset
+    from onebox.infer.decode import kernel_notes
+
+    assert kernel_notes(preset("qwen3-8b"), ["gemv", "attention", "rope"]) == []  # head size 128
+    mistral_test = _reference("mistral").config  # head_dim 24
+    config = load_hf_config(mistral_test)
+    notes = kernel_notes(config, ["gemv", "attention"])
+    assert len(notes) == 1 and "is 24" in notes[0] and kernel_notes(config, ["gemv"]) == []
+
+
+def load_hf_config(hf_config):
+    from onebox.families import config_from_hf
+
+    return config_from_hf(hf_config.to_dict())

@@ -7,7 +7,7 @@ import torch
 from conftest import micro_model
 
 from onebox.errors import OneboxError
-from onebox.infer.generate import encode_prompt, generate
+from onebox.infer.generate import generate
 from onebox.infer.sampling import sample_next
 from onebox.model import Transformer
 
@@ -49,11 +49,14 @@ def test_samples_share_one_prefill_and_follow_the_seed(model):
     assert len({tuple(s) for s in a.samples}) > 1
 
 
-def test_generation_stops_at_the_stop_token(model):
+def test_generation_stops_at_any_of_its_stop_tokens_and_streams_them(model):
     greedy = generate(model, [5, 6], 30, temperature=0).samples[0]
-    stop = greedy[4]
-    out = generate(model, [5, 6], 30, temperature=0, stop_id=stop)
-    assert out.samples[0] == greedy[: greedy.index(stop)] and out.finish_reasons == ["stop"]
+    first, later = greedy[4], greedy[9]
+    streamed = []
+    out = generate(model, [5, 6], 30, temperature=0, stop_ids=(later, first), on_token=streamed.append)
+    end = min(greedy.index(first), greedy.index(later))
+    assert out.samples[0] == greedy[:end] and out.finish_reasons == ["stop"]
+    assert streamed == greedy[:end]  # every kept token, as it came (the stop token itself is not given)
 
 
 def test_max_new_tokens_is_clamped_to_the_context(model):
@@ -76,9 +79,10 @@ def test_bad_generation_requests(model, prompt, kwargs, message):
 
 
 def test_text_prompt_needs_a_tokenizer():
+    from onebox.infer.framing import onebox_framing
+
     with pytest.raises(OneboxError, match="no tokenizer"):
-        encode_prompt(None, "hello", None)
-    assert encode_prompt(None, None, [4, 5]) == [4, 5]
+        onebox_framing(None).encode("hello")
 
 
 def test_top_k_and_top_p_keep_only_the_allowed_tokens():

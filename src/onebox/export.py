@@ -155,6 +155,14 @@ _FOLDER_HINT = (
 _SKIPPED = ("rotary_emb.inv_freq",)  # buffers some older checkpoints saved beside the weights
 
 
+def _tensor_names(path: Path) -> set[str]:
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return set(handle.keys())
+    except (SafetensorError, OSError) as err:
+        raise OneboxError(f"{path} is not a readable safetensors file ({err}).") from None
+
+
 class SafetensorsState(Mapping):
     """A model's weights by onebox name, read on demand from a folder's safetensors files (memory-mapped):
     a tensor is in memory only while it is copied into the model, so importing never holds two copies.
@@ -172,17 +180,12 @@ class SafetensorsState(Mapping):
         else:
             raise OneboxError(f"{folder} holds no model.safetensors (nor an index of shards): {_FOLDER_HINT}.")
         files = sorted(set(weight_map.values())) if weight_map else ["model.safetensors"]
-        self.handles, self.where = [], {}
+        self.where: dict[str, tuple[str, str]] = {}
         for file in files:
             path = folder / file
             if not path.is_file() or path.parent.resolve() != folder.resolve():
                 raise OneboxError(f"the shard {path} is missing: the folder must hold every file its index names.")
-            try:
-                handle = safe_open(str(path), framework="pt")
-            except (SafetensorError, OSError) as err:
-                raise OneboxError(f"{path} is not a readable safetensors file ({err}).") from None
-            self.handles.append(handle)
-            names = set(handle.keys())
+            names = _tensor_names(path)
             for name in names if weight_map is None else [n for n, f in weight_map.items() if f == file]:
                 if name not in names:
                     raise OneboxError(
@@ -191,11 +194,13 @@ class SafetensorsState(Mapping):
                 key = name.removeprefix("model.")
                 if key.endswith(_SKIPPED) or (config.tie_embeddings and key == "lm_head.weight"):
                     continue
-                self.where[key] = (handle, name)
+                self.where[key] = (str(path), name)
 
     def __getitem__(self, key: str) -> torch.Tensor:
-        handle, name = self.where[key]
-        return handle.get_tensor(name)
+        """One tensor, its shard mapped only while it is read (so the process holds no mapped file pages)."""
+        path, name = self.where[key]
+        with safe_open(path, framework="pt") as handle:
+            return handle.get_tensor(name)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.where)

@@ -187,6 +187,8 @@ def run_decode(
     )
     for batch in batches:
         engine = Engine(model, max_batch=batch, prefix_entries=0, kernels=kernels)
+        for note in engine.kernel_notes:
+            say(f"note: {note}")
         decode = time_decode(engine, batch, prompt_len, new_tokens)
         bound = batch * bandwidth / nbytes if bandwidth else None
         result = {

@@ -12,6 +12,7 @@ from rich.table import Table
 
 from onebox import __version__
 from onebox.cli.bench import add_bench_parsers
+from onebox.cli.chat import add_chat_parser, add_sampling_flags
 from onebox.cli.common import (
     DEVICE_HELP,
     add_config_fields,
@@ -118,18 +119,23 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from onebox.device import pick_device
-    from onebox.infer.generate import encode_prompt, generate, load_model
+    from onebox.infer.framing import load_framing
+    from onebox.infer.generate import generate, load_model
     from onebox.infer.requests import check_sampling
-    from onebox.tokenizer import eos_id
 
     check_sampling(args.temperature, args.top_k, args.top_p, args.seed, args.max_new_tokens)
     if args.samples < 1:
         raise OneboxError(f"--samples must be at least 1, got {args.samples}.")
     model, tokenizer = load_model(args.model, pick_device(args.device))
+    framing = load_framing(args.model, tokenizer)
     if args.jsonl:
-        return _generate_jsonl(args, model, tokenizer)
-    ids = [int(t) for t in args.prompt_ids.split(",")] if args.prompt_ids else None
-    prompt = encode_prompt(tokenizer, args.prompt, ids)
+        return _generate_jsonl(args, model, tokenizer, framing)
+    if args.prompt_ids:
+        prompt = [int(t) for t in args.prompt_ids.split(",")]
+    elif args.chat:
+        prompt = framing.encode_chat([{"role": "user", "content": args.prompt}])
+    else:
+        prompt = framing.encode(args.prompt)
     result = generate(
         model,
         prompt,
@@ -139,12 +145,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
         args.top_p,
         args.seed,
         args.samples,
-        stop_id=eos_id(tokenizer) if tokenizer else None,
+        stop_ids=framing.stops,
     )
     for index, sample in enumerate(result.samples):
         if args.samples > 1:
             console.print(f"--- sample {index + 1}", style="bold")
-        text = (args.prompt or "") + tokenizer.decode(sample) if tokenizer else " ".join(map(str, sample))
+        reply = framing.decode(sample) if tokenizer else " ".join(map(str, sample))
+        text = reply if args.chat else (args.prompt or "") + reply
         console.print(text, highlight=False, markup=False)
     speed = result.decode_tokens_per_second
     errors.print(
@@ -155,14 +162,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _generate_jsonl(args: argparse.Namespace, model: Any, tokenizer: Any) -> int:
+def _generate_jsonl(args: argparse.Namespace, model: Any, tokenizer: Any, framing: Any) -> int:
     from onebox.infer.engine import Engine
     from onebox.serve import Server, run_jsonl
 
     engine = Engine(model, max_batch=8).start()
     try:
         failed = run_jsonl(
-            Server(engine, tokenizer, "onebox", max_n=8), sys.stdin, lambda text: print(text, flush=True)
+            Server(engine, tokenizer, "onebox", max_n=8, framing=framing),
+            sys.stdin,
+            lambda text: print(text, flush=True),
         )
     finally:
         engine.stop()
@@ -273,23 +282,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", default="", help="prompt text")
     p.add_argument("--prompt-ids", help="prompt as comma-separated token ids (instead of text)")
     p.add_argument(
-        "--max-new-tokens", type=int, default=200, help="tokens to generate (default 200; fewer where the context ends)"
+        "--chat", action="store_true", help="the prompt is a user message, written with the model's chat template"
     )
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy, up to 2 (default 0.8)")
-    p.add_argument("--top-k", type=int, default=200, help="sample among the k likeliest tokens; 0 = off (default 200)")
-    p.add_argument(
-        "--top-p",
-        type=float,
-        default=1.0,
-        help="nucleus sampling: the likeliest tokens holding this much probability, in (0, 1] (default 1)",
-    )
-    p.add_argument("--seed", type=int, help="seed of the sampling (default: random)")
+    add_sampling_flags(p)
     p.add_argument("--samples", type=int, default=1, help="continuations sharing one prefill (default 1)")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument(
         "--jsonl", action="store_true", help="read one JSON request per stdin line, write one JSON response per line"
     )
     p.set_defaults(func=cmd_generate)
+
+    add_chat_parser(sub)
 
     p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (completions, chat, streaming)")
     p.add_argument("model", help="checkpoint file, run folder or Hugging Face folder")

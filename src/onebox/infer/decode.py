@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from onebox.config import ModelConfig
 from onebox.errors import OneboxError
 from onebox.infer.kernels import (
     CHAIN,
@@ -210,6 +211,18 @@ class DecodeTransformer(Transformer):
         ]
 
 
+def kernel_notes(config: ModelConfig, chosen: list[str]) -> list[str]:
+    """Why some of the chosen kernels will not run for this model (its steps then take the reference path)."""
+    notes = []
+    head = config.head_size
+    if {"attention", "rope"} & set(chosen) and (head < 16 or head & (head - 1)):
+        notes.append(
+            f"the decode attention kernel takes head sizes that are powers of two from 16; this model's is {head}: "
+            "attention over the cache runs through SDPA"
+        )
+    return notes
+
+
 def _decode_block(block: Block, chosen: list[str], pdl: int) -> Block:
     """A new block sharing `block`'s weights, its attention and (with gemv) feed-forward the decode ones."""
     new = Block.__new__(Block)
@@ -234,4 +247,5 @@ def to_decode(model: Transformer, kernels: bool | str | None = None) -> Transfor
     pdl = ("pdl" in chosen) * LAUNCH | ("chain" in chosen) * CHAIN
     decode = DecodeTransformer(model, chosen, pdl)
     decode.layers = nn.ModuleList(_decode_block(block, chosen, pdl) for block in model.layers)
+    decode.notes = kernel_notes(model.config, chosen)
     return decode

@@ -162,6 +162,7 @@ class Engine:
         max_queue: the most requests that may wait for a slot (None: no bound); submit() raises QueueFull past it."""
         self.model = to_decode(model, kernels) if fuse else model.eval()
         self.kernels = list(getattr(self.model, "kernels", []))  # what the decode steps use (for the record)
+        self.kernel_notes = list(getattr(self.model, "notes", []))  # why a chosen kernel will not run here
         self.config = model.config
         self.max_batch = max_batch
         self.prefill_tokens = prefill_tokens  # the most (padded) prompt tokens one batched prefill takes

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from onebox.export import model_from_hf
 from onebox.infer.requests import check_prompt, check_sampling
 from onebox.infer.sampling import sample_next
 from onebox.model import Transformer, build_model
-from onebox.tokenizer import eos_id, tokenizer_from_json
+from onebox.tokenizer import tokenizer_from_json
 
 
 @dataclass
@@ -53,16 +54,6 @@ def load_model(
     return model, tokenizer_from_json(tokenizer_json) if tokenizer_json else None
 
 
-def encode_prompt(tokenizer: Tokenizer | None, text: str | None, ids: list[int] | None) -> list[int]:
-    """Prompt token ids: given ids as they are, or text encoded after the EOS that starts every document."""
-    if ids is not None:
-        return list(ids)
-    if tokenizer is None:
-        raise OneboxError("this model has no tokenizer.json: give the prompt as token ids (--prompt-ids 1,2,3).")
-    start = eos_id(tokenizer)
-    return ([start] if start is not None else []) + tokenizer.encode(text or "", add_special_tokens=False).ids
-
-
 @torch.no_grad()
 def generate(
     model: Transformer,
@@ -73,10 +64,12 @@ def generate(
     top_p: float = 1.0,
     seed: int | None = None,
     samples: int = 1,
-    stop_id: int | None = None,
+    stop_ids: tuple[int, ...] | list[int] = (),
     use_cache: bool = True,
+    on_token: Callable[[int], None] | None = None,
 ) -> Generation:
-    """Sample `samples` continuations of one prompt; with use_cache they share a single prefill."""
+    """Sample `samples` continuations of one prompt; with use_cache they share a single prefill. A sample ends
+    at any of `stop_ids` (not kept); `on_token` is given each new token of a single sample as it comes."""
     config = model.config
     if samples < 1:
         raise OneboxError(f"samples must be at least 1, got {samples}.")
@@ -102,13 +95,16 @@ def generate(
     started = time.perf_counter()
     out = torch.empty(samples, 0, dtype=torch.long, device=device)
     done = torch.zeros(samples, dtype=torch.bool, device=device)
+    stops = torch.tensor(list(stop_ids), dtype=torch.long, device=device)
     for step in range(max_new_tokens):
         token = sample_next(logits, temperature, top_k, top_p, generator)
         out = torch.cat([out, token[:, None]], dim=1)
-        if stop_id is not None:
-            done |= token == stop_id
+        if len(stop_ids):
+            done |= torch.isin(token, stops)
             if bool(done.all()):
                 break
+        if on_token is not None and samples == 1:
+            on_token(int(token[0]))
         if step == max_new_tokens - 1:
             break
         if use_cache:
@@ -121,8 +117,9 @@ def generate(
 
     samples_out, reasons = [], []
     for row in out.tolist():
-        if stop_id is not None and stop_id in row:
-            samples_out.append(row[: row.index(stop_id)])
+        end = next((i for i, t in enumerate(row) if t in stop_ids), None)
+        if end is not None:
+            samples_out.append(row[:end])
             reasons.append("stop")
         else:
             samples_out.append(row)

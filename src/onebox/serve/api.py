@@ -18,11 +18,9 @@ from onebox.chat import ChatTemplate, TemplateError
 from onebox.errors import OneboxError
 from onebox.infer.engine import Engine, QueueFull
 from onebox.infer.engine import Request as EngineRequest
+from onebox.infer.framing import Framing, onebox_framing
 from onebox.infer.requests import SEED_RANGE, InvalidRequest, check_prompt, check_sampling
-from onebox.tokenizer import eos_id
 
-PLAIN_ROLES = {"system": "System", "user": "User", "assistant": "Assistant"}
-CHAT_STOPS = ["\nUser:", "\nSystem:"]
 MAX_STOPS = 4
 
 
@@ -113,10 +111,13 @@ class Server:
         model_name: str,
         max_n: int = 8,
         chat_template: ChatTemplate | str | None = None,
+        framing: Framing | None = None,
     ) -> None:
+        """`framing`: how the model's text is framed (infer.framing.load_framing of its folder); None: onebox's
+        own framing with `chat_template`."""
         self.engine, self.tokenizer, self.model_name, self.max_n = engine, tokenizer, model_name, max_n
-        self.chat_template = ChatTemplate(chat_template) if isinstance(chat_template, str) else chat_template
-        self.eos = eos_id(tokenizer) if tokenizer is not None else None
+        template = ChatTemplate(chat_template) if isinstance(chat_template, str) else chat_template
+        self.framing = framing or onebox_framing(tokenizer, template)
         self.created = int(time.time())
         # The most bytes of text one token stands for: a text longer than this many bytes per token of context cannot fit.
         self.max_token_bytes = _max_token_bytes(tokenizer) if tokenizer is not None else 1
@@ -140,8 +141,9 @@ class Server:
         if len(stops) > MAX_STOPS or any(len(s) > 256 for s in stops):
             raise ApiError(f"at most {MAX_STOPS} stop sequences of at most 256 characters each.", 400, "stop")
 
-    def encode(self, text: str, param: str) -> list[int]:
-        """A text prompt as token ids after the end-of-text token; refused by its length alone when it cannot fit."""
+    def encode(self, text: str, param: str, templated: bool = False) -> list[int]:
+        """A text prompt as token ids, framed as the model's documents were (`templated`: a rendered chat
+        template, encoded as it is); refused by its length alone when it cannot fit."""
         if self.tokenizer is None:
             raise ApiError("this model has no tokenizer: send the prompt as a list of token ids.", 400, param)
         context = self.engine.config.seq_len
@@ -153,8 +155,9 @@ class Server:
                 param,
                 "context_length_exceeded",
             )
-        ids = self.tokenizer.encode(text, add_special_tokens=False).ids
-        return ([self.eos] if self.eos is not None else []) + ids
+        if templated:  # a chat template writes its own special tokens
+            return self.tokenizer.encode(text, add_special_tokens=False).ids
+        return self.framing.encode(text)
 
     def prompt_ids(self, body: CompletionBody) -> list[int]:
         """A completion's prompt as token ids (text is encoded after the end-of-text token)."""
@@ -167,7 +170,8 @@ class Server:
     def requests(self, body: Sampling, prompt_ids: list[int], default_max: int) -> list[EngineRequest]:
         """The engine requests of one API request (one a choice), all queued or none."""
         config = self.engine.config
-        leading = 1 if self.eos is not None and prompt_ids[:1] == [self.eos] else 0
+        start = self.framing.start
+        leading = len(start) if start and prompt_ids[: len(start)] == start else 0
         try:
             if body.max_tokens is None:  # the server's default, within the context the prompt leaves
                 room = check_prompt(prompt_ids, config.vocab_size, config.seq_len, leading=leading)
@@ -176,7 +180,7 @@ class Server:
                 max_tokens = check_prompt(prompt_ids, config.vocab_size, config.seq_len, body.max_tokens, True, leading)
         except InvalidRequest as err:
             raise ApiError(str(err), 400, err.param, err.code) from None
-        stops = (self.eos,) if self.eos is not None else ()
+        stops = self.framing.stops
         seeds = [None if body.seed is None else body.seed + i for i in range(body.n)]
         made = [
             EngineRequest(list(prompt_ids), max_tokens, body.temperature, body.top_k, body.top_p, seed, stops)
@@ -189,28 +193,25 @@ class Server:
         except OneboxError as err:
             raise ApiError(str(err), 400, "prompt") from None
 
-    def render_chat(self, messages: list[Message]) -> str:
-        if self.chat_template is not None:
-            try:
-                return self.chat_template.render([m.model_dump() for m in messages], add_generation_prompt=True)
-            except TemplateError as err:
-                raise ApiError(str(err), 400, "messages") from None
-        for message in messages:
-            if message.role not in PLAIN_ROLES:
-                raise ApiError(f"unknown role {message.role[:50]!r}: use system, user or assistant.", 400, "messages")
-        return "".join(f"{PLAIN_ROLES[m.role]}: {m.content}\n" for m in messages) + "Assistant:"
-
     def chat_prompt_ids(self, body: ChatBody) -> list[int]:
-        """A chat's prompt: its messages rendered with the template, then encoded."""
-        return self.encode(self.render_chat(body.messages), "messages")
+        """A chat's prompt: its messages rendered (the model's chat template, or the plain format), then encoded."""
+        if self.tokenizer is None:
+            raise ApiError("this model has no tokenizer: use /v1/completions with token ids.", 400, "messages")
+        return self.encode(self.render_chat(body.messages), "messages", templated=self.framing.template is not None)
+
+    def render_chat(self, messages: list[Message]) -> str:
+        try:
+            return self.framing.render([m.model_dump() for m in messages])
+        except TemplateError as err:
+            raise ApiError(str(err), 400, "messages") from None
 
     def stop_strings(self, body: Sampling, chat: bool) -> list[str]:
-        """The stop sequences of a request (a chat through the plain template also stops at the next speaker's turn)."""
+        """The stop sequences of a request (a chat through the plain format also stops at the next speaker's turn)."""
         stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-        return stops + (CHAT_STOPS if chat and self.chat_template is None else [])
+        return stops + self.framing.stop_strings(chat)
 
     def decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids) if self.tokenizer is not None else " ".join(map(str, ids))
+        return self.framing.decode(ids)
 
 
 class TextStream:

@@ -319,20 +319,22 @@ def run_server(
     """Load a model, start the engine and serve until interrupted."""
     import uvicorn
 
-    from onebox.chat import load_chat_template
     from onebox.device import pick_device
+    from onebox.infer.framing import load_framing
     from onebox.infer.generate import load_model
 
     check_port(host, port)
     target = pick_device(device)  # bf16 on a GPU, as the decode kernels and `bench serve` run it
     model, tokenizer = load_model(model_path, target, torch.bfloat16 if target.type == "cuda" else torch.float32)
-    template = load_chat_template(model_path)
+    framing = load_framing(model_path, tokenizer)  # its chat template, what starts a prompt, its stop ids
     engine = Engine(model, max_batch=max_batch, max_queue=max_queue)
+    for note in engine.kernel_notes:
+        print(f"note: {note}", file=sys.stderr, flush=True)
     if engine.device.type == "cuda":  # the compiled decode step's CUDA graphs, made before the first request
         print("compiling the decode step (once, before serving) ...", file=sys.stderr, flush=True)
     engine.warmup().start()
     name = model_name or Path(model_path).resolve().name
-    app = create_app(Server(engine, tokenizer, name, max_n, template), max_body_bytes)
+    app = create_app(Server(engine, tokenizer, name, max_n, framing=framing), max_body_bytes)
     try:
         uvicorn.run(app, host=host, port=port, log_level="info")
     finally:
