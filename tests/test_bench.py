@@ -313,3 +313,27 @@ def test_results_of_several_processes_are_filed_apart_from_one_gpus():
     doc = {"hardware": {"accelerator": "NVIDIA H200"}, "settings": {"processes": 2}}
     assert device_of(doc) == "2 x NVIDIA H200"
     assert device_of({**doc, "settings": {"batch": 1}}) == "NVIDIA H200"
+
+
+def test_the_training_baseline_is_transformers_model_of_the_same_family():
+    """bench validate --baseline builds the family's own transformers class (here Qwen3, with its q/k norms)."""
+    from onebox.bench.training import build_hf
+
+    config = ModelConfig(
+        name="q",
+        family="qwen3",
+        qk_norm=True,
+        head_dim=32,
+        vocab_size=256,
+        dim=64,
+        hidden=128,
+        layers=2,
+        heads=4,
+        kv_heads=2,
+        seq_len=32,
+    ).validate()
+    contender = build_hf(config, CPU, BenchSettings(batch=2), compile_model=False)
+    assert type(contender.model).__name__ == "Qwen3ForCausalLM"
+    assert sum(p.numel() for p in contender.model.parameters()) == config.num_params()
+    result = measure_training("hf", config, CPU, BenchSettings(batch=2, steps=3, timed_steps=1))
+    assert result["status"] == "ok" and result["tokens_per_second"] > 0

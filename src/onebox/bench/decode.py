@@ -18,8 +18,9 @@ from typing import Any
 
 import torch
 
+from onebox.bench.peers import transformers_model
 from onebox.bench.schema import config_record, new_document
-from onebox.device import quiet_optional_imports, synchronize
+from onebox.device import synchronize
 from onebox.errors import OneboxError
 from onebox.infer.engine import Engine, Request
 from onebox.model import Transformer
@@ -95,21 +96,11 @@ HF_CACHES = ("dynamic", "static")  # transformers' default cache, and its static
 
 
 def hf_baseline(model: Transformer) -> Any:
-    """transformers' LlamaForCausalLM with onebox's weights, in their dtype on their device (SDPA attention)."""
-    quiet_optional_imports()
-    try:
-        import transformers
-    except ImportError:
-        raise OneboxError(
-            "--baseline needs the transformers package: pip install transformers (or onebox[dev])."
-        ) from None
-    from onebox.export import hf_config, hf_state_dict
+    """transformers' model of the same family with onebox's weights, in their dtype on their device (SDPA attention)."""
+    from onebox.export import hf_state_dict
 
-    device = model.embed_tokens.weight.device
     dtype = model.embed_tokens.weight.dtype
-    config = transformers.LlamaConfig(**hf_config(model.config, str(dtype).replace("torch.", ""), None))
-    with torch.device(device):
-        baseline = transformers.LlamaForCausalLM._from_config(config, dtype=dtype, attn_implementation="sdpa").eval()
+    baseline = transformers_model(model.config, model.embed_tokens.weight.device, dtype).eval()
     missing, unexpected = baseline.load_state_dict(hf_state_dict(model.state_dict(), model.config, dtype), strict=False)
     if unexpected or any(name != "lm_head.weight" for name in missing):  # lm_head is tied to the embedding
         raise OneboxError(

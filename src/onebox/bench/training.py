@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from onebox.bench.peers import transformers_model
 from onebox.bench.timing import PhaseClock
 from onebox.config import ModelConfig, TrainConfig
 from onebox.device import (
@@ -25,7 +26,6 @@ from onebox.device import (
     memory_kind,
     peak_flops,
     peak_memory_bytes,
-    quiet_optional_imports,
     reset_peak_memory,
     synchronize,
 )
@@ -104,20 +104,7 @@ class _ClippedAdamW:
 def build_hf(config: ModelConfig, device: torch.device, settings: BenchSettings, compile_model: bool) -> Recipe:
     """transformers' model of the same family and shape (LlamaForCausalLM, Qwen3ForCausalLM, ...) with torch's
     fused AdamW (the baseline)."""
-    quiet_optional_imports()
-    try:
-        import transformers
-    except ImportError:
-        raise OneboxError(
-            "--baseline needs the transformers package: pip install transformers (or onebox[dev])."
-        ) from None
-    from onebox.families import hf_config
-
-    fields = hf_config(config, "float32", None)
-    hf = transformers.AutoConfig.for_model(fields.pop("model_type"), **fields)
-    hf._attn_implementation = "sdpa"
-    with torch.device(device):
-        model = transformers.AutoModelForCausalLM.from_config(hf)
+    model = transformers_model(config, device)
     model.train()
     forward = torch.compile(model) if compile_model else model
     return Recipe(
