@@ -11,7 +11,7 @@ SOURCE = Path(__file__).resolve().parents[1] / "src" / "onebox"
 LAYERS = [
     {"errors", "files", "display"},
     {"config", "device", "host", "tokenizer", "chat"},
-    {"distributed", "launch", "model", "rope"},
+    {"distributed", "launch", "model", "rope", "moe"},
     {"data", "checkpoint", "export", "families", "memory", "optim", "adamw", "lowmem", "transforms"},
     {"plan", "runs"},
     {"training", "infer"},

@@ -1,5 +1,6 @@
 """The model families against transformers itself: for llama (3.x: llama3 RoPE, biases), mistral (explicit
-head_dim, sliding window), qwen2 (q/k/v biases) and qwen3 (q/k norms, explicit head_dim), a tiny random
+head_dim, sliding window), qwen2 (q/k/v biases), qwen3 (q/k norms, explicit head_dim), and the mixtures of
+experts qwen3_moe and mixtral (the prefill's grouped experts and the decode's gathered ones), a tiny random
 model built with the family's own config class and saved sharded by save_pretrained is imported, and its
 logits (fp32, <= 1e-4) and cached greedy tokens equal transformers'; it trains, exports as the same
 family, and transformers loads the export with logits equal to onebox's. Bad folders are clear errors."""
@@ -53,6 +54,12 @@ FAMILIES = {
         **SHAPE, rope_scaling={"rope_type": "linear", "factor": 2.0}, tie_word_embeddings=True
     ),
     "qwen3": lambda: transformers.Qwen3Config(**SHAPE, head_dim=32, tie_word_embeddings=False),
+    "qwen3_moe": lambda: transformers.Qwen3MoeConfig(
+        **SHAPE, head_dim=32, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True
+    ),
+    "mixtral": lambda: transformers.MixtralConfig(
+        **SHAPE, num_local_experts=4, num_experts_per_tok=2, sliding_window=None, tie_word_embeddings=False
+    ),
 }
 
 
@@ -84,6 +91,8 @@ def test_the_folder_is_sharded_and_its_config_maps_to_the_family_features(family
         "mistral": dict(family="mistral", head_dim=24, sliding_window=96, seq_len=96, max_positions=128),
         "qwen2": dict(family="qwen2", rope_scaling="linear", qkv_bias=True, o_bias=False, tie_embeddings=True),
         "qwen3": dict(family="qwen3", head_dim=32, qk_norm=True, qkv_bias=False, tie_embeddings=False),
+        "qwen3_moe": dict(family="qwen3_moe", experts=4, experts_per_token=2, expert_hidden=32, qk_norm=True),
+        "mixtral": dict(family="mixtral", experts=4, experts_per_token=2, expert_hidden=160, norm_topk_prob=True),
     }[name]
     assert {key: getattr(config, key) for key in expected} == expected
 
@@ -150,7 +159,19 @@ def test_a_bad_folder_is_a_clear_error(tmp_path):
         model_from_hf(folder)
 
 
-@pytest.mark.parametrize("name", ["llama3.2-1b", "llama3.1-8b", "qwen3-0.6b", "qwen3-8b", "qwen2.5-7b", "mistral-7b"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "llama3.2-1b",
+        "llama3.1-8b",
+        "qwen3-0.6b",
+        "qwen3-8b",
+        "qwen2.5-7b",
+        "mistral-7b",
+        "qwen3-30b-a3b",
+        "mixtral-8x7b",
+    ],
+)
 def test_the_real_presets_have_their_models_shapes_and_export_as_their_family(name):
     """Parameter counts as published (Llama 3.2 1B: 1.24B, Llama 3.1 8B: 8.03B, Qwen3 0.6B: 0.60B, Qwen3 8B:
     8.19B, Qwen2.5 7B: 7.62B, Mistral 7B: 7.25B), counted exactly, and the family's config.json reads back
@@ -159,11 +180,13 @@ def test_the_real_presets_have_their_models_shapes_and_export_as_their_family(na
     from onebox.families import config_from_hf, hf_config
 
     published = {"llama3.2-1b": 1.24, "llama3.1-8b": 8.03, "qwen3-0.6b": 0.60, "qwen3-8b": 8.19}
-    published.update({"qwen2.5-7b": 7.62, "mistral-7b": 7.25})
+    published.update({"qwen2.5-7b": 7.62, "mistral-7b": 7.25, "qwen3-30b-a3b": 30.53, "mixtral-8x7b": 46.70})
+    active = {"qwen3-30b-a3b": 3.35, "mixtral-8x7b": 12.88}  # Qwen's "3.3B activated", Mistral's "12.9B active"
     config = preset(name)
     model = build_model(config, "meta")
     assert config.num_params() == sum(p.numel() for p in model.parameters())
     assert abs(config.num_params() / 1e9 - published[name]) < 0.01
+    assert abs(config.num_active_params() / 1e9 - active.get(name, published[name])) < 0.01
     exported = hf_config(config, "bfloat16", None)
     back = config_from_hf(exported, name)
     assert back.family == config.family and back.head_size == config.head_size
@@ -195,3 +218,20 @@ def load_hf_config(hf_config):
     from onebox.families import config_from_hf
 
     return config_from_hf(hf_config.to_dict())
+
+
+def test_the_engine_decodes_a_mixture_of_experts_as_generate_does(family):
+    """The serving engine's batched decode (the experts gathered per row) gives each request generate()'s tokens."""
+    from onebox.infer.engine import Engine, Request
+
+    name, _, folder = family
+    if name not in ("qwen3_moe", "mixtral"):
+        pytest.skip("a dense family")
+    model, _ = model_from_hf(folder)
+    prompts = [[5, 6, 7], [9, 10, 11, 12, 13], [20]]
+    expected = [generate(model, p, 8, temperature=0).samples[0] for p in prompts]
+    engine = Engine(model, max_batch=3, compile=False)
+    requests = engine.submit_all([Request(list(p), 8, temperature=0) for p in prompts])
+    while engine.pending or any(engine.slots):
+        engine.step()
+    assert [list(r.tokens(timeout=1)) for r in requests] == expected

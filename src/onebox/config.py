@@ -17,7 +17,8 @@ else:  # pragma: no cover - exercised on Python 3.10 only
 
 ACTIVATIONS = ("swiglu", "relu2")
 ROPE_SCALINGS = ("none", "linear", "llama3")
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3")  # the Hugging Face model_type a model exports as
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral")  # the Hugging Face model_type it exports as
+MOE_FAMILIES = ("qwen3_moe", "mixtral")
 COMPILE_SETTINGS = ("auto", "on", "off", "block", "model")
 PRECISIONS = ("auto", "bf16", "fp8", "fp32")
 OPTIMIZERS = ("adamw", "muon")
@@ -64,7 +65,11 @@ class ModelConfig:
     qk_norm: bool = False  # RMSNorm over each head of q and k before RoPE (Qwen3)
     max_positions: int = 0  # 0 means seq_len: the longest context the weights were made for (max_position_embeddings)
     sliding_window: int = 0  # 0: none; else the attention window of the layers that slide (seq_len may not exceed it)
-    family: str = "llama"  # the Hugging Face model_type the model exports as: llama, mistral, qwen2 or qwen3
+    family: str = "llama"  # the Hugging Face model_type it exports as: llama, mistral, qwen2, qwen3, qwen3_moe, mixtral
+    experts: int = 0  # 0: a dense FFN; else every block's FFN is this many SwiGLU experts behind a router
+    experts_per_token: int = 0  # top-k: the experts each token goes through
+    expert_hidden: int = 0  # each expert's FFN width (moe_intermediate_size; Mixtral's is `hidden`)
+    norm_topk_prob: bool = True  # the top-k router probabilities renormalised to sum to 1
 
     def __post_init__(self) -> None:
         if self.kv_heads == 0:
@@ -138,6 +143,24 @@ class ModelConfig:
                 "sliding-window models at a context up to the window (where sliding and full attention agree); "
                 f"use --seq-len {self.sliding_window} or less."
             )
+        if self.experts:
+            if not 0 < self.experts_per_token <= self.experts or self.expert_hidden <= 0:
+                raise OneboxError(
+                    f"a mixture of experts needs 0 < experts_per_token <= experts and expert_hidden > 0; got "
+                    f"{self.experts_per_token} of {self.experts} experts, expert_hidden {self.expert_hidden}."
+                )
+            if self.activation != "swiglu" or self.mlp_bias:
+                raise OneboxError(
+                    "onebox's experts are SwiGLU FFNs without biases: set activation swiglu, mlp_bias false."
+                )
+        elif self.experts_per_token or self.expert_hidden:
+            raise OneboxError("experts_per_token and expert_hidden need experts > 0 (a mixture of experts).")
+        if (self.family in MOE_FAMILIES) != bool(self.experts):
+            raise OneboxError(
+                f"family {self.family} {'is' if self.family in MOE_FAMILIES else 'is not'} a mixture of experts, "
+                f"and this model has {self.experts} experts: set family to one of "
+                f"{', '.join(MOE_FAMILIES if self.experts else [f for f in FAMILIES if f not in MOE_FAMILIES])}."
+            )
         if self.family not in FAMILIES:
             raise OneboxError(f"model family must be one of {', '.join(FAMILIES)}, got {self.family!r}.")
         return self
@@ -148,14 +171,19 @@ class ModelConfig:
 
     # -- counts ---------------------------------------------------------------------------------
 
-    def matmul_params_per_layer(self) -> int:
-        """Weights of one block that take part in matrix products (q, k, v, o, gate, up, down)."""
-        return 2 * self.dim * self.q_dim + 2 * self.dim * self.kv_dim + 3 * self.dim * self.hidden
+    def matmul_params_per_layer(self, active: bool = False) -> int:
+        """Weights of one block that take part in matrix products (q, k, v, o, gate, up, down; with experts
+        the router and every expert, or with `active` the router and the experts one token goes through)."""
+        attention = 2 * self.dim * self.q_dim + 2 * self.dim * self.kv_dim
+        if not self.experts:
+            return attention + 3 * self.dim * self.hidden
+        used = self.experts_per_token if active else self.experts
+        return attention + self.experts * self.dim + used * 3 * self.dim * self.expert_hidden
 
     def vector_params_per_layer(self) -> int:
         """Parameters of one block outside the matrices: the two RMSNorm scales, biases, q/k norms."""
         biases = (self.q_dim + 2 * self.kv_dim) * self.qkv_bias + self.dim * self.o_bias
-        biases += (2 * self.hidden + self.dim) * self.mlp_bias
+        biases += (2 * self.hidden + self.dim) * self.mlp_bias * (not self.experts)
         return 2 * self.dim + biases + 2 * self.head_size * self.qk_norm
 
     def num_params(self) -> int:
@@ -164,9 +192,18 @@ class ModelConfig:
         embeddings = self.vocab_size * self.dim * (1 if self.tie_embeddings else 2)
         return embeddings + self.layers * per_layer + self.dim  # + final norm
 
+    def num_active_params(self) -> int:
+        """Parameters one token goes through (all of them for a dense model; the routed experts only for a
+        mixture of experts): what its speed and MFU are counted on."""
+        if not self.experts:
+            return self.num_params()
+        unused = self.layers * (self.experts - self.experts_per_token) * 3 * self.dim * self.expert_hidden
+        return self.num_params() - unused
+
     def num_matmul_params(self) -> int:
-        """N_matmul = L(2d^2 + 2 d kv_dim + 3 d hidden) + vocab d: weights used in a matmul per token."""
-        return self.layers * self.matmul_params_per_layer() + self.vocab_size * self.dim
+        """N_matmul = L(2d^2 + 2 d kv_dim + 3 d hidden) + vocab d: weights used in a matmul per token (with
+        experts, only those a token goes through: the active parameters)."""
+        return self.layers * self.matmul_params_per_layer(active=True) + self.vocab_size * self.dim
 
     def flops_per_token(self, seq_len: int | None = None) -> int:
         """Training FLOPs per token: 6 N_matmul + 12 L d seq.
@@ -339,6 +376,56 @@ _REAL = {
         tie_embeddings=False,
         rope_base=1000000.0,
         max_positions=32768,
+    ),
+    "qwen3-30b-a3b": dict(
+        family="qwen3_moe",
+        vocab_size=151936,
+        dim=2048,
+        hidden=6144,
+        layers=48,
+        heads=32,
+        kv_heads=4,
+        head_dim=128,
+        tie_embeddings=False,
+        qk_norm=True,
+        rope_base=1000000.0,
+        norm_eps=1e-6,
+        max_positions=40960,
+        experts=128,
+        experts_per_token=8,
+        expert_hidden=768,
+    ),
+    "mixtral-8x7b": dict(
+        family="mixtral",
+        vocab_size=32000,
+        dim=4096,
+        hidden=14336,
+        layers=32,
+        heads=32,
+        kv_heads=8,
+        tie_embeddings=False,
+        rope_base=1000000.0,
+        max_positions=32768,
+        experts=8,
+        experts_per_token=2,
+        expert_hidden=14336,
+    ),
+    "qwen3-moe-tiny": dict(  # a small Qwen3-MoE for tests and CPU runs
+        family="qwen3_moe",
+        vocab_size=8192,
+        dim=256,
+        hidden=768,
+        layers=4,
+        heads=4,
+        kv_heads=2,
+        head_dim=64,
+        tie_embeddings=False,
+        qk_norm=True,
+        rope_base=1000000.0,
+        norm_eps=1e-6,
+        experts=8,
+        experts_per_token=2,
+        expert_hidden=128,
     ),
 }
 REAL_PRESETS = tuple(_REAL)

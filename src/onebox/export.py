@@ -16,7 +16,7 @@ from onebox import __version__
 from onebox.checkpoint import list_checkpoints
 from onebox.config import ModelConfig
 from onebox.errors import OneboxError
-from onebox.families import config_from_hf, hf_config
+from onebox.families import config_from_hf, hf_config, hf_names, join_experts, split_experts
 from onebox.files import check_output_folder, is_disk_full, publish_folder, read_json, staging_folder
 from onebox.model import Transformer, build_model
 from onebox.tokenizer import eos_id, hf_tokenizer_files, tokenizer_from_json
@@ -27,11 +27,11 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def hf_state_dict(
     model_state: dict[str, torch.Tensor], config: ModelConfig, dtype: torch.dtype
 ) -> dict[str, torch.Tensor]:
-    """onebox parameter names -> Hugging Face Llama names (a prefix; layouts are identical)."""
+    """onebox parameter names -> the family's Hugging Face names (a prefix; stacked experts split per expert)."""
     out = {}
     for name, tensor in model_state.items():
-        hf_name = name if name.startswith("lm_head.") else f"model.{name}"
-        out[hf_name] = tensor.detach().to("cpu", dtype).contiguous()
+        for hf_name, part in split_experts(name, tensor.detach(), config).items():
+            out[hf_name] = part.to("cpu", dtype).contiguous()
     return out
 
 
@@ -180,7 +180,7 @@ class SafetensorsState(Mapping):
         else:
             raise OneboxError(f"{folder} holds no model.safetensors (nor an index of shards): {_FOLDER_HINT}.")
         files = sorted(set(weight_map.values())) if weight_map else ["model.safetensors"]
-        self.where: dict[str, tuple[str, str]] = {}
+        located: dict[str, str] = {}  # every tensor of the folder: the shard holding it
         for file in files:
             path = folder / file
             if not path.is_file() or path.parent.resolve() != folder.resolve():
@@ -191,22 +191,33 @@ class SafetensorsState(Mapping):
                     raise OneboxError(
                         f"the index puts {name} in {path}, which does not hold it: the shard is damaged or from another model."
                     )
-                key = name.removeprefix("model.")
-                if key.endswith(_SKIPPED) or (config.tie_embeddings and key == "lm_head.weight"):
-                    continue
-                self.where[key] = (str(path), name)
+                located[name] = str(path)
+        self.parts = {key: hf_names(key, config) for key in build_model(config, "meta").state_dict()}
+        wanted = {name for names in self.parts.values() for name in names}
+        missing = sorted(name for name in wanted if name not in located)
+        ignored = {"lm_head.weight"} if config.tie_embeddings else set()
+        unexpected = sorted(n for n in located if n not in wanted and n not in ignored and not n.endswith(_SKIPPED))
+        if missing or unexpected:
+            raise OneboxError(
+                f"the weights do not match the config: missing {missing[:5]}, unexpected {unexpected[:5]}. "
+                "The folder's config.json must describe its safetensors files."
+            )
+        self.located = located
 
     def __getitem__(self, key: str) -> torch.Tensor:
-        """One tensor, its shard mapped only while it is read (so the process holds no mapped file pages)."""
-        path, name = self.where[key]
-        with safe_open(path, framework="pt") as handle:
-            return handle.get_tensor(name)
+        """One parameter (its experts stacked), each shard mapped only while it is read (so the process
+        holds no mapped file pages)."""
+        parts = []
+        for name in self.parts[key]:
+            with safe_open(self.located[name], framework="pt") as handle:
+                parts.append(handle.get_tensor(name))
+        return join_experts(key, parts)
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self.where)
+        return iter(self.parts)
 
     def __len__(self) -> int:
-        return len(self.where)
+        return len(self.parts)
 
 
 def load_hf(folder: str | Path) -> tuple[ModelConfig, SafetensorsState, str | None]:
@@ -217,19 +228,8 @@ def load_hf(folder: str | Path) -> tuple[ModelConfig, SafetensorsState, str | No
         raise OneboxError(f"{folder} is not a folder: {_FOLDER_HINT}, written by `onebox export` or transformers.")
     config = config_from_hf(read_json(folder / "config.json", "model config", _FOLDER_HINT), name=folder.name)
     state = SafetensorsState(folder, config)
-    _check_keys(state, config)
     tokenizer = folder / "tokenizer.json"
     return config, state, tokenizer.read_text() if tokenizer.is_file() else None
-
-
-def _check_keys(state: Mapping[str, torch.Tensor], config: ModelConfig) -> None:
-    expected = set(build_model(config, "meta").state_dict())
-    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
-    if missing or unexpected:
-        raise OneboxError(
-            f"the weights do not match the config: missing {missing[:5]}, unexpected {unexpected[:5]}. "
-            "The folder's config.json must describe its safetensors files."
-        )
 
 
 def model_from_hf(

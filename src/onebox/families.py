@@ -20,6 +20,15 @@ ARCHITECTURES = {
     "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
+    "mixtral": "MixtralForCausalLM",
+}
+QWEN = ("qwen2", "qwen3", "qwen3_moe")
+QK_NORM = ("qwen3", "qwen3_moe")
+ATTENTION_BIAS = ("llama", "qwen3", "qwen3_moe")  # attention_bias: q, k, v and o together
+EXPERT_NAMES = {  # where a family's files keep a block's experts, and each expert's gate, up and down
+    "qwen3_moe": ("mlp", ("gate_proj", "up_proj", "down_proj")),
+    "mixtral": ("block_sparse_moe", ("w1", "w3", "w2")),
 }
 ACTIVATION_TO_HF = {"swiglu": "silu", "relu2": "relu2"}
 HF_TO_ACTIVATION = {v: k for k, v in ACTIVATION_TO_HF.items()}
@@ -62,7 +71,7 @@ def _sliding_window(hf: dict[str, Any], family: str) -> int:
     """The window of the layers that slide (0: none): Mistral's sliding_window on every layer; Qwen's only with
     use_sliding_window, from max_window_layers on."""
     window = hf.get("sliding_window")
-    if family in ("qwen2", "qwen3"):
+    if family in QWEN:
         layers = hf["num_hidden_layers"]
         if not hf.get("use_sliding_window") or hf.get("max_window_layers", layers) >= layers:
             return 0
@@ -97,13 +106,14 @@ def config_from_hf(hf: dict[str, Any], name: str = "hf") -> ModelConfig:
     heads = hf["num_attention_heads"]
     head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
     attention_bias = bool(hf.get("attention_bias", False))
-    qkv_bias = True if family == "qwen2" else attention_bias and family in ("llama", "qwen3")
-    o_bias = attention_bias and family in ("llama", "qwen3")
-    if attention_bias and family == "mistral":
+    qkv_bias = True if family == "qwen2" else attention_bias and family in ATTENTION_BIAS
+    o_bias = attention_bias and family in ATTENTION_BIAS
+    if attention_bias and family in ("mistral", "mixtral"):
         raise _refuse("attention_bias", True, "Mistral's attention has no biases")
     mlp_bias = bool(hf.get("mlp_bias", False))
     if mlp_bias and family != "llama":
         raise _refuse("mlp_bias", True, f"{family} has no MLP biases")
+    moe = _experts(hf, family)
     window = _sliding_window(hf, family)
     positions = int(hf.get("max_position_embeddings", 2048))
     context = min(positions, IMPORT_CONTEXT, window or positions)
@@ -127,9 +137,76 @@ def config_from_hf(hf: dict[str, Any], name: str = "hf") -> ModelConfig:
         qkv_bias=qkv_bias,
         o_bias=o_bias,
         mlp_bias=mlp_bias,
-        qk_norm=family == "qwen3",
+        qk_norm=family in QK_NORM,
+        **moe,
         **_rope(hf),
     ).validate()
+
+
+def _experts(hf: dict[str, Any], family: str) -> dict[str, Any]:
+    """The mixture-of-experts fields of a qwen3_moe or mixtral config.json (every block sparse)."""
+    if family == "qwen3_moe":
+        if hf.get("decoder_sparse_step", 1) != 1 or hf.get("mlp_only_layers"):
+            field = "decoder_sparse_step" if hf.get("decoder_sparse_step", 1) != 1 else "mlp_only_layers"
+            raise _refuse(field, hf[field], "every block of its mixtures of experts is sparse")
+        return {
+            "experts": int(
+                hf.get("num_experts") or hf.get("num_local_experts") or 0
+            ),  # (transformers 5 writes the latter)
+            "experts_per_token": int(hf.get("num_experts_per_tok", 0)),
+            "expert_hidden": int(hf.get("moe_intermediate_size", 0)),
+            "norm_topk_prob": bool(hf.get("norm_topk_prob", False)),
+        }
+    if family == "mixtral":
+        if hf.get("router_jitter_noise"):
+            raise _refuse("router_jitter_noise", hf["router_jitter_noise"], "its router takes no noise")
+        return {
+            "experts": int(hf.get("num_local_experts", 0)),
+            "experts_per_token": int(hf.get("num_experts_per_tok", 0)),
+            "expert_hidden": int(hf["intermediate_size"]),
+            "norm_topk_prob": True,
+        }
+    return {}
+
+
+def hf_names(key: str, config: ModelConfig) -> list[str]:
+    """The Hugging Face tensors a onebox parameter is made of: its own name under `model.`, or for stacked
+    experts each expert's tensors in order (gate_up: expert 0's gate and up, expert 1's, ...; down: each
+    expert's down)."""
+    if key == "lm_head.weight":
+        return [key]
+    if not config.experts or not key.endswith(("mlp.gate_up", "mlp.down", "mlp.router.weight")):
+        return [f"model.{key}"]
+    where, (gate, up, down) = EXPERT_NAMES[config.family]
+    base = f"model.layers.{key.split('.')[1]}.{where}"
+    if key.endswith("router.weight"):
+        return [f"{base}.gate.weight"]
+    if key.endswith("gate_up"):
+        return [f"{base}.experts.{j}.{part}.weight" for j in range(config.experts) for part in (gate, up)]
+    return [f"{base}.experts.{j}.{down}.weight" for j in range(config.experts)]
+
+
+def join_experts(key: str, parts: list[Any]) -> Any:
+    """One onebox parameter from the tensors `hf_names` lists: itself, or the experts stacked."""
+    import torch
+
+    if len(parts) == 1 and not key.endswith(("mlp.gate_up", "mlp.down")):
+        return parts[0]
+    if key.endswith("gate_up"):
+        return torch.stack([torch.cat(parts[i : i + 2]) for i in range(0, len(parts), 2)])
+    return torch.stack(parts)
+
+
+def split_experts(key: str, tensor: Any, config: ModelConfig) -> dict[str, Any]:
+    """A onebox parameter as the Hugging Face tensors of its family's files (the inverse of join_experts)."""
+    names = hf_names(key, config)
+    if len(names) == 1 and not key.endswith(("mlp.gate_up", "mlp.down")):
+        return {names[0]: tensor}
+    if key.endswith("gate_up"):
+        pieces = [half for expert in tensor for half in expert.chunk(2)]
+    else:
+        pieces = list(tensor)
+    return dict(zip(names, pieces, strict=True))
 
 
 def _rope_fields(config: ModelConfig) -> dict[str, Any]:
@@ -155,22 +232,23 @@ def _check_exportable(config: ModelConfig) -> None:
             "cannot express: an exported model would give different outputs. Train without --logit-softcap to export."
         )
     rules = {  # what each family's transformers class can hold, as (it can, what the config asks)
-        "qk_norm": (family == "qwen3", config.qk_norm),
+        "qk_norm": (family in QK_NORM, config.qk_norm),
         "mlp_bias": (family == "llama", config.mlp_bias),
-        "o_bias": (family in ("llama", "qwen3"), config.o_bias),
-        "qkv_bias": (family != "mistral", config.qkv_bias),
+        "o_bias": (family in ATTENTION_BIAS, config.o_bias),
+        "qkv_bias": (family not in ("mistral", "mixtral"), config.qkv_bias),
         "sliding_window": (family != "llama", config.sliding_window > 0),
+        "norm_topk_prob false": (family != "mixtral", config.experts > 0 and not config.norm_topk_prob),
     }
     for field, (holds, asked) in rules.items():
         if asked and not holds:
             raise OneboxError(
                 f"the model sets {field}, which a {family} model cannot hold: export it as another family."
             )
-    if family == "qwen3" and not config.qk_norm:
-        raise OneboxError("a qwen3 model has q/k norms, and this one has none (qk_norm false): export it as llama.")
+    if family in QK_NORM and not config.qk_norm:
+        raise OneboxError(f"a {family} model has q/k norms, and this one has none (qk_norm false): export it as llama.")
     if family == "qwen2" and not config.qkv_bias:
         raise OneboxError("a qwen2 model has q/k/v biases, and this one has none: export it as llama.")
-    if family in ("llama", "qwen3") and config.qkv_bias != config.o_bias:
+    if family in ATTENTION_BIAS and config.qkv_bias != config.o_bias:
         raise OneboxError(
             f"a {family} model has biases on q, k, v and o together (attention_bias) or on none; this one has qkv_bias "
             f"{config.qkv_bias} and o_bias {config.o_bias}: export it as qwen2 (q/k/v biases only)."
@@ -204,13 +282,29 @@ def hf_config(config: ModelConfig, dtype: str, eos: int | None) -> dict[str, Any
         "use_cache": True,
         "onebox_version": __version__,
     }
-    if family in ("llama", "qwen3"):
+    if family in ATTENTION_BIAS:
         out["attention_bias"] = config.qkv_bias
     if family == "llama":
         out["mlp_bias"] = config.mlp_bias
-    if family == "mistral":
+    if family in ("mistral", "mixtral"):
         out["sliding_window"] = config.sliding_window or None
-    if family in ("qwen2", "qwen3"):
+    if family == "qwen3_moe":
+        out.update(
+            num_experts=config.experts,
+            num_experts_per_tok=config.experts_per_token,
+            moe_intermediate_size=config.expert_hidden,
+            norm_topk_prob=config.norm_topk_prob,
+            decoder_sparse_step=1,
+            mlp_only_layers=[],
+        )
+    if family == "mixtral":
+        out.update(
+            num_local_experts=config.experts,
+            num_experts_per_tok=config.experts_per_token,
+            intermediate_size=config.expert_hidden,
+            router_jitter_noise=0.0,
+        )
+    if family in QWEN:
         out.update(
             use_sliding_window=config.sliding_window > 0,
             sliding_window=config.sliding_window or None,

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from onebox.config import ModelConfig
 from onebox.errors import OneboxError
+from onebox.moe import MoE
 from onebox.rope import apply_rope as apply_rope
 from onebox.rope import model_rope_tables
 from onebox.rope import rope_tables as rope_tables
@@ -198,7 +199,7 @@ class Block(nn.Module):
         self.input_layernorm = RMSNorm(config.dim, config.norm_eps)
         self.self_attn = Attention(config)
         self.post_attention_layernorm = RMSNorm(config.dim, config.norm_eps)
-        self.mlp = FeedForward(config)
+        self.mlp = MoE(config) if config.experts else FeedForward(config)
 
     def forward(
         self,
@@ -252,7 +253,7 @@ class Transformer(nn.Module):
         if name.endswith(".bias"):
             param.zero_()
             return
-        if name.endswith(("o_proj.weight", "down_proj.weight")):
+        if name.endswith(("o_proj.weight", "down_proj.weight", "mlp.down")):
             std = std / math.sqrt(2 * self.config.layers)
         if param.dtype == torch.float32:
             param.normal_(0.0, std)
@@ -368,7 +369,7 @@ def fuse_projections(model: Transformer) -> Transformer:
         attn, mlp = layer.self_attn, layer.mlp
         if attn.qkv_weight is None:
             attn.qkv_weight, attn.qkv_bias = _fused([attn.q_proj, attn.k_proj, attn.v_proj])
-        if mlp.gate_up_weight is None:
+        if isinstance(mlp, FeedForward) and mlp.gate_up_weight is None:  # (experts are stored fused already)
             mlp.gate_up_weight, mlp.gate_up_bias = _fused([mlp.gate_proj, mlp.up_proj])
     return model
 

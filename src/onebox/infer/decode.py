@@ -229,7 +229,7 @@ def _decode_block(block: Block, chosen: list[str], pdl: int) -> Block:
     _share(new, block)
     gemv = "gemv" in chosen
     new.self_attn = DecodeAttention(block.self_attn, gemv, "attention" in chosen, "rope" in chosen, pdl)
-    if gemv:
+    if gemv and isinstance(block.mlp, FeedForward):  # experts decode through moe.MoE's gathered products
         new.mlp = DecodeFeedForward(block.mlp, pdl)
     return new
 

@@ -1,0 +1,81 @@
+"""A sparse mixture-of-experts FFN: a router picks the top-k of `experts` SwiGLU FFNs for each token and
+mixes their outputs by its (renormalised) probabilities, as Qwen3-MoE and Mixtral do.
+
+The experts are stored stacked, one tensor per kind: gate_up (E, 2 x expert_hidden, dim) and down
+(E, dim, expert_hidden), as transformers holds them in memory; export and import convert to and from the
+per-expert tensors of the Hugging Face files. Two ways to compute the same thing:
+- grouped (many tokens: training, prefill): the token-expert pairs sorted by expert, each expert's rows
+  multiplied at once, the results added back in place; the loop reads the per-expert counts, so it runs
+  eagerly;
+- gathered (few tokens: a decode step): each pair's expert weights gathered and multiplied batched, with
+  static shapes, so it compiles into the decode step's CUDA graph; it reads top-k experts per token,
+  which is what a decode step must read anyway.
+`forward` takes the gathered way when tokens x top-k is at most the number of experts.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from onebox.config import ModelConfig
+
+
+class MoE(nn.Module):
+    """The sparse FFN of one block: x (B, T, dim) -> (B, T, dim)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.top_k, self.normalise = config.experts_per_token, config.norm_topk_prob
+        experts, hidden, dim = config.experts, config.expert_hidden, config.dim
+        self.router = nn.Linear(dim, experts, bias=False)
+        self.gate_up = nn.Parameter(torch.empty(experts, 2 * hidden, dim))
+        self.down = nn.Parameter(torch.empty(experts, dim, hidden))
+
+    def route(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Each token's top-k experts (N, k) and their weights (N, k), from x (N, dim): softmax in fp32, then
+        top-k, renormalised where the model does so, in x's dtype."""
+        probs = F.softmax(self.router(x).float(), dim=-1)
+        weights, chosen = torch.topk(probs, self.top_k, dim=-1)
+        if self.normalise:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return chosen, weights.to(x.dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        chosen, weights = self.route(flat)
+        if chosen.numel() <= self.gate_up.shape[0]:
+            out = self.gathered(flat, chosen, weights)
+        else:
+            out = self.grouped(flat, chosen, weights)
+        return out.reshape(shape)
+
+    def grouped(self, x: Tensor, chosen: Tensor, weights: Tensor) -> Tensor:
+        """Tokens sorted by expert; each expert's rows in one product (the reference computation)."""
+        flat = chosen.reshape(-1)
+        order = flat.argsort(stable=True)
+        rows = order // self.top_k  # the token of each sorted pair
+        counts = torch.bincount(flat, minlength=self.gate_up.shape[0]).tolist()
+        out = torch.zeros_like(x)
+        start = 0
+        for expert, count in enumerate(counts):
+            if not count:
+                continue
+            pairs = order[start : start + count]
+            tokens = rows[start : start + count]
+            gate, up = F.linear(x[tokens], self.gate_up[expert]).chunk(2, dim=-1)
+            y = F.linear(F.silu(gate) * up, self.down[expert])
+            out.index_add_(0, tokens, y * weights.reshape(-1)[pairs, None])
+            start += count
+        return out
+
+    def gathered(self, x: Tensor, chosen: Tensor, weights: Tensor) -> Tensor:
+        """Each token-expert pair's weights gathered, the products batched (static shapes: compiles)."""
+        n, k = chosen.shape
+        flat = chosen.reshape(-1)
+        rows = x.repeat_interleave(k, dim=0)[:, :, None]  # (N k, dim, 1)
+        gate, up = torch.bmm(self.gate_up[flat], rows).squeeze(-1).chunk(2, dim=-1)
+        y = torch.bmm(self.down[flat], (F.silu(gate) * up)[:, :, None]).squeeze(-1)  # (N k, dim)
+        return (y.view(n, k, -1) * weights[:, :, None]).sum(dim=1)
