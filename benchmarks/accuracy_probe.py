@@ -22,12 +22,13 @@ import time
 
 import torch
 
-from onebox.config import ModelConfig, TrainConfig, preset
+from onebox.config import ModelConfig, TrainConfig
 from onebox.data import BatchLoader, default_data_dir, find_shards, prepare_default_corpus
 from onebox.lowmem import LowMemAdamW
 from onebox.model import cross_entropy_loss
 from onebox.optim import build_optimizer, lr_factor
 from onebox.plan import Strategy
+from onebox.presets import preset
 from onebox.training.recipe import build
 
 

@@ -20,9 +20,9 @@ from pathlib import Path
 import torch
 
 from onebox.bench.decode import memory_bandwidth, time_decode, weight_bytes
-from onebox.config import PRESETS
 from onebox.infer.engine import Engine, Request
 from onebox.model import build_model
+from onebox.presets import PRESETS
 
 
 def probe(preset: str, batch: int, variant: str, out: Path) -> str:

@@ -23,8 +23,8 @@ import triton
 import triton.language as tl
 from triton.testing import do_bench_cudagraph
 
-from onebox.config import PRESETS
 from onebox.infer.kernels import matvec as gemv_kernel
+from onebox.presets import PRESETS
 
 COPIES = 24
 

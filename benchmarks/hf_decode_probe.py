@@ -30,10 +30,10 @@ from pathlib import Path
 import torch
 
 from onebox.bench.decode import HF_CACHES, _prompts, hf_baseline, hf_generate_speed, time_decode
-from onebox.config import PRESETS
 from onebox.export import export_hf, hf_config, hf_state_dict
 from onebox.infer.engine import Engine
 from onebox.model import build_model
+from onebox.presets import PRESETS
 
 ALL_FLAGS = ("load", "p0", "min", "pad", "imode", "short")
 

@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from onebox.config import preset
 from onebox.families import hf_config
 from onebox.model import build_model
+from onebox.presets import preset
 
 SHARD_BYTES = 2 * 10**9
 

@@ -31,9 +31,10 @@ from pathlib import Path
 import torch
 
 from onebox.bench.training import BenchSettings, build_onebox, contender_step, measure_training, synthetic_batch
-from onebox.config import PRESETS, ModelConfig
+from onebox.config import ModelConfig
 from onebox.device import pick_device, synchronize
 from onebox.distributed import init_distributed, shutdown
+from onebox.presets import PRESETS
 from onebox.training.recipe import Recipe
 
 

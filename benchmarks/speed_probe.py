@@ -29,11 +29,12 @@ from onebox.adamw import TritonAdamW, triton_ready
 from onebox.bench.decode import memory_bandwidth
 from onebox.bench.timing import PhaseClock, median
 from onebox.bench.training import BenchSettings, build_hf, contender_step, measure_training, synthetic_batch
-from onebox.config import PRESETS, ModelConfig, TrainConfig
+from onebox.config import ModelConfig, TrainConfig
 from onebox.device import peak_flops
 from onebox.model import Transformer
 from onebox.optim import OptimizerSet, param_groups
 from onebox.plan import strategy
+from onebox.presets import PRESETS
 from onebox.training.recipe import Recipe
 from onebox.training.recipe import build as build_run
 

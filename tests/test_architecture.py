@@ -10,7 +10,7 @@ SOURCE = Path(__file__).resolve().parents[1] / "src" / "onebox"
 # Lowest first; a module may import its own layer or lower ones (docs/architecture.md).
 LAYERS = [
     {"errors", "files", "display"},
-    {"config", "device", "host", "tokenizer", "chat"},
+    {"config", "presets", "device", "host", "tokenizer", "chat"},
     {"distributed", "launch", "model", "rope", "moe"},
     {"data", "checkpoint", "export", "families", "memory", "optim", "adamw", "lowmem", "transforms"},
     {"plan", "runs"},

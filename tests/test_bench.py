@@ -22,8 +22,9 @@ from onebox.bench.store import ResultStore
 from onebox.bench.training import BenchSettings, measure_training
 from onebox.bench.validate import run_sweep, run_validate, summarize_sweep
 from onebox.cli import main
-from onebox.config import ModelConfig, apply_overrides, preset
+from onebox.config import ModelConfig, apply_overrides
 from onebox.errors import OneboxError
+from onebox.presets import preset
 
 CPU = torch.device("cpu")
 SAY = lambda message: None  # noqa: E731

@@ -64,7 +64,7 @@ def test_prepare_train_export_generate(tmp_path, capsys):
 
 
 def test_toml_config_and_flag_precedence(tmp_path, corpus_dir):
-    from onebox.config import resolve_configs
+    from onebox.presets import resolve_configs
 
     (tmp_path / "job.toml").write_text('preset = "48m"\n[model]\nlayers = 2\n[train]\nlr = 0.01\nbatch_size = 3\n')
     model, train = resolve_configs(None, str(tmp_path / "job.toml"), {"layers": "3"}, {"batch_size": "5"})

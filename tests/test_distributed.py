@@ -345,8 +345,8 @@ def test_bench_validate_measures_the_scaling_over_processes(tmp_path):
 
 
 def test_sharded_predictions_divide_the_state_but_not_the_activations():
-    from onebox.config import preset
     from onebox.plan import predict, strategy
+    from onebox.presets import preset
 
     config = preset("10b")
     one, two = (predict(config, 1, strategy("checkpointed"), shards=n) for n in (1, 2))
@@ -367,8 +367,8 @@ def test_sharded_predictions_divide_the_state_but_not_the_activations():
 
 
 def test_fsdp2_keeps_gathered_weights_only_where_they_fit():
-    from onebox.config import preset
     from onebox.plan import GPU_HEADROOM, MachineMemory, predict, reshard_after_forward, strategy
+    from onebox.presets import preset
 
     standard, h100 = strategy("standard"), MachineMemory(80 * 10**9, 500 * 10**9, "80 GB")
     assert not reshard_after_forward(preset("3b-A"), 8, standard, h100, 2)  # ~34 GB sharded + 6 GB gathered: kept
@@ -454,8 +454,8 @@ def test_a_rung_that_runs_out_of_memory_on_any_process_ends_the_sharded_climb(mo
 
 
 def test_sharded_ceiling_counts_every_process_pinned_moments_against_the_one_host():
-    from onebox.config import preset
     from onebox.plan import MachineMemory, fits, plan, predict, strategy
+    from onebox.presets import preset
 
     def fitting(machine: MachineMemory) -> list[str]:
         return [p.strategy.name for p in plan(config, 1, machine, True, shards=2)[1] if fits(p, machine, 2)]

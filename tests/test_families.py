@@ -7,6 +7,7 @@ family, and transformers loads the export with logits equal to onebox's. Bad fol
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -176,8 +177,8 @@ def test_the_real_presets_have_their_models_shapes_and_export_as_their_family(na
     """Parameter counts as published (Llama 3.2 1B: 1.24B, Llama 3.1 8B: 8.03B, Qwen3 0.6B: 0.60B, Qwen3 8B:
     8.19B, Qwen2.5 7B: 7.62B, Mistral 7B: 7.25B), counted exactly, and the family's config.json reads back
     to the same config, which transformers builds with the same parameter count."""
-    from onebox.config import preset
     from onebox.families import config_from_hf, hf_config
+    from onebox.presets import preset
 
     published = {"llama3.2-1b": 1.24, "llama3.1-8b": 8.03, "qwen3-0.6b": 0.60, "qwen3-8b": 8.19}
     published.update({"qwen2.5-7b": 7.62, "mistral-7b": 7.25, "qwen3-30b-a3b": 30.53, "mixtral-8x7b": 46.70})
@@ -204,8 +205,8 @@ def test_the_real_presets_have_their_models_shapes_and_export_as_their_family(na
 
 
 def test_the_decode_model_says_when_a_kernel_cannot_take_the_models_head_size():
-    from onebox.config import preset
     from onebox.infer.decode import kernel_notes
+    from onebox.presets import preset
 
     assert kernel_notes(preset("qwen3-8b"), ["gemv", "attention", "rope"]) == []  # head size 128
     mistral_test = _reference("mistral").config  # head_dim 24
@@ -235,3 +236,44 @@ def test_the_engine_decodes_a_mixture_of_experts_as_generate_does(family):
     while engine.pending or any(engine.slots):
         engine.step()
     assert [list(r.tokens(timeout=1)) for r in requests] == expected
+
+
+def test_the_router_losses_are_transformers_load_balancing_loss_and_st_moes_z_loss(tmp_path):
+    """In training, the loss onebox differentiates adds router_aux_loss_coef x transformers' load-balancing
+    loss (computed by transformers itself on the same weights and tokens) and router_z_loss_coef x the mean
+    squared logsumexp of the router logits (ST-MoE); the aux weight is imported only where the config asks
+    for router logits, as transformers uses it."""
+    from onebox.families import config_from_hf
+    from onebox.transforms import training_loss
+
+    reference = _reference("qwen3_moe", seed=4)
+    reference.save_pretrained(tmp_path / "moe")
+    config, state, _ = load_hf(tmp_path / "moe")
+    hf = reference.config.to_dict()
+    assert (
+        config_from_hf({**hf, "output_router_logits": True, "router_aux_loss_coef": 0.05}).router_aux_loss_coef == 0.05
+    )
+    assert (
+        config.router_aux_loss_coef == 0.0
+    )  # output_router_logits is off in this config: no aux loss, as in transformers
+    x, y = torch.randint(0, 512, (2, 24)), torch.randint(0, 512, (2, 24))
+
+    def extra(**coefs):
+        model = build_model(dataclasses.replace(config, **coefs), "cpu", state=state).train()
+        logits = []
+        for block in model.layers:
+            block.mlp.router.register_forward_hook(lambda module, args, out: logits.append(out.detach()))
+        loss = training_loss(model, None)(x, y)
+        with torch.no_grad():
+            plain = torch.nn.functional.cross_entropy(model(x).reshape(-1, 512), y.reshape(-1))
+        loss.backward()
+        assert model.layers[0].mlp.router.weight.grad.abs().sum() > 0
+        return (loss - plain).item(), torch.cat(logits[: len(model.layers)])
+
+    aux, _ = extra(router_aux_loss_coef=0.05)
+    with torch.no_grad():
+        out = reference.train()(x, output_router_logits=True)
+    assert abs(aux - 0.05 * out.aux_loss.item()) < 1e-6 and out.aux_loss.item() > 0
+    z, logits = extra(router_z_loss_coef=0.01)
+    assert abs(z - 0.01 * torch.logsumexp(logits.float(), dim=-1).square().mean().item()) < 1e-6
+    assert extra()[0] == 0.0

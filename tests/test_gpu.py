@@ -349,8 +349,8 @@ def test_bench_ceiling_with_a_memory_cap_on_device_auto(tmp_path, capsys):
 
 def test_the_transformers_decode_baseline_runs_both_caches_on_cuda():
     from onebox.bench.decode import HF_CACHES, hf_baseline, hf_generate_speed
-    from onebox.config import preset
     from onebox.model import build_model
+    from onebox.presets import preset
 
     model = build_model(preset("tiny"), torch.device("cuda"), torch.bfloat16).eval()
     baseline = hf_baseline(model)

@@ -11,12 +11,13 @@ import torch
 from conftest import micro_model, micro_train
 
 from onebox.cli import main
-from onebox.config import TrainConfig, preset
+from onebox.config import TrainConfig
 from onebox.errors import OneboxError
 from onebox.lowmem import Int8State, LowMemAdamW, _load, stochastic_round_bf16
 from onebox.model import Transformer, build_model, cross_entropy_loss
 from onebox.optim import build_optimizer
 from onebox.plan import STRATEGIES, MachineMemory, fits, plan, predict, strategy
+from onebox.presets import preset
 from onebox.training import resume_configs, train
 from onebox.training.recipe import build, choose_strategy
 

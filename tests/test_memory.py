@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from onebox.config import preset
 from onebox.memory import estimate_training_memory
+from onebox.presets import preset
 
 RESULTS = Path(__file__).resolve().parents[1] / "results" / "h100"
 

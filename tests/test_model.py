@@ -9,9 +9,10 @@ import torch
 import torch.nn.functional as F
 from conftest import micro_model
 
-from onebox.config import PRESETS, REAL_PRESETS, ModelConfig, preset
+from onebox.config import ModelConfig
 from onebox.errors import OneboxError
 from onebox.model import Transformer, apply_rope, build_model, rope_tables
+from onebox.presets import PRESETS, REAL_PRESETS, preset
 
 
 def test_future_tokens_never_change_earlier_logits():

@@ -494,8 +494,8 @@ def test_programmatic_dependent_launch_routes_and_compile_options(model):
 
 def test_the_transformers_baseline_is_warmed_up_at_the_length_it_is_timed_at():
     from onebox.bench.decode import HF_CACHES, hf_baseline, hf_generate_speed
-    from onebox.config import preset
     from onebox.model import build_model
+    from onebox.presets import preset
 
     model = build_model(preset("tiny"), "cpu").eval()
     baseline = hf_baseline(model)

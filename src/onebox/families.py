@@ -156,6 +156,7 @@ def _experts(hf: dict[str, Any], family: str) -> dict[str, Any]:
             "experts_per_token": int(hf.get("num_experts_per_tok", 0)),
             "expert_hidden": int(hf.get("moe_intermediate_size", 0)),
             "norm_topk_prob": bool(hf.get("norm_topk_prob", False)),
+            **_router_losses(hf),
         }
     if family == "mixtral":
         if hf.get("router_jitter_noise"):
@@ -165,8 +166,15 @@ def _experts(hf: dict[str, Any], family: str) -> dict[str, Any]:
             "experts_per_token": int(hf.get("num_experts_per_tok", 0)),
             "expert_hidden": int(hf["intermediate_size"]),
             "norm_topk_prob": True,
+            **_router_losses(hf),
         }
     return {}
+
+
+def _router_losses(hf: dict[str, Any]) -> dict[str, Any]:
+    """The load-balancing weight, used as transformers uses it: where the config asks for router logits."""
+    coef = float(hf.get("router_aux_loss_coef") or 0.0)
+    return {"router_aux_loss_coef": coef if hf.get("output_router_logits") else 0.0}
 
 
 def hf_names(key: str, config: ModelConfig) -> list[str]:
@@ -296,6 +304,8 @@ def hf_config(config: ModelConfig, dtype: str, eos: int | None) -> dict[str, Any
             norm_topk_prob=config.norm_topk_prob,
             decoder_sparse_step=1,
             mlp_only_layers=[],
+            output_router_logits=config.router_aux_loss_coef > 0,
+            router_aux_loss_coef=config.router_aux_loss_coef,
         )
     if family == "mixtral":
         out.update(
@@ -303,6 +313,8 @@ def hf_config(config: ModelConfig, dtype: str, eos: int | None) -> dict[str, Any
             num_experts_per_tok=config.experts_per_token,
             intermediate_size=config.expert_hidden,
             router_jitter_noise=0.0,
+            output_router_logits=config.router_aux_loss_coef > 0,
+            router_aux_loss_coef=config.router_aux_loss_coef,
         )
     if family in QWEN:
         out.update(

@@ -11,6 +11,10 @@ per-expert tensors of the Hugging Face files. Two ways to compute the same thing
   static shapes, so it compiles into the decode step's CUDA graph; it reads top-k experts per token,
   which is what a decode step must read anyway.
 `forward` takes the gathered way when tokens x top-k is at most the number of experts.
+
+In training each forward keeps what the routers' balance losses need (`balance_loss`): the
+load-balancing loss as transformers computes it for these families (over all layers' tokens: experts x
+the sum over experts of the share of assignments times the mean probability) and ST-MoE's router z-loss.
 """
 
 from __future__ import annotations
@@ -32,12 +36,19 @@ class MoE(nn.Module):
         self.router = nn.Linear(dim, experts, bias=False)
         self.gate_up = nn.Parameter(torch.empty(experts, 2 * hidden, dim))
         self.down = nn.Parameter(torch.empty(experts, dim, hidden))
+        self.stats: tuple[Tensor, Tensor, Tensor, int] | None = None  # training: see route
 
     def route(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Each token's top-k experts (N, k) and their weights (N, k), from x (N, dim): softmax in fp32, then
         top-k, renormalised where the model does so, in x's dtype."""
-        probs = F.softmax(self.router(x).float(), dim=-1)
+        logits = self.router(x).float()
+        probs = F.softmax(logits, dim=-1)
         weights, chosen = torch.topk(probs, self.top_k, dim=-1)
+        if self.training:  # what the balance losses need: assignments and probability per expert, squared logsumexp
+            assigned = torch.zeros_like(probs[0]).scatter_add_(
+                0, chosen.reshape(-1), torch.ones_like(weights).reshape(-1)
+            )
+            self.stats = (assigned, probs.sum(dim=0), torch.logsumexp(logits, dim=-1).square().sum(), x.shape[0])
         if self.normalise:
             weights = weights / weights.sum(dim=-1, keepdim=True)
         return chosen, weights.to(x.dtype)
@@ -79,3 +90,18 @@ class MoE(nn.Module):
         gate, up = torch.bmm(self.gate_up[flat], rows).squeeze(-1).chunk(2, dim=-1)
         y = torch.bmm(self.down[flat], (F.silu(gate) * up)[:, :, None]).squeeze(-1)  # (N k, dim)
         return (y.view(n, k, -1) * weights[:, :, None]).sum(dim=1)
+
+
+def balance_loss(layers: list[MoE], config: ModelConfig) -> Tensor | None:
+    """The weighted router losses of the last training forward through `layers` (None when both weights are 0)."""
+    if not (config.router_aux_loss_coef or config.router_z_loss_coef):
+        return None
+    stats = [layer.stats for layer in layers if layer.stats is not None]
+    if not stats:
+        return None
+    rows = sum(s[3] for s in stats)
+    assigned = torch.stack([s[0] for s in stats]).sum(dim=0) / rows
+    probability = torch.stack([s[1] for s in stats]).sum(dim=0) / rows
+    aux = config.experts * (assigned * probability).sum()
+    z = torch.stack([s[2] for s in stats]).sum() / rows
+    return config.router_aux_loss_coef * aux + config.router_z_loss_coef * z

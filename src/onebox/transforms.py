@@ -13,6 +13,7 @@ from torch.utils.checkpoint import checkpoint
 from onebox.device import quiet_optional_imports
 from onebox.errors import OneboxError
 from onebox.model import Transformer, cross_entropy_loss
+from onebox.moe import balance_loss
 
 COMPILE_SCOPES = ("block", "model")
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -97,7 +98,13 @@ def training_loss(model: Transformer, scope: str | None) -> LossFn:
     """
 
     def loss(x: Tensor, y: Tensor) -> Tensor:
-        return cross_entropy_loss(model(x), y)
+        return with_router_losses(cross_entropy_loss(model(x), y))
+
+    def with_router_losses(
+        value: Tensor,
+    ) -> Tensor:  # a mixture of experts' balance losses, where its config weighs them
+        extra = balance_loss([b.mlp for b in model.layers], model.config) if model.config.experts else None
+        return value if extra is None else value + extra
 
     if scope is None:
         return loss
@@ -105,4 +112,4 @@ def training_loss(model: Transformer, scope: str | None) -> LossFn:
         return torch.compile(loss)
     apply_compile(model)
     head = torch.compile(lambda hidden, y: cross_entropy_loss(model.logits(hidden), y))
-    return lambda x, y: head(model.hidden_states(x), y)
+    return lambda x, y: with_router_losses(head(model.hidden_states(x), y))

@@ -30,7 +30,7 @@ import torch
 
 from onebox.bench.schema import config_record, new_document
 from onebox.bench.training import synthetic_batch
-from onebox.config import LADDER, SHARDED_LADDER, TrainConfig, config_dict, preset
+from onebox.config import TrainConfig, config_dict
 from onebox.device import (
     autocast_dtype,
     cap_gpu_memory,
@@ -42,6 +42,7 @@ from onebox.device import (
 )
 from onebox.errors import OneboxError
 from onebox.plan import STRATEGIES, MachineMemory, Strategy, fits, machine_memory, plan, predict
+from onebox.presets import LADDER, SHARDED_LADDER, preset
 from onebox.training.recipe import Recipe, build, choose_strategy
 from onebox.transforms import compile_scope
 

@@ -10,7 +10,6 @@ import torch
 
 from onebox.bench.schema import config_record, new_document
 from onebox.bench.timing import PhaseClock, median
-from onebox.config import FORWARD_LADDER, preset
 from onebox.device import (
     format_bytes,
     memory_kind,
@@ -19,6 +18,7 @@ from onebox.device import (
 )
 from onebox.infer.stream import build_streamed
 from onebox.model import Transformer, build_model
+from onebox.presets import FORWARD_LADDER, preset
 
 Say = Callable[[str], None]
 

@@ -13,9 +13,10 @@ import torch
 
 from onebox.bench.schema import config_record, new_document
 from onebox.bench.training import BASELINES, BenchSettings, measure_training
-from onebox.config import SWEEP_SCALES, ModelConfig, config_dict, preset, sweep_presets
+from onebox.config import ModelConfig, config_dict
 from onebox.device import format_bytes
 from onebox.errors import OneboxError
+from onebox.presets import SWEEP_SCALES, preset, sweep_presets
 
 # Micro-batch per sweep scale: the batches of the transformers anchors (1.5b in between).
 SWEEP_BATCH = {"600m": 32, "1b": 16, "1.5b": 12, "3b": 8, "5b": 4}

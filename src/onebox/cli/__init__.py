@@ -25,8 +25,8 @@ from onebox.cli.common import (
 )
 from onebox.cli.plan import add_plan_parser
 from onebox.cli.results import add_results_parsers
-from onebox.config import PRESETS
 from onebox.errors import OneboxError
+from onebox.presets import PRESETS
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
@@ -51,7 +51,8 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from onebox.config import config_dict, resolve_configs
+    from onebox.config import config_dict
+    from onebox.presets import resolve_configs
     from onebox.training import resume_configs, train
 
     if args.gpus is not None:

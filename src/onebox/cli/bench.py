@@ -45,8 +45,9 @@ def _bench_settings(args: argparse.Namespace, batch: int):
 
 def cmd_bench_validate(args: argparse.Namespace) -> int:
     from onebox.bench.validate import run_validate
-    from onebox.config import apply_overrides, preset
+    from onebox.config import apply_overrides
     from onebox.device import pick_device
+    from onebox.presets import preset
 
     config = apply_overrides(preset(args.preset), overrides(args, "model")).validate()
     settings = _bench_settings(args, args.batch)
@@ -112,10 +113,10 @@ def _inference_model(args: argparse.Namespace, what: str) -> Any:
     """The model a decode or serve benchmark runs: a preset's random weights or a saved model, bf16 on CUDA."""
     import torch
 
-    from onebox.config import preset
     from onebox.device import pick_device
     from onebox.infer.generate import load_model
     from onebox.model import build_model
+    from onebox.presets import preset
 
     if bool(args.preset) == bool(args.model):
         raise OneboxError(

@@ -12,8 +12,8 @@ from onebox.errors import OneboxError
 
 
 def _plan_ladder(machine: Any, batch: int, on_gpu: bool, gpus: int) -> int:
-    from onebox.config import LADDER, SHARDED_LADDER, preset
     from onebox.plan import plan
+    from onebox.presets import LADDER, SHARDED_LADDER, preset
 
     table = Table(title=f"training ceiling by the planner, batch {batch}, on {machine.label}{_per_process(gpus)}")
     for column in ("rung", "params", "strategy", "GPU GB" if on_gpu else "RAM GB", "host GB"):
@@ -46,7 +46,7 @@ def _per_process(gpus: int) -> str:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from onebox.config import apply_overrides, preset
+    from onebox.config import apply_overrides
     from onebox.device import pick_device
     from onebox.plan import (
         GPU_HEADROOM,
@@ -56,6 +56,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         machine_memory,
         plan,
     )
+    from onebox.presets import preset
 
     if args.gpus < 1:
         raise OneboxError(f"--gpus {args.gpus}: plan for 1 or more processes (one per GPU).")
