@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 
 import pytest
 import torch
@@ -277,3 +278,20 @@ def test_the_router_losses_are_transformers_load_balancing_loss_and_st_moes_z_lo
     z, logits = extra(router_z_loss_coef=0.01)
     assert abs(z - 0.01 * torch.logsumexp(logits.float(), dim=-1).square().mean().item()) < 1e-6
     assert extra()[0] == 0.0
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [dict(optimizer="muon"), dict(memory="bf16-checkpointed"), dict(memory="checkpointed")],
+    ids=["muon", "bf16-checkpointed", "checkpointed"],
+)
+def test_a_mixture_of_experts_trains_with_the_optimizers_and_memory_strategies(tmp_path, corpus_dir, changes):
+    """Stacked experts step with AdamW beside Muon's matrices, in bf16 with stochastic rounding, and with
+    activation checkpointing (the router losses recomputed in backward); the loss falls."""
+    moe = micro_model(family="qwen3_moe", qk_norm=True, experts=4, experts_per_token=2, expert_hidden=32)
+    moe = dataclasses.replace(moe, router_aux_loss_coef=0.01, router_z_loss_coef=0.001)
+    run = micro_train(tmp_path / "run", corpus_dir, max_steps=6, eval_every=0, lr=3e-3, warmup_steps=0, **changes)
+    result = train(moe, run, show_progress=False)
+    entries = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    losses = [e["loss"] for e in entries if "loss" in e]
+    assert result.step == 6 and all(map(math.isfinite, losses)) and losses[-1] < losses[0]

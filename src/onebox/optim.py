@@ -100,12 +100,17 @@ def param_groups(model: nn.Module, config: TrainConfig) -> list[dict[str, Any]]:
 
 
 def build_optimizer(model: nn.Module, config: TrainConfig) -> OptimizerSet:
-    """AdamW (decay on hidden matrices only) or Muon on hidden matrices with AdamW on the rest (adamw.make_adamw: Triton on CUDA)."""
+    """AdamW (decay on hidden matrices only) or Muon on hidden matrices with AdamW on the rest, stacked experts
+    included (adamw.make_adamw: Triton on CUDA)."""
     hidden, _, _ = _split_parameters(model)
     adamw_kwargs = {"betas": (config.beta1, config.beta2), "eps": config.eps}
     if config.optimizer == "adamw":
         return OptimizerSet([make_adamw(param_groups(model, config), **adamw_kwargs)])
+    stacked = [p for p in hidden if p.ndim > 2]  # experts stacked (E, out, in): torch's Muon takes matrices only
+    hidden = [p for p in hidden if p.ndim == 2]
     rest = [g for g in param_groups(model, config) if g["kind"] != "matrix"]
+    if stacked:
+        rest.append(_group(stacked, config.lr, config.weight_decay, "experts"))
     muon_class = getattr(torch.optim, "Muon", None)
     if muon_class is None:
         raise OneboxError(
