@@ -1,0 +1,98 @@
+"""Experts beyond device memory: a cache smaller than the experts, fed from host memory or from the model's
+files, gives the resident model's tokens; LRU eviction and hit counting; prefetching never changes a result."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from onebox.export import model_from_hf
+from onebox.infer.experts import ExpertCache, offload_experts
+from onebox.infer.generate import generate
+
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def moe_folder(tmp_path_factory):
+    torch.manual_seed(0)
+    config = transformers.Qwen3MoeConfig(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        num_experts=8,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        norm_topk_prob=True,
+        max_position_embeddings=128,
+    )
+    model = transformers.Qwen3MoeForCausalLM(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.2)
+    folder = tmp_path_factory.mktemp("moe")
+    model.save_pretrained(folder, max_shard_size="60KB")
+    return folder
+
+
+PROMPTS = [[5, 6, 7, 8], [100, 3], [42]]
+
+
+def _tokens(model):
+    return [generate(model, p, 12, temperature=0).samples[0] for p in PROMPTS]
+
+
+@pytest.mark.parametrize("tier", ["host", "disk"])
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_offloaded_experts_give_the_resident_models_tokens(moe_folder, tier, prefetch):
+    resident, _ = model_from_hf(moe_folder)
+    expected = _tokens(resident)
+    model, _ = model_from_hf(moe_folder)
+    # 12 of the 24 experts: a token step needs 6 (3 layers x top-2), so recent ones can be hit again
+    cache = offload_experts(model, slots=12, folder=moe_folder if tier == "disk" else None, prefetch=prefetch)
+    assert not any(hasattr(block.mlp, "gate_up") for block in model.layers)  # the experts left the model
+    assert _tokens(model) == expected
+    assert cache.misses > 0 and cache.hits + cache.misses > cache.misses and cache.bytes_in > 0
+    assert 0 < cache.hit_rate < 1 and (cache.prefetched > 0) == prefetch
+
+
+def test_a_cache_holding_every_expert_misses_each_once(moe_folder):
+    model, _ = model_from_hf(moe_folder)
+    cache = offload_experts(model, slots=24)  # 3 layers x 8 experts
+    _tokens(model)
+    assert cache.misses <= 24 and cache.hits > 0 and len(cache.where) == cache.misses
+
+
+def test_the_cache_evicts_the_least_recently_used_expert_and_counts_hits():
+    loads = []
+
+    def source(layer, expert):
+        loads.append((layer, expert))
+        return torch.full((4, 2), float(expert)), torch.full((2, 2), float(expert))
+
+    cache = ExpertCache(2, torch.Size([4, 2]), torch.Size([2, 2]), torch.float32, torch.device("cpu"), source)
+    assert cache.hit_rate is None
+    cache.slots_for(0, [1])
+    cache.slots_for(0, [2])
+    cache.slots_for(0, [1])  # a hit: expert 1 becomes the most recent
+    slot = cache.slots_for(0, [3])[0]  # evicts expert 2, the least recently used
+    assert set(cache.where) == {(0, 1), (0, 3)} and cache.gate_up[slot].eq(3.0).all()
+    cache.slots_for(0, [1, 2])  # 1 a hit; 2 loaded again, evicting 3 and never 1, which this call needs
+    assert set(cache.where) == {(0, 1), (0, 2)} and (cache.hits, cache.misses) == (2, 4)
+    assert loads == [(0, 1), (0, 2), (0, 3), (0, 2)] and cache.bytes_in == 4 * (8 + 4) * 4
+    cache.prefetch(1, [5])
+    assert cache.prefetched == 1 and (cache.hits, cache.misses) == (2, 4)
+    with pytest.raises(ValueError):
+        ExpertCache(0, torch.Size([4, 2]), torch.Size([2, 2]), torch.float32, torch.device("cpu"), source)
+
+
+def test_a_cache_smaller_than_one_step_still_gives_the_same_tokens(moe_folder):
+    """Two slots for a prefill needing up to 8 experts per layer: they go through the cache in groups."""
+    resident, _ = model_from_hf(moe_folder)
+    model, _ = model_from_hf(moe_folder)
+    cache = offload_experts(model, slots=2)
+    assert _tokens(model) == _tokens(resident) and cache.hits == 0  # every layer evicts the last one's: LRU thrashes
