@@ -240,7 +240,7 @@ class TrainConfig:
 
     data: str = ""  # folder of token shards; empty = the embedded Shakespeare corpus
     out_dir: str = ""  # empty = runs/<model name>
-    init_from: str = ""  # a Hugging Face Llama folder to start from
+    init_from: str = ""  # a Hugging Face folder of a family onebox reads, a run or a checkpoint
     batch_size: int = 16  # sequences per micro-batch (per process)
     grad_accum: int = 1  # micro-batches per optimizer step
     max_steps: int = 1000
