@@ -114,3 +114,35 @@ def test_a_long_conversation_keeps_the_system_message_and_drops_the_oldest_turns
     assert len(messages) == 4  # system, one exchange, the question
     with pytest.raises(OneboxError, match="write a shorter one"):
         fit([{"role": "user", "content": "x" * 100}], encode, 50)
+
+
+def test_the_server_frames_a_hugging_face_models_chat_as_generate_does(chat_folder):
+    """POST /v1/chat/completions on an HF folder: the prompt is its template's, the reply stops at its eos ids,
+    and greedy output equals generate() on the same framing."""
+    import httpx
+    from conftest import running_app
+
+    from onebox.infer.engine import Engine
+    from onebox.infer.generate import generate, load_model
+    from onebox.serve import Server, create_app
+
+    folder, _ = chat_folder
+    model, tokenizer = load_model(folder)
+    framing = load_framing(folder, tokenizer)
+    messages = [{"role": "user", "content": "Who art thou?"}]
+    prompt = framing.encode_chat(messages)
+    want = generate(model, prompt, 8, temperature=0, stop_ids=framing.stops)
+    engine = Engine(model, max_batch=2, compile=False).start()
+    try:
+        server = Server(engine, tokenizer, "chat", framing=framing)
+        assert server.framing.stops == framing.stops
+        with running_app(create_app(server)) as url:
+            answer = httpx.post(
+                f"{url}/v1/chat/completions",
+                json={"model": "chat", "messages": messages, "max_tokens": 8, "temperature": 0},
+                timeout=30,
+            ).json()
+        assert answer["usage"]["prompt_tokens"] == len(prompt)
+        assert answer["choices"][0]["message"]["content"] == framing.decode(want.samples[0])
+    finally:
+        engine.stop()
