@@ -4,6 +4,7 @@ process with the same global batch, a run saved on 2 processes resumed on 1, and
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 
@@ -486,3 +487,18 @@ def test_plan_for_several_gpus_divides_the_model_and_shares_the_host(capsys):
     )  # 2 x 59 GB of 8-bit moments: no
     assert "predicted training ceiling: 50b" in capsys.readouterr().out
     assert main(["plan", "--preset", "tiny", "--gpus", "0"]) == 1
+
+
+@pytest.mark.parametrize("memory", ["standard", "bf16"])
+def test_a_mixture_of_experts_trains_sharded_and_resumes_in_one_process(tmp_path, corpus_dir, memory):
+    """FSDP2 over two processes shards the stacked experts like any parameter (the bf16 strategy updates
+    its shards in backward); the sharded checkpoint resumes in one process, and the loss keeps falling."""
+    moe = ["--family", "qwen3_moe", "--qk-norm", "true", "--experts", "4", "--experts-per-token", "2"]
+    moe += ["--expert-hidden", "32", "--router-aux-loss-coef", "0.01", "--memory", memory]
+    run = tmp_path / "moe"
+    assert _train(run, corpus_dir, *moe, "--batch-size", "2", "--gpus", "2") == 0
+    assert (run / "ckpt_0000008.dcp").is_dir()
+    assert main(["train", "--resume", str(run), "--max-steps", "10", "--device", "cpu", "--quiet"]) == 0
+    losses = _losses(run)
+    assert sorted(losses)[-1] == 10 and all(math.isfinite(v) for v in losses.values())
+    assert losses[10] < losses[1]
