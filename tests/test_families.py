@@ -295,3 +295,26 @@ def test_a_mixture_of_experts_trains_with_the_optimizers_and_memory_strategies(t
     entries = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     losses = [e["loss"] for e in entries if "loss" in e]
     assert result.step == 6 and all(map(math.isfinite, losses)) and losses[-1] < losses[0]
+
+
+def test_a_long_context_model_runs_at_the_context_asked_for_up_to_its_own(tmp_path):
+    """An imported model whose context is past 8192 runs at 8192 unless told; --context takes it up to its
+    max_position_embeddings (rope tables and KV caches follow), never past it; logits are unchanged."""
+    from onebox.infer.generate import load_model, set_context
+
+    torch.manual_seed(0)
+    hf = transformers.LlamaConfig(**{**SHAPE, "max_position_embeddings": 16384})
+    transformers.LlamaForCausalLM(hf).save_pretrained(tmp_path / "long")
+    model, _ = load_model(tmp_path / "long")
+    assert (model.config.seq_len, model.config.max_positions) == (8192, 16384)
+    idx = torch.randint(0, 512, (1, 20))
+    with torch.no_grad():
+        before = model(idx)
+        set_context(model, 12000)
+        assert model.config.seq_len == 12000 and model.rope_cos.shape[0] == 12000
+        assert model.new_kv_caches(1)[0].k.shape[2] == 12000
+        assert torch.equal(model(idx), before)
+    with pytest.raises(OneboxError, match="runs at 2 to 16384 tokens"):
+        set_context(model, 20000)
+    short, _ = load_model(tmp_path / "long", context=100)
+    assert short.config.seq_len == 100

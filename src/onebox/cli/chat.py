@@ -13,6 +13,11 @@ from onebox.errors import OneboxError
 HELP = "/reset starts a new conversation, /exit (or Ctrl-D) ends it"
 
 
+CONTEXT_HELP = (
+    "the tokens the model runs at, prompt and completion (default: its own, at most 8192 for an imported model)"
+)
+
+
 def add_sampling_flags(p: argparse.ArgumentParser, max_new_tokens: int = 200) -> None:
     p.add_argument(
         "--max-new-tokens",
@@ -36,6 +41,7 @@ def add_chat_parser(sub: Any) -> None:
     p.add_argument("model", help="checkpoint file, run folder or Hugging Face folder")
     p.add_argument("--system", help="a system message that opens every conversation")
     add_sampling_flags(p, max_new_tokens=512)
+    p.add_argument("--context", type=int, help=CONTEXT_HELP)
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.set_defaults(func=cmd_chat)
 
@@ -79,7 +85,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from onebox.infer.requests import check_sampling
 
     check_sampling(args.temperature, args.top_k, args.top_p, args.seed, args.max_new_tokens)
-    model, tokenizer = load_model(args.model, pick_device(args.device))
+    model, tokenizer = load_model(args.model, pick_device(args.device), context=args.context)
     framing = load_framing(args.model, tokenizer)
     if tokenizer is None:
         raise OneboxError(f"{args.model} has no tokenizer.json, so onebox cannot chat with it.")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -39,9 +40,10 @@ class Generation:
 
 
 def load_model(
-    path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+    path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, context: int | None = None
 ) -> tuple[Transformer, Tokenizer | None]:
-    """A model for inference, in `dtype` on `device`, from a Hugging Face folder, a checkpoint file or a run folder."""
+    """A model for inference, in `dtype` on `device`, from a Hugging Face folder, a checkpoint file or a run folder;
+    `context`: the tokens it runs at (prompt and completion; KV caches are sized by it), up to its own limit."""
     path = Path(path)
     if path.is_dir() and (path / "config.json").is_file() and any(path.glob("*.safetensors")):
         model, tokenizer_json = model_from_hf(path, device, dtype)
@@ -50,8 +52,25 @@ def load_model(
         config = model_config_from_dict(payload["model_config"])
         model = build_model(config, device, dtype, state=model_state(payload))
         tokenizer_json = payload.get("tokenizer_json")
+    if context is not None:
+        set_context(model, context)
     model.eval()
     return model, tokenizer_from_json(tokenizer_json) if tokenizer_json else None
+
+
+def set_context(model: Transformer, context: int) -> None:
+    """Run the model at `context` tokens: at most the context its weights were made for (max_positions, else the
+    one it was trained at) and, for a sliding-window model, its window."""
+    config = model.config
+    limit = min(config.max_positions or config.seq_len, config.sliding_window or 1 << 62)
+    if not 1 < context <= limit:
+        raise OneboxError(
+            f"--context {context}: this model runs at 2 to {limit} tokens (its max_positions"
+            f"{' and sliding window' if config.sliding_window else ''}); give a context in that range."
+        )
+    max_positions = config.max_positions or config.seq_len
+    model.config = dataclasses.replace(config, seq_len=context, max_positions=max_positions).validate()
+    model.reset_rope()
 
 
 @torch.no_grad()
