@@ -23,7 +23,7 @@ def model():
 
 @pytest.mark.parametrize("prompt_len", [1, 7, 30])
 def test_cached_greedy_equals_uncached_greedy(model, prompt_len):
-    prompt = torch.randint(0, 512, (prompt_len,)).tolist()
+    prompt = torch.randint(0, 512, (prompt_len,), generator=torch.Generator().manual_seed(prompt_len)).tolist()
     cached = generate(model, prompt, 40, temperature=0, use_cache=True)
     plain = generate(model, prompt, 40, temperature=0, use_cache=False)
     assert cached.samples == plain.samples and len(cached.samples[0]) == 40
