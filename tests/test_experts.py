@@ -96,3 +96,20 @@ def test_a_cache_smaller_than_one_step_still_gives_the_same_tokens(moe_folder):
     model, _ = model_from_hf(moe_folder)
     cache = offload_experts(model, slots=2)
     assert _tokens(model) == _tokens(resident) and cache.hits == 0  # every layer evicts the last one's: LRU thrashes
+
+
+def test_generate_with_expert_slots_gives_the_resident_tokens(moe_folder, capsys):
+    """`--expert-slots N`: the experts stay in host memory, N on the device at a time; the tokens are the same."""
+    from onebox.cli import main
+    from onebox.errors import OneboxError
+    from onebox.infer.generate import load_model
+
+    args = ["generate", str(moe_folder), "--prompt-ids", "5,6,7", "--temperature", "0", "--max-new-tokens", "8"]
+    assert main([*args, "--device", "cpu"]) == 0
+    resident = capsys.readouterr().out
+    assert main([*args, "--device", "cpu", "--expert-slots", "5"]) == 0
+    assert capsys.readouterr().out == resident
+    model, _ = load_model(moe_folder, "cpu", expert_slots=5)
+    assert model.expert_cache.slots == 5 and not any(hasattr(b.mlp, "gate_up") for b in model.layers)
+    with pytest.raises(OneboxError, match="at least one slot"):
+        load_model(moe_folder, "cpu", expert_slots=0)

@@ -12,7 +12,7 @@ from rich.table import Table
 
 from onebox import __version__
 from onebox.cli.bench import add_bench_parsers
-from onebox.cli.chat import CONTEXT_HELP, add_chat_parser, add_sampling_flags
+from onebox.cli.chat import CONTEXT_HELP, SLOTS_HELP, add_chat_parser, add_sampling_flags
 from onebox.cli.common import (
     DEVICE_HELP,
     add_config_fields,
@@ -127,7 +127,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     check_sampling(args.temperature, args.top_k, args.top_p, args.seed, args.max_new_tokens)
     if args.samples < 1:
         raise OneboxError(f"--samples must be at least 1, got {args.samples}.")
-    model, tokenizer = load_model(args.model, pick_device(args.device), context=args.context)
+    model, tokenizer = load_model(
+        args.model, pick_device(args.device), context=args.context, expert_slots=args.expert_slots
+    )
     framing = load_framing(args.model, tokenizer)
     if args.jsonl:
         return _generate_jsonl(args, model, tokenizer, framing)
@@ -202,6 +204,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         args.max_queue,
         int(args.max_body_mb * 2**20),
         args.context,
+        args.expert_slots,
     )
     return 0
 
@@ -288,6 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_sampling_flags(p)
     p.add_argument("--context", type=int, help=CONTEXT_HELP)
+    p.add_argument("--expert-slots", type=int, help=SLOTS_HELP)
     p.add_argument("--samples", type=int, default=1, help="continuations sharing one prefill (default 1)")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument(
@@ -308,6 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-name", help="the model id clients send (default: the folder's name)")
     p.add_argument("--max-batch", type=int, default=8, help="requests decoded together (default 8)")
     p.add_argument("--context", type=int, help=CONTEXT_HELP + "; the KV cache holds max-batch x context tokens")
+    p.add_argument("--expert-slots", type=int, help=SLOTS_HELP)
     p.add_argument("--max-n", type=int, default=8, help="largest n a request may ask for (default 8)")
     p.add_argument(
         "--max-queue",

@@ -16,6 +16,9 @@ HELP = "/reset starts a new conversation, /exit (or Ctrl-D) ends it"
 CONTEXT_HELP = (
     "the tokens the model runs at, prompt and completion (default: its own, at most 8192 for an imported model)"
 )
+SLOTS_HELP = (
+    "a mixture of experts: keep its experts in host memory and this many on the device at a time (an LRU cache)"
+)
 
 
 def add_sampling_flags(p: argparse.ArgumentParser, max_new_tokens: int = 200) -> None:
@@ -42,6 +45,7 @@ def add_chat_parser(sub: Any) -> None:
     p.add_argument("--system", help="a system message that opens every conversation")
     add_sampling_flags(p, max_new_tokens=512)
     p.add_argument("--context", type=int, help=CONTEXT_HELP)
+    p.add_argument("--expert-slots", type=int, help=SLOTS_HELP)
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.set_defaults(func=cmd_chat)
 
@@ -85,7 +89,9 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from onebox.infer.requests import check_sampling
 
     check_sampling(args.temperature, args.top_k, args.top_p, args.seed, args.max_new_tokens)
-    model, tokenizer = load_model(args.model, pick_device(args.device), context=args.context)
+    model, tokenizer = load_model(
+        args.model, pick_device(args.device), context=args.context, expert_slots=args.expert_slots
+    )
     framing = load_framing(args.model, tokenizer)
     if tokenizer is None:
         raise OneboxError(f"{args.model} has no tokenizer.json, so onebox cannot chat with it.")

@@ -185,7 +185,8 @@ class Engine:
         self.most_active = 0  # the largest number of requests decoded in one step
         # The decode step has static shapes (all max_batch rows, one token each), so on CUDA it is
         # compiled with CUDA graphs (gpt-fast's recipe): one graph launch per token instead of hundreds.
-        compile = self.device.type == "cuda" if compile is None else compile
+        offloaded = hasattr(model, "expert_cache")  # its experts are chosen on the host: no CUDA graph can hold that
+        compile = self.device.type == "cuda" and not offloaded if compile is None else compile
         if compile:  # buffers mutated in place at fixed addresses: let CUDA graphs keep them where they are
             for buffer in [self.tokens, self.positions] + [t for cache in self.caches for t in cache.buffers()]:
                 torch._dynamo.mark_static_address(buffer)

@@ -149,12 +149,17 @@ def disk_source(folder: str | Path, model: nn.Module) -> Source:
 
 
 def offload_experts(
-    model: nn.Module, slots: int, folder: str | Path | None = None, prefetch: bool = False
+    model: nn.Module,
+    slots: int,
+    folder: str | Path | None = None,
+    prefetch: bool = False,
+    device: torch.device | str | None = None,
 ) -> ExpertCache:
-    """Replace every block's MoE by an OffloadedMoE sharing one cache of `slots` experts, in place; the experts
-    come from host memory, or with `folder` from its files (then the model's own expert tensors are dropped)."""
+    """Replace every block's MoE by an OffloadedMoE sharing one cache of `slots` experts on `device` (default: the
+    model's), in place; the experts come from host memory, or with `folder` from its files (then the model's own
+    expert tensors are dropped). Move the rest of the model to `device` afterwards (`model.to(device)`)."""
     first = model.layers[0].mlp
-    device = first.router.weight.device
+    device = torch.device(device) if device is not None else first.router.weight.device
     source = disk_source(folder, model) if folder is not None else host_source(model, device.type == "cuda")
     cache = ExpertCache(slots, first.gate_up.shape[1:], first.down.shape[1:], first.gate_up.dtype, device, source)
     routers = [block.mlp.router for block in model.layers]

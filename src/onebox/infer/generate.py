@@ -40,11 +40,19 @@ class Generation:
 
 
 def load_model(
-    path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, context: int | None = None
+    path: str | Path,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    context: int | None = None,
+    expert_slots: int | None = None,
 ) -> tuple[Transformer, Tokenizer | None]:
     """A model for inference, in `dtype` on `device`, from a Hugging Face folder, a checkpoint file or a run folder;
-    `context`: the tokens it runs at (prompt and completion; KV caches are sized by it), up to its own limit."""
+    `context`: the tokens it runs at (prompt and completion; KV caches are sized by it), up to its own limit;
+    `expert_slots`: a mixture of experts keeps its experts in host memory and that many on `device` at a time."""
     path = Path(path)
+    target = torch.device(device)
+    if expert_slots is not None:
+        device = "cpu"  # built on the host; everything but the experts moves to `target` below
     if path.is_dir() and (path / "config.json").is_file() and any(path.glob("*.safetensors")):
         model, tokenizer_json = model_from_hf(path, device, dtype)
     else:
@@ -52,6 +60,15 @@ def load_model(
         config = model_config_from_dict(payload["model_config"])
         model = build_model(config, device, dtype, state=model_state(payload))
         tokenizer_json = payload.get("tokenizer_json")
+    if expert_slots is not None:
+        if not model.config.experts:
+            raise OneboxError(f"--expert-slots is for a mixture of experts; {path} is a dense model: leave it out.")
+        if expert_slots < 1:
+            raise OneboxError(f"--expert-slots {expert_slots}: give at least one slot.")
+        from onebox.infer.experts import offload_experts
+
+        model.expert_cache = offload_experts(model, expert_slots, device=target)
+        model.to(target)
     if context is not None:
         set_context(model, context)
     model.eval()
