@@ -207,11 +207,19 @@ class SafetensorsState(Mapping):
     def __getitem__(self, key: str) -> torch.Tensor:
         """One parameter (its experts stacked), each shard mapped only while it is read (so the process
         holds no mapped file pages)."""
-        parts = []
-        for name in self.parts[key]:
-            with safe_open(self.located[name], framework="pt") as handle:
-                parts.append(handle.get_tensor(name))
-        return join_experts(key, parts)
+        return join_experts(key, self.read(self.parts[key]))
+
+    def read(self, names: list[str]) -> list[torch.Tensor]:
+        """These Hugging Face tensors, in order, each shard opened once (an expert stack's 2 x E tensors
+        mostly share one) and mapped only while they are read."""
+        by_shard: dict[str, list[str]] = {}
+        for name in names:
+            by_shard.setdefault(self.located[name], []).append(name)
+        tensors: dict[str, torch.Tensor] = {}
+        for path, inside in by_shard.items():
+            with safe_open(path, framework="pt") as handle:
+                tensors.update((name, handle.get_tensor(name)) for name in inside)
+        return [tensors[name] for name in names]
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.parts)

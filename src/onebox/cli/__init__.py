@@ -12,7 +12,7 @@ from rich.table import Table
 
 from onebox import __version__
 from onebox.cli.bench import add_bench_parsers
-from onebox.cli.chat import CONTEXT_HELP, SLOTS_HELP, add_chat_parser, add_sampling_flags
+from onebox.cli.chat import CONTEXT_HELP, SLOTS_HELP, add_chat_parser, add_sampling_flags, sampling
 from onebox.cli.common import (
     DEVICE_HELP,
     add_config_fields,
@@ -122,9 +122,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from onebox.device import pick_device
     from onebox.infer.framing import load_framing
     from onebox.infer.generate import generate, load_model
-    from onebox.infer.requests import check_sampling
 
-    check_sampling(args.temperature, args.top_k, args.top_p, args.seed, args.max_new_tokens)
+    flags = sampling(args)
     if args.samples < 1:
         raise OneboxError(f"--samples must be at least 1, got {args.samples}.")
     model, tokenizer = load_model(
@@ -139,17 +138,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         prompt = framing.encode_chat([{"role": "user", "content": args.prompt}])
     else:
         prompt = framing.encode(args.prompt)
-    result = generate(
-        model,
-        prompt,
-        args.max_new_tokens,
-        args.temperature,
-        args.top_k,
-        args.top_p,
-        args.seed,
-        args.samples,
-        stop_ids=framing.stops,
-    )
+    result = generate(model, prompt, args.max_new_tokens, **flags, samples=args.samples, stop_ids=framing.stops)
     for index, sample in enumerate(result.samples):
         if args.samples > 1:
             console.print(f"--- sample {index + 1}", style="bold")

@@ -39,6 +39,14 @@ def add_sampling_flags(p: argparse.ArgumentParser, max_new_tokens: int = 200) ->
     p.add_argument("--seed", type=int, help="seed of the sampling (default: random)")
 
 
+def sampling(args: argparse.Namespace) -> dict[str, Any]:
+    """The sampling flags, checked as the server checks them, as generate()'s keyword arguments."""
+    from onebox.infer.requests import check_sampling
+
+    check_sampling(args.temperature, args.top_k, args.top_p, args.seed, args.max_new_tokens)
+    return {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed}
+
+
 def add_chat_parser(sub: Any) -> None:
     p = sub.add_parser("chat", help="talk with a model in the terminal (its chat template, streamed output)")
     p.add_argument("model", help="checkpoint file, run folder or Hugging Face folder")
@@ -86,9 +94,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from onebox.device import pick_device
     from onebox.infer.framing import load_framing
     from onebox.infer.generate import generate, load_model
-    from onebox.infer.requests import check_sampling
 
-    check_sampling(args.temperature, args.top_k, args.top_p, args.seed, args.max_new_tokens)
+    flags = sampling(args)
     model, tokenizer = load_model(
         args.model, pick_device(args.device), context=args.context, expert_slots=args.expert_slots
     )
@@ -122,17 +129,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
         prompt = fit(messages, framing.encode_chat, context - min(args.max_new_tokens, context // 2))
         printer = Printer(framing.decode, lambda text: console.print(text, end="", highlight=False, markup=False))
         console.print("model> ", end="", highlight=False)
-        result = generate(
-            model,
-            prompt,
-            args.max_new_tokens,
-            args.temperature,
-            args.top_k,
-            args.top_p,
-            args.seed,
-            stop_ids=framing.stops,
-            on_token=printer,
-        )
+        result = generate(model, prompt, args.max_new_tokens, **flags, stop_ids=framing.stops, on_token=printer)
         reply = framing.decode(result.samples[0])
         for stop in framing.stop_strings(chat=True):  # the plain format hands the turn back in text
             reply = reply.split(stop)[0]

@@ -134,16 +134,11 @@ def disk_source(folder: str | Path, model: nn.Module) -> Source:
     config = model.config
 
     def read(layer: int, expert: int) -> tuple[Tensor, Tensor]:
-        from safetensors import safe_open
-
         names = hf_names(f"layers.{layer}.mlp.gate_up", config)[2 * expert : 2 * expert + 2]
         names.append(hf_names(f"layers.{layer}.mlp.down", config)[expert])
-        parts = []
-        for name in names:
-            with safe_open(state.located[name], framework="pt") as handle:
-                parts.append(handle.get_tensor(name))
+        gate, up, down = state.read(names)
         dtype = model.layers[layer].mlp.router.weight.dtype
-        return torch.cat(parts[:2]).to(dtype), parts[2].to(dtype)
+        return torch.cat([gate, up]).to(dtype), down.to(dtype)
 
     return read
 
