@@ -338,3 +338,17 @@ def test_the_training_baseline_is_transformers_model_of_the_same_family():
     assert sum(p.numel() for p in contender.model.parameters()) == config.num_params()
     result = measure_training("hf", config, CPU, BenchSettings(batch=2, steps=3, timed_steps=1))
     assert result["status"] == "ok" and result["tokens_per_second"] > 0
+
+
+def test_the_decode_bound_counts_the_experts_a_step_reads():
+    """Dense: every weight. Mixture of experts: the active weights at batch 1 (k experts a layer), more
+    distinct experts as the batch grows, never more than every weight."""
+    from onebox.bench.decode import step_bytes
+
+    dense = preset("llama3.2-1b")
+    assert step_bytes(dense, 2 * dense.num_params(), 8) == 2 * dense.num_params()
+    moe = preset("qwen3-30b-a3b")
+    total = 2 * moe.num_params()
+    assert step_bytes(moe, total, 1) == pytest.approx(2 * moe.num_active_params())
+    batch8 = step_bytes(moe, total, 8)
+    assert 2 * moe.num_active_params() < batch8 < total and step_bytes(moe, total, 4096) == pytest.approx(total)

@@ -3,10 +3,12 @@ mixes their outputs by its (renormalised) probabilities, as Qwen3-MoE and Mixtra
 
 The experts are stored stacked, one tensor per kind: gate_up (E, 2 x expert_hidden, dim) and down
 (E, dim, expert_hidden), as transformers holds them in memory; export and import convert to and from the
-per-expert tensors of the Hugging Face files. Two ways to compute the same thing:
-- grouped (many tokens: training, prefill): the token-expert pairs sorted by expert, each expert's rows
-  multiplied at once, the results added back in place; the loop reads the per-expert counts, so it runs
-  eagerly;
+per-expert tensors of the Hugging Face files. Three ways to compute the same thing:
+- grouped (many tokens: training, prefill): the token-expert pairs sorted by expert and every expert's
+  rows multiplied in one grouped GEMM (`torch._grouped_mm`, offsets computed on the device: no host
+  sync, compiles), the results added back in place;
+- looped (the reference, and where torch has no grouped GEMM for the device and dtype): the same sort,
+  one product per expert; the loop reads the per-expert counts, so it runs eagerly;
 - gathered (few tokens: a decode step): each pair's expert weights gathered and multiplied batched, with
   static shapes, so it compiles into the decode step's CUDA graph; it reads top-k experts per token,
   which is what a decode step must read anyway.
@@ -59,11 +61,27 @@ class MoE(nn.Module):
         chosen, weights = self.route(flat)
         if chosen.numel() <= self.gate_up.shape[0]:
             out = self.gathered(flat, chosen, weights)
-        else:
+        elif grouped_mm_runs(flat.device, compute_dtype(flat)):
             out = self.grouped(flat, chosen, weights)
+        else:
+            out = self.looped(flat, chosen, weights)
         return out.reshape(shape)
 
     def grouped(self, x: Tensor, chosen: Tensor, weights: Tensor) -> Tensor:
+        """Tokens sorted by expert, every expert's rows in one grouped GEMM per product (see grouped_mm_runs)."""
+        flat = chosen.reshape(-1)
+        order = flat.argsort(stable=True)
+        rows = order // self.top_k
+        offsets = torch.bincount(flat, minlength=self.gate_up.shape[0]).cumsum(0).to(torch.int32)
+        dtype = compute_dtype(x)
+        gate_up, down = self.gate_up.to(dtype), self.down.to(dtype)
+        hidden = torch._grouped_mm(x[rows].to(dtype), gate_up.transpose(1, 2), offs=offsets)
+        gate, up = hidden.chunk(2, dim=-1)
+        y = torch._grouped_mm((F.silu(gate) * up).contiguous(), down.transpose(1, 2), offs=offsets)
+        y = y.to(x.dtype) * weights.reshape(-1)[order, None].to(x.dtype)
+        return torch.zeros_like(x).index_add_(0, rows, y)
+
+    def looped(self, x: Tensor, chosen: Tensor, weights: Tensor) -> Tensor:
         """Tokens sorted by expert; each expert's rows in one product (the reference computation)."""
         flat = chosen.reshape(-1)
         order = flat.argsort(stable=True)
@@ -90,6 +108,22 @@ class MoE(nn.Module):
         gate, up = torch.bmm(self.gate_up[flat], rows).squeeze(-1).chunk(2, dim=-1)
         y = torch.bmm(self.down[flat], (F.silu(gate) * up)[:, :, None]).squeeze(-1)  # (N k, dim)
         return (y.view(n, k, -1) * weights[:, :, None]).sum(dim=1)
+
+
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype the experts' products run in: autocast's where it is on, else x's."""
+    kind = x.device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
+
+
+def grouped_mm_runs(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether torch's grouped GEMM takes this device and dtype: the CPU (any dtype), or bf16 on a CUDA GPU of
+    compute capability 9.0+ (Hopper, where torch's kernel is CUTLASS's); elsewhere the looped path runs."""
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    if device.type == "cpu":
+        return True
+    return device.type == "cuda" and dtype == torch.bfloat16 and torch.cuda.get_device_capability(device) >= (9, 0)
 
 
 def balance_loss(layers: list[MoE], config: ModelConfig) -> Tensor | None:

@@ -214,6 +214,8 @@ _REAL = {
         expert_hidden=128,
     ),
 }
+# Qwen3-30B-A3B's layers, 8 of its 48: a mixture of experts of a real shape that trains on one GPU (5.6B, 1.1B active)
+_REAL["qwen3-30b-a3b-8l"] = dict(_REAL["qwen3-30b-a3b"], layers=8)
 REAL_PRESETS = tuple(_REAL)
 
 

@@ -1,7 +1,7 @@
 """`onebox bench decode`: prefill and decode speed against the memory-bandwidth bound, beside transformers.
 
-A decode step at batch B reads every weight once, so B x (measured HBM bandwidth / weight bytes)
-tokens/s is the bound (the KV cache's reads are left out: the bound is generous). The device's
+A decode step at batch B reads every weight once (a mixture of experts: the experts its rows pick, see
+step_bytes), so B x (measured HBM bandwidth / bytes a step reads) tokens/s is the bound (the KV cache's reads are left out: the bound is generous). The device's
 bandwidth is measured in the same run with a large device-to-device copy (bytes read + written).
 Decode runs through the serving engine (static KV cache, CUDA graphs on CUDA), greedy, with every
 row kept busy for the whole run. The baseline is transformers' generate() on the same weights (bf16,
@@ -48,6 +48,18 @@ def memory_bandwidth(device: torch.device, nbytes: int = 2**30, repeats: int = 5
 
 def weight_bytes(model: torch.nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def step_bytes(config: Any, nbytes: int, batch: int) -> float:
+    """Weight bytes one decode step of `batch` rows reads: all of them for a dense model; for a mixture of
+    experts everything but the experts, plus the distinct experts the rows pick, expected under uniform
+    routing (E (1 - (1 - k/E)^batch) a layer: k at batch 1)."""
+    if not config.experts:
+        return nbytes
+    expert = 3 * config.dim * config.expert_hidden * nbytes / config.num_params()  # bytes of one expert
+    experts, k = config.experts, config.experts_per_token
+    picked = experts * (1 - (1 - k / experts) ** batch)
+    return nbytes - config.layers * (experts - picked) * expert
 
 
 def _prompts(config: Any, batch: int, length: int, seed: int) -> list[list[int]]:
@@ -181,7 +193,7 @@ def run_decode(
         for note in engine.kernel_notes:
             say(f"note: {note}")
         decode = time_decode(engine, batch, prompt_len, new_tokens)
-        bound = batch * bandwidth / nbytes if bandwidth else None
+        bound = batch * bandwidth / step_bytes(config, nbytes, batch) if bandwidth else None
         result = {
             "status": "ok",
             "prefill_tokens_per_second": prefill,
