@@ -113,3 +113,52 @@ def test_generate_with_expert_slots_gives_the_resident_tokens(moe_folder, capsys
     assert model.expert_cache.slots == 5 and not any(hasattr(b.mlp, "gate_up") for b in model.layers)
     with pytest.raises(OneboxError, match="at least one slot"):
         load_model(moe_folder, "cpu", expert_slots=0)
+
+
+def test_the_caps_choose_the_slots_and_the_tier():
+    """Qwen3-30B-A3B in bf16 (57.98 GB of experts, 3.07 GB of the rest): 24 GB of GPU holds what is left of it
+    after the rest, the KV cache and the working room; 32 GB of host cannot hold the experts: disk."""
+    from onebox.errors import OneboxError
+    from onebox.infer.experts import WORKSPACE, place_experts
+    from onebox.presets import preset
+
+    config = preset("qwen3-30b-a3b")
+    per_expert = 3 * config.dim * config.expert_hidden * 2
+    experts = config.layers * config.experts
+    dense = config.num_params() * 2 - experts * per_expert
+    kv = 2 * config.layers * config.kv_heads * config.head_size * 4096 * 2
+    placed = place_experts(config, torch.bfloat16, gpu_memory=24 * 10**9, kv_tokens=4096)
+    assert placed.slots == (24 * 10**9 - dense - kv - WORKSPACE) // per_expert and placed.tier == "host"
+    assert 0 < placed.slots < experts
+    assert place_experts(config, torch.bfloat16, gpu_memory=24 * 10**9, host_memory=32 * 10**9).tier == "disk"
+    assert place_experts(config, torch.bfloat16, gpu_memory=80 * 10**9, host_memory=64 * 10**9).tier == "host"
+    assert place_experts(config, torch.bfloat16, gpu_memory=141 * 10**9).slots is None  # all resident
+    assert place_experts(config, torch.bfloat16, slots=40).slots == 40
+    with pytest.raises(OneboxError, match="needs .* GB on the device"):
+        place_experts(config, torch.bfloat16, gpu_memory=4 * 10**9)
+    with pytest.raises(OneboxError, match="read from disk"):
+        place_experts(config, torch.bfloat16, slots=40, host_memory=10**9, has_files=False)
+
+
+def test_generate_within_gpu_and_host_caps_reads_the_experts_from_disk(moe_folder, capsys, monkeypatch):
+    """A device budget for a few experts and a host budget for none: the experts are read from the folder's
+    files through the device cache, and the tokens are the resident ones."""
+    import onebox.infer.experts as experts_module
+    from onebox.cli import main
+    from onebox.infer.generate import load_model
+
+    monkeypatch.setattr(experts_module, "WORKSPACE", 0)
+    model, _ = load_model(moe_folder, "cpu")
+    config = model.config
+    per_expert = 3 * config.dim * config.expert_hidden * 4
+    dense = config.num_params() * 4 - config.layers * config.experts * per_expert
+    kv = 2 * config.layers * config.kv_heads * config.head_size * config.seq_len * 4
+    gpu_gb = (dense + kv + 5.5 * per_expert) / 1e9
+    args = ["generate", str(moe_folder), "--prompt-ids", "5,6,7", "--temperature", "0", "--max-new-tokens", "8"]
+    assert main([*args, "--device", "cpu"]) == 0
+    resident = capsys.readouterr().out
+    assert main([*args, "--device", "cpu", "--gpu-memory", str(gpu_gb), "--host-memory", "0.000001"]) == 0
+    assert capsys.readouterr().out == resident
+    capped, _ = load_model(moe_folder, "cpu", gpu_memory=int(gpu_gb * 1e9), host_memory=1000)
+    cache = capped.expert_cache
+    assert cache.slots == 5 and cache.source.__qualname__.startswith("disk_source")

@@ -12,7 +12,14 @@ from rich.table import Table
 
 from onebox import __version__
 from onebox.cli.bench import add_bench_parsers
-from onebox.cli.chat import CONTEXT_HELP, SLOTS_HELP, add_chat_parser, add_sampling_flags, sampling
+from onebox.cli.chat import (
+    CONTEXT_HELP,
+    add_chat_parser,
+    add_expert_flags,
+    add_sampling_flags,
+    expert_options,
+    sampling,
+)
 from onebox.cli.common import (
     DEVICE_HELP,
     add_config_fields,
@@ -127,7 +134,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.samples < 1:
         raise OneboxError(f"--samples must be at least 1, got {args.samples}.")
     model, tokenizer = load_model(
-        args.model, pick_device(args.device), context=args.context, expert_slots=args.expert_slots
+        args.model, pick_device(args.device), context=args.context, batch=args.samples, **expert_options(args)
     )
     framing = load_framing(args.model, tokenizer)
     if args.jsonl:
@@ -193,7 +200,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         args.max_queue,
         int(args.max_body_mb * 2**20),
         args.context,
-        args.expert_slots,
+        expert_options(args),
     )
     return 0
 
@@ -280,7 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_sampling_flags(p)
     p.add_argument("--context", type=int, help=CONTEXT_HELP)
-    p.add_argument("--expert-slots", type=int, help=SLOTS_HELP)
+    add_expert_flags(p)
     p.add_argument("--samples", type=int, default=1, help="continuations sharing one prefill (default 1)")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument(
@@ -301,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-name", help="the model id clients send (default: the folder's name)")
     p.add_argument("--max-batch", type=int, default=8, help="requests decoded together (default 8)")
     p.add_argument("--context", type=int, help=CONTEXT_HELP + "; the KV cache holds max-batch x context tokens")
-    p.add_argument("--expert-slots", type=int, help=SLOTS_HELP)
+    add_expert_flags(p)
     p.add_argument("--max-n", type=int, default=8, help="largest n a request may ask for (default 8)")
     p.add_argument(
         "--max-queue",

@@ -16,9 +16,35 @@ HELP = "/reset starts a new conversation, /exit (or Ctrl-D) ends it"
 CONTEXT_HELP = (
     "the tokens the model runs at, prompt and completion (default: its own, at most 8192 for an imported model)"
 )
-SLOTS_HELP = (
-    "a mixture of experts: keep its experts in host memory and this many on the device at a time (an LRU cache)"
-)
+
+
+def add_expert_flags(p: argparse.ArgumentParser) -> None:
+    """--expert-slots, --gpu-memory and --host-memory: a mixture of experts beyond the device's memory."""
+    p.add_argument(
+        "--expert-slots",
+        type=int,
+        help="a mixture of experts: keep its experts in host memory and this many on the device at a time (an LRU cache)",
+    )
+    p.add_argument(
+        "--gpu-memory",
+        type=float,
+        help="GB of the GPU to run within (a large card behaves like a smaller one); a mixture of experts keeps "
+        "as many experts on it as fit",
+    )
+    p.add_argument(
+        "--host-memory",
+        type=float,
+        help="GB of host memory for a mixture of experts' experts; past it they are read from the model's files",
+    )
+
+
+def expert_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The expert flags as load_model's keyword arguments (GB as bytes)."""
+    gb = {
+        name: None if getattr(args, name) is None else int(getattr(args, name) * 1e9)
+        for name in ("gpu_memory", "host_memory")
+    }
+    return {"expert_slots": args.expert_slots, **gb}
 
 
 def add_sampling_flags(p: argparse.ArgumentParser, max_new_tokens: int = 200) -> None:
@@ -53,7 +79,7 @@ def add_chat_parser(sub: Any) -> None:
     p.add_argument("--system", help="a system message that opens every conversation")
     add_sampling_flags(p, max_new_tokens=512)
     p.add_argument("--context", type=int, help=CONTEXT_HELP)
-    p.add_argument("--expert-slots", type=int, help=SLOTS_HELP)
+    add_expert_flags(p)
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.set_defaults(func=cmd_chat)
 
@@ -96,9 +122,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from onebox.infer.generate import generate, load_model
 
     flags = sampling(args)
-    model, tokenizer = load_model(
-        args.model, pick_device(args.device), context=args.context, expert_slots=args.expert_slots
-    )
+    model, tokenizer = load_model(args.model, pick_device(args.device), context=args.context, **expert_options(args))
     framing = load_framing(args.model, tokenizer)
     if tokenizer is None:
         raise OneboxError(f"{args.model} has no tokenizer.json, so onebox cannot chat with it.")

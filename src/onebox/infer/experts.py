@@ -8,12 +8,15 @@ recency captures with O(1) bookkeeping; a frequency count would need a history t
 uniform routing, the hardest case) make meaningless. Hits, misses and the bytes copied in are counted.
 With `prefetch`, each layer also asks the next layer's router which experts the current input would pick,
 and loads those ahead (the residual stream changes little from one layer to the next, so the guess is
-often right); a prefetch never changes a result, only when the copy happens.
+often right); a prefetch never changes a result, only when the copy happens. On a GPU the prefetch copies
+run on their own CUDA stream, issued before the current layer's experts compute so the two overlap; a
+slot is read only after its copy's event, and overwritten only after the work queued before the copy.
 """
 
 from __future__ import annotations
 
 import collections
+import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from onebox.config import ModelConfig
+from onebox.errors import OneboxError
 from onebox.moe import MoE
 
 Source = Callable[[int, int], tuple[Tensor, Tensor]]  # (layer, expert) -> (gate_up (2I, D), down (D, I)) on the host
@@ -45,23 +50,45 @@ class ExpertCache:
         self.source, self.slots = source, slots
         self.where: collections.OrderedDict[tuple[int, int], int] = collections.OrderedDict()
         self.hits = self.misses = self.prefetched = self.bytes_in = 0
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None  # the prefetch copies' own
+        self.ready: dict[int, torch.cuda.Event] = {}  # slot -> the event its side-stream copy records
 
     @property
     def hit_rate(self) -> float | None:
         asked = self.hits + self.misses
         return self.hits / asked if asked else None
 
-    def _load(self, key: tuple[int, int], keep: set[tuple[int, int]]) -> int:
+    def _load(self, key: tuple[int, int], keep: set[tuple[int, int]], side: bool = False) -> int | None:
         if len(self.where) < self.slots:
             slot = len(self.where)
         else:  # the least recently used expert that this call does not need
-            victim = next(k for k in self.where if k not in keep)
+            victim = next((k for k in self.where if k not in keep), None)
+            if victim is None:
+                return None
             slot = self.where.pop(victim)
         gate_up, down = self.source(*key)
-        self.gate_up[slot].copy_(gate_up, non_blocking=True)
-        self.down[slot].copy_(down, non_blocking=True)
+        if side and self.stream is not None:
+            self.stream.wait_stream(torch.cuda.current_stream(self.stream.device))  # the slot's last readers first
+            with torch.cuda.stream(self.stream):
+                self._copy(slot, gate_up, down)
+                self.ready[slot] = torch.cuda.Event()
+                self.ready[slot].record(self.stream)
+        else:
+            self._wait(slot)  # a side-stream copy still in flight into this slot lands first
+            self._copy(slot, gate_up, down)
         self.bytes_in += gate_up.numel() * gate_up.element_size() + down.numel() * down.element_size()
         self.where[key] = slot
+        return slot
+
+    def _copy(self, slot: int, gate_up: Tensor, down: Tensor) -> None:
+        self.gate_up[slot].copy_(gate_up, non_blocking=True)
+        self.down[slot].copy_(down, non_blocking=True)
+
+    def _wait(self, slot: int) -> int:
+        """The slot, once a side-stream copy into it has landed (the current stream waits on its event)."""
+        event = self.ready.pop(slot, None)
+        if event is not None:
+            torch.cuda.current_stream(self.stream.device).wait_event(event)
         return slot
 
     def slots_for(self, layer: int, experts: list[int]) -> list[int]:
@@ -73,18 +100,20 @@ class ExpertCache:
             if key in self.where:
                 self.hits += 1
                 self.where.move_to_end(key)
-                out.append(self.where[key])
+                out.append(self._wait(self.where[key]))
             else:
                 self.misses += 1
                 out.append(self._load(key, keep))
         return out
 
-    def prefetch(self, layer: int, experts: list[int]) -> None:
-        """Load these experts of `layer` ahead, where they are not resident (not counted as hits or misses)."""
+    def prefetch(self, layer: int, experts: list[int], keep: set[tuple[int, int]] = frozenset()) -> None:
+        """Load these experts of `layer` ahead on the side stream, where they are not resident and a slot not in
+        `keep` (experts still to be used) can take them; not counted as hits or misses."""
         for e in experts[: self.slots]:
             if (layer, e) not in self.where:
+                if self._load((layer, e), set(keep), side=True) is None:
+                    return
                 self.prefetched += 1
-                self._load((layer, e), set())
 
 
 class OffloadedMoE(nn.Module):
@@ -99,19 +128,21 @@ class OffloadedMoE(nn.Module):
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         chosen, weights = MoE.route(self, flat)
+        guess = None
         if self.next_router is not None:  # the next layer's likely experts, from this layer's input
             guess = torch.topk(self.next_router(flat).float(), self.top_k, dim=-1).indices.unique().tolist()
         out = torch.zeros_like(flat)
         needed = chosen.unique().tolist()
         for start in range(0, len(needed), self.cache.slots):  # no more experts at once than the cache holds
             group = needed[start : start + self.cache.slots]
-            for expert, slot in zip(group, self.cache.slots_for(self.layer, group)):
+            slots = self.cache.slots_for(self.layer, group)
+            if guess is not None and start + self.cache.slots >= len(needed):  # overlaps the last group's compute
+                self.cache.prefetch(self.layer + 1, guess, keep={(self.layer, e) for e in group})
+            for expert, slot in zip(group, slots):
                 tokens, pick = (chosen == expert).nonzero(as_tuple=True)
                 gate, up = F.linear(flat[tokens], self.cache.gate_up[slot]).chunk(2, dim=-1)
                 y = F.linear(F.silu(gate) * up, self.cache.down[slot])
                 out.index_add_(0, tokens, y * weights[tokens, pick, None])
-        if self.next_router is not None:
-            self.cache.prefetch(self.layer + 1, guess)
         return out.reshape(shape)
 
 
@@ -161,3 +192,57 @@ def offload_experts(
     for i, block in enumerate(model.layers):
         block.mlp = OffloadedMoE(block.mlp, i, cache, routers[i + 1] if prefetch and i + 1 < len(routers) else None)
     return cache
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpertPlacement:
+    """Where a mixture of experts' experts live: `slots` on the device (None: all resident) and the tier the
+    rest come from ("host" memory or "disk", the model's files)."""
+
+    slots: int | None
+    tier: str = "host"
+
+
+WORKSPACE = 2 * 10**9  # device bytes kept for activations, the decode step's graphs and the allocator's slack
+
+
+def place_experts(
+    config: ModelConfig,
+    dtype: torch.dtype,
+    slots: int | None = None,
+    gpu_memory: int | None = None,
+    host_memory: int | None = None,
+    kv_tokens: int = 0,
+    has_files: bool = True,
+) -> ExpertPlacement:
+    """The placement for explicit `slots` or for device and host budgets (bytes): everything but the experts and
+    the KV cache (`kv_tokens` of it) on the device, as many experts as the rest of `gpu_memory` holds (all of
+    them: resident), the others in host memory while `host_memory` holds them all, else read from disk."""
+    size = torch.empty((), dtype=dtype).element_size()
+    per_expert = 3 * config.dim * config.expert_hidden * size
+    experts = config.layers * config.experts
+    if slots is None and gpu_memory is not None:
+        dense = (config.num_params() - experts * 3 * config.dim * config.expert_hidden) * size
+        kv = 2 * config.layers * config.kv_heads * config.head_size * kv_tokens * size
+        room = gpu_memory - dense - kv - WORKSPACE
+        if room >= experts * per_expert:
+            return ExpertPlacement(None)
+        slots = int(room // per_expert)
+        if slots < config.experts_per_token:
+            need = (dense + kv + WORKSPACE + config.experts_per_token * per_expert) / 1e9
+            raise OneboxError(
+                f"--gpu-memory {gpu_memory / 1e9:g}: {config.name} needs {need:.1f} GB on the device for everything but "
+                f"its experts ({dense / 1e9:.1f} GB), its KV cache ({kv / 1e9:.1f} GB), working room and one token's "
+                f"{config.experts_per_token} experts: give more, or a shorter --context."
+            )
+    if slots is None:
+        return ExpertPlacement(None)
+    if slots < 1:
+        raise OneboxError(f"--expert-slots {slots}: give at least one slot.")
+    tier = "host" if host_memory is None or experts * per_expert <= host_memory else "disk"
+    if tier == "disk" and not has_files:
+        raise OneboxError(
+            f"--host-memory {host_memory / 1e9:g}: the experts ({experts * per_expert / 1e9:.1f} GB) do not fit, and "
+            "only a Hugging Face folder's experts can be read from disk: give more host memory or the model's folder."
+        )
+    return ExpertPlacement(slots, tier)

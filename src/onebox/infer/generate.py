@@ -45,34 +45,66 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     context: int | None = None,
     expert_slots: int | None = None,
+    gpu_memory: int | None = None,
+    host_memory: int | None = None,
+    batch: int = 1,
 ) -> tuple[Transformer, Tokenizer | None]:
     """A model for inference, in `dtype` on `device`, from a Hugging Face folder, a checkpoint file or a run folder;
-    `context`: the tokens it runs at (prompt and completion; KV caches are sized by it), up to its own limit;
-    `expert_slots`: a mixture of experts keeps its experts in host memory and that many on `device` at a time."""
+    `context`: the tokens it runs at (prompt and completion; KV caches are sized by it), up to its own limit.
+    A mixture of experts beyond the device: `expert_slots` keeps that many experts on `device` and the rest in
+    host memory; `gpu_memory` / `host_memory` (bytes) choose the slots and the tier instead (infer.experts.
+    place_experts, with the KV cache of `batch` sequences; past the host budget the experts are read from the
+    folder's files), and `gpu_memory` caps what this process may take of a GPU."""
     path = Path(path)
     target = torch.device(device)
-    if expert_slots is not None:
+    offload = expert_slots is not None or gpu_memory is not None or host_memory is not None
+    if offload:
         device = "cpu"  # built on the host; everything but the experts moves to `target` below
-    if path.is_dir() and (path / "config.json").is_file() and any(path.glob("*.safetensors")):
+    is_hf = path.is_dir() and (path / "config.json").is_file() and any(path.glob("*.safetensors"))
+    if is_hf:
         model, tokenizer_json = model_from_hf(path, device, dtype)
     else:
         payload = load_checkpoint(path)
         config = model_config_from_dict(payload["model_config"])
         model = build_model(config, device, dtype, state=model_state(payload))
         tokenizer_json = payload.get("tokenizer_json")
-    if expert_slots is not None:
-        if not model.config.experts:
-            raise OneboxError(f"--expert-slots is for a mixture of experts; {path} is a dense model: leave it out.")
-        if expert_slots < 1:
-            raise OneboxError(f"--expert-slots {expert_slots}: give at least one slot.")
-        from onebox.infer.experts import offload_experts
-
-        model.expert_cache = offload_experts(model, expert_slots, device=target)
-        model.to(target)
     if context is not None:
         set_context(model, context)
+    if offload:
+        _place(model, path if is_hf else None, target, dtype, expert_slots, gpu_memory, host_memory, batch)
     model.eval()
     return model, tokenizer_from_json(tokenizer_json) if tokenizer_json else None
+
+
+def _place(
+    model: Transformer,
+    folder: Path | None,
+    target: torch.device,
+    dtype: torch.dtype,
+    slots: int | None,
+    gpu_memory: int | None,
+    host_memory: int | None,
+    batch: int,
+) -> None:
+    """Cap the GPU, place the experts (see load_model) and move the model to `target`."""
+    from onebox.device import cap_gpu_memory
+    from onebox.infer.experts import offload_experts, place_experts
+
+    if gpu_memory is not None and gpu_memory <= 0 or host_memory is not None and host_memory <= 0:
+        raise OneboxError("--gpu-memory and --host-memory are GB to run within: give more than 0.")
+    if not model.config.experts and slots is not None:
+        raise OneboxError(f"--expert-slots is for a mixture of experts; {model.config.name} is dense: leave it out.")
+    if target.type == "cuda":
+        cap_gpu_memory(target, gpu_memory)
+    if model.config.experts:
+        kv_tokens = batch * model.config.seq_len
+        placement = place_experts(
+            model.config, dtype, slots, gpu_memory, host_memory, kv_tokens, has_files=folder is not None
+        )
+        if placement.slots is not None:
+            disk = folder if placement.tier == "disk" else None
+            model.expert_cache = offload_experts(model, placement.slots, folder=disk, device=target)
+    model.to(target)
 
 
 def set_context(model: Transformer, context: int) -> None:

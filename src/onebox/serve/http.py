@@ -316,10 +316,10 @@ def run_server(
     max_queue: int = 64,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     context: int | None = None,
-    expert_slots: int | None = None,
+    experts: dict[str, int | None] | None = None,
 ) -> None:
-    """Load a model (at `context` tokens, its experts through `expert_slots` device slots, where given), start
-    the engine and serve until interrupted."""
+    """Load a model (at `context` tokens; `experts`: load_model's expert_slots, gpu_memory and host_memory,
+    where given), start the engine and serve until interrupted."""
     import uvicorn
 
     from onebox.device import pick_device
@@ -329,7 +329,7 @@ def run_server(
     check_port(host, port)
     target = pick_device(device)  # bf16 on a GPU, as the decode kernels and `bench serve` run it
     dtype = torch.bfloat16 if target.type == "cuda" else torch.float32
-    model, tokenizer = load_model(model_path, target, dtype, context, expert_slots)
+    model, tokenizer = load_model(model_path, target, dtype, context, batch=max_batch, **(experts or {}))
     framing = load_framing(model_path, tokenizer)  # its chat template, what starts a prompt, its stop ids
     engine = Engine(model, max_batch=max_batch, max_queue=max_queue)
     for note in engine.kernel_notes:
