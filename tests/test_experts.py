@@ -162,3 +162,59 @@ def test_generate_within_gpu_and_host_caps_reads_the_experts_from_disk(moe_folde
     capped, _ = load_model(moe_folder, "cpu", gpu_memory=int(gpu_gb * 1e9), host_memory=1000)
     cache = capped.expert_cache
     assert cache.slots == 5 and cache.source.__qualname__.startswith("disk_source")
+
+
+def test_bench_moe_reports_the_cache_the_bytes_a_token_and_the_baseline(moe_folder, tmp_path, capsys):
+    """Disk tier on the CPU: positive decode, a hit rate in (0, 1), bytes read a token, the floor from the
+    disk's bandwidth and transformers + accelerate under the same budgets, all in a valid document."""
+    pytest.importorskip("accelerate")
+    from onebox.bench.schema import read_document, validate_document
+    from onebox.cli import main
+
+    out = tmp_path / "moe.json"
+    argv = ["bench", "moe", "--model", str(moe_folder), "--device", "cpu", "--expert-slots", "12"]
+    argv += ["--host-memory", "0.000001", "--batches", "1,2", "--prompt-len", "8", "--new-tokens", "8"]
+    assert main([*argv, "--baseline-tokens", "4", "--out", str(out)]) == 0
+    doc = read_document(out)
+    assert validate_document(doc) == [] and doc["settings"]["tier"] == "disk" and doc["settings"]["slots"] == 12
+    one, two = (entry["result"] for entry in doc["entries"])
+    assert one["decode_tokens_per_second"] > 0 and 0 < one["hit_rate"] < 1 and one["bytes_per_token"] > 0
+    assert "baseline" not in two and two["floor_tokens_per_second"] > 0  # the disk's bandwidth over the bytes
+    assert "hit rate" in capsys.readouterr().out
+    baseline = one["baseline"]  # transformers' MoE with its experts on accelerate's disk tier fails (meta tensors)
+    speed = baseline["decode_tokens_per_second"]
+    assert "max_memory" in baseline["how"] and (speed is None and "failed" in baseline["how"] or speed > 0)
+    # without a host budget the baseline holds the model in host memory and runs
+    assert (
+        main(
+            [
+                "bench",
+                "moe",
+                "--model",
+                str(moe_folder),
+                "--device",
+                "cpu",
+                "--batches",
+                "1",
+                "--prompt-len",
+                "8",
+                "--new-tokens",
+                "4",
+                "--baseline-tokens",
+                "4",
+                "--expert-slots",
+                "12",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    assert read_document(out)["entries"][0]["result"]["baseline"]["decode_tokens_per_second"] > 0
+
+
+def test_bench_moe_refuses_a_dense_preset(capsys):
+    from onebox.cli import main
+
+    assert main(["bench", "moe", "--preset", "tiny"]) == 1
+    assert "is dense" in capsys.readouterr().err

@@ -24,7 +24,7 @@ from onebox.errors import OneboxError
 from onebox.files import read_json, write_text_atomic
 
 SCHEMA_VERSION = 1
-BENCHMARKS = ("validate", "sweep", "forward", "dims", "ceiling", "decode", "serve")
+BENCHMARKS = ("validate", "sweep", "forward", "dims", "ceiling", "decode", "serve", "moe")
 TRAINING_BENCHMARKS = ("validate", "sweep")
 TOP_FIELDS = (
     "schema_version",
@@ -241,7 +241,7 @@ def validate_document(doc: Any) -> list[str]:
         return problems + ["the document has no entries"]
     for i, entry in enumerate(entries):
         where = f"entry {i} ({(entry.get('config') or {}).get('name', entry.get('dim', '?'))})"
-        if doc["benchmark"] in ("validate", "sweep", "forward", "ceiling", "decode", "serve"):
+        if doc["benchmark"] in ("validate", "sweep", "forward", "ceiling", "decode", "serve", "moe"):
             config_missing = [k for k in CONFIG_FIELDS if k not in (entry.get("config") or {})]
             if config_missing:
                 problems.append(f"{where}: config lacks {config_missing}")
@@ -261,13 +261,17 @@ def validate_document(doc: Any) -> list[str]:
                 problems.append(f"{where}: a serve entry needs positive tokens/s and latencies")
             elif result["ttft_p95_ms"] < result["ttft_p50_ms"] or result["latency_p95_ms"] < result["latency_p50_ms"]:
                 problems.append(f"{where}: a 95th percentile below its median")
-        elif doc["benchmark"] == "decode":
+        elif doc["benchmark"] in ("decode", "moe"):
             result = entry.get("result") or {}
             if not all(
                 _finite(result.get(k)) and result[k] > 0
                 for k in ("prefill_tokens_per_second", "decode_tokens_per_second")
             ):
                 problems.append(f"{where}: a decode entry needs positive prefill and decode tokens/s")
+            elif _finite(result.get("floor_fraction")) and result["floor_fraction"] > 1.1:
+                problems.append(
+                    f"{where}: decode at {result['floor_fraction']:.0%} of its copy floor: implausibly fast"
+                )
             elif _finite(result.get("bound_fraction")) and result["bound_fraction"] > 1.1:
                 problems.append(
                     f"{where}: decode at {result['bound_fraction']:.0%} of the memory-bandwidth bound: implausibly fast"

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import fields
+from pathlib import Path
 from typing import Any
 
+from onebox.cli.chat import add_expert_flags
 from onebox.cli.common import DEVICE_HELP, console, errors, overrides, say
 from onebox.config import COMPILE_SETTINGS, MEMORY_SETTINGS, PRECISIONS, ModelConfig
 from onebox.errors import OneboxError
@@ -169,6 +171,28 @@ def cmd_bench_decode(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_moe(args: argparse.Namespace) -> int:
+    from onebox.bench.moe import preset_folder, run_moe
+    from onebox.cli.chat import expert_options
+    from onebox.device import pick_device
+
+    if bool(args.preset) == bool(args.model):
+        raise OneboxError("bench moe needs exactly one of --preset NAME (random weights) or --model HF_FOLDER.")
+    folder = Path(args.model) if args.model else preset_folder(args.preset, args.work_dir)
+    doc = run_moe(
+        folder,
+        pick_device(args.device),
+        say,
+        _int_list(args.batches, "--batches"),
+        expert_options(args),
+        args.prompt_len,
+        args.new_tokens,
+        None if args.baseline == "none" else args.baseline_tokens,
+    )
+    _write_result(doc, args.out, doc["entries"][0]["config"]["name"])
+    return 0
+
+
 def cmd_bench_dims(args: argparse.Namespace) -> int:
     from onebox.bench.dims import run_dims
     from onebox.device import pick_device
@@ -325,6 +349,27 @@ def add_bench_parsers(sub: Any) -> None:
         "(cuBLAS and SDPA), or a comma list of gemv, attention, rope, pdl, chain",
     )
     p.set_defaults(func=cmd_bench_decode)
+
+    p = bench.add_parser(
+        "moe", help="a mixture of experts within GPU and host budgets: decode, hit rate, bytes a token, the copy floor"
+    )
+    p.add_argument("--preset", help="random weights of this MoE preset (written once as a Hugging Face folder)")
+    p.add_argument("--model", help="a Hugging Face folder of a mixture of experts")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
+    p.add_argument("--out", help="result JSON path")
+    add_expert_flags(p)
+    p.add_argument("--batches", default="1,8", help="batch sizes (default 1,8)")
+    p.add_argument("--prompt-len", type=int, default=64, help="prompt tokens (default 64)")
+    p.add_argument("--new-tokens", type=int, default=64, help="tokens decoded per request (default 64)")
+    p.add_argument(
+        "--baseline",
+        choices=["hf-accelerate", "none"],
+        default="hf-accelerate",
+        help="transformers + accelerate offload under the same budgets at batch 1 (default), or none",
+    )
+    p.add_argument("--baseline-tokens", type=int, default=16, help="tokens the baseline decodes (default 16)")
+    p.add_argument("--work-dir", help="where a preset's folder is written (default: the temp folder)")
+    p.set_defaults(func=cmd_bench_moe)
 
     p = bench.add_parser(
         "serve", help="concurrent streaming clients against a live server: latency percentiles and aggregate tokens/s"

@@ -50,6 +50,7 @@ class ExpertCache:
         self.source, self.slots = source, slots
         self.where: collections.OrderedDict[tuple[int, int], int] = collections.OrderedDict()
         self.hits = self.misses = self.prefetched = self.bytes_in = 0
+        self.tier = "host"  # where the experts come from (offload_experts sets it)
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None  # the prefetch copies' own
         self.ready: dict[int, torch.cuda.Event] = {}  # slot -> the event its side-stream copy records
 
@@ -188,6 +189,7 @@ def offload_experts(
     device = torch.device(device) if device is not None else first.router.weight.device
     source = disk_source(folder, model) if folder is not None else host_source(model, device.type == "cuda")
     cache = ExpertCache(slots, first.gate_up.shape[1:], first.down.shape[1:], first.gate_up.dtype, device, source)
+    cache.tier = "disk" if folder is not None else "host"
     routers = [block.mlp.router for block in model.layers]
     for i, block in enumerate(model.layers):
         block.mlp = OffloadedMoE(block.mlp, i, cache, routers[i + 1] if prefetch and i + 1 < len(routers) else None)
