@@ -218,3 +218,19 @@ def test_bench_moe_refuses_a_dense_preset(capsys):
 
     assert main(["bench", "moe", "--preset", "tiny"]) == 1
     assert "is dense" in capsys.readouterr().err
+
+
+def test_experts_read_from_disk_are_never_loaded_into_the_model(moe_folder, monkeypatch):
+    """On the disk tier the expert stacks are left unallocated when the model is built: none is read then."""
+    from onebox.export import SafetensorsState
+    from onebox.infer.generate import load_model
+
+    asked = []
+    original = SafetensorsState.__getitem__
+    monkeypatch.setattr(SafetensorsState, "__getitem__", lambda self, name: asked.append(name) or original(self, name))
+    model, _ = load_model(moe_folder, "cpu", expert_slots=4, host_memory=1000)
+    assert asked and not any(name.endswith(("mlp.gate_up", "mlp.down")) for name in asked)
+    assert model.expert_cache.tier == "disk"
+    asked.clear()
+    load_model(moe_folder, "cpu", expert_slots=4)  # the host tier reads them once, into host memory
+    assert any(name.endswith("mlp.gate_up") for name in asked)

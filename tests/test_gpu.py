@@ -425,3 +425,18 @@ def test_the_grouped_gemm_experts_equal_the_looped_ones_in_bf16_on_cuda():
         results.append([out.float(), xin.grad, block.gate_up.grad, block.down.grad])
     for got, want in zip(*results):
         assert (got - want).norm() / want.norm() < 2e-2
+
+
+def test_load_model_pages_experts_from_pinned_host_memory_on_cuda(tmp_path):
+    """--expert-slots on a GPU: the experts are built straight into pinned host memory (no staging copy) and
+    the tokens are the resident model's."""
+    from onebox.export import export_hf
+    from onebox.infer.generate import load_model
+
+    model = _moe_model("cpu")
+    export_hf(model.state_dict(), model.config, None, tmp_path / "moe")
+    expected = [generate(model.cuda(), p, 10, temperature=0).samples[0] for p in MOE_PROMPTS]
+    paged, _ = load_model(tmp_path / "moe", "cuda", expert_slots=12)
+    assert [generate(paged, p, 10, temperature=0).samples[0] for p in MOE_PROMPTS] == expected
+    gate_up, down = paged.expert_cache.source(0, 0)
+    assert gate_up.is_pinned() and down.is_pinned() and paged.embed_tokens.weight.is_cuda

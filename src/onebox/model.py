@@ -315,20 +315,32 @@ def build_model(
     config: ModelConfig,
     device: torch.device | str,
     dtype: torch.dtype = torch.float32,
-    state: dict[str, Tensor] | None = None,
+    state: Mapping[str, Tensor] | None = None,
+    expert_device: torch.device | str | None = None,
 ) -> Transformer:
     """The one way a Transformer is built: on the meta device first, then allocated once in `dtype` on
     `device` (so a 20B model in bf16 never needs its fp32 size) and either initialised from the seed or
     filled from `state` (strict: every weight, nothing else). On the meta device nothing is allocated:
     that model is for sharding before memory is taken (`to_empty` + `init_weights` afterwards).
     Rotary tables stay fp32. With the same seed every dtype starts from the same weights (rounded to
-    it), so the memory strategies are compared from one starting point."""
+    it), so the memory strategies are compared from one starting point. `expert_device`: where a mixture of
+    experts' expert stacks are allocated instead (host memory, pinned, for experts paged to a GPU; "meta" leaves them
+    unallocated and unread, for experts read from the model's files when needed)."""
     with torch.device("meta"):
         model = Transformer(config)
     model.to(dtype)
     if torch.device(device).type == "meta":
         return model
+    apart = []  # (module, name, meta parameter) of the experts, allocated on expert_device
+    if expert_device is not None:
+        for block in model.layers:
+            if isinstance(block.mlp, MoE):
+                apart += [(block.mlp, name, block.mlp._parameters.pop(name)) for name in ("gate_up", "down")]
     model.to_empty(device=device)
+    pin = torch.device(expert_device or "meta").type == "cpu" and torch.device(device).type == "cuda"
+    for module, name, param in apart:  # pinned in host memory for a GPU: copied to it without staging
+        value = torch.empty(param.shape, dtype=param.dtype, device=expert_device, pin_memory=pin)
+        module.register_parameter(name, nn.Parameter(value))
     if state is None:
         model.init_weights()
     else:
@@ -350,6 +362,8 @@ def load_weights(model: nn.Module, state: Mapping[str, Tensor]) -> None:
             f"unexpected {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}. Check that the config belongs to these weights."
         )
     for name, target in own.items():
+        if target.device.type == "meta":  # left unallocated on purpose (build_model's expert_device)
+            continue
         source = state[name]
         if tuple(source.shape) != tuple(target.shape):
             raise OneboxError(

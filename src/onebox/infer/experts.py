@@ -148,7 +148,8 @@ class OffloadedMoE(nn.Module):
 
 
 def host_source(model: nn.Module, pin: bool) -> Source:
-    """Every layer's experts moved to host memory (pinned for fast copies to a GPU), read from there."""
+    """Every layer's experts moved to host memory (pinned for fast copies to a GPU), read from there; experts
+    already there (and pinned) are kept where they are, not copied."""
     store = []
     for block in model.layers:
         moe = block.mlp

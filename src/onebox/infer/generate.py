@@ -12,10 +12,11 @@ import torch
 from tokenizers import Tokenizer
 
 from onebox.checkpoint import load_checkpoint, model_state
-from onebox.config import model_config_from_dict
+from onebox.config import ModelConfig, model_config_from_dict
 from onebox.device import synchronize
 from onebox.errors import OneboxError
-from onebox.export import model_from_hf
+from onebox.export import load_hf
+from onebox.infer.experts import ExpertPlacement
 from onebox.infer.requests import check_prompt, check_sampling
 from onebox.infer.sampling import sample_next
 from onebox.model import Transformer, build_model
@@ -57,54 +58,55 @@ def load_model(
     folder's files), and `gpu_memory` caps what this process may take of a GPU."""
     path = Path(path)
     target = torch.device(device)
-    offload = expert_slots is not None or gpu_memory is not None or host_memory is not None
-    if offload:
-        device = "cpu"  # built on the host; everything but the experts moves to `target` below
-    is_hf = path.is_dir() and (path / "config.json").is_file() and any(path.glob("*.safetensors"))
-    if is_hf:
-        model, tokenizer_json = model_from_hf(path, device, dtype)
+    if path.is_dir() and (path / "config.json").is_file() and any(path.glob("*.safetensors")):
+        config, state, tokenizer_json = load_hf(path)
+        folder: Path | None = path
     else:
         payload = load_checkpoint(path)
-        config = model_config_from_dict(payload["model_config"])
-        model = build_model(config, device, dtype, state=model_state(payload))
-        tokenizer_json = payload.get("tokenizer_json")
+        config, state = model_config_from_dict(payload["model_config"]), model_state(payload)
+        tokenizer_json, folder = payload.get("tokenizer_json"), None
+    placement = None
+    if expert_slots is not None or gpu_memory is not None or host_memory is not None:
+        placement = _placement(config, target, dtype, context, expert_slots, gpu_memory, host_memory, batch, folder)
+    paged = placement is not None and placement.slots is not None
+    expert_device = None if not paged else "meta" if placement.tier == "disk" else "cpu"
+    model = build_model(config, target, dtype, state=state, expert_device=expert_device)
     if context is not None:
         set_context(model, context)
-    if offload:
-        _place(model, path if is_hf else None, target, dtype, expert_slots, gpu_memory, host_memory, batch)
+    if paged:  # the experts in host memory or the folder's files, `slots` of them on the device
+        from onebox.infer.experts import offload_experts
+
+        disk = folder if placement.tier == "disk" else None
+        model.expert_cache = offload_experts(model, placement.slots, folder=disk, device=target)
     model.eval()
     return model, tokenizer_from_json(tokenizer_json) if tokenizer_json else None
 
 
-def _place(
-    model: Transformer,
-    folder: Path | None,
+def _placement(
+    config: ModelConfig,
     target: torch.device,
     dtype: torch.dtype,
+    context: int | None,
     slots: int | None,
     gpu_memory: int | None,
     host_memory: int | None,
     batch: int,
-) -> None:
-    """Cap the GPU, place the experts (see load_model) and move the model to `target`."""
+    folder: Path | None,
+) -> ExpertPlacement | None:
+    """Cap the GPU and place a mixture of experts' experts (see load_model); None for a dense model."""
     from onebox.device import cap_gpu_memory
-    from onebox.infer.experts import offload_experts, place_experts
+    from onebox.infer.experts import place_experts
 
     if gpu_memory is not None and gpu_memory <= 0 or host_memory is not None and host_memory <= 0:
         raise OneboxError("--gpu-memory and --host-memory are GB to run within: give more than 0.")
-    if not model.config.experts and slots is not None:
-        raise OneboxError(f"--expert-slots is for a mixture of experts; {model.config.name} is dense: leave it out.")
+    if not config.experts and slots is not None:
+        raise OneboxError(f"--expert-slots is for a mixture of experts; {config.name} is dense: leave it out.")
     if target.type == "cuda":
         cap_gpu_memory(target, gpu_memory)
-    if model.config.experts:
-        kv_tokens = batch * model.config.seq_len
-        placement = place_experts(
-            model.config, dtype, slots, gpu_memory, host_memory, kv_tokens, has_files=folder is not None
-        )
-        if placement.slots is not None:
-            disk = folder if placement.tier == "disk" else None
-            model.expert_cache = offload_experts(model, placement.slots, folder=disk, device=target)
-    model.to(target)
+    if not config.experts:
+        return None
+    kv_tokens = batch * (context or config.seq_len)
+    return place_experts(config, dtype, slots, gpu_memory, host_memory, kv_tokens, has_files=folder is not None)
 
 
 def set_context(model: Transformer, context: int) -> None:
