@@ -2,6 +2,11 @@
 the experts timed on the same tokens and routing.
 
   PYTHONPATH=src python benchmarks/moe_probe.py --preset qwen3-30b-a3b --tokens 8192 [--device cuda]
+  PYTHONPATH=src python benchmarks/moe_probe.py --preset qwen3-30b-a3b --decode 1,8
+
+--decode: a decode step's block (one token a row) forward only, each way captured in a CUDA graph and
+replayed: gathered (the chosen experts' weights gathered, then batched products) against grouped (the
+grouped GEMM reading them in place), as microseconds and GB/s of the distinct experts' bytes.
 
 grouped: tokens sorted by expert, one grouped GEMM per product (torch._grouped_mm); looped: the same sort,
 one product per expert (the reference). Weights bf16, routing from random weights (near-uniform: every
@@ -41,12 +46,51 @@ def time_path(block: MoE, x: torch.Tensor, path: str, repeats: int) -> tuple[flo
     return sorted(times)[len(times) // 2], out.detach()
 
 
+def time_decode_step(block: MoE, rows: int, few: str, repeats: int = 50) -> float:
+    """Microseconds of one block forward of `rows` tokens, captured in a CUDA graph and replayed."""
+    block.few = few
+    x = torch.randn(rows, 1, block.gate_up.shape[-1], device=block.gate_up.device, dtype=block.gate_up.dtype)
+    with torch.no_grad():
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(3):
+                block(x)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            block(x)
+    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    graph.replay()
+    start.record()
+    for _ in range(repeats):
+        graph.replay()
+    stop.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(stop) * 1000 / repeats
+
+
+def decode_table(block: MoE, config, batches: list[int]) -> list[dict]:
+    rows = []
+    per_expert = 3 * config.dim * config.expert_hidden * 2
+    for batch in batches:
+        distinct = config.experts * (1 - (1 - config.experts_per_token / config.experts) ** batch)
+        row = {"batch": batch}
+        for few in ("gathered", "grouped"):
+            us = time_decode_step(block, batch, few)
+            row[few] = {"us": us, "gb_per_s": distinct * per_expert / us / 1e3}
+            print(f"batch {batch} {few:8s} {us:8.1f} us = {row[few]['gb_per_s']:7.1f} GB/s of the experts read")
+        rows.append(row)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="qwen3-30b-a3b")
     parser.add_argument("--tokens", type=int, default=8192)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--device", default="cuda")
+    parser.add_argument("--decode", help="batch sizes of a decode step to time instead (e.g. 1,8)")
     parser.add_argument("--out")
     args = parser.parse_args()
     config = preset(args.preset)
@@ -56,6 +100,12 @@ def main() -> None:
     with torch.no_grad():
         for p in block.parameters():
             p.normal_(0.0, 0.02)
+    if args.decode:
+        rows = decode_table(block.eval(), config, [int(b) for b in args.decode.split(",")])
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump({"preset": config.name, "decode": rows}, f, indent=1)
+        return
     x = torch.randn(args.tokens, config.dim, device=device, dtype=torch.bfloat16)
     flops = 6 * args.tokens * config.experts_per_token * 3 * config.dim * config.expert_hidden  # fwd + bwd products
     row = {"preset": config.name, "tokens": args.tokens, "device": torch.cuda.get_device_name(device)}

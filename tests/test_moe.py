@@ -69,3 +69,14 @@ def test_grouped_gemm_runs_in_autocasts_dtype():
         ref = block.looped(x, chosen, weights)
     assert out.dtype == ref.dtype
     assert (out.float() - ref.float()).norm() / ref.float().norm() < 2e-2
+
+
+@pytest.mark.skipif(not grouped_mm_runs(torch.device("cpu"), torch.float32), reason="this torch has no grouped GEMM")
+def test_a_decode_step_through_the_grouped_gemm_equals_the_gathered_one():
+    block = _block().eval()
+    x = torch.randn(3, 1, 64)  # three rows, one token each: 6 pairs for 8 experts
+    with torch.no_grad():
+        gathered = block(x)
+        block.few = "grouped"
+        grouped = block(x)
+    torch.testing.assert_close(grouped, gathered, atol=1e-5, rtol=1e-5)

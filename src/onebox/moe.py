@@ -12,7 +12,9 @@ per-expert tensors of the Hugging Face files. Three ways to compute the same thi
 - gathered (few tokens: a decode step): each pair's expert weights gathered and multiplied batched, with
   static shapes, so it compiles into the decode step's CUDA graph; it reads top-k experts per token,
   which is what a decode step must read anyway.
-`forward` takes the gathered way when tokens x top-k is at most the number of experts.
+`forward` takes the gathered way when tokens x top-k is at most the number of experts (`few` set to
+"grouped" takes the grouped GEMM there too: it reads each chosen expert in place, where gathering copies
+it first; which is faster at decode is `benchmarks/moe_probe.py --decode`'s to say).
 
 In training each forward keeps what the routers' balance losses need (`balance_loss`): the
 load-balancing loss as transformers computes it for these families (over all layers' tokens: experts x
@@ -39,6 +41,7 @@ class MoE(nn.Module):
         self.gate_up = nn.Parameter(torch.empty(experts, 2 * hidden, dim))
         self.down = nn.Parameter(torch.empty(experts, dim, hidden))
         self.stats: tuple[Tensor, Tensor, Tensor, int] | None = None  # training: see route
+        self.few = "gathered"  # the computation for few tokens (a decode step): "gathered" or "grouped"
 
     def route(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Each token's top-k experts (N, k) and their weights (N, k), from x (N, dim): softmax in fp32, then
@@ -59,7 +62,7 @@ class MoE(nn.Module):
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         chosen, weights = self.route(flat)
-        if chosen.numel() <= self.gate_up.shape[0]:
+        if chosen.numel() <= self.gate_up.shape[0] and self.few == "gathered":
             out = self.gathered(flat, chosen, weights)
         elif grouped_mm_runs(flat.device, compute_dtype(flat)):
             out = self.grouped(flat, chosen, weights)
@@ -72,7 +75,8 @@ class MoE(nn.Module):
         flat = chosen.reshape(-1)
         order = flat.argsort(stable=True)
         rows = order // self.top_k
-        offsets = torch.bincount(flat, minlength=self.gate_up.shape[0]).cumsum(0).to(torch.int32)
+        counts = torch.zeros(self.gate_up.shape[0], dtype=torch.int32, device=x.device)
+        offsets = counts.scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.int32)).cumsum(0, dtype=torch.int32)
         dtype = compute_dtype(x)
         gate_up, down = self.gate_up.to(dtype), self.down.to(dtype)
         hidden = torch._grouped_mm(x[rows].to(dtype), gate_up.transpose(1, 2), offs=offsets)
