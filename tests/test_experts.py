@@ -234,3 +234,26 @@ def test_experts_read_from_disk_are_never_loaded_into_the_model(moe_folder, monk
     asked.clear()
     load_model(moe_folder, "cpu", expert_slots=4)  # the host tier reads them once, into host memory
     assert any(name.endswith("mlp.gate_up") for name in asked)
+
+
+@pytest.mark.parametrize("cold", ["host", "auto"])
+def test_cold_experts_computed_on_the_host_give_the_resident_tokens(moe_folder, cold):
+    """host: every expert not on the device is computed where it lives and never copied; auto: chosen by the
+    times measured at start, the tokens the same either way."""
+    resident, _ = model_from_hf(moe_folder)
+    expected = _tokens(resident)
+    model, _ = model_from_hf(moe_folder)
+    cache = offload_experts(model, slots=6, cold=cold)
+    assert _tokens(model) == expected
+    if cold == "host":
+        assert cache.computed_on_host > 0 and cache.bytes_in == 0 and cache.misses == 0
+    else:
+        assert cache.copy_seconds > 0 and all(t > 0 for t in cache.host_seconds)
+        assert cache.computed_on_host + cache.misses > 0
+
+
+def test_cold_experts_is_checked():
+    from onebox.errors import OneboxError
+
+    with pytest.raises(OneboxError, match="--cold-experts"):
+        offload_experts(torch.nn.Module(), slots=2, cold="gpu")

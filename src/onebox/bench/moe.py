@@ -188,7 +188,9 @@ def run_moe(
     )
     for batch in batches:
         engine = Engine(model, max_batch=batch, prefix_entries=0)
-        hits, misses, bytes_in = (cache.hits, cache.misses, cache.bytes_in) if cache else (0, 0, 0)
+        hits, misses, bytes_in, on_host = (
+            (cache.hits, cache.misses, cache.bytes_in, cache.computed_on_host) if cache else (0, 0, 0, 0)
+        )
         decode = time_decode(engine, batch, prompt_len, new_tokens)
         emitted = engine.emitted  # both of time_decode's rounds, whose copies the counters hold
         result: dict[str, Any] = {
@@ -202,8 +204,10 @@ def run_moe(
             per_token = (cache.bytes_in - bytes_in) / max(emitted, 1)
             floor = bandwidth / per_token if bandwidth and per_token else None
             result.update(hit_rate=(cache.hits - hits) / asked if asked else None, bytes_per_token=per_token)
+            result["computed_on_host_per_token"] = (cache.computed_on_host - on_host) / max(emitted, 1)
             result.update(floor_tokens_per_second=floor, floor_fraction=decode / floor if floor else None)
-            line += f" | hit rate {result['hit_rate']:.1%} | {per_token / 1e6:,.1f} MB copied a token"
+            rate = "n/a" if result["hit_rate"] is None else f"{result['hit_rate']:.1%}"
+            line += f" | hit rate {rate} | {per_token / 1e6:,.1f} MB copied a token"
             line += f" | floor {floor:,.1f} tok/s ({decode / floor:.0%} of it)" if floor else " | floor n/a"
         if batch == 1 and baseline_tokens:
             speed, how = accelerate_speed(folder, device, dtype, budgets, prompt_len, baseline_tokens)

@@ -36,6 +36,13 @@ def add_expert_flags(p: argparse.ArgumentParser) -> None:
         type=float,
         help="GB of host memory for a mixture of experts' experts; past it they are read from the model's files",
     )
+    p.add_argument(
+        "--cold-experts",
+        choices=["copy", "host", "auto"],
+        default="copy",
+        help="an expert not on the device: copy it there (default), compute it on the host's cores, or auto "
+        "(whichever was measured faster at start, per number of tokens)",
+    )
 
 
 def expert_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -44,7 +51,7 @@ def expert_options(args: argparse.Namespace) -> dict[str, Any]:
         name: None if getattr(args, name) is None else int(getattr(args, name) * 1e9)
         for name in ("gpu_memory", "host_memory")
     }
-    return {"expert_slots": args.expert_slots, **gb}
+    return {"expert_slots": args.expert_slots, "cold_experts": args.cold_experts, **gb}
 
 
 def add_sampling_flags(p: argparse.ArgumentParser, max_new_tokens: int = 200) -> None:

@@ -11,12 +11,19 @@ and loads those ahead (the residual stream changes little from one layer to the 
 often right); a prefetch never changes a result, only when the copy happens. On a GPU the prefetch copies
 run on their own CUDA stream, issued before the current layer's experts compute so the two overlap; a
 slot is read only after its copy's event, and overwritten only after the work queued before the copy.
+
+Cold experts (not on the device) may instead be computed where they are, on the host's cores, as Fiddler
+and ktransformers do: for a token or a few, multiplying them in host memory reads the same bytes a copy
+would move, without the copy. `cold="host"` always does so, `"auto"` measures at start which is faster
+per number of rows (one expert copied against one computed on the host for 1 and 8 rows) and chooses
+per expert and step; `"copy"` (the default) always copies.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -28,6 +35,7 @@ from onebox.config import ModelConfig
 from onebox.errors import OneboxError
 from onebox.moe import MoE
 
+COLD_CHOICES = ("copy", "host", "auto")
 Source = Callable[[int, int], tuple[Tensor, Tensor]]  # (layer, expert) -> (gate_up (2I, D), down (D, I)) on the host
 
 
@@ -49,8 +57,11 @@ class ExpertCache:
         self.down = torch.empty((slots, *down), dtype=dtype, device=device)
         self.source, self.slots = source, slots
         self.where: collections.OrderedDict[tuple[int, int], int] = collections.OrderedDict()
-        self.hits = self.misses = self.prefetched = self.bytes_in = 0
+        self.hits = self.misses = self.prefetched = self.bytes_in = self.computed_on_host = 0
         self.tier = "host"  # where the experts come from (offload_experts sets it)
+        self.cold = "copy"  # what to do with an expert not on the device: copy it, or compute it on the host
+        self.host_seconds: tuple[float, float] | None = None  # auto: host compute of one expert at 1 and 8 rows
+        self.copy_seconds: float | None = None  # auto: copy of one expert to the device
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None  # the prefetch copies' own
         self.ready: dict[int, torch.cuda.Event] = {}  # slot -> the event its side-stream copy records
 
@@ -107,6 +118,39 @@ class ExpertCache:
                 out.append(self._load(key, keep))
         return out
 
+    def on_host(self, layer: int, expert: int, rows: int) -> bool:
+        """Whether this expert, for `rows` tokens, is computed on the host rather than copied (never when it is
+        on the device already)."""
+        if self.cold == "copy" or (layer, expert) in self.where:
+            return False
+        if self.cold == "host":
+            return True
+        one, eight = self.host_seconds  # measured by calibrate when the cache was made
+        return one + (eight - one) * (rows - 1) / 7 < self.copy_seconds
+
+    def calibrate(self, repeats: int = 3) -> None:
+        """Time one expert copied to the device and computed on the host for 1 and 8 rows (medians); before the
+        cache holds anything (its slot 0 is written)."""
+        gate_up, down = self.source(0, 0)
+
+        def median(fn: Callable[[], object]) -> float:
+            times = []
+            for _ in range(repeats + 1):
+                start = time.perf_counter()
+                fn()
+                if self.gate_up.device.type == "cuda":
+                    torch.cuda.synchronize(self.gate_up.device)
+                times.append(time.perf_counter() - start)
+            return sorted(times[1:])[repeats // 2]
+
+        def copy() -> None:
+            self.gate_up[0].copy_(gate_up, non_blocking=True)  # slot 0 is overwritten by its next load anyway
+            self.down[0].copy_(down, non_blocking=True)
+
+        self.copy_seconds = median(copy)
+        rows = [torch.randn(n, gate_up.shape[1], dtype=gate_up.dtype) for n in (1, 8)]
+        self.host_seconds = tuple(median(lambda x=x: host_expert(x, gate_up, down)) for x in rows)
+
     def prefetch(self, layer: int, experts: list[int], keep: set[tuple[int, int]] = frozenset()) -> None:
         """Load these experts of `layer` ahead on the side stream, where they are not resident and a slot not in
         `keep` (experts still to be used) can take them; not counted as hits or misses."""
@@ -134,6 +178,16 @@ class OffloadedMoE(nn.Module):
             guess = torch.topk(self.next_router(flat).float(), self.top_k, dim=-1).indices.unique().tolist()
         out = torch.zeros_like(flat)
         needed = chosen.unique().tolist()
+        if self.cache.cold != "copy":
+            counts = torch.bincount(chosen.flatten(), minlength=self.router.weight.shape[0]).tolist()
+            cold = [e for e in needed if self.cache.on_host(self.layer, e, counts[e])]
+            needed = [e for e in needed if e not in cold]
+            for expert in cold:
+                gate_up, down = self.cache.source(self.layer, expert)
+                tokens, pick = (chosen == expert).nonzero(as_tuple=True)
+                y = host_expert(flat[tokens].to(gate_up.device, gate_up.dtype), gate_up, down)
+                out.index_add_(0, tokens, y.to(flat.device, flat.dtype) * weights[tokens, pick, None])
+                self.cache.computed_on_host += 1
         for start in range(0, len(needed), self.cache.slots):  # no more experts at once than the cache holds
             group = needed[start : start + self.cache.slots]
             slots = self.cache.slots_for(self.layer, group)
@@ -145,6 +199,12 @@ class OffloadedMoE(nn.Module):
                 y = F.linear(F.silu(gate) * up, self.cache.down[slot])
                 out.index_add_(0, tokens, y * weights[tokens, pick, None])
         return out.reshape(shape)
+
+
+def host_expert(x: Tensor, gate_up: Tensor, down: Tensor) -> Tensor:
+    """One SwiGLU expert on rows x (N, dim) where its weights are (the host's cores, for a cold expert)."""
+    gate, up = F.linear(x, gate_up).chunk(2, dim=-1)
+    return F.linear(F.silu(gate) * up, down)
 
 
 def host_source(model: nn.Module, pin: bool) -> Source:
@@ -182,15 +242,21 @@ def offload_experts(
     folder: str | Path | None = None,
     prefetch: bool = False,
     device: torch.device | str | None = None,
+    cold: str = "copy",
 ) -> ExpertCache:
     """Replace every block's MoE by an OffloadedMoE sharing one cache of `slots` experts on `device` (default: the
     model's), in place; the experts come from host memory, or with `folder` from its files (then the model's own
-    expert tensors are dropped). Move the rest of the model to `device` afterwards (`model.to(device)`)."""
+    expert tensors are dropped). Move the rest of the model to `device` afterwards (`model.to(device)`).
+    `cold`: copy, host or auto (see the module's docstring)."""
+    if cold not in COLD_CHOICES:
+        raise OneboxError(f"--cold-experts {cold!r}: choose one of {', '.join(COLD_CHOICES)}.")
     first = model.layers[0].mlp
     device = torch.device(device) if device is not None else first.router.weight.device
     source = disk_source(folder, model) if folder is not None else host_source(model, device.type == "cuda")
     cache = ExpertCache(slots, first.gate_up.shape[1:], first.down.shape[1:], first.gate_up.dtype, device, source)
-    cache.tier = "disk" if folder is not None else "host"
+    cache.tier, cache.cold = ("disk" if folder is not None else "host"), cold
+    if cold == "auto":
+        cache.calibrate()
     routers = [block.mlp.router for block in model.layers]
     for i, block in enumerate(model.layers):
         block.mlp = OffloadedMoE(block.mlp, i, cache, routers[i + 1] if prefetch and i + 1 < len(routers) else None)

@@ -49,13 +49,15 @@ def load_model(
     gpu_memory: int | None = None,
     host_memory: int | None = None,
     batch: int = 1,
+    cold_experts: str = "copy",
 ) -> tuple[Transformer, Tokenizer | None]:
     """A model for inference, in `dtype` on `device`, from a Hugging Face folder, a checkpoint file or a run folder;
     `context`: the tokens it runs at (prompt and completion; KV caches are sized by it), up to its own limit.
     A mixture of experts beyond the device: `expert_slots` keeps that many experts on `device` and the rest in
     host memory; `gpu_memory` / `host_memory` (bytes) choose the slots and the tier instead (infer.experts.
     place_experts, with the KV cache of `batch` sequences; past the host budget the experts are read from the
-    folder's files), and `gpu_memory` caps what this process may take of a GPU."""
+    folder's files), and `gpu_memory` caps what this process may take of a GPU; `cold_experts`: copy, host
+    or auto (infer.experts)."""
     path = Path(path)
     target = torch.device(device)
     if path.is_dir() and (path / "config.json").is_file() and any(path.glob("*.safetensors")):
@@ -77,7 +79,7 @@ def load_model(
         from onebox.infer.experts import offload_experts
 
         disk = folder if placement.tier == "disk" else None
-        model.expert_cache = offload_experts(model, placement.slots, folder=disk, device=target)
+        model.expert_cache = offload_experts(model, placement.slots, folder=disk, device=target, cold=cold_experts)
     model.eval()
     return model, tokenizer_from_json(tokenizer_json) if tokenizer_json else None
 
