@@ -11,8 +11,10 @@ from onebox.errors import OneboxError
 from onebox.lora import LoRASpec, adapter_state, apply_lora, base_state, write_peft_adapter
 from onebox.model import Transformer, cross_entropy_loss
 
+SPEC = LoRASpec(rank=4, alpha=8.0)
 
-def _adapted(spec=LoRASpec(rank=4, alpha=8.0), seed=0):
+
+def _adapted(spec=SPEC, seed=0):
     torch.manual_seed(seed)
     model = Transformer(micro_model())
     base = {k: v.clone() for k, v in model.state_dict().items()}
