@@ -79,3 +79,74 @@ def test_a_peft_adapter_loads_onto_the_transformers_base_with_equal_logits(tmp_p
     with torch.no_grad():
         diff = (theirs(input_ids=idx).logits - model(idx)).abs().max().item()
     assert diff <= 1e-4
+
+
+def _quiet_resume(target, **overrides):
+    import os
+
+    from rich.console import Console
+
+    from onebox.training import resume_configs, train
+
+    model, config, path = resume_configs(str(target), overrides)
+    return train(model, config, resume=str(path), console=Console(file=open(os.devnull, "w")), show_progress=False)
+
+
+@pytest.fixture(scope="module")
+def lora_runs(tmp_path_factory, corpus_dir):
+    """A small base run, a LoRA run on it (6 steps), and the same LoRA run stopped at 3 and resumed to 6."""
+    from conftest import micro_train
+
+    from onebox.training import train
+
+    root = tmp_path_factory.mktemp("lora")
+    train(micro_model(), micro_train(root / "base", corpus_dir, max_steps=8, eval_every=0), show_progress=False)
+    lora = dict(init_from=str(root / "base"), lora_rank=4, lora_alpha=8.0, eval_every=0, keep_last=5)
+    train(micro_model(), micro_train(root / "lora", corpus_dir, max_steps=6, ckpt_every=3, **lora), show_progress=False)
+    train(micro_model(), micro_train(root / "half", corpus_dir, max_steps=3, ckpt_every=3, **lora), show_progress=False)
+    _quiet_resume(root / "half", max_steps=6)
+    return root
+
+
+def test_a_lora_run_saves_only_its_adapters_and_resumes_exactly(lora_runs):
+    from onebox.checkpoint import load_checkpoint
+
+    full = load_checkpoint(lora_runs / "lora" / "ckpt_0000006.pt")
+    resumed = load_checkpoint(lora_runs / "half" / "ckpt_0000006.pt")
+    assert full["lora"] and set(full["model"]) and all(".lora_" in name for name in full["model"])
+    assert set(full["model"]) == set(resumed["model"])
+    assert all(torch.equal(full["model"][n], resumed["model"][n]) for n in full["model"])
+    assert any(t.abs().sum() > 0 for n, t in full["model"].items() if "lora_b" in n)  # the adapters trained
+
+
+def test_a_lora_run_exports_merged_and_as_a_peft_adapter(lora_runs, tmp_path):
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    from onebox.checkpoint import load_checkpoint
+    from onebox.cli import main
+    from onebox.lora import adapted_from_checkpoint
+
+    checkpoint = lora_runs / "lora" / "ckpt_0000006.pt"
+    adapted, _ = adapted_from_checkpoint(load_checkpoint(checkpoint))
+    adapted.eval()
+    idx = torch.randint(0, 512, (2, 12))
+    with torch.no_grad():
+        ours = adapted(idx)
+    assert main(["export", str(checkpoint), str(tmp_path / "merged")]) == 0
+    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+    assert main(["export", str(lora_runs / "base"), str(tmp_path / "base")]) == 0
+    assert main(["export", str(checkpoint), str(tmp_path / "adapter"), "--adapter"]) == 0
+    base = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32)
+    with_adapter = peft.PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    with torch.no_grad():
+        assert (merged(input_ids=idx).logits - ours).abs().max().item() <= 1e-4
+        assert (with_adapter(input_ids=idx).logits - ours).abs().max().item() <= 1e-4
+
+
+def test_lora_needs_a_model_to_adapt_and_refuses_what_it_cannot_do():
+    from onebox.config import TrainConfig
+
+    with pytest.raises(OneboxError, match="--init-from"):
+        TrainConfig(lora_rank=4).validate()
+    with pytest.raises(OneboxError, match="fp8"):
+        TrainConfig(lora_rank=4, init_from="x", precision="fp8").validate()

@@ -269,6 +269,10 @@ class TrainConfig:
     ckpt_every: int = 500
     keep_last: int = 3
     log_every: int = 10
+    lora_rank: int = 0  # LoRA: rank of the adapters on a frozen --init-from model; 0 = full fine-tuning
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: str = "q,k,v,o,gate,up,down"
 
     def validate(self) -> TrainConfig:
         """Raise OneboxError naming the first invalid field; return self when valid."""
@@ -292,7 +296,24 @@ class TrainConfig:
             raise OneboxError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}.")
         if self.compile not in COMPILE_SETTINGS:
             raise OneboxError(f"compile must be one of {', '.join(COMPILE_SETTINGS)}, got {self.compile!r}.")
+        if self.lora_rank:
+            self.lora_spec().names()  # checks rank, alpha, dropout and targets
+            if self.precision == "fp8":
+                raise OneboxError("--precision fp8 is for full training; LoRA runs in bf16 or fp32: leave it at auto.")
+            if not self.init_from:
+                raise OneboxError(
+                    "--lora-rank adapts a model you already have: give it with --init-from (a Hugging Face folder, "
+                    "a run folder or a checkpoint)."
+                )
         return self
+
+    def lora_spec(self) -> Any:
+        """The LoRA adapters this run trains (onebox.lora.LoRASpec; None: full fine-tuning)."""
+        from onebox.lora import LoRASpec
+
+        return (
+            LoRASpec(self.lora_rank, self.lora_alpha, self.lora_dropout, self.lora_targets) if self.lora_rank else None
+        )
 
 
 # --- loading and overriding -------------------------------------------------------------------

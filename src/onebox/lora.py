@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -118,6 +119,24 @@ def adapter_state(model: nn.Module) -> dict[str, Tensor]:
     return {n: p.detach() for n, p in model.named_parameters() if "lora_a" in n or "lora_b" in n}
 
 
+@torch.no_grad()
+def load_adapters(model: nn.Module, state: dict[str, Tensor]) -> None:
+    """Copy saved adapters (adapter_state's names) into an adapted model: exactly its adapters, same shapes."""
+    own = adapter_state(model)
+    if set(own) != set(state):
+        raise OneboxError(
+            "the checkpoint's LoRA adapters do not match this run's (rank or targets differ): resume with the "
+            "--lora-rank and --lora-targets it was trained with."
+        )
+    for name, tensor in own.items():
+        if tensor.shape != state[name].shape:
+            raise OneboxError(
+                f"LoRA adapter {name} has shape {tuple(state[name].shape)} in the checkpoint, "
+                f"{tuple(tensor.shape)} here: resume with the same --lora-rank."
+            )
+        tensor.copy_(state[name])
+
+
 def base_state(model: nn.Module, merged: bool = False) -> dict[str, Tensor]:
     """The plain model's state dict (names without the wrappers): the frozen base, or with `merged` each
     adapted weight plus its update, in the weight's dtype."""
@@ -161,3 +180,59 @@ def write_peft_adapter(model: nn.Module, spec: LoRASpec, out_dir: Path, base_mod
         "modules_to_save": None,
     }
     (out_dir / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+def adapted_from_checkpoint(payload: dict) -> tuple[nn.Module, LoRASpec]:
+    """The adapted model of a LoRA run's checkpoint on the CPU (fp32): its base read again from the run's
+    --init-from, the adapters from the checkpoint."""
+    from onebox.config import model_config_from_dict, train_config_from_dict
+    from onebox.model import build_model
+    from onebox.training.start import initial_model
+
+    train = train_config_from_dict(payload["train_config"])
+    config = model_config_from_dict(payload["model_config"])
+    if not train.init_from or not Path(train.init_from).exists():
+        raise OneboxError(
+            f"{payload['path']} holds LoRA adapters for the model at {train.init_from or '(none)'}, which is not there: "
+            "put the base model back at that path (the adapters alone are not a model)."
+        )
+    _, state, _ = initial_model(train.init_from, config)
+    model = build_model(config, "cpu", torch.float32, state=state)
+    spec = train.lora_spec()
+    apply_lora(model, spec)
+    load_adapters(model, payload["model"])
+    return model, spec
+
+
+def merged_state(payload: dict) -> dict[str, Tensor]:
+    """A LoRA run's checkpoint as a plain model's state dict: base plus merged adapters."""
+    model, _ = adapted_from_checkpoint(payload)
+    return base_state(model, merged=True)
+
+
+def export_adapter(payload: dict, out_dir: str | Path, force: bool = False) -> Path:
+    """A LoRA run's checkpoint as a PEFT adapter folder at out_dir (built beside it, moved in once complete;
+    the same rules as `onebox export` for what out_dir may already hold)."""
+    from onebox import __version__
+    from onebox.export import EXPORT_MANIFEST, export_target
+    from onebox.files import publish_folder, staging_folder
+
+    if not payload.get("lora"):
+        raise OneboxError(
+            f"{payload['path']} is not a LoRA run's checkpoint: --adapter exports adapters; leave it out."
+        )
+    model, spec = adapted_from_checkpoint(payload)
+    out_dir = Path(out_dir)
+    replaced = export_target(out_dir, force, Path(payload["path"]).parent)
+    staging = staging_folder(out_dir)
+    try:
+        base = str(Path(payload["train_config"]["init_from"]).resolve())
+        write_peft_adapter(model, spec, staging, base)
+        files = sorted(p.name for p in staging.iterdir())
+        manifest = {"format": "onebox-export-1", "onebox_version": __version__, "files": files}
+        (staging / EXPORT_MANIFEST).write_text(json.dumps(manifest, indent=2))
+        publish_folder(staging, out_dir, replaced)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return out_dir

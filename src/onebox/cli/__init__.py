@@ -109,6 +109,14 @@ def cmd_export(args: argparse.Namespace) -> int:
     from onebox.export import export_hf
 
     payload = load_checkpoint(args.checkpoint)
+    if args.adapter:
+        from onebox.lora import export_adapter
+
+        out = export_adapter(payload, args.out_dir, args.force)
+        console.print(
+            f"exported the LoRA adapters of {payload['path']} (step {payload['step']}) to {out} (PEFT format)"
+        )
+        return 0
     out = export_hf(
         model_state(payload),
         model_config_from_dict(payload["model_config"]),
@@ -275,6 +283,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--force",
         action="store_true",
         help="replace an earlier export's files in out_dir (nothing else there is touched)",
+    )
+    p.add_argument(
+        "--adapter",
+        action="store_true",
+        help="a LoRA run: write its adapters as a PEFT folder (default: the model with the adapters merged in)",
     )
     p.set_defaults(func=cmd_export)
 

@@ -45,6 +45,10 @@ FIELD_HELP = {
     "keep_last": "checkpoints kept in the run folder",
     "log_every": "steps between progress lines",
     "grad_clip": "global gradient-norm clip (0 = off)",
+    "lora_rank": "train LoRA adapters of this rank on the frozen --init-from model (0 = full fine-tuning)",
+    "lora_alpha": "LoRA's alpha: the adapters' update is scaled by alpha / rank",
+    "lora_dropout": "dropout on the adapters' input",
+    "lora_targets": "the layers adapted, comma-separated among q, k, v, o, gate, up, down",
 }
 FIELD_CHOICES = {
     "optimizer": OPTIMIZERS,

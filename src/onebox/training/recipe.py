@@ -32,6 +32,7 @@ from onebox.distributed import (
     shard_model,
 )
 from onebox.errors import OneboxError
+from onebox.lora import adapter_state, apply_lora, load_adapters
 from onebox.lowmem import LowMemAdamW, keep_vectors_fp32
 from onebox.model import Transformer, build_model
 from onebox.optim import build_optimizer
@@ -68,6 +69,13 @@ def choose_strategy(
     than refuse); a resumed run (`saved`: its checkpoint) keeps the strategy that wrote the checkpoint
     under auto and refuses one whose optimizer state differs."""
     setting = train.memory
+    if train.lora_rank:  # the base is frozen (bf16 on a GPU) and only the adapters have optimizer state
+        if setting not in ("auto", "standard", "checkpointed") or world > 1:
+            raise OneboxError(
+                f"LoRA trains in one process with --memory auto, standard or checkpointed (its base is frozen, so the "
+                f"low-memory strategies have nothing to save); got --memory {setting} on {world} process(es)."
+            )
+        return strategy("standard" if setting == "auto" else setting)
     if saved is not None:
         written = saved.get("memory", "standard")
         setting = written if setting == "auto" else setting
@@ -126,6 +134,7 @@ class Recipe:
     world: int = 1
     reshard: bool = True  # several processes: blocks regather their weights in backward
     compiled: bool = False
+    lora: bool = False  # only the adapters train, and only they are saved
 
     def step(
         self,
@@ -160,7 +169,8 @@ class Recipe:
         """The weights' part of the checkpoint at `path`: the state dicts in one process; with several, every
         process writes its own shards to ckpt_N.dcp (into a temporary folder renamed once all are done)."""
         if not ranks.active:
-            return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
+            state = adapter_state(self.model) if self.lora else self.model.state_dict()
+            return {"model": state, "optimizer": self.optimizer.state_dict(), "lora": self.lora}
         folder = sharded_folder(path)
         staging = folder.with_name(f".{folder.name}.tmp")
         if ranks.main:
@@ -175,7 +185,8 @@ class Recipe:
 
     def state_bytes(self) -> int:
         """Bytes a checkpoint of this run's model and optimizer state holds (what a full disk was short of)."""
-        return payload_bytes(self.model.state_dict()) + payload_bytes(self.optimizer.state_dict())
+        state = adapter_state(self.model) if self.lora else self.model.state_dict()
+        return payload_bytes(state) + payload_bytes(self.optimizer.state_dict())
 
 
 def _load_optimizer(model: torch.nn.Module, optimizer: Any, states: Any) -> None:
@@ -204,15 +215,24 @@ def build(
     """Build the run: the model (fresh from the seed, from `state`'s weights, or from `saved`, a checkpoint
     to resume with its optimizer state) in the strategy's weight dtype, the transforms in their fixed order,
     FSDP2 over `world` processes (`reshard` None: as planned; `shard_options` go to `distributed.shard_model`,
-    what benchmarks/scaling_probe.py varies), and the optimizer."""
+    what benchmarks/scaling_probe.py varies), and the optimizer. With LoRA (train.lora_rank) `state` is the base
+    model's, frozen (bf16 on a GPU), the adapters come fresh or from `saved`, and only they are optimised."""
     dtype = autocast_dtype(device, train.precision)
     scope = compile_scope(train.compile, device)
     sharded = world > 1
     from_shards = saved is not None and bool(saved.get("sharded"))
-    if saved is not None and not from_shards:
+    spec = train.lora_spec()
+    if saved is not None and not from_shards and spec is None:
         state = saved["model"]
     weight_dtype = torch.bfloat16 if chosen.bf16_weights else torch.float32
+    if spec is not None:  # a frozen base needs no fp32 master copy
+        weight_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = build_model(model_config, "meta" if sharded else device, weight_dtype, None if sharded else state)
+    if spec is not None:
+        apply_lora(model, spec)
+        model.to(device)
+        if saved is not None:
+            load_adapters(model, saved["model"])
     if chosen.bf16_weights:  # bf16 matrices, fp32 norm scales (kept whole on every process when sharded)
         keep_vectors_fp32(model, None if sharded else state)
     if train.precision == "fp8":
@@ -251,6 +271,5 @@ def build(
         load_full_state(model, getattr(optimizer, "optimizers", []), state, saved["optimizer"] if saved else [])
     elif saved is not None:
         _load_optimizer(model, optimizer, saved["optimizer"])
-    return Recipe(
-        model, loss_fn, optimizer, chosen, device, dtype, world, True if reshard is None else reshard, scope is not None
-    )
+    reshard = True if reshard is None else reshard
+    return Recipe(model, loss_fn, optimizer, chosen, device, dtype, world, reshard, scope is not None, spec is not None)

@@ -150,9 +150,11 @@ def start(model_config: ModelConfig, config: TrainConfig, resume: str | None, ra
     info = resolve_data(config, say)
     if config.data:  # stored resolved, so the run resumes from any working directory
         config = apply_overrides(config, {"data": str(info.path)})
+    if config.init_from:  # the same for the model it starts from (a LoRA run reads its base again there)
+        config = apply_overrides(config, {"init_from": str(Path(config.init_from).resolve())})
     saved = load_checkpoint(resume) if resume else None
     state = None
-    if config.init_from and saved is None:
+    if config.init_from and (saved is None or saved.get("lora")):  # LoRA resumes its adapters on the same base
         model_config, state, init_tokenizer = initial_model(config.init_from, model_config)
         check_tokenizer(info, init_tokenizer, config.init_from, say)
     check_vocab(info, model_config)
