@@ -12,7 +12,7 @@ LAYERS = [
     {"errors", "files", "display"},
     {"config", "presets", "device", "host", "tokenizer", "chat"},
     {"distributed", "launch", "model", "rope", "moe"},
-    {"data", "checkpoint", "export", "families", "memory", "optim", "adamw", "lowmem", "transforms"},
+    {"data", "checkpoint", "export", "families", "memory", "optim", "adamw", "lowmem", "transforms", "lora"},
     {"plan", "runs"},
     {"training", "infer"},
     {"serve"},

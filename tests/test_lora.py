@@ -124,10 +124,10 @@ def test_a_lora_run_exports_merged_and_as_a_peft_adapter(lora_runs, tmp_path):
     transformers = pytest.importorskip("transformers")
     from onebox.checkpoint import load_checkpoint
     from onebox.cli import main
-    from onebox.lora import adapted_from_checkpoint
+    from onebox.training.start import lora_model
 
     checkpoint = lora_runs / "lora" / "ckpt_0000006.pt"
-    adapted, _ = adapted_from_checkpoint(load_checkpoint(checkpoint))
+    adapted, _ = lora_model(load_checkpoint(checkpoint))
     adapted.eval()
     idx = torch.randint(0, 512, (2, 12))
     with torch.no_grad():

@@ -86,12 +86,10 @@ def prune_checkpoints(out_dir: str | Path, keep_last: int, up_to: int) -> None:
 
 
 def model_state(payload: dict[str, Any]) -> dict[str, Any]:
-    """The whole model's state dict of a loaded checkpoint, gathered from its shards when several processes wrote it;
-    for a LoRA run, its base with the adapters merged in (the base read again from the run's --init-from)."""
+    """The whole model's state dict of a loaded checkpoint, gathered from its shards when several processes wrote it
+    (a LoRA run's checkpoint holds only adapters: training.start.checkpoint_state merges them into its base)."""
     if payload.get("lora"):
-        from onebox.lora import merged_state
-
-        return merged_state(payload)
+        raise OneboxError(f"{payload['path']} holds LoRA adapters, not a model: read it with checkpoint_state.")
     if not payload.get("sharded"):
         return payload["model"]
     from onebox.config import model_config_from_dict

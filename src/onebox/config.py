@@ -234,6 +234,9 @@ class ModelConfig:
 # --- training configuration -----------------------------------------------------------------
 
 
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")  # the layers LoRA may adapt (onebox.lora)
+
+
 @dataclass
 class TrainConfig:
     """Everything about a training run that is not the model's shape."""
@@ -272,7 +275,7 @@ class TrainConfig:
     lora_rank: int = 0  # LoRA: rank of the adapters on a frozen --init-from model; 0 = full fine-tuning
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
-    lora_targets: str = "q,k,v,o,gate,up,down"
+    lora_targets: str = ",".join(LORA_TARGETS)
 
     def validate(self) -> TrainConfig:
         """Raise OneboxError naming the first invalid field; return self when valid."""
@@ -297,7 +300,16 @@ class TrainConfig:
         if self.compile not in COMPILE_SETTINGS:
             raise OneboxError(f"compile must be one of {', '.join(COMPILE_SETTINGS)}, got {self.compile!r}.")
         if self.lora_rank:
-            self.lora_spec().names()  # checks rank, alpha, dropout and targets
+            targets = [t.strip() for t in self.lora_targets.split(",") if t.strip()]
+            if not targets or any(t not in LORA_TARGETS for t in targets):
+                raise OneboxError(
+                    f"--lora-targets {self.lora_targets!r}: choose among {', '.join(LORA_TARGETS)} (comma-separated), e.g. q,v."
+                )
+            if self.lora_rank < 1 or self.lora_alpha <= 0 or not 0 <= self.lora_dropout < 1:
+                raise OneboxError(
+                    f"LoRA rank {self.lora_rank}, alpha {self.lora_alpha:g}, dropout {self.lora_dropout:g}: the rank must "
+                    "be at least 1, alpha above 0 and the dropout in [0, 1)."
+                )
             if self.precision == "fp8":
                 raise OneboxError("--precision fp8 is for full training; LoRA runs in bf16 or fp32: leave it at auto.")
             if not self.init_from:
@@ -306,14 +318,6 @@ class TrainConfig:
                     "a run folder or a checkpoint)."
                 )
         return self
-
-    def lora_spec(self) -> Any:
-        """The LoRA adapters this run trains (onebox.lora.LoRASpec; None: full fine-tuning)."""
-        from onebox.lora import LoRASpec
-
-        return (
-            LoRASpec(self.lora_rank, self.lora_alpha, self.lora_dropout, self.lora_targets) if self.lora_rank else None
-        )
 
 
 # --- loading and overriding -------------------------------------------------------------------

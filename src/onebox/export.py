@@ -18,6 +18,7 @@ from onebox.config import ModelConfig
 from onebox.errors import OneboxError
 from onebox.families import config_from_hf, hf_config, hf_names, join_experts, split_experts
 from onebox.files import check_output_folder, is_disk_full, publish_folder, read_json, staging_folder
+from onebox.lora import LoRASpec, write_peft_adapter
 from onebox.model import Transformer, build_model
 from onebox.tokenizer import eos_id, hf_tokenizer_files, tokenizer_from_json
 
@@ -246,3 +247,28 @@ def model_from_hf(
     """A ready Transformer in `dtype` on `device`, filled straight from the files, and tokenizer.json text."""
     config, state, tokenizer = load_hf(folder)
     return build_model(config, device, dtype, state=state), tokenizer
+
+
+def export_adapter(
+    model: torch.nn.Module,
+    spec: LoRASpec,
+    base: str,
+    out_dir: str | Path,
+    force: bool = False,
+    run_dir: Path | None = None,
+) -> Path:
+    """A LoRA-adapted model's adapters as a PEFT adapter folder at out_dir (built beside it and moved in once
+    complete; what out_dir may already hold as for export_hf)."""
+    out_dir = Path(out_dir)
+    replaced = export_target(out_dir, force, run_dir)
+    staging = staging_folder(out_dir)
+    try:
+        write_peft_adapter(model, spec, staging, base)
+        files = sorted(p.name for p in staging.iterdir())
+        manifest = {"format": "onebox-export-1", "onebox_version": __version__, "files": files}
+        (staging / EXPORT_MANIFEST).write_text(json.dumps(manifest, indent=2))
+        publish_folder(staging, out_dir, replaced)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return out_dir

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,17 +21,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from onebox.config import LORA_TARGETS, TrainConfig
 from onebox.errors import OneboxError
 
-TARGETS = {
-    "q": "self_attn.q_proj",
-    "k": "self_attn.k_proj",
-    "v": "self_attn.v_proj",
-    "o": "self_attn.o_proj",
-    "gate": "mlp.gate_proj",
-    "up": "mlp.up_proj",
-    "down": "mlp.down_proj",
-}
+TARGETS = dict(
+    zip(LORA_TARGETS, [f"self_attn.{n}_proj" for n in "qkvo"] + [f"mlp.{n}_proj" for n in ("gate", "up", "down")])
+)
 DEFAULT_TARGETS = ",".join(TARGETS)
 
 
@@ -57,6 +51,13 @@ class LoRASpec:
                 "alpha above 0 and the dropout in [0, 1)."
             )
         return [TARGETS[t] for t in chosen]
+
+
+def spec_of(train: TrainConfig) -> LoRASpec | None:
+    """The LoRA adapters a run trains (None: full fine-tuning)."""
+    return (
+        LoRASpec(train.lora_rank, train.lora_alpha, train.lora_dropout, train.lora_targets) if train.lora_rank else None
+    )
 
 
 class LoRALinear(nn.Module):
@@ -180,59 +181,3 @@ def write_peft_adapter(model: nn.Module, spec: LoRASpec, out_dir: Path, base_mod
         "modules_to_save": None,
     }
     (out_dir / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
-
-
-def adapted_from_checkpoint(payload: dict) -> tuple[nn.Module, LoRASpec]:
-    """The adapted model of a LoRA run's checkpoint on the CPU (fp32): its base read again from the run's
-    --init-from, the adapters from the checkpoint."""
-    from onebox.config import model_config_from_dict, train_config_from_dict
-    from onebox.model import build_model
-    from onebox.training.start import initial_model
-
-    train = train_config_from_dict(payload["train_config"])
-    config = model_config_from_dict(payload["model_config"])
-    if not train.init_from or not Path(train.init_from).exists():
-        raise OneboxError(
-            f"{payload['path']} holds LoRA adapters for the model at {train.init_from or '(none)'}, which is not there: "
-            "put the base model back at that path (the adapters alone are not a model)."
-        )
-    _, state, _ = initial_model(train.init_from, config)
-    model = build_model(config, "cpu", torch.float32, state=state)
-    spec = train.lora_spec()
-    apply_lora(model, spec)
-    load_adapters(model, payload["model"])
-    return model, spec
-
-
-def merged_state(payload: dict) -> dict[str, Tensor]:
-    """A LoRA run's checkpoint as a plain model's state dict: base plus merged adapters."""
-    model, _ = adapted_from_checkpoint(payload)
-    return base_state(model, merged=True)
-
-
-def export_adapter(payload: dict, out_dir: str | Path, force: bool = False) -> Path:
-    """A LoRA run's checkpoint as a PEFT adapter folder at out_dir (built beside it, moved in once complete;
-    the same rules as `onebox export` for what out_dir may already hold)."""
-    from onebox import __version__
-    from onebox.export import EXPORT_MANIFEST, export_target
-    from onebox.files import publish_folder, staging_folder
-
-    if not payload.get("lora"):
-        raise OneboxError(
-            f"{payload['path']} is not a LoRA run's checkpoint: --adapter exports adapters; leave it out."
-        )
-    model, spec = adapted_from_checkpoint(payload)
-    out_dir = Path(out_dir)
-    replaced = export_target(out_dir, force, Path(payload["path"]).parent)
-    staging = staging_folder(out_dir)
-    try:
-        base = str(Path(payload["train_config"]["init_from"]).resolve())
-        write_peft_adapter(model, spec, staging, base)
-        files = sorted(p.name for p in staging.iterdir())
-        manifest = {"format": "onebox-export-1", "onebox_version": __version__, "files": files}
-        (staging / EXPORT_MANIFEST).write_text(json.dumps(manifest, indent=2))
-        publish_folder(staging, out_dir, replaced)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
-    return out_dir

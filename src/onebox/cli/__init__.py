@@ -104,21 +104,26 @@ def _number(value: float | None, spec: str) -> str:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from onebox.checkpoint import load_checkpoint, model_state
+    from onebox.checkpoint import load_checkpoint
     from onebox.config import model_config_from_dict
-    from onebox.export import export_hf
+    from onebox.export import export_adapter, export_hf
+    from onebox.training.start import checkpoint_state, lora_model
 
     payload = load_checkpoint(args.checkpoint)
     if args.adapter:
-        from onebox.lora import export_adapter
-
-        out = export_adapter(payload, args.out_dir, args.force)
+        if not payload.get("lora"):
+            raise OneboxError(
+                f"{payload['path']} is not a LoRA run's checkpoint: --adapter exports adapters; leave it out."
+            )
+        model, spec = lora_model(payload)
+        base = payload["train_config"]["init_from"]
+        out = export_adapter(model, spec, base, args.out_dir, args.force, Path(payload["path"]).parent)
         console.print(
             f"exported the LoRA adapters of {payload['path']} (step {payload['step']}) to {out} (PEFT format)"
         )
         return 0
     out = export_hf(
-        model_state(payload),
+        checkpoint_state(payload),
         model_config_from_dict(payload["model_config"]),
         payload.get("tokenizer_json"),
         args.out_dir,

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer
 
-from onebox.checkpoint import load_checkpoint, model_state
+from onebox.checkpoint import load_checkpoint
 from onebox.config import ModelConfig, model_config_from_dict
 from onebox.device import synchronize
 from onebox.errors import OneboxError
@@ -21,6 +21,7 @@ from onebox.infer.requests import check_prompt, check_sampling
 from onebox.infer.sampling import sample_next
 from onebox.model import Transformer, build_model
 from onebox.tokenizer import tokenizer_from_json
+from onebox.training.start import checkpoint_state
 
 
 @dataclass
@@ -65,7 +66,7 @@ def load_model(
         folder: Path | None = path
     else:
         payload = load_checkpoint(path)
-        config, state = model_config_from_dict(payload["model_config"]), model_state(payload)
+        config, state = model_config_from_dict(payload["model_config"]), checkpoint_state(payload)
         tokenizer_json, folder = payload.get("tokenizer_json"), None
     placement = None
     if expert_slots is not None or gpu_memory is not None or host_memory is not None:

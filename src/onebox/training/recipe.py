@@ -32,7 +32,7 @@ from onebox.distributed import (
     shard_model,
 )
 from onebox.errors import OneboxError
-from onebox.lora import adapter_state, apply_lora, load_adapters
+from onebox.lora import adapter_state, apply_lora, load_adapters, spec_of
 from onebox.lowmem import LowMemAdamW, keep_vectors_fp32
 from onebox.model import Transformer, build_model
 from onebox.optim import build_optimizer
@@ -221,7 +221,7 @@ def build(
     scope = compile_scope(train.compile, device)
     sharded = world > 1
     from_shards = saved is not None and bool(saved.get("sharded"))
-    spec = train.lora_spec()
+    spec = spec_of(train)
     if saved is not None and not from_shards and spec is None:
         state = saved["model"]
     weight_dtype = torch.bfloat16 if chosen.bf16_weights else torch.float32

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from onebox.checkpoint import latest_checkpoint, load_checkpoint, model_state
 from onebox.config import (
     ModelConfig,
@@ -22,6 +24,8 @@ from onebox.display import plural
 from onebox.distributed import DistInfo
 from onebox.errors import OneboxError
 from onebox.export import load_hf
+from onebox.lora import LoRASpec, apply_lora, base_state, load_adapters, spec_of
+from onebox.model import Transformer, build_model
 from onebox.plan import HOST_HEADROOM, Strategy, fits, machine_memory, predict
 from onebox.runs import check_resume_target, remove_stale_temp_files, schedule_note, start_metrics, warmup_note
 from onebox.tokenizer import tokenizer_identity
@@ -83,6 +87,31 @@ def resolve_data(config: TrainConfig, say: Say) -> DatasetInfo:
     return info
 
 
+def lora_model(payload: dict[str, Any]) -> tuple[Transformer, LoRASpec]:
+    """The adapted model of a LoRA run's checkpoint on the CPU (fp32): its base read again from the run's
+    --init-from, the adapters from the checkpoint."""
+    train = train_config_from_dict(payload["train_config"])
+    config = model_config_from_dict(payload["model_config"])
+    if not train.init_from or not Path(train.init_from).exists():
+        raise OneboxError(
+            f"{payload['path']} holds LoRA adapters for the model at {train.init_from or '(none)'}, which is not there: "
+            "put the base model back at that path (the adapters alone are not a model)."
+        )
+    _, state, _ = initial_model(train.init_from, config)
+    model = build_model(config, "cpu", torch.float32, state=state)
+    spec = spec_of(train)
+    apply_lora(model, spec)
+    load_adapters(model, payload["model"])
+    return model, spec
+
+
+def checkpoint_state(payload: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's model as a plain state dict: model_state, or a LoRA run's base with its adapters merged in."""
+    if payload.get("lora"):
+        return base_state(lora_model(payload)[0], merged=True)
+    return model_state(payload)
+
+
 def initial_model(source: str, model_config: ModelConfig) -> tuple[ModelConfig, dict[str, Any], str | None]:
     """The config, weights and tokenizer.json text to start from (--init-from): a Hugging Face folder, a onebox
     run folder or a checkpoint file; the context is the smaller of the run's seq_len and the model's."""
@@ -93,7 +122,7 @@ def initial_model(source: str, model_config: ModelConfig) -> tuple[ModelConfig, 
         payload = load_checkpoint(path)
         initial, state, tokenizer_json = (
             model_config_from_dict(payload["model_config"]),
-            model_state(payload),
+            checkpoint_state(payload),
             payload.get("tokenizer_json"),
         )
     return apply_overrides(initial, {"seq_len": min(model_config.seq_len, initial.seq_len)}), state, tokenizer_json
