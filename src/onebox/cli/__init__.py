@@ -30,6 +30,7 @@ from onebox.cli.common import (
     plural,
     refuse_unknown,
 )
+from onebox.cli.evaluate import add_eval_parser
 from onebox.cli.plan import add_plan_parser
 from onebox.cli.results import add_results_parsers
 from onebox.errors import OneboxError
@@ -314,6 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_generate)
 
     add_chat_parser(sub)
+    add_eval_parser(sub)
 
     p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (completions, chat, streaming)")
     p.add_argument("model", help="checkpoint file, run folder or Hugging Face folder")
