@@ -164,6 +164,7 @@ class Engine:
         self.kernels = list(getattr(self.model, "kernels", []))  # what the decode steps use (for the record)
         self.kernel_notes = list(getattr(self.model, "notes", []))  # why a chosen kernel will not run here
         self.config = model.config
+        self.plain = model  # the model as given (scoring a text's log-probabilities runs it whole)
         self.max_batch = max_batch
         self.prefill_tokens = prefill_tokens  # the most (padded) prompt tokens one batched prefill takes
         self.max_queue = max_queue

@@ -79,6 +79,8 @@ class Sampling(BaseModel):
 
 class CompletionBody(Sampling):
     prompt: str | list[int]
+    echo: bool = False  # the prompt is returned before the completion (with its log-probabilities under logprobs)
+    logprobs: int | None = Field(None, ge=0, le=20)  # each token's log-probability and the top-N alternatives
 
 
 class Message(BaseModel):
@@ -158,6 +160,14 @@ class Server:
         if templated:  # a chat template writes its own special tokens
             return self.tokenizer.encode(text, add_special_tokens=False).ids
         return self.framing.encode(text)
+
+    def check_context(self, prompt_ids: list[int]) -> None:
+        """A prompt to be scored whole: its ids in the vocabulary and no longer than the context."""
+        config = self.engine.config
+        try:
+            check_prompt(prompt_ids, config.vocab_size, config.seq_len + 1)  # (room for no new token)
+        except InvalidRequest as err:
+            raise ApiError(str(err), 400, err.param, err.code) from None
 
     def prompt_ids(self, body: CompletionBody) -> list[int]:
         """A completion's prompt as token ids (text is encoded after the end-of-text token)."""

@@ -39,6 +39,7 @@ from onebox.errors import OneboxError
 from onebox.infer.engine import Engine
 from onebox.infer.engine import Request as EngineRequest
 from onebox.serve.api import ApiError, ChatBody, CompletionBody, Sampling, Server, TextStream, usage
+from onebox.serve.logprobs import score
 
 DEFAULT_MAX_BODY_BYTES = 8 * 2**20
 DISCONNECT_POLL_SECONDS = 0.25  # how often a waiting non-streaming request looks whether its client is still there
@@ -128,8 +129,8 @@ def _reason(stream: TextStream, request: EngineRequest) -> str:
 
 async def _complete(
     server: Server, requests: list[EngineRequest], stops: list[str], http: Request
-) -> list[tuple[str, int, str]]:
-    """Run every choice to its end: (text, completion tokens, finish reason) each; a client that leaves cancels them."""
+) -> list[tuple[str, list[int], str]]:
+    """Run every choice to its end: (text, completion token ids, finish reason) each; a client that leaves cancels them."""
     streams = [TextStream(server, stops) for _ in requests]
     texts = [""] * len(requests)
     async for index, token in _tokens(requests, http.is_disconnected):
@@ -143,7 +144,7 @@ async def _complete(
             if stream.stopped:
                 request.cancel()
     return [
-        (text, len(stream.ids), _reason(stream, request)) for text, stream, request in zip(texts, streams, requests)
+        (text, list(stream.ids), _reason(stream, request)) for text, stream, request in zip(texts, streams, requests)
     ]
 
 
@@ -269,7 +270,10 @@ def create_app(server: Server, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> 
                 )
             else:
                 choices.append({"index": i, "text": text, "finish_reason": reason, "logprobs": None})
-        total = usage(prompt_ids, sum(r[1] for r in results), requests[0].cached_tokens)
+        if not chat and (body.echo or body.logprobs is not None):
+            for choice, (_, ids, _) in zip(choices, results):
+                await with_logprobs(choice, body, prompt_ids, ids)
+        total = usage(prompt_ids, sum(len(r[1]) for r in results), requests[0].cached_tokens)
         return {
             "id": ident,
             "object": "chat.completion" if chat else "text_completion",
@@ -279,8 +283,36 @@ def create_app(server: Server, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> 
             "usage": total,
         }
 
+    async def with_logprobs(
+        choice: dict[str, Any], body: CompletionBody, prompt_ids: list[int], ids: list[int]
+    ) -> None:
+        """echo: the prompt before the text; logprobs: the tokens' log-probabilities (serve.logprobs.score)."""
+        start = 0 if body.echo else len(prompt_ids)
+        top = body.logprobs or 0
+        scored = await run_in_threadpool(score, server.engine.plain, server.tokenizer, prompt_ids + ids, start, top)
+        if body.echo:
+            prompt = body.prompt if isinstance(body.prompt, str) else "".join(scored["tokens"][: len(prompt_ids)])
+            choice["text"] = prompt + choice["text"]
+        choice["logprobs"] = scored if body.logprobs is not None else None
+
     @app.post("/v1/completions")
     async def completions(body: CompletionBody, http: Request) -> Any:
+        if (body.echo or body.logprobs is not None) and body.stream:
+            raise ApiError("logprobs and echo are answered whole: send them with stream false.", 400, "stream")
+        if body.max_tokens == 0 and body.echo:  # scoring the prompt alone (lm-evaluation-harness' loglikelihood)
+            server.check(body.model_copy(update={"max_tokens": None}))
+            prompt_ids = await run_in_threadpool(server.prompt_ids, body)
+            server.check_context(prompt_ids)
+            choice = {"index": 0, "text": "", "finish_reason": "length", "logprobs": None}
+            await with_logprobs(choice, body, prompt_ids, [])
+            return {
+                "id": f"cmpl-{uuid.uuid4().hex[:24]}",
+                "object": "text_completion",
+                "created": int(time.time()),
+                "model": body.model,
+                "choices": [dict(choice, index=i) for i in range(body.n)],
+                "usage": usage(prompt_ids, 0, 0),
+            }
         server.check(body)
         return await respond(body, await run_in_threadpool(server.prompt_ids, body), False, http)
 
