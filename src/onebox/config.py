@@ -237,6 +237,21 @@ class ModelConfig:
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")  # the layers LoRA may adapt (onebox.lora)
 
 
+def lora_targets(rank: int, alpha: float, dropout: float, targets: str) -> list[str]:
+    """LoRA's settings checked (OneboxError naming what is wrong); the targets as a list."""
+    chosen = [t.strip() for t in targets.split(",") if t.strip()]
+    if not chosen or any(t not in LORA_TARGETS for t in chosen):
+        raise OneboxError(
+            f"--lora-targets {targets!r}: choose among {', '.join(LORA_TARGETS)} (comma-separated), e.g. q,v."
+        )
+    if rank < 1 or alpha <= 0 or not 0 <= dropout < 1:
+        raise OneboxError(
+            f"LoRA rank {rank}, alpha {alpha:g}, dropout {dropout:g}: the rank must be at least 1, alpha above 0 "
+            "and the dropout in [0, 1)."
+        )
+    return chosen
+
+
 @dataclass
 class TrainConfig:
     """Everything about a training run that is not the model's shape."""
@@ -300,16 +315,7 @@ class TrainConfig:
         if self.compile not in COMPILE_SETTINGS:
             raise OneboxError(f"compile must be one of {', '.join(COMPILE_SETTINGS)}, got {self.compile!r}.")
         if self.lora_rank:
-            targets = [t.strip() for t in self.lora_targets.split(",") if t.strip()]
-            if not targets or any(t not in LORA_TARGETS for t in targets):
-                raise OneboxError(
-                    f"--lora-targets {self.lora_targets!r}: choose among {', '.join(LORA_TARGETS)} (comma-separated), e.g. q,v."
-                )
-            if self.lora_rank < 1 or self.lora_alpha <= 0 or not 0 <= self.lora_dropout < 1:
-                raise OneboxError(
-                    f"LoRA rank {self.lora_rank}, alpha {self.lora_alpha:g}, dropout {self.lora_dropout:g}: the rank must "
-                    "be at least 1, alpha above 0 and the dropout in [0, 1)."
-                )
+            lora_targets(self.lora_rank, self.lora_alpha, self.lora_dropout, self.lora_targets)
             if self.precision == "fp8":
                 raise OneboxError("--precision fp8 is for full training; LoRA runs in bf16 or fp32: leave it at auto.")
             if not self.init_from:

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from onebox.config import LORA_TARGETS, TrainConfig
+from onebox.config import LORA_TARGETS, TrainConfig, lora_targets
 from onebox.errors import OneboxError
 
 TARGETS = dict(
@@ -39,18 +39,7 @@ class LoRASpec:
 
     def names(self) -> list[str]:
         """The targets as module paths within a block, checked."""
-        chosen = [t.strip() for t in self.targets.split(",") if t.strip()]
-        unknown = [t for t in chosen if t not in TARGETS]
-        if unknown or not chosen:
-            raise OneboxError(
-                f"--lora-targets {self.targets!r}: choose among {', '.join(TARGETS)} (comma-separated), e.g. q,v."
-            )
-        if self.rank < 1 or self.alpha <= 0 or not 0 <= self.dropout < 1:
-            raise OneboxError(
-                f"LoRA rank {self.rank}, alpha {self.alpha:g}, dropout {self.dropout:g}: the rank must be at least 1, "
-                "alpha above 0 and the dropout in [0, 1)."
-            )
-        return [TARGETS[t] for t in chosen]
+        return [TARGETS[t] for t in lora_targets(self.rank, self.alpha, self.dropout, self.targets)]
 
 
 def spec_of(train: TrainConfig) -> LoRASpec | None:

@@ -175,7 +175,7 @@ def run_moe(
     if tier == "disk" and host is not None:
         bandwidth = min(disk, host)
     settings = {"prompt_len": prompt_len, "new_tokens": new_tokens, "batches": batches, "dtype": str(dtype)[6:]}
-    settings.update({k: v for k, v in budgets.items()}, tier=tier, slots=cache.slots if cache else None)
+    settings.update(budgets, tier=tier, slots=cache.slots if cache else None)
     settings.update(host_bytes_per_second=host, disk_bytes_per_second=disk)
     doc = new_document("moe", device, settings)
     if tier == "disk":
