@@ -5,8 +5,9 @@ the experts timed on the same tokens and routing.
   PYTHONPATH=src python benchmarks/moe_probe.py --preset qwen3-30b-a3b --decode 1,8
 
 --decode: a decode step's block (one token a row) forward only, each way captured in a CUDA graph and
-replayed: gathered (the chosen experts' weights gathered, then batched products) against grouped (the
-grouped GEMM reading them in place), as microseconds and GB/s of the distinct experts' bytes.
+replayed: gathered (the chosen experts' weights gathered, then batched products), grouped (the grouped
+GEMM reading them in place) and kernel (the decode model's expert kernel: each pair's expert read in
+place, SwiGLU fused), as microseconds and GB/s of the distinct experts' bytes.
 
 grouped: tokens sorted by expert, one grouped GEMM per product (torch._grouped_mm); looped: the same sort,
 one product per expert (the reference). Weights bf16, routing from random weights (near-uniform: every
@@ -21,6 +22,7 @@ import json
 
 import torch
 
+from onebox.infer.decode import DecodeMoE
 from onebox.moe import MoE, grouped_mm_runs
 from onebox.presets import preset
 
@@ -47,8 +49,10 @@ def time_path(block: MoE, x: torch.Tensor, path: str, repeats: int) -> tuple[flo
 
 
 def time_decode_step(block: MoE, rows: int, few: str, repeats: int = 50) -> float:
-    """Microseconds of one block forward of `rows` tokens, captured in a CUDA graph and replayed."""
-    block.few = few
+    """Microseconds of one block forward of `rows` tokens, captured in a CUDA graph and replayed; `few`:
+    gathered or grouped (moe.MoE's ways) or kernel (the decode model's expert kernel)."""
+    block.few = "gathered" if few == "kernel" else few
+    block = DecodeMoE(block) if few == "kernel" else block
     x = torch.randn(rows, 1, block.gate_up.shape[-1], device=block.gate_up.device, dtype=block.gate_up.dtype)
     with torch.no_grad():
         stream = torch.cuda.Stream()
@@ -76,7 +80,7 @@ def decode_table(block: MoE, config, batches: list[int]) -> list[dict]:
     for batch in batches:
         distinct = config.experts * (1 - (1 - config.experts_per_token / config.experts) ** batch)
         row = {"batch": batch}
-        for few in ("gathered", "grouped"):
+        for few in ("gathered", "grouped", "kernel"):
             us = time_decode_step(block, batch, few)
             row[few] = {"us": us, "gb_per_s": distinct * per_expert / us / 1e3}
             print(f"batch {batch} {few:8s} {us:8.1f} us = {row[few]['gb_per_s']:7.1f} GB/s of the experts read")

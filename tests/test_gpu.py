@@ -440,3 +440,65 @@ def test_load_model_pages_experts_from_pinned_host_memory_on_cuda(tmp_path):
     assert [generate(paged, p, 10, temperature=0).samples[0] for p in MOE_PROMPTS] == expected
     gate_up, down = paged.expert_cache.source(0, 0)
     assert gate_up.is_pinned() and down.is_pinned() and paged.embed_tokens.weight.is_cuda
+
+
+@pytest.mark.parametrize(
+    "count,n,k,per_row", [(128, 1536, 2048, 8), (128, 2048, 768, 1), (8, 28672, 4096, 2), (5, 100, 777, 3)]
+)
+def test_the_expert_kernel_matches_the_gathered_reference_in_bf16(count, n, k, per_row):
+    """Each pair's product with its expert read in place, and the SwiGLU form, against fp32 products of the
+    gathered weights: within one bf16 rounding (two for the gate and up, one for their product)."""
+    from onebox.infer.kernels import experts
+
+    torch.manual_seed(count + n)
+    stack = torch.randn(count, n, k, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(4, k, device="cuda", dtype=torch.bfloat16)
+    index = torch.randint(0, count, (4 * per_row,), device="cuda")
+    assert experts.usable(x, stack)
+    for swiglu in (False, True):
+        got, ref = (
+            experts.expert_products(x, stack, index, per_row, swiglu),
+            experts.reference(x, stack, index, per_row, swiglu),
+        )
+        scale = ref.float().abs().max().item()
+        torch.testing.assert_close(got.float(), ref.float(), rtol=2**-6 if swiglu else 2**-7, atol=2e-3 * scale)
+
+
+def test_a_bf16_mixture_of_experts_decode_step_through_the_expert_kernel_in_a_cuda_graph():
+    """The decode model of a bf16 MoE (its experts through the expert kernel) under reduce-overhead compile: the
+    one-token logits equal the plain model's (gathered experts) within bf16 tolerance at five positions."""
+    from onebox.infer.decode import DecodeMoE, to_decode
+
+    torch._dynamo.reset()
+    ref_model = _moe_model().to(torch.bfloat16)
+    model = to_decode(ref_model, "gemv,attention")
+    assert all(isinstance(block.mlp, DecodeMoE) for block in model.layers)
+    ids = torch.randint(0, 100, (2, 40), device="cuda")
+    with torch.inference_mode():
+        caches, ref_caches = model.new_kv_caches(2), ref_model.new_kv_caches(2)
+        prompt = torch.arange(30, device="cuda")
+        model(ids[:, :30], prompt, caches), ref_model(ids[:, :30], prompt, ref_caches)
+        for buffer in (b for cache in caches for b in cache.buffers()):
+            torch._dynamo.mark_static_address(buffer)
+        step = torch.compile(lambda t, p: model(t, p, caches), mode="reduce-overhead", fullgraph=True)
+        for position in range(30, 35):
+            pos = torch.tensor([[position], [position - 5]], device="cuda")
+            out = step(ids[:, position : position + 1], pos).clone()
+            ref = ref_model(ids[:, position : position + 1], pos, ref_caches)
+            torch.testing.assert_close(out.float(), ref.float(), rtol=3e-2, atol=3e-2 * ref.abs().max().item())
+
+
+def test_offloaded_bf16_experts_decode_through_the_expert_kernel_with_the_resident_tokens():
+    """In bf16 on the GPU an offloaded MoE's decode steps multiply the cache's slots through the expert kernel
+    (indexed by slot), the resident decode model its own stack through the same kernel: the same tokens."""
+    from onebox.infer.decode import to_decode
+    from onebox.infer.experts import offload_experts
+
+    prompts = [[5], [9], [20]]  # one token: the prefill is a decode-sized step too, through the same kernel
+    resident = to_decode(_moe_model("cpu").to(torch.bfloat16).cuda(), "gemv")
+    expected = [generate(resident, p, 10, temperature=0).samples[0] for p in prompts]
+    model = _moe_model("cpu").to(torch.bfloat16)
+    cache = offload_experts(model, slots=12, prefetch=True, device="cuda")
+    model = to_decode(model.to("cuda"), "gemv")  # the same attention products as the resident decode model
+    assert [generate(model, p, 10, temperature=0).samples[0] for p in prompts] == expected
+    assert cache.misses > 0 and 0 < cache.hit_rate < 1

@@ -90,6 +90,34 @@ SCRIPT = textwrap.dedent("""
             close(got, want, 2e-2, 2e-2 * want.abs().max().item(), what)
             # the cache: this step's k (rotated) and v written where the reference writes them, bit for bit, nothing else touched
             assert torch.equal(cache_k, ref.k) and torch.equal(cache_v, ref.v), what
+    from onebox.infer.kernels import experts
+    from onebox.moe import MoE
+    from onebox.config import ModelConfig
+    for count, n, k, per_row in [(5, 100, 777, 2), (3, 96, 256, 1), (4, 64, 768, 3)]:  # ragged, one and several column blocks
+        stack = torch.randn(count, n, k, dtype=torch.bfloat16)
+        index = torch.randint(0, count, (6 * per_row,))
+        x = torch.randn(6, k, dtype=torch.bfloat16)
+        for swiglu in (False, True):
+            got, ref = experts.expert_products(x, stack, index, per_row, swiglu), experts.reference(x, stack, index, per_row, swiglu)
+            assert got.shape == ref.shape == (index.numel(), n // 2 if swiglu else n)
+            if swiglu:  # gate, up and their product each rounded to bf16 (toward zero here): three roundings
+                ref = experts.reference(x.float(), stack.float(), index, per_row, False)
+                gate, up = (toward_zero(part) for part in ref.chunk(2, dim=-1))
+                ref = toward_zero(gate * torch.sigmoid(gate) * up).to(torch.bfloat16)
+            close(got.float(), ref.float(), 2**-6, 2e-3 * ref.float().abs().max().item(), f"experts {n}x{k} swiglu {swiglu}")
+    # a decode step's experts against the gathered reference of the model's own MoE
+    config = ModelConfig(name="m", vocab_size=32, dim=256, layers=1, heads=4, kv_heads=2, hidden=512, seq_len=16,
+                         experts=8, experts_per_token=2, expert_hidden=96)
+    block = MoE(config).to(torch.bfloat16)
+    for p in block.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    x = torch.randn(3, 256, dtype=torch.bfloat16)
+    chosen, weights = block.route(x)
+    got = experts.moe_decode(x, block.gate_up.data, block.down.data, chosen, weights).float()
+    ref = block.float().gathered(x.float(), chosen, weights.float())  # fp32 throughout
+    # five bf16 roundings in the chain (gate, up, hidden, output, mix), toward zero here: the wiring (indices, rows, mixing) is what this checks
+    share = ((got - ref).norm() / ref.norm()).item()
+    assert share < 2e-2, f"moe decode: error {share:.2e} of the output's norm (at most 2e-2)"
     print("kernels match")
 """)
 
@@ -150,6 +178,16 @@ def test_decode_kernels_compile_for_hopper_without_spilling():
                 launch_pdl=pdl,
             )
             assert ("griddepcontrol.wait" in ptx) == pdl and ("griddepcontrol.launch_dependents" in ptx) == chained
+    from onebox.infer.kernels import experts as experts_module
+
+    for swiglu in (False, True):
+        for block_k in (256, 512):
+            compiled(
+                experts_module._expert_kernel,
+                {**bf16, "index_ptr": "*i64"},
+                {"PER_ROW": 8, "SWIGLU": swiglu, "BLOCK_N": experts_module.BLOCK_N, "BLOCK_K": block_k},
+                num_warps=4,
+            )
     from onebox.infer.kernels import flash_decode as attention_module
 
     pointers = {

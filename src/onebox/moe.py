@@ -62,13 +62,15 @@ class MoE(nn.Module):
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         chosen, weights = self.route(flat)
+        return self.compute(flat, chosen, weights).reshape(shape)
+
+    def compute(self, x: Tensor, chosen: Tensor, weights: Tensor) -> Tensor:
+        """The experts' part of forward for routed rows x (N, dim): the way that suits N (see the module)."""
         if chosen.numel() <= self.gate_up.shape[0] and self.few == "gathered":
-            out = self.gathered(flat, chosen, weights)
-        elif grouped_mm_runs(flat.device, compute_dtype(flat)):
-            out = self.grouped(flat, chosen, weights)
-        else:
-            out = self.looped(flat, chosen, weights)
-        return out.reshape(shape)
+            return self.gathered(x, chosen, weights)
+        if grouped_mm_runs(x.device, compute_dtype(x)):
+            return self.grouped(x, chosen, weights)
+        return self.looped(x, chosen, weights)
 
     def grouped(self, x: Tensor, chosen: Tensor, weights: Tensor) -> Tensor:
         """Tokens sorted by expert, every expert's rows in one grouped GEMM per product (see grouped_mm_runs)."""

@@ -7,7 +7,7 @@ attention and feed-forward with subclasses whose forward takes the kernels where
 CUDA in bf16 or fp16) and the model's own forward otherwise (prefill, CPU, fp32), and the root with a
 subclass whose output layer and KV caches are the decode ones. The plain model (`onebox.model`) knows
 nothing of this. Kernels (a comma-separated choice, `parse_kernels`):
-gemv (the one-row products), attention (over each row's filled cache only), rope (RoPE and the cache
+gemv (the one-row products, and a mixture of experts' products of the chosen experts in place), attention (over each row's filled cache only), rope (RoPE and the cache
 write folded into the attention kernel, whose chunks merge themselves through counters the decode
 cache holds), pdl (programmatic dependent launch for the products and for inductor's kernels in the
 step: Hopper and later), chain (pdl, and each kernel lets the next launch right after its wait; the
@@ -32,6 +32,8 @@ from onebox.infer.kernels import (
     pdl_available,
     rope_decode_attention,
 )
+from onebox.infer.kernels.experts import moe_decode
+from onebox.infer.kernels.experts import usable as experts_usable
 from onebox.model import (
     Attention,
     Block,
@@ -43,6 +45,7 @@ from onebox.model import (
     cached_attention,
     fuse_projections,
 )
+from onebox.moe import MoE
 
 KERNELS = ("gemv", "attention", "rope", "pdl", "chain")
 LAUNCHES = {"pdl", "chain"}  # how the kernels are launched (Hopper and later), not which
@@ -181,6 +184,19 @@ class DecodeFeedForward(FeedForward):
         return self.down_proj(gate * up)
 
 
+class DecodeMoE(MoE):
+    """The sparse feed-forward whose decode steps (tokens x top-k at most the number of experts) multiply each
+    token's chosen experts in place through the expert kernel (`kernels.experts`)."""
+
+    def __init__(self, moe: MoE) -> None:
+        _share(self, moe)
+
+    def compute(self, x: Tensor, chosen: Tensor, weights: Tensor) -> Tensor:
+        if chosen.numel() <= self.gate_up.shape[0] and experts_usable(x, self.gate_up):
+            return moe_decode(x, self.gate_up, self.down, chosen, weights)
+        return super().compute(x, chosen, weights)
+
+
 class DecodeTransformer(Transformer):
     """The root of a decode model: the output layer through `gemv`, and decode KV caches (with counters)."""
 
@@ -229,8 +245,10 @@ def _decode_block(block: Block, chosen: list[str], pdl: int) -> Block:
     _share(new, block)
     gemv = "gemv" in chosen
     new.self_attn = DecodeAttention(block.self_attn, gemv, "attention" in chosen, "rope" in chosen, pdl)
-    if gemv and isinstance(block.mlp, FeedForward):  # experts decode through moe.MoE's gathered products
+    if gemv and isinstance(block.mlp, FeedForward):
         new.mlp = DecodeFeedForward(block.mlp, pdl)
+    elif gemv and type(block.mlp) is MoE:  # an offloaded MoE brings its own expert cache's way
+        new.mlp = DecodeMoE(block.mlp)
     return new
 
 

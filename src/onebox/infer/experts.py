@@ -33,6 +33,8 @@ from torch import Tensor, nn
 
 from onebox.config import ModelConfig
 from onebox.errors import OneboxError
+from onebox.infer.kernels.experts import moe_decode
+from onebox.infer.kernels.launch import available
 from onebox.moe import MoE
 
 COLD_CHOICES = ("copy", "host", "auto")
@@ -178,6 +180,7 @@ class OffloadedMoE(nn.Module):
             guess = torch.topk(self.next_router(flat).float(), self.top_k, dim=-1).indices.unique().tolist()
         out = torch.zeros_like(flat)
         needed = chosen.unique().tolist()
+        distinct = len(needed)
         if self.cache.cold != "copy":
             counts = torch.bincount(chosen.flatten(), minlength=self.router.weight.shape[0]).tolist()
             cold = [e for e in needed if self.cache.on_host(self.layer, e, counts[e])]
@@ -193,12 +196,23 @@ class OffloadedMoE(nn.Module):
             slots = self.cache.slots_for(self.layer, group)
             if guess is not None and start + self.cache.slots >= len(needed):  # overlaps the last group's compute
                 self.cache.prefetch(self.layer + 1, guess, keep={(self.layer, e) for e in group})
+            if len(group) == distinct and few_rows(flat, chosen, self.router.weight.shape[0]):
+                lookup = torch.zeros(self.router.weight.shape[0], dtype=torch.int32)
+                lookup[group] = torch.tensor(slots, dtype=torch.int32)  # expert -> its slot, for the kernel's index
+                index = lookup.to(flat.device, non_blocking=True)[chosen]
+                return moe_decode(flat, self.cache.gate_up, self.cache.down, index, weights).reshape(shape)
             for expert, slot in zip(group, slots):
                 tokens, pick = (chosen == expert).nonzero(as_tuple=True)
                 gate, up = F.linear(flat[tokens], self.cache.gate_up[slot]).chunk(2, dim=-1)
                 y = F.linear(F.silu(gate) * up, self.cache.down[slot])
                 out.index_add_(0, tokens, y * weights[tokens, pick, None])
         return out.reshape(shape)
+
+
+def few_rows(x: Tensor, chosen: Tensor, experts: int) -> bool:
+    """Whether a step's experts, all in the cache, go through the expert kernel at once: a decode step (pairs at
+    most the experts of a layer) on CUDA in half or bf16."""
+    return chosen.numel() <= experts and available(x.device) and x.dtype in (torch.bfloat16, torch.float16)
 
 
 def host_expert(x: Tensor, gate_up: Tensor, down: Tensor) -> Tensor:
