@@ -175,14 +175,18 @@ class OffloadedMoE(nn.Module):
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         chosen, weights = MoE.route(self, flat)
-        guess = None
+        guess, picks = None, chosen.reshape(-1)
         if self.next_router is not None:  # the next layer's likely experts, from this layer's input
-            guess = torch.topk(self.next_router(flat).float(), self.top_k, dim=-1).indices.unique().tolist()
+            ahead = torch.topk(self.next_router(flat).float(), self.top_k, dim=-1).indices.reshape(-1)
+            picks = torch.cat([picks, ahead.to(picks.dtype)])
+        picks = picks.tolist()  # the one wait on the device in a decode step's layer
+        needed = sorted(set(picks[: chosen.numel()]))
+        if self.next_router is not None:
+            guess = sorted(set(picks[chosen.numel() :]))
         out = torch.zeros_like(flat)
-        needed = chosen.unique().tolist()
         distinct = len(needed)
         if self.cache.cold != "copy":
-            counts = torch.bincount(chosen.flatten(), minlength=self.router.weight.shape[0]).tolist()
+            counts = collections.Counter(picks[: chosen.numel()])  # rows per expert
             cold = [e for e in needed if self.cache.on_host(self.layer, e, counts[e])]
             needed = [e for e in needed if e not in cold]
             for expert in cold:
