@@ -509,3 +509,24 @@ def test_the_transformers_baseline_is_warmed_up_at_the_length_it_is_timed_at():
             c["max_new_tokens"] == 6 and c.get("cache_implementation") == (None if cache == "dynamic" else cache)
             for c in calls
         )
+
+
+@pytest.mark.parametrize("name", ["qwen3-moe-tiny", "mixtral-8x7b"])
+def test_the_transformers_decode_baseline_of_a_mixture_of_experts_takes_onebox_weights(name):
+    """transformers holds experts stacked in memory (5.x) or one module per expert (4.x): either way the
+    baseline built from onebox's weights computes onebox's logits (fp32, 1e-4)."""
+    import dataclasses
+
+    from onebox.bench.decode import hf_baseline
+    from onebox.model import build_model
+    from onebox.presets import preset
+
+    config = dataclasses.replace(
+        preset(name), vocab_size=256, dim=64, layers=2, heads=4, kv_heads=2, head_dim=16, hidden=128, expert_hidden=32
+    )
+    torch.manual_seed(0)
+    model = build_model(config, "cpu").eval()
+    baseline = hf_baseline(model)
+    ids = torch.randint(0, config.vocab_size, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(baseline(ids).logits, model(ids), rtol=1e-4, atol=1e-4)

@@ -113,7 +113,11 @@ def hf_baseline(model: Transformer) -> Any:
 
     dtype = model.embed_tokens.weight.dtype
     baseline = transformers_model(model.config, model.embed_tokens.weight.device, dtype).eval()
-    missing, unexpected = baseline.load_state_dict(hf_state_dict(model.state_dict(), model.config, dtype), strict=False)
+    state = hf_state_dict(model.state_dict(), model.config, dtype)
+    wanted = baseline.state_dict().keys()
+    if any(name.endswith("experts.gate_up_proj") for name in wanted):  # transformers 5 holds experts stacked in memory
+        state = stacked_experts(model, state, wanted, dtype)
+    missing, unexpected = baseline.load_state_dict(state, strict=False)
     if unexpected or any(name != "lm_head.weight" for name in missing):  # lm_head is tied to the embedding
         raise OneboxError(
             f"the transformers model did not take onebox's weights (missing {missing}, unexpected {unexpected})."
@@ -121,6 +125,27 @@ def hf_baseline(model: Transformer) -> Any:
     baseline.tie_weights()
     baseline.generation_config.pad_token_id = 0
     return baseline
+
+
+def stacked_experts(
+    model: Transformer, state: dict[str, torch.Tensor], wanted: Any, dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
+    """`state` (the files' names: one tensor per expert) with each layer's experts and router as a transformers
+    model holds them in memory (5.x): mlp.experts.gate_up_proj (E, 2 x hidden, dim, gate rows first, as onebox
+    stacks them), mlp.experts.down_proj (E, dim, hidden) and mlp.gate.weight, whatever the files call them."""
+    from onebox.families import hf_names
+
+    ends = {"gate_up": "mlp.experts.gate_up_proj", "down": "mlp.experts.down_proj", "weight": "mlp.gate.weight"}
+    out = dict(state)
+    for name, tensor in model.state_dict().items():
+        if not name.endswith(("mlp.gate_up", "mlp.down", "mlp.router.weight")):
+            continue
+        layer, kind = name.split(".")[1], name.rsplit(".", 1)[1]
+        for hf_name in hf_names(name, model.config):
+            out.pop(hf_name, None)
+        target = next(w for w in wanted if w.endswith(f"layers.{layer}.{ends[kind]}"))
+        out[target] = tensor.detach().to("cpu", dtype).contiguous()
+    return out
 
 
 def hf_generate_speed(

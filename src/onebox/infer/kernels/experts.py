@@ -88,7 +88,12 @@ def _interpreting() -> bool:
 def expert_products(x: Tensor, weights: Tensor, index: Tensor, per_row: int = 1, swiglu: bool = False) -> Tensor:
     """Pair p's product x[p // per_row] @ weights[index[p]].T for every pair: x (R, K) rows, weights (E, N, K)
     stacked, index (P,) int; (P, N) out, or with `swiglu` (N = 2H: gate rows, then up rows) silu(gate) * up
-    as (P, H)."""
+    as (P, H). An operator of its own, opaque to torch.compile (which records its launch in the CUDA graph)."""
+    return torch.ops.onebox.expert_products(x, weights, index, per_row, swiglu)
+
+
+@torch.library.custom_op("onebox::expert_products", mutates_args=(), device_types=("cuda", "cpu"))
+def _expert_products(x: Tensor, weights: Tensor, index: Tensor, per_row: int, swiglu: bool) -> Tensor:
     experts, n, k = weights.shape
     out_rows = n // 2 if swiglu else n
     x = x.contiguous()
@@ -112,6 +117,12 @@ def expert_products(x: Tensor, weights: Tensor, index: Tensor, per_row: int = 1,
         num_warps=4,
     )
     return y
+
+
+@_expert_products.register_fake
+def _(x: Tensor, weights: Tensor, index: Tensor, per_row: int, swiglu: bool) -> Tensor:
+    n = weights.shape[1] // 2 if swiglu else weights.shape[1]
+    return x.new_empty((index.numel(), n))
 
 
 def reference(x: Tensor, weights: Tensor, index: Tensor, per_row: int = 1, swiglu: bool = False) -> Tensor:
