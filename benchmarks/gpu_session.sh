@@ -10,7 +10,7 @@
 # scaling:<preset>:<batch> measures 1 GPU then $GPUS (default 2) with FSDP2 (multi-GPU kinds); probe-scaling:<preset>:<batch>:<v1,v2>
 # then puts FSDP2 settings side by side (scaling_probe.py; $PROFILE variants profiled per rank, host side included;
 # $NUMA: torchrun --numa-binding node|exclusive|...);
-# decode:<preset> times prefill/decode against the bandwidth bound and transformers; serve:<preset> drives 1/8/32 clients;
+# decode:<preset> times prefill/decode against the bandwidth bound and transformers (BASELINE= : without it); serve:<preset> drives 1/8/32 clients;
 # probe-decode:<preset>:<v1,v2> puts decode_probe.py variants side by side; probe-attention sweeps the attention kernel's chunk x warps;
 # probe-speed:<preset>:<batch>:<v1,v2> puts speed_probe.py's training-step variants side by side ($PROFILE: variants to profile;
 # FLOOR=1: the step's products, attention and optimizer timed alone first); floor:<preset>:<batch> times only those;
@@ -59,7 +59,7 @@ for step in $steps; do
     floor:*) IFS=: read -r preset batch <<< "${step#floor:}"
              timeout 300 python3 benchmarks/speed_probe.py --preset "$preset" --batch "$batch" --variants "" --floor --out "$OUT" 2>&1 | grep "^floor" ;;
     probe-attention) timeout 300 python3 benchmarks/gemv_probe.py --attention --presets 600m-A,3b-A 2>&1 | tee "$OUT/probe-attention.log" ;;
-    decode:*) timeout 300 ob bench decode --preset "${step#decode:}" --batches 1,8 --baseline hf --out "$OUT/decode-${step#decode:}.json" ;;
+    decode:*) timeout 300 ob bench decode --preset "${step#decode:}" --batches 1,8 ${BASELINE---baseline hf} --out "$OUT/decode-${step#decode:}.json" ;;
     serve:*) timeout 300 ob bench serve --preset "${step#serve:}" --clients 1,8,32 --out "$OUT/serve-${step#serve:}.json" ;;
     moe:*) IFS=: read -r preset gpu host <<< "${step#moe:}"
              timeout ${MOE_TIMEOUT:-480} ob bench moe --preset "$preset" ${gpu:+--gpu-memory "$gpu"} ${host:+--host-memory "$host"} \

@@ -230,3 +230,24 @@ def test_a_file_that_is_no_checkpoint_is_refused(tmp_path):
     torch.save({"weights": torch.zeros(2)}, tmp_path / "y.pt")
     with pytest.raises(OneboxError, match="not a onebox checkpoint"):
         load_checkpoint(tmp_path / "y.pt")
+
+
+def test_a_large_export_is_written_in_shards_that_transformers_and_onebox_read(tmp_path, monkeypatch):
+    """Past the shard size the weights go to model-0000i-of-0000n.safetensors with an index (as save_pretrained
+    writes them), each shard serialised alone: transformers loads the folder with onebox's logits, import round-trips."""
+    import onebox.export
+
+    monkeypatch.setattr(onebox.export, "SHARD_BYTES", 200_000)
+    torch.manual_seed(2)
+    config = micro_model(tie_embeddings=False)
+    model = Transformer(config).eval()
+    export_hf(model.state_dict(), config, None, tmp_path / "hf", dtype="float32")
+    shards = sorted(p.name for p in (tmp_path / "hf").glob("*.safetensors"))
+    index = json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())
+    assert len(shards) > 2 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
+    assert sorted(set(index["weight_map"].values())) == shards
+    idx = torch.randint(0, 512, (1, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(_hf_logits(tmp_path / "hf", idx), model(idx), rtol=1e-4, atol=1e-4)
+        back, _ = model_from_hf(tmp_path / "hf")
+        assert torch.equal(back(idx), model(idx))

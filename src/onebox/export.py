@@ -101,7 +101,8 @@ def export_hf(
     force: bool = False,
     run_dir: Path | None = None,
 ) -> Path:
-    """Write config.json, model.safetensors, tokenizer files, generation_config.json and a manifest to out_dir.
+    """Write config.json, the weights (model.safetensors, or 5 GB shards and their index: save_shards),
+    tokenizer files, generation_config.json and a manifest to out_dir.
 
     The files are written into a temporary folder beside out_dir and moved into place once complete
     (see export_target for what out_dir may already hold)."""
@@ -114,11 +115,7 @@ def export_hf(
     config_json = hf_config(config, dtype, eos)
     staging = staging_folder(out_dir)
     try:
-        save_file(
-            hf_state_dict(model_state, config, DTYPES[dtype]),
-            str(staging / "model.safetensors"),
-            metadata={"format": "pt"},
-        )
+        save_shards(hf_state_dict(model_state, config, DTYPES[dtype]), staging)
         (staging / "config.json").write_text(json.dumps(config_json, indent=2))
         generation = {"bos_token_id": eos, "eos_token_id": eos, "do_sample": True, "temperature": 0.8, "top_k": 200}
         (staging / "generation_config.json").write_text(json.dumps(generation, indent=2))
@@ -141,6 +138,36 @@ def export_hf(
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
     return out_dir
+
+
+SHARD_BYTES = 5 * 10**9  # transformers' save_pretrained default
+
+
+def save_shards(state: dict[str, torch.Tensor], folder: Path, shard_bytes: int | None = None) -> None:
+    """The tensors as model.safetensors, or past shard_bytes as model-0000i-of-0000n.safetensors shards with
+    model.safetensors.index.json, as save_pretrained writes them: each shard is serialised on its own, so a
+    model larger than the host's free memory can be written."""
+    shard_bytes = shard_bytes or SHARD_BYTES
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, tensor in state.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor
+        size += nbytes
+    if len(shards) == 1:
+        save_file(shards[0], str(folder / "model.safetensors"), metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards, 1):
+        file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(folder / file), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, file))
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
 def _state_bytes(state: dict[str, torch.Tensor], dtype: torch.dtype) -> int:
