@@ -257,3 +257,25 @@ def test_cold_experts_is_checked():
 
     with pytest.raises(OneboxError, match="--cold-experts"):
         offload_experts(torch.nn.Module(), slots=2, cold="gpu")
+
+
+def test_bench_moe_hands_out_the_document_after_each_batch_and_samples(moe_folder):
+    """A run cut short keeps what it measured: `partial` sees the document after every batch; the decode samples
+    (a greedy decode of random weights repeats its routing, which would flatter the cache)."""
+    from onebox.bench.moe import run_moe
+
+    seen = []
+    budgets = {"expert_slots": 12, "gpu_memory": None, "host_memory": None}
+    doc = run_moe(
+        moe_folder,
+        torch.device("cpu"),
+        lambda line: None,
+        [1, 2],
+        budgets,
+        8,
+        8,
+        None,
+        partial=lambda d: seen.append(len(d["entries"])),
+    )
+    assert seen == [1, 2] and doc["settings"]["temperature"] == 1.0
+    assert all("baseline" not in e["result"] for e in doc["entries"])

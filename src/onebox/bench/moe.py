@@ -8,17 +8,22 @@ the bandwidth the experts come at (pinned host to device; the folder's files rea
 dropped first, for the disk tier), prefill tokens/s, and per batch size the decode tokens/s, the expert
 cache's hit rate and the bytes copied per generated token (prefills included). The floor is the tokens/s
 at which those bytes alone would take all the time at the measured bandwidth: decode / floor says how
-much else (compute, the host's work per layer) adds. The baseline is transformers' model of the family
-loaded with `device_map="auto"` and `max_memory` set to the same budgets (accelerate places what does not
-fit on the device in host memory, then on disk), greedy generate() of the same length, timed after an
-identical untimed call.
+much else (compute, the host's work per layer) adds. Decoding samples (temperature 1, fixed seeds): a
+greedy decode of random weights soon repeats one token, and with it one routing, which a cache serves
+from memory; sampled tokens route near-uniformly, the hardest case for a cache. The baseline is
+transformers' model of the family loaded with `device_map="auto"` and `max_memory` set to the same
+budgets (accelerate places what does not fit on the device in host memory, then on disk), greedy
+generate() of the same length, timed after an identical untimed call, once onebox's model is freed (the
+process's device cap holds for both).
 """
 
 from __future__ import annotations
 
+import gc
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -162,9 +167,11 @@ def run_moe(
     prompt_len: int = 64,
     new_tokens: int = 64,
     baseline_tokens: int | None = 16,
+    partial: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """The `moe` document: one entry per batch size; `budgets`: load_model's expert_slots, gpu_memory and
-    host_memory; baseline_tokens None skips the baseline."""
+    host_memory; baseline_tokens None skips the baseline; `partial` is handed the document after each
+    batch (a run cut short keeps what it measured)."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model, _ = load_model(folder, device, dtype, context=prompt_len + new_tokens + 8, batch=max(batches), **budgets)
     config, cache = model.config, getattr(model, "expert_cache", None)
@@ -175,7 +182,7 @@ def run_moe(
     if tier == "disk" and host is not None:
         bandwidth = min(disk, host)
     settings = {"prompt_len": prompt_len, "new_tokens": new_tokens, "batches": batches, "dtype": str(dtype)[6:]}
-    settings.update(budgets, tier=tier, slots=cache.slots if cache else None)
+    settings.update(budgets, tier=tier, slots=cache.slots if cache else None, temperature=TEMPERATURE)
     settings.update(host_bytes_per_second=host, disk_bytes_per_second=disk)
     doc = new_document("moe", device, settings)
     if tier == "disk":
@@ -188,37 +195,58 @@ def run_moe(
     )
     for batch in batches:
         engine = Engine(model, max_batch=batch, prefix_entries=0)
-        hits, misses, bytes_in, on_host = (
-            (cache.hits, cache.misses, cache.bytes_in, cache.computed_on_host) if cache else (0, 0, 0, 0)
-        )
-        decode = time_decode(engine, batch, prompt_len, new_tokens)
-        emitted = engine.emitted  # both of time_decode's rounds, whose copies the counters hold
+        before = (cache.hits, cache.misses, cache.bytes_in, cache.computed_on_host) if cache else None
+        decode = time_decode(engine, batch, prompt_len, new_tokens, TEMPERATURE)
         result: dict[str, Any] = {
             "status": "ok",
             "prefill_tokens_per_second": prefill,
             "decode_tokens_per_second": decode,
         }
         line = f"  batch {batch}: decode {decode:,.1f} tok/s"
-        if cache is not None:
-            asked = cache.hits - hits + cache.misses - misses
-            per_token = (cache.bytes_in - bytes_in) / max(emitted, 1)
-            floor = bandwidth / per_token if bandwidth and per_token else None
-            result.update(hit_rate=(cache.hits - hits) / asked if asked else None, bytes_per_token=per_token)
-            result["computed_on_host_per_token"] = (cache.computed_on_host - on_host) / max(emitted, 1)
-            result.update(floor_tokens_per_second=floor, floor_fraction=decode / floor if floor else None)
-            rate = "n/a" if result["hit_rate"] is None else f"{result['hit_rate']:.1%}"
-            line += f" | hit rate {rate} | {per_token / 1e6:,.1f} MB copied a token"
-            line += f" | floor {floor:,.1f} tok/s ({decode / floor:.0%} of it)" if floor else " | floor n/a"
-        if batch == 1 and baseline_tokens:
-            speed, how = accelerate_speed(folder, device, dtype, budgets, prompt_len, baseline_tokens)
-            result["baseline"] = {"kind": "hf-accelerate", "decode_tokens_per_second": speed, "how": how}
-            result["baseline"]["ratio"] = decode / speed if speed else None
-            line += (
-                f" | transformers + accelerate {speed:,.2f} tok/s ({decode / speed:.1f}x)"
-                if speed
-                else f" | baseline n/a ({how})"
-            )
+        if cache is not None:  # both of time_decode's rounds, whose copies the counters hold
+            line += _cache_figures(result, cache, before, engine.emitted, bandwidth, decode)
         doc["entries"].append({"config": config_record(config), "batch": batch, "result": result})
         say(line)
         del engine
+        if partial is not None:
+            partial(doc)
+    if baseline_tokens and 1 in batches:
+        del model, cache  # the peer gets the same budgets to itself
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        speed, how = accelerate_speed(folder, device, dtype, budgets, prompt_len, baseline_tokens)
+        result = next(e["result"] for e in doc["entries"] if e["batch"] == 1)
+        decode = result["decode_tokens_per_second"]
+        result["baseline"] = {"kind": "hf-accelerate", "decode_tokens_per_second": speed, "how": how}
+        result["baseline"]["ratio"] = decode / speed if speed else None
+        say(
+            f"  batch 1, transformers + accelerate: {speed:,.2f} tok/s (onebox {decode / speed:.1f}x) | {how}"
+            if speed
+            else f"  batch 1, transformers + accelerate: n/a ({how})"
+        )
     return doc
+
+
+TEMPERATURE = 1.0  # sampled with fixed seeds: greedy decoding of random weights repeats itself, and so its routing
+
+
+def _cache_figures(
+    result: dict[str, Any],
+    cache: Any,
+    before: tuple[int, int, int, int],
+    emitted: int,
+    bandwidth: float | None,
+    decode: float,
+) -> str:
+    """The expert cache's hit rate, bytes copied a token and floor since `before`, into result; the line's part."""
+    hits, misses, bytes_in, on_host = before
+    asked = cache.hits - hits + cache.misses - misses
+    per_token = (cache.bytes_in - bytes_in) / max(emitted, 1)
+    floor = bandwidth / per_token if bandwidth and per_token else None
+    result.update(hit_rate=(cache.hits - hits) / asked if asked else None, bytes_per_token=per_token)
+    result["computed_on_host_per_token"] = (cache.computed_on_host - on_host) / max(emitted, 1)
+    result.update(floor_tokens_per_second=floor, floor_fraction=decode / floor if floor else None)
+    rate = "n/a" if result["hit_rate"] is None else f"{result['hit_rate']:.1%}"
+    line = f" | hit rate {rate} | {per_token / 1e6:,.1f} MB copied a token"
+    return line + (f" | floor {floor:,.1f} tok/s ({decode / floor:.0%} of it)" if floor else " | floor n/a")

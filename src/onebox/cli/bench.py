@@ -173,6 +173,7 @@ def cmd_bench_decode(args: argparse.Namespace) -> int:
 
 def cmd_bench_moe(args: argparse.Namespace) -> int:
     from onebox.bench.moe import preset_folder, run_moe
+    from onebox.bench.schema import write_document
     from onebox.cli.chat import expert_options
     from onebox.device import pick_device
 
@@ -188,6 +189,7 @@ def cmd_bench_moe(args: argparse.Namespace) -> int:
         args.prompt_len,
         args.new_tokens,
         None if args.baseline == "none" else args.baseline_tokens,
+        partial=lambda doc: write_document(doc, out) if (out := args.out) else None,
     )
     _write_result(doc, args.out, doc["entries"][0]["config"]["name"])
     return 0
