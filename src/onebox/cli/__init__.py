@@ -49,7 +49,13 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         shard_tokens=args.shard_tokens,
         progress=lambda message: console.print(message, highlight=False),
         force=args.force,
+        fmt=args.format,
     )
+    if args.format != "text":
+        console.print(
+            f"wrote {meta['train_examples']:,} training and {meta['val_examples']:,} held-out examples to {args.out}"
+        )
+        return 0
     console.print(
         f"wrote {meta['train_tokens']:,} train and {meta['val_tokens']:,} validation tokens "
         f"({plural(meta['documents'], 'document')}, {meta['val_documents']} held out; vocab {meta['vocab_size']}) to {args.out}",
@@ -245,7 +251,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", help="text files, folders of them, or .jsonl files with a 'text' field")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--vocab-size", type=int, default=8192, help="entries of the byte-level BPE to train (default 8192)")
-    p.add_argument("--tokenizer", help="use this tokenizer.json instead of training one")
+    p.add_argument("--tokenizer", help="use this tokenizer.json (or a model folder's) instead of training one")
+    p.add_argument(
+        "--format",
+        choices=["text", "chat", "instruction", "preference"],
+        default="text",
+        help="text (default), or JSONL conversations rendered with --tokenizer's chat template, the loss on the "
+        "assistant's tokens only: chat (messages), instruction (instruction/output) or preference (prompt/chosen/rejected, for DPO)",
+    )
     p.add_argument("--val-fraction", type=float, default=0.05, help="share of whole documents held out (default 0.05)")
     p.add_argument("--shard-tokens", type=int, default=100_000_000, help="tokens per shard file (default 1e8)")
     p.add_argument(

@@ -1,5 +1,7 @@
-"""Data: token shards and the batch loader (shards), and preparing them from text (prepare)."""
+"""Data: token shards and the batch loader (shards), whole masked examples (examples), and preparing them
+from text (prepare) or from JSONL conversations (conversations)."""
 
+from onebox.data.examples import ExampleLoader, make_loader
 from onebox.data.prepare import default_data_dir, prepare, prepare_default_corpus, prepared_files
 from onebox.data.shards import (
     HEADER_BYTES,
@@ -17,9 +19,11 @@ __all__ = [
     "MAGIC",
     "BatchLoader",
     "DatasetInfo",
+    "ExampleLoader",
     "dataset_info",
     "default_data_dir",
     "find_shards",
+    "make_loader",
     "prepare",
     "prepare_default_corpus",
     "prepared_files",

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from onebox.data.conversations import FORMATS, write_conversations
 from onebox.data.shards import write_shard
 from onebox.errors import OneboxError
 from onebox.files import check_output_folder, is_disk_full, publish_folder, staging_folder, write_text_atomic
@@ -204,7 +205,11 @@ def prepared_files(folder: Path) -> list[str]:
     """The files of prepared data in a folder (shards, meta.json, tokenizer.json): what `prepare --force` replaces."""
     if not folder.is_dir():
         return []
-    shards = [p.name for p in folder.glob("*.bin") if p.is_file() and ("train" in p.name or "val" in p.name)]
+    shards = [
+        p.name
+        for p in [*folder.glob("*.bin"), *folder.glob("*.npy")]
+        if p.is_file() and ("train" in p.name or "val" in p.name)
+    ]
     return (
         sorted(shards + [name for name in DATA_FILES if (folder / name).is_file()])
         if shards or (folder / "meta.json").is_file()
@@ -221,8 +226,10 @@ def prepare(
     shard_tokens: int = 100_000_000,
     progress: Callable[[str], None] | None = None,
     force: bool = False,
+    fmt: str = "text",
 ) -> dict[str, Any]:
-    """Tokenize text inputs into train/val shards plus tokenizer.json and meta.json in out_dir.
+    """Tokenize text inputs into train/val shards plus tokenizer.json and meta.json in out_dir; `fmt` chat,
+    instruction or preference reads JSONL conversations instead (data.conversations: masks beside the shards).
 
     Whole documents are held out for validation: every round(1/val_fraction)-th document. With a
     single document, the last val_fraction of its tokens is held out instead. Everything is written
@@ -243,6 +250,16 @@ def prepare(
         )
     say = progress or (lambda message: None)
     files = _input_files(inputs)
+    if fmt != "text":
+        if fmt not in FORMATS:
+            raise OneboxError(f"unknown --format {fmt!r}: choose text, {', '.join(FORMATS)}.")
+        if not tokenizer_path:
+            raise OneboxError(
+                f"--format {fmt} tokenizes with the model's own tokenizer and chat template: give --tokenizer MODEL_FOLDER "
+                "(a Hugging Face folder, or a tokenizer.json)."
+            )
+        with _staged(out, earlier) as staging:
+            return write_conversations(files, fmt, staging, tokenizer_path, val_fraction, say)
     count = sum(_count_documents(path) for path in files)
     if count == 0:
         raise OneboxError(

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from onebox.data import BatchLoader, dataset_info
+from onebox.data import dataset_info, make_loader
 from onebox.device import autocast_dtype
 from onebox.errors import OneboxError
 from onebox.infer.generate import load_model
@@ -43,8 +43,15 @@ def evaluate_model(
     model, tokenizer = load_model(model_path, device, dtype)
     check_tokenizer(info, tokenizer.to_str() if tokenizer is not None else None, str(model_path), say)
     seq_len = min(context or model.config.seq_len, model.config.seq_len)
-    loader = BatchLoader(
-        info.val_shards, batch, seq_len, shuffle=False, vocab_size=model.config.vocab_size, partial=True
+    loader = make_loader(
+        info.path,
+        "val",
+        info.val_shards,
+        batch,
+        seq_len,
+        shuffle=False,
+        vocab_size=model.config.vocab_size,
+        partial=True,
     )
     batches = loader.windows // loader.batch
     if max_batches is not None:

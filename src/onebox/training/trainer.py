@@ -20,7 +20,7 @@ from rich.console import Console
 from onebox import __version__
 from onebox.checkpoint import checkpoint_path, latest_checkpoint, prune_checkpoints, save_checkpoint
 from onebox.config import ModelConfig, TrainConfig, config_dict
-from onebox.data import BatchLoader
+from onebox.data import BatchLoader, make_loader
 from onebox.device import (
     autocast,
     autocast_dtype,
@@ -134,13 +134,21 @@ class Trainer:
         self.recipe = build(model_config, config, device, chosen, ranks.world, state=begin.state, saved=self.saved)
         loaders = {"seq_len": model_config.seq_len, "rank": ranks.rank, "world": ranks.world}
         vocab = model_config.vocab_size
-        self.loader = BatchLoader(
-            begin.data.train_shards, config.batch_size, seed=config.seed, vocab_size=vocab, **loaders
+        data = begin.data
+        self.loader = make_loader(
+            data.path, "train", data.train_shards, config.batch_size, seed=config.seed, vocab_size=vocab, **loaders
         )
         self.val_loader = None
-        if begin.data.val_shards:
-            self.val_loader = BatchLoader(
-                begin.data.val_shards, config.batch_size, shuffle=False, vocab_size=vocab, partial=True, **loaders
+        if data.val_shards:
+            self.val_loader = make_loader(
+                data.path,
+                "val",
+                data.val_shards,
+                config.batch_size,
+                shuffle=False,
+                vocab_size=vocab,
+                partial=True,
+                **loaders,
             )
         self.step, self.tokens_seen = begin.step, 0
         if self.saved is not None:
